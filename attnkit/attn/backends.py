@@ -1,0 +1,170 @@
+"""Backends declare what they support; dispatch takes the first that fits.
+
+Each backend answers :meth:`Backend.not_supported_reasons` for a validated call with a list of
+plain-English reasons (empty = it can run the call). ``backend="auto"`` walks :data:`PRIORITY` and
+takes the first backend with no reasons; an explicit backend that cannot run the call raises one
+``ValueError`` listing every reason. The ``ATTNKIT_BACKEND`` environment variable, when set,
+replaces ``"auto"``.
+
+If ``"auto"`` lands on a slower backend than the device would normally get (a CUDA tensor on the
+torch backend), it says so once through :mod:`warnings`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from .inputs import AttentionCall
+
+__all__ = ["Backend", "BACKENDS", "PRIORITY", "select_backend", "triton_available", "interpreting"]
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> str | None:
+    """``None`` if Triton can be used here, else the reason it cannot."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (it ships for Linux: pip install triton)"
+    return None
+
+
+def tensor_device_reason(t: torch.Tensor) -> str | None:
+    """Why a Triton kernel cannot take a tensor on this device, or ``None`` if it can."""
+    if t.is_cuda:
+        return None
+    if t.device.type == "cpu" and interpreting():
+        return None
+    return (
+        f"tensors are on {t.device}; Triton kernels need CUDA tensors "
+        "(or TRITON_INTERPRET=1 to run them slowly on the CPU)"
+    )
+
+
+class Backend:
+    """A way to compute an op. Subclasses set :attr:`name` and implement the two methods."""
+
+    name: str = ""
+
+    def not_supported_reasons(self, call) -> list[str]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run(self, call):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class TritonBackend(Backend):
+    """The Triton flash kernel family (``attnkit/kernels/flash.py``)."""
+
+    name = "triton"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    max_head_dim = 256
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        reasons = []
+        missing = triton_available()
+        if missing:
+            reasons.append(missing)
+        where = tensor_device_reason(call.q)
+        if where:
+            reasons.append(where)
+        if call.q.dtype not in self.dtypes:
+            reasons.append(f"dtype {call.q.dtype} is not supported (float16, bfloat16, float32 are)")
+        if call.head_dim > self.max_head_dim:
+            reasons.append(f"head dim {call.head_dim} is above the maximum of {self.max_head_dim}")
+        return reasons
+
+    def run(self, call: AttentionCall):
+        from ..kernels.flash import flash_attention
+
+        return flash_attention(
+            call.q, call.k, call.v, call.pattern, call.scale, call.key_padding_mask,
+            call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q, call.max_seqlen_k,
+        )
+
+
+class TorchBackend(Backend):
+    """Chunked pure-PyTorch attention (``attnkit/kernels/reference.py``): any device, any D."""
+
+    name = "torch"
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        return []
+
+    def run(self, call: AttentionCall):
+        from ..kernels.reference import attention_torch
+
+        return attention_torch(
+            call.q, call.k, call.v, call.pattern, call.scale, call.key_padding_mask,
+            call.cu_seqlens_q, call.cu_seqlens_k,
+        )
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), TorchBackend())}
+#: The order ``"auto"`` tries backends in.
+PRIORITY: tuple[str, ...] = ("triton", "torch")
+
+_warned: set[tuple[str, str]] = set()
+
+
+def select_backend(
+    call,
+    requested: str,
+    backends: dict[str, Backend] | None = None,
+    priority: tuple[str, ...] | None = None,
+    op: str = "attention",
+    prefers: Callable[[object], str | None] | None = None,
+) -> Backend:
+    """Pick the backend for ``call``.
+
+    ``requested`` is ``"auto"`` or a backend name. ``prefers(call)`` names the backend the device
+    would normally get (default: ``"triton"`` for CUDA tensors); when ``"auto"`` picks another one
+    it warns once per (op, reason).
+    """
+    backends = BACKENDS if backends is None else backends
+    priority = PRIORITY if priority is None else priority
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a str, got {type(requested).__name__}")
+    if requested == "auto":
+        requested = os.environ.get("ATTNKIT_BACKEND", "auto") or "auto"
+    choices = ("auto", *backends)
+    if requested not in choices:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, choices))}, got {requested!r}")
+    if requested != "auto":
+        backend = backends[requested]
+        reasons = backend.not_supported_reasons(call)
+        if reasons:
+            raise ValueError(
+                f"the {requested!r} backend cannot run this {op} call: " + "; ".join(reasons)
+            )
+        return backend
+    rejected = {}
+    for name in priority:
+        reasons = backends[name].not_supported_reasons(call)
+        if not reasons:
+            expected = prefers(call) if prefers else _default_preference(call)
+            if expected and expected != name and expected in rejected:
+                key = (op, "; ".join(rejected[expected]))
+                if key not in _warned:
+                    _warned.add(key)
+                    warnings.warn(
+                        f"attnkit.{op}: using the slower {name!r} backend because the "
+                        f"{expected!r} backend cannot run this call: {key[1]}",
+                        stacklevel=3,
+                    )
+            return backends[name]
+        rejected[name] = reasons
+    detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in rejected.items())
+    raise ValueError(f"no attnkit backend can run this {op} call ({detail})")
+
+
+def _default_preference(call) -> str | None:
+    q = getattr(call, "q", None)
+    return "triton" if isinstance(q, torch.Tensor) and q.is_cuda else None

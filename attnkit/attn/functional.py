@@ -1,0 +1,62 @@
+"""The functional attention API: :func:`attention`."""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import select_backend
+from .inputs import validate
+from .patterns import Pattern
+
+__all__ = ["attention"]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern | None = None,
+    *,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_seqlen: int | tuple[int, int] | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention restricted to a pattern, without an ``N x N`` matrix.
+
+    Args:
+        q: ``[B, Hq, Nq, D]`` queries. Any strides: ``x.view(B, N, H, D).transpose(1, 2)`` views
+            are read in place.
+        k, v: ``[B, Hkv, Nk, D]`` keys and values, ``Hq % Hkv == 0`` (GQA/MQA: query head ``h``
+            reads KV head ``h // (Hq // Hkv)``, without expanding K/V in memory).
+        pattern: :class:`~attnkit.Dense` (default), :class:`~attnkit.Causal` or
+            :class:`~attnkit.SlidingWindow`. Positions are bottom-right aligned when
+            ``Nq != Nk``: query ``i`` sits at key position ``i + Nk - Nq`` (as in flash-attention).
+        scale: multiplies ``q k^T``; defaults to ``D ** -0.5``.
+        key_padding_mask: ``[B, Nk]`` bool, True = attend (transformers' convention). The pattern
+            still works on tensor positions; padded keys are simply never attended.
+        cu_seqlens: int32 ``[S + 1]`` cumulative lengths of ``S`` sequences packed along the N axis
+            of ``B = 1`` tensors (flash-attention's varlen layout), or a pair
+            ``(cu_seqlens_q, cu_seqlens_k)`` when queries and keys are packed differently.
+            Sequences never attend to each other; each is bottom-right aligned on its own.
+        max_seqlen: the longest packed sequence (or a ``(q, k)`` pair). Computed from
+            ``cu_seqlens`` when omitted, which costs one device-to-host sync: pass it under
+            ``torch.compile`` or CUDA graphs.
+        backend: ``"auto"`` (Triton for CUDA tensors, torch on the CPU), ``"triton"`` or
+            ``"torch"``. ``ATTNKIT_BACKEND`` overrides ``"auto"``.
+        return_lse: also return the log-sum-exp of each row's scores.
+
+    Returns:
+        ``o [B, Hq, Nq, D]`` in ``q``'s dtype, and with ``return_lse=True`` also
+        ``lse [B, Hq, Nq]`` in float32. A query that sees no key (all keys padded, or a window
+        outside the sequence) gets ``o = 0`` and ``lse = -inf``, never NaN.
+
+    Raises:
+        TypeError / ValueError naming the offending argument for bad shapes, dtypes, devices,
+        masks, patterns or backends.
+    """
+    call = validate(q, k, v, pattern, scale, key_padding_mask, cu_seqlens, max_seqlen, return_lse)
+    o, lse = select_backend(call, backend).run(call)
+    return (o, lse) if return_lse else o

@@ -1,0 +1,187 @@
+"""Validation and normalisation of the arguments of :func:`attnkit.attention`.
+
+Every check raises a ``TypeError`` (wrong kind of thing) or ``ValueError`` (right kind, wrong
+value) that names the argument, the value received and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from .patterns import Pattern, as_pattern
+
+#: Dtypes some backend can compute in; each backend narrows this in its capabilities.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One validated call: what the backends see when they decide whether they can run it.
+
+    Shapes: ``q [B, Hq, Nq, D]``, ``k``/``v [B, Hkv, Nk, D]``; with ``cu_seqlens_q`` ``B == 1`` and
+    the ``N`` axis holds ``S`` packed sequences.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    pattern: Pattern
+    scale: float
+    key_padding_mask: torch.Tensor | None
+    cu_seqlens_q: torch.Tensor | None
+    cu_seqlens_k: torch.Tensor | None
+    max_seqlen_q: int | None
+    max_seqlen_k: int | None
+    return_lse: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[-1]
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+
+
+def _check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_cu_seqlens(name: str, cu: object, n: int, device: torch.device) -> torch.Tensor:
+    cu = _check_tensor(name, cu)
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D tensor [S + 1] with S >= 1, got shape {tuple(cu.shape)}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must have dtype torch.int32 (or int64), got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}; put them on one device")
+    if cu.device.type == "cpu":  # checking values on a GPU would synchronise: done on CPU only
+        if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) > n:
+            raise ValueError(
+                f"{name} must start at 0, be non-decreasing and end at most at N = {n}, "
+                f"got {cu.tolist()}"
+            )
+    return cu.to(torch.int32).contiguous()
+
+
+def _check_max_seqlen(name: str, value: object, cu: torch.Tensor) -> int:
+    if value is None:
+        # One device->host sync; pass max_seqlen to avoid it (and under torch.compile).
+        return int((cu[1:] - cu[:-1]).max())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+def _pair(name: str, value: object) -> tuple[object, object]:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be one value or a (q, k) pair, got {len(value)} values")
+        return value[0], value[1]
+    return value, value
+
+
+def validate(
+    q: object,
+    k: object,
+    v: object,
+    pattern: object,
+    scale: object,
+    key_padding_mask: object,
+    cu_seqlens: object,
+    max_seqlen: object,
+    return_lse: bool,
+) -> AttentionCall:
+    """Check every argument of :func:`attnkit.attention` and return the normalised call."""
+    q, k, v = (_check_tensor(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            layout = "[B, Hq, Nq, D]" if name == "q" else "[B, Hkv, Nk, D]"
+            raise ValueError(f"{name} must be 4-D {layout}, got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {t.dtype}; expected a floating dtype: float16, bfloat16, "
+                "float32 (or float64 on the torch backend)"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"q, k, v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}"
+        )
+    B, Hq, Nq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, Hkv, Nk, D], got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[0] != B:
+        raise ValueError(f"k has batch size {k.shape[0]} but q has {B}")
+    if k.shape[3] != D:
+        raise ValueError(f"k has head dim {k.shape[3]} but q has {D}; they must match")
+    if D < 1:
+        raise ValueError(f"q has head dim {D}; it must be >= 1")
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(
+            f"the number of query heads ({Hq}) must be a multiple of the number of key/value "
+            f"heads ({Hkv}) (GQA/MQA)"
+        )
+
+    pattern = as_pattern(pattern)
+
+    if scale is None:
+        scale = D**-0.5
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if scale != scale or scale in (float("inf"), float("-inf")):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+    if key_padding_mask is not None:
+        m = _check_tensor("key_padding_mask", key_padding_mask)
+        if m.dtype != torch.bool:
+            raise TypeError(
+                f"key_padding_mask must be a bool tensor [B, Nk] (True = attend), got dtype "
+                f"{m.dtype}; an additive float mask converts with `mask == 0`"
+            )
+        if tuple(m.shape) != (B, Nk):
+            raise ValueError(f"key_padding_mask must have shape [B, Nk] = [{B}, {Nk}], got {tuple(m.shape)}")
+        if m.device != q.device:
+            raise ValueError(f"key_padding_mask is on {m.device} but q is on {q.device}")
+        key_padding_mask = m
+
+    cu_q = cu_k = None
+    max_q = max_k = None
+    if cu_seqlens is not None:
+        if key_padding_mask is not None:
+            raise ValueError(
+                "pass either key_padding_mask or cu_seqlens, not both: packed sequences carry "
+                "their lengths in cu_seqlens"
+            )
+        if B != 1:
+            raise ValueError(f"with cu_seqlens, q/k/v pack all sequences into B = 1, got B = {B}")
+        raw_q, raw_k = _pair("cu_seqlens", cu_seqlens)
+        cu_q = _check_cu_seqlens("cu_seqlens", raw_q, Nq, q.device)
+        cu_k = cu_q if raw_k is raw_q else _check_cu_seqlens("cu_seqlens (keys)", raw_k, Nk, q.device)
+        if cu_q.numel() != cu_k.numel():
+            raise ValueError(
+                f"cu_seqlens for queries and keys must describe the same number of sequences, got "
+                f"{cu_q.numel() - 1} and {cu_k.numel() - 1}"
+            )
+        mq, mk = _pair("max_seqlen", max_seqlen)
+        max_q = _check_max_seqlen("max_seqlen", mq, cu_q)
+        max_k = max_q if (cu_k is cu_q and mk is mq) else _check_max_seqlen("max_seqlen", mk, cu_k)
+    elif max_seqlen is not None:
+        raise ValueError("max_seqlen is only meaningful together with cu_seqlens")
+
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+
+    return AttentionCall(
+        q=q, k=k, v=v, pattern=pattern, scale=scale, key_padding_mask=key_padding_mask,
+        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+        return_lse=return_lse,
+    )
