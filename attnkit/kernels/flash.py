@@ -19,6 +19,26 @@ __all__ = ["flash_attention", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+#: Tests set this to fill every output with NaN before a kernel runs, so that an element a kernel
+#: forgets to write shows up as NaN instead of as stale memory that happens to look right.
+POISON_OUTPUTS = False
+
+
+def _alloc(like: torch.Tensor, fill: float | None = None, shape=None, dtype=None) -> torch.Tensor:
+    """An output buffer like ``like`` (same strides unless ``shape`` is given).
+
+    ``fill`` is the value rows outside every packed sequence keep (``None`` = uninitialised).
+    """
+    if shape is None:
+        out = torch.empty_like(like, dtype=dtype)
+    else:
+        out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    elif fill is not None:
+        out.fill_(fill)
+    return out
+
 
 # --------------------------------------------------------------------------------------------
 # Tile configurations
@@ -113,6 +133,7 @@ def _common(q, k, kpm, cu_q, max_q, window_left, window_right):
         meta=dict(
             HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
             HAS_KPM=kpm is not None, VARLEN=varlen, PRECISION=_precision(q.dtype),
+            UPCAST=INTERPRET and q.dtype == torch.bfloat16,
         ),
         wl=max(window_left, 0), wr=max(window_right, 0),
         bucket=_n_bucket(max_q if varlen else Nq),
@@ -122,9 +143,10 @@ def _common(q, k, kpm, cu_q, max_q, window_left, window_right):
 def _fwd_impl(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, window_left, window_right):
     c = _common(q, k, kpm, cu_q, max_q, window_left, window_right)
     varlen = cu_q is not None
-    # Packed rows outside every sequence stay 0 / -inf instead of uninitialised memory.
-    o = torch.zeros_like(q) if varlen else torch.empty_like(q)
-    lse = torch.full((q.shape[0], c["Hq"], c["Nq"]), float("-inf"), device=q.device, dtype=torch.float32)
+    # Packed rows outside every sequence keep 0 / -inf instead of uninitialised memory.
+    o = _alloc(q, 0.0 if varlen else None)
+    lse = _alloc(q, float("-inf") if varlen else None, shape=(q.shape[0], c["Hq"], c["Nq"]),
+                 dtype=torch.float32)
     if kpm is not None:
         kv_lo, kv_hi = _kv_span(kpm)
         kpm_u8, smb, smn = kpm.view(torch.uint8), kpm.stride(0), kpm.stride(1)
@@ -149,15 +171,15 @@ def _bwd_impl(do, q, k, v, o, lse, dlse, kpm, cu_q, cu_k, max_q, max_k, scale, w
     varlen = cu_q is not None
     B = q.shape[0]
     meta = c["meta"]
-    delta = torch.empty((B, c["Hq"], c["Nq"]), device=q.device, dtype=torch.float32)
+    delta = _alloc(q, shape=(B, c["Hq"], c["Nq"]), dtype=torch.float32)
     pre_block = 16 if INTERPRET else 64
     dlse_ = dlse if dlse is not None else lse
     kt._bwd_preprocess[(triton.cdiv(c["Nq"], pre_block), B * c["Hq"])](
         o, do, dlse_, delta, *o.stride(), *do.stride(), *dlse_.stride(), c["Hq"], c["Nq"],
         HEAD_DIM=c["D"], BLOCK_D=meta["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
     )
-    make = torch.zeros_like if varlen else torch.empty_like
-    dq, dk, dv = make(q), make(k), make(v)
+    fill = 0.0 if varlen else None
+    dq, dk, dv = _alloc(q, fill), _alloc(k, fill), _alloc(v, fill)
     if kpm is not None:
         kv_lo, kv_hi = _kv_span(kpm)
         kpm_u8, smb, smn = kpm.view(torch.uint8), kpm.stride(0), kpm.stride(1)

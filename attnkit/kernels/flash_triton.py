@@ -131,6 +131,17 @@ def _visible(q_idx, k_idx, shift, nk, WIN_L, WIN_R,
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b (+ acc)``. ``UPCAST`` (set only under the CPU interpreter for bf16) multiplies in
+    fp32: triton's interpreter computes bf16 dots wrongly (numpy has no bf16), while the operands'
+    bf16 rounding, which is what the GPU sees, is kept."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _load_rows(base, offs_r, n_rows, stride_r, offs_d, stride_d,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_MASK: tl.constexpr):
     """Load a ``[R, BLOCK_D]`` tile of rows ``offs_r`` (zero past ``n_rows`` / ``HEAD_DIM``)."""
@@ -155,14 +166,15 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base,
                offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               HAS_KPM: tl.constexpr, PRECISION: tl.constexpr):
+               HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr):
     arange_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + arange_n
         n64 = tl.cast(start_n, tl.int64)
         k = _load_rows(k_base + n64 * skn, arange_n, nk - start_n, skn, offs_d, skd,
                        HEAD_DIM, BLOCK_D, MASKED)  # [BN, BD]
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BD] @ [BD, BN]
+        qk = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale  # [BM, BD] @ [BD, BN]
         if MASKED:
             ok = _visible(offs_m[:, None], offs_n[None, :], shift, nk, WIN_L, WIN_R,
                           HAS_LEFT, HAS_RIGHT)
@@ -179,7 +191,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base,
         v = _load_rows(v_base + n64 * svn, arange_n, nk - start_n, svn, offs_d, svd,
                        HEAD_DIM, BLOCK_D, MASKED)  # [BN, BD]
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)  # [BM, BN] @ [BN, BD]
+        acc = _dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)  # [BM, BN] @ [BN, BD]
         m_i = m_new
     return acc, l_i, m_i
 
@@ -192,7 +204,7 @@ def _fwd_kernel(
     H, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
-    VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O[b, h, i] = softmax(q_i K^T * scale, masked) V; LSE[b, h, i] = logsumexp of the scores.
@@ -238,15 +250,15 @@ def _fwd_kernel(
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, skn, skd, svn, svd, smn,
                                lo, full_lo, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
                                HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_KPM,
-                               PRECISION)
+                               PRECISION, UPCAST)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, skn, skd, svn, svd, smn,
                                full_lo, full_hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
                                HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_KPM,
-                               PRECISION)
+                               PRECISION, UPCAST)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, skn, skd, svn, svd, smn,
                                full_hi, hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
                                HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_KPM,
-                               PRECISION)
+                               PRECISION, UPCAST)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -296,7 +308,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                     offs_n, offs_d, shift, nq, nk, WIN_L, WIN_R, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     arange_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + arange_m
@@ -310,16 +322,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         # transposed scores: [BN, BD] @ [BD, BM] -> [BN, BM]
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        s_t = _dot(k, tl.trans(q), None, PRECISION, UPCAST) * qk_scale
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:
             ok_t = _visible(offs_m[None, :], offs_n[:, None], shift, nk, WIN_L, WIN_R,
                             HAS_LEFT, HAS_RIGHT)
             p_t = tl.where(ok_t, p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # [BN, BM] @ [BM, BD]
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BN, BD] @ [BD, BM]
+        dv = _dot(p_t.to(do.dtype), do, dv, PRECISION, UPCAST)  # [BN, BM] @ [BM, BD]
+        dp_t = _dot(v, tl.trans(do), None, PRECISION, UPCAST)  # [BN, BD] @ [BD, BM]
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)  # [BN, BM] @ [BM, BD]
+        dk = _dot(ds_t.to(q.dtype), q, dk, PRECISION, UPCAST)  # [BN, BM] @ [BM, BD]
     return dk, dv
 
 
@@ -331,7 +343,7 @@ def _bwd_dkdv_kernel(
     H, HKV, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
-    VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the ``GROUP`` query heads sharing it
@@ -372,15 +384,15 @@ def _bwd_dkdv_kernel(
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                  sqn, sqd, sdn, sdd, sln, lo, full_lo, offs_n, offs_d, shift,
                                  nq, nk, WIN_L, WIN_R, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                 True, HAS_LEFT, HAS_RIGHT, PRECISION)
+                                 True, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                  sqn, sqd, sdn, sdd, sln, full_lo, full_hi, offs_n, offs_d, shift,
                                  nq, nk, WIN_L, WIN_R, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                 False, HAS_LEFT, HAS_RIGHT, PRECISION)
+                                 False, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                  sqn, sqd, sdn, sdd, sln, full_hi, hi, offs_n, offs_d, shift,
                                  nq, nk, WIN_L, WIN_R, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                 True, HAS_LEFT, HAS_RIGHT, PRECISION)
+                                 True, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST)
     dk = dk * sm_scale
     row_ok = rows < nk - start_n
     if HAS_KPM:
@@ -403,7 +415,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base,
                   offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                  HAS_KPM: tl.constexpr, PRECISION: tl.constexpr):
+                  HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr):
     arange_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + arange_n
@@ -412,7 +425,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base,
                        HEAD_DIM, BLOCK_D, MASKED)  # [BN, BD]
         v = _load_rows(v_base + n64 * svn, arange_n, nk - start_n, svn, offs_d, svd,
                        HEAD_DIM, BLOCK_D, MASKED)  # [BN, BD]
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+        s = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale  # [BM, BN]
         p = tl.exp2(s - lse[:, None])
         if MASKED:
             ok = _visible(offs_m[:, None], offs_n[None, :], shift, nk, WIN_L, WIN_R,
@@ -421,9 +434,9 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base,
         if HAS_KPM:
             keep = tl.load(kpm_base + offs_n * smn, mask=offs_n < nk, other=0)
             p = tl.where(keep[None, :] != 0, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BD] @ [BD, BN]
+        dp = _dot(do, tl.trans(v), None, PRECISION, UPCAST)  # [BM, BD] @ [BD, BN]
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)  # [BM, BN] @ [BN, BD]
+        dq = _dot(ds.to(k.dtype), k, dq, PRECISION, UPCAST)  # [BM, BN] @ [BN, BD]
     return dq
 
 
@@ -435,7 +448,7 @@ def _bwd_dq_kernel(
     H, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
-    VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block of one head. Grid: ``(cdiv(max Nq, BLOCK_M), B * Hq)``."""
@@ -481,13 +494,16 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd, smn,
                        lo, full_lo, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, PRECISION)
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, PRECISION,
+                       UPCAST)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd, smn,
                        full_lo, full_hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, PRECISION)
+                       HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, PRECISION,
+                       UPCAST)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd, smn,
                        full_hi, hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, PRECISION)
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, PRECISION,
+                       UPCAST)
     dq = dq * sm_scale
     dq_ptrs = (DQ + bb * sdqb + h64 * sdqh + q_off * sdqn
                + rows[:, None] * sdqn + offs_d[None, :] * sdqd)
