@@ -21,7 +21,10 @@ import torch
 
 from .inputs import AttentionCall
 
-__all__ = ["Backend", "BACKENDS", "PRIORITY", "select_backend", "triton_available", "interpreting"]
+__all__ = [
+    "Backend", "BACKENDS", "PRIORITY", "select_backend", "triton_available", "interpreting",
+    "tensor_device_reason", "interpreter_reasons",
+]
 
 
 def interpreting() -> bool:
@@ -48,6 +51,15 @@ def tensor_device_reason(t: torch.Tensor) -> str | None:
     )
 
 
+def interpreter_reasons(t: torch.Tensor) -> list[str]:
+    """``"auto"`` never sends CPU tensors to the (slow) Triton interpreter; only an explicit
+    ``backend="triton"`` does."""
+    if t.device.type == "cpu":
+        return ["CPU tensors go to the torch backend under 'auto' (ask for 'triton' explicitly "
+                "to run the kernels in the interpreter)"]
+    return []
+
+
 class Backend:
     """A way to compute an op. Subclasses set :attr:`name` and implement the two methods."""
 
@@ -55,6 +67,10 @@ class Backend:
 
     def not_supported_reasons(self, call) -> list[str]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def auto_reasons(self, call) -> list[str]:
+        """Reasons to pass this backend over under ``"auto"`` (a superset of the above)."""
+        return self.not_supported_reasons(call)
 
     def run(self, call):  # pragma: no cover - interface
         raise NotImplementedError
@@ -80,6 +96,9 @@ class TritonBackend(Backend):
         if call.head_dim > self.max_head_dim:
             reasons.append(f"head dim {call.head_dim} is above the maximum of {self.max_head_dim}")
         return reasons
+
+    def auto_reasons(self, call: AttentionCall) -> list[str]:
+        return self.not_supported_reasons(call) + interpreter_reasons(call.q)
 
     def run(self, call: AttentionCall):
         from ..kernels.flash import flash_attention
@@ -147,7 +166,7 @@ def select_backend(
         return backend
     rejected = {}
     for name in priority:
-        reasons = backends[name].not_supported_reasons(call)
+        reasons = backends[name].auto_reasons(call)
         if not reasons:
             expected = prefers(call) if prefers else _default_preference(call)
             if expected and expected != name and expected in rejected:

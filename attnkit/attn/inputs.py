@@ -60,12 +60,14 @@ def _check_cu_seqlens(name: str, cu: object, n: int, device: torch.device) -> to
         raise TypeError(f"{name} must have dtype torch.int32 (or int64), got {cu.dtype}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}; put them on one device")
-    if cu.device.type == "cpu":  # checking values on a GPU would synchronise: done on CPU only
-        if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) > n:
-            raise ValueError(
-                f"{name} must start at 0, be non-decreasing and end at most at N = {n}, "
-                f"got {cu.tolist()}"
-            )
+    # Checking values on a GPU would synchronise: they are checked on the CPU only.
+    bad = cu.device.type == "cpu" and (
+        int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) > n
+    )
+    if bad:
+        raise ValueError(
+            f"{name} must start at 0, be non-decreasing and end at most at N = {n}, got {cu.tolist()}"
+        )
     return cu.to(torch.int32).contiguous()
 
 
@@ -116,7 +118,10 @@ def validate(
         )
     B, Hq, Nq, D = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape [B, Hkv, Nk, D], got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape [B, Hkv, Nk, D], got k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
     if k.shape[0] != B:
         raise ValueError(f"k has batch size {k.shape[0]} but q has {B}")
     if k.shape[3] != D:

@@ -1,0 +1,201 @@
+"""The functional API's contract: argument checking, backend choice, return values."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import Causal, SlidingWindow
+from attnkit.attn import backends as bk
+from attnkit.attn.inputs import validate
+from tests.conftest import DEVICE
+
+
+def qkv(B=1, Hq=2, Hkv=2, N=8, D=16, dtype=torch.float32, Nk=None):
+    q = torch.randn(B, Hq, N, D, dtype=dtype, device=DEVICE)
+    k = torch.randn(B, Hkv, Nk or N, D, dtype=dtype, device=DEVICE)
+    v = torch.randn(B, Hkv, Nk or N, D, dtype=dtype, device=DEVICE)
+    return q, k, v
+
+
+def _raises(exc, match, *args, **kwargs):
+    with pytest.raises(exc, match=match):
+        attnkit.attention(*args, **kwargs)
+
+
+def test_not_a_tensor():
+    q, k, v = qkv()
+    _raises(TypeError, r"^k must be a torch.Tensor, got list", q, [1.0], v)
+
+
+def test_wrong_rank_names_argument_and_layout():
+    q, k, v = qkv()
+    _raises(ValueError, r"q must be 4-D \[B, Hq, Nq, D\], got shape \(2, 8, 16\)", q[0], k, v)
+
+
+def test_integer_dtype():
+    q, k, v = qkv()
+    _raises(TypeError, r"q has dtype torch.int64; expected a floating dtype", q.long(), k, v)
+
+
+def test_mixed_dtypes():
+    q, k, v = qkv()
+    _raises(TypeError, r"share one dtype", q, k.half(), v)
+
+
+def test_different_devices():
+    q, k, v = qkv()
+    _raises(ValueError, r"one device, got q on .*, k on meta", q, k.to("meta"), v)
+
+
+def test_mismatched_shapes():
+    q, k, v = qkv()
+    _raises(ValueError, r"k and v must have the same shape", q, k, v[:, :, :5])
+    _raises(ValueError, r"k has head dim 8 but q has 16", q, k[..., :8], v[..., :8])
+    q2, k2, v2 = qkv(B=2)
+    _raises(ValueError, r"k has batch size 2 but q has 1", q, k2, v2)
+
+
+def test_heads_not_a_multiple():
+    q, k, v = qkv(Hq=3, Hkv=2)
+    _raises(ValueError, r"query heads \(3\) must be a multiple of the number of key/value heads \(2\)",
+            q, k, v)
+
+
+def test_head_dim_above_256_on_triton():
+    q, k, v = qkv(D=320)
+    _raises(ValueError, r"'triton' backend cannot run.*head dim 320 is above the maximum of 256",
+            q, k, v, backend="triton")
+    # the torch backend has no such limit
+    assert attnkit.attention(q, k, v, backend="torch").shape == q.shape
+
+
+def test_float_mask_is_rejected_with_a_hint():
+    q, k, v = qkv()
+    _raises(TypeError, r"key_padding_mask must be a bool tensor.*got dtype torch.float32.*mask == 0",
+            q, k, v, key_padding_mask=torch.zeros(1, 8, device=DEVICE))
+
+
+def test_mask_shape():
+    q, k, v = qkv()
+    _raises(ValueError, r"key_padding_mask must have shape \[B, Nk\] = \[1, 8\], got \(1, 7\)",
+            q, k, v, key_padding_mask=torch.ones(1, 7, dtype=torch.bool, device=DEVICE))
+
+
+def test_negative_and_non_integer_windows():
+    with pytest.raises(ValueError, match=r"SlidingWindow: left must be >= 0, got -1"):
+        SlidingWindow(-1)
+    with pytest.raises(ValueError, match=r"right must be >= 0, got -2"):
+        SlidingWindow(3, -2)
+    with pytest.raises(TypeError, match=r"left must be an int, got float 1.5"):
+        SlidingWindow(1.5)
+    with pytest.raises(TypeError, match=r"left must be an int, got bool"):
+        SlidingWindow(True)
+
+
+def test_pattern_must_be_a_pattern():
+    q, k, v = qkv()
+    _raises(TypeError, r"pattern must be an attnkit pattern.*got str 'causal'", q, k, v, "causal")
+
+
+def test_scale_checks():
+    q, k, v = qkv()
+    _raises(TypeError, r"scale must be a float or None, got str", q, k, v, scale="0.1")
+    _raises(ValueError, r"scale must be finite, got nan", q, k, v, scale=float("nan"))
+
+
+def test_cu_seqlens_checks():
+    q, k, v = qkv()
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+    _raises(TypeError, r"cu_seqlens must have dtype torch.int32", q, k, v, cu_seqlens=cu.float())
+    _raises(ValueError, r"must start at 0, be non-decreasing and end at most at N = 8",
+            q, k, v, cu_seqlens=torch.tensor([0, 5, 3], dtype=torch.int32, device=DEVICE))
+    q2, k2, v2 = qkv(B=2)
+    _raises(ValueError, r"pack all sequences into B = 1, got B = 2", q2, k2, v2, cu_seqlens=cu)
+    mask = torch.ones(1, 8, dtype=torch.bool, device=DEVICE)
+    _raises(ValueError, r"either key_padding_mask or cu_seqlens", q, k, v, cu_seqlens=cu,
+            key_padding_mask=mask)
+    _raises(ValueError, r"max_seqlen is only meaningful together with cu_seqlens", q, k, v,
+            max_seqlen=4)
+
+
+def test_unknown_backend_lists_choices():
+    q, k, v = qkv()
+    _raises(ValueError, r"backend must be one of 'auto', 'triton', 'torch', got 'cuda'",
+            q, k, v, backend="cuda")
+
+
+def test_explicit_backend_lists_every_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a CPU machine without the interpreter
+    q, k, v = qkv(dtype=torch.float64, D=300)
+    with pytest.raises(ValueError) as info:
+        attnkit.attention(q, k, v, backend="triton")
+    msg = str(info.value)
+    assert "tensors are on cpu" in msg and "dtype torch.float64" in msg and "head dim 300" in msg
+
+
+def test_auto_uses_torch_on_cpu_and_env_override(monkeypatch):
+    q, k, v = qkv()
+    call = validate(q, k, v, None, None, None, None, None, False)
+    expected = "triton" if q.is_cuda else "torch"
+    assert bk.select_backend(call, "auto").name == expected
+    monkeypatch.setenv("ATTNKIT_BACKEND", "torch")
+    assert bk.select_backend(call, "auto").name == "torch"
+    monkeypatch.setenv("ATTNKIT_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="got 'nonsense'"):
+        bk.select_backend(call, "auto")
+
+
+def test_auto_fallback_warns_once():
+    class Picky(bk.Backend):
+        name = "fast"
+
+        def not_supported_reasons(self, call):
+            return ["it is Tuesday"]
+
+    class Slow(bk.Backend):
+        name = "slow"
+
+        def not_supported_reasons(self, call):
+            return []
+
+    backends = {"fast": Picky(), "slow": Slow()}
+    kw = dict(backends=backends, priority=("fast", "slow"), op="unit_test",
+              prefers=lambda call: "fast")
+    with pytest.warns(UserWarning, match=r"slower 'slow' backend because the 'fast' backend .*Tuesday"):
+        assert bk.select_backend(None, "auto", **kw).name == "slow"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second time is silent
+        assert bk.select_backend(None, "auto", **kw).name == "slow"
+
+
+def test_return_lse_flag():
+    q, k, v = qkv()
+    out = attnkit.attention(q, k, v, Causal())
+    assert isinstance(out, torch.Tensor)
+    o, lse = attnkit.attention(q, k, v, Causal(), return_lse=True)
+    torch.testing.assert_close(o, out)
+    assert lse.shape == (1, 2, 8) and lse.dtype == torch.float32
+
+
+def test_scale_is_applied():
+    q, k, v = qkv()
+    torch.testing.assert_close(attnkit.attention(q, k, v, scale=0.5),
+                               attnkit.attention(q * 2, k, v, scale=0.25))
+
+
+@pytest.mark.parametrize("chunk", ["1", "7", "64"])
+def test_torch_backend_chunking_does_not_change_results(monkeypatch, chunk):
+    q, k, v = qkv(B=2, Hq=4, Hkv=2, N=37)
+    for t in (q, k, v):
+        t.requires_grad_()
+    ref = attnkit.attention(q, k, v, SlidingWindow(5, 2), backend="torch")
+    ref_g = torch.autograd.grad(ref.sum(), (q, k, v))
+    monkeypatch.setenv("ATTNKIT_TORCH_CHUNK", chunk)
+    out = attnkit.attention(q, k, v, SlidingWindow(5, 2), backend="torch")
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), ref_g, strict=True):
+        torch.testing.assert_close(a, b)

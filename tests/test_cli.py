@@ -1,0 +1,31 @@
+"""The attnkit command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from attnkit.cli import main
+
+
+def test_info_reports_versions_devices_and_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "triton" in out
+    assert "backends for a bf16 attention call" in out
+    assert "  torch    usable" in out
+    assert "  triton   " in out
+
+
+def test_module_entry_point_help():
+    proc = subprocess.run([sys.executable, "-m", "attnkit", "--help"], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0
+    assert "info" in proc.stdout
+
+
+def test_import_is_light():
+    """`import attnkit` must not import triton (kernels load on first use)."""
+    code = "import sys, attnkit; print('triton' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "False"
