@@ -44,18 +44,23 @@ def _alloc(like: torch.Tensor, fill: float | None = None, shape=None, dtype=None
 # Tile configurations
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Sized for A100/H100 shared memory (164/228 KiB):
-# 128x128 with 8 warps is FlashAttention-2's H100 choice for D <= 128; 64-wide tiles keep D=256
-# within shared memory. Not yet measured by us on a GPU (see benchmarks/NOTES.md).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, largest BLOCK_D the tile is offered for).
+# Chosen from Hopper compiles (`python -m attnkit.kernels.compile_check`): the first tile of each
+# list compiles for sm_90 at its largest head dim with no register spill and within shared
+# memory, which tests/kernels/test_compile_check.py asserts; the others are alternatives for the
+# autotuner (some spill a little, which only costs speed). Timings: benchmarks/NOTES.md.
 _FWD_TILES = [
-    (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4),
-    (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 32, 4, 2),
+    (128, 64, 8, 3, 128), (128, 128, 8, 3, 64), (128, 128, 8, 2, 64), (128, 64, 8, 4, 64),
+    (128, 64, 4, 3, 64), (64, 64, 4, 3, 128), (128, 32, 8, 3, 128), (64, 32, 8, 2, 256),
+    (32, 32, 4, 2, 256),
 ]
 _BWD_DKDV_TILES = [  # BLOCK_M is the inner (query) loop here, BLOCK_N the program's key block
-    (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2),
+    (16, 128, 8, 2, 128), (32, 128, 8, 3, 128), (32, 128, 8, 2, 128), (32, 64, 4, 3, 128),
+    (64, 64, 8, 3, 64), (64, 128, 8, 3, 64), (16, 32, 8, 2, 256), (16, 64, 4, 2, 256),
 ]
 _BWD_DQ_TILES = [
-    (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (32, 64, 4, 2), (32, 32, 4, 2),
+    (128, 64, 8, 3, 128), (128, 128, 8, 3, 64), (64, 64, 4, 3, 128), (128, 32, 8, 3, 128),
+    (64, 32, 8, 2, 256), (32, 32, 4, 2, 256),
 ]
 # Under TRITON_INTERPRET (CPU tests) one small tile, with BLOCK_M != BLOCK_N so that the tests
 # exercise blocks that straddle the band's diagonal differently for rows and columns.
@@ -65,26 +70,24 @@ _AUTOTUNE_KEY = ["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "VARLEN", "N_BU
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles that cannot fit shared memory for large head dims or fp32 operands."""
-    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
+    """Offer each tile only up to its head dim (bigger head dims overflow registers/shared memory);
+    fp32 operands take twice the shared memory, so they get the tiles of twice the head dim."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
     q = named_args.get("Q")
-    elem = q.element_size() if q is not None else 2
-    budget = 128 * 128 * 128 * 2  # bytes of (BLOCK_M + BLOCK_N) * D tiles that fit comfortably
-    keep = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if (bm + bn) * head_dim * elem * max(c.num_stages - 1, 1) <= budget:
-            keep.append(c)
-    return keep or configs[-1:]
+    if q is not None and q.element_size() == 4:
+        block_d *= 2
+    keep = [c for c in configs if block_d <= c.max_block_d]
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 def _make(kernel, tiles):
     if INTERPRET:
         return kernel, dict(zip(("BLOCK_M", "BLOCK_N"), _INTERPRET_TILE[:2], strict=True))
-    configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in tiles
-    ]
+    configs = []
+    for bm, bn, w, s, max_d in tiles:
+        config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        config.max_block_d = max_d
+        configs.append(config)
     tuned = triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
     return tuned(kernel), {}
 
