@@ -1,21 +1,28 @@
 """attnkit: Triton/CUDA kernels for long-context attention and fused LoRA fine-tuning.
 
-Importing attnkit is light: kernels (and triton) load on first use.
+Importing attnkit is light: kernels (and triton), PEFT and transformers load on first use.
 """
 
+from . import finetune
 from .attn import (
     Causal,
     Dense,
+    HedgehogFeatureMap,
+    LinearAttentionState,
     MultiheadSelfAttention,
     Pattern,
     RotaryEmbedding,
     SlidingWindow,
     attention,
+    linear_attention,
+    linear_attention_step,
 )
+from .finetune import LoRALinear, lora_batched, lora_linear
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention", "Pattern", "Dense", "Causal", "SlidingWindow", "MultiheadSelfAttention",
-    "RotaryEmbedding", "__version__",
+    "RotaryEmbedding", "linear_attention", "linear_attention_step", "LinearAttentionState",
+    "HedgehogFeatureMap", "finetune", "LoRALinear", "lora_linear", "lora_batched", "__version__",
 ]

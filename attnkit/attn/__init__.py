@@ -1,10 +1,13 @@
-"""What users call: patterns, the functional API and nn.Modules."""
+"""What users call: patterns, the functional APIs and nn.Modules."""
 
+from .feature_maps import HedgehogFeatureMap
 from .functional import attention
+from .linear import LinearAttentionState, linear_attention, linear_attention_step
 from .modules import MultiheadSelfAttention, RotaryEmbedding
 from .patterns import Causal, Dense, Pattern, SlidingWindow
 
 __all__ = [
     "attention", "Pattern", "Dense", "Causal", "SlidingWindow", "MultiheadSelfAttention",
-    "RotaryEmbedding",
+    "RotaryEmbedding", "linear_attention", "linear_attention_step", "LinearAttentionState",
+    "HedgehogFeatureMap",
 ]

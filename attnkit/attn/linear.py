@@ -1,0 +1,381 @@
+"""Linear attention: :func:`linear_attention` (parallel form) and :func:`linear_attention_step`.
+
+Both compute the same recurrence, one over a whole sequence (chunked Triton kernels on CUDA, chunked
+PyTorch on the CPU), the other one token at a time for decoding, and both carry the same
+:class:`LinearAttentionState`, so a sequence can be prefilled in pieces and then decoded.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .backends import Backend, select_backend, tensor_device_reason, triton_available
+from .feature_maps import resolve_feature_map
+
+__all__ = ["LinearAttentionState", "linear_attention", "linear_attention_step"]
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = (*_TRITON_DTYPES, torch.float64)
+
+
+class LinearAttentionState(NamedTuple):
+    """The recurrent state after a prefix of the sequence, one per key/value head.
+
+    ``s [B, Hkv, F, Dv]``: ``S0 + sum_j phi(k_j) v_j^T``; ``z [B, Hkv, F]``: ``z0 + sum_j phi(k_j)``
+    (``F`` = features after the map). float32 (float64 when the inputs are float64 on the torch
+    backend). The state depends only on keys and values, so with GQA all query heads of a group
+    share it. A plain ``(s, z)`` tuple is accepted wherever a state is.
+    """
+
+    s: torch.Tensor
+    z: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LinearAttentionCall:
+    """A validated call, as the backends see it. ``q``/``k`` are raw inputs when ``feature`` names
+    a fused map, else already-mapped features (``feature == "identity"``, ``scale == 1``)."""
+
+    q: torch.Tensor  # [B, Hq, N, F] (or [B, Hq, N, Dk] for fused maps, F == Dk)
+    k: torch.Tensor  # [B, Hkv, N, F]
+    v: torch.Tensor  # [B, Hkv, N, Dv]
+    s0: torch.Tensor | None  # [B, Hkv, F, Dv]
+    z0: torch.Tensor | None  # [B, Hkv, F]
+    feature: str
+    causal: bool
+    normalize: bool
+    eps: float
+    scale: float
+
+
+class _TritonLinear(Backend):
+    """The chunked Triton kernels (``attnkit/kernels/linear.py``)."""
+
+    name = "triton"
+    max_dim = 256  # the forward holds all of F in one tile, the backward all of Dv
+
+    def not_supported_reasons(self, call: LinearAttentionCall) -> list[str]:
+        reasons = []
+        missing = triton_available()
+        if missing:
+            reasons.append(missing)
+        where = tensor_device_reason(call.q)
+        if where:
+            reasons.append(where)
+        if call.q.dtype not in _TRITON_DTYPES:
+            reasons.append(f"dtype {call.q.dtype} is not supported (float16, bfloat16, float32 are)")
+        n_feat, dv = call.q.shape[-1], call.v.shape[-1]
+        if n_feat > self.max_dim:
+            reasons.append(f"feature dim {n_feat} is above the maximum of {self.max_dim}")
+        if dv > self.max_dim:
+            reasons.append(f"value head dim {dv} is above the maximum of {self.max_dim}")
+        return reasons
+
+    def run(self, call: LinearAttentionCall):
+        from ..kernels.linear import linear_attention_triton
+
+        return linear_attention_triton(
+            call.q, call.k, call.v, call.s0, call.z0, call.feature, call.causal, call.normalize,
+            call.eps, call.scale,
+        )
+
+
+class _TorchLinear(Backend):
+    """Chunked PyTorch (``attnkit/kernels/linear_reference.py``): any device, dtype and size."""
+
+    name = "torch"
+
+    def not_supported_reasons(self, call: LinearAttentionCall) -> list[str]:
+        return []
+
+    def run(self, call: LinearAttentionCall):
+        from ..kernels.linear_reference import compute_dtype, linear_attention_torch
+        from .feature_maps import FEATURE_MAPS
+
+        q, k = call.q, call.k
+        if call.feature != "identity" or call.scale != 1.0:
+            phi = FEATURE_MAPS[call.feature]
+            cdt = compute_dtype(q.dtype)  # map in fp32, as the kernels do
+            q, k = phi(q.to(cdt) * call.scale), phi(k.to(cdt))
+        return linear_attention_torch(
+            q, k, call.v, call.s0, call.z0, call.causal, call.normalize, call.eps,
+        )
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (_TritonLinear(), _TorchLinear())}
+
+
+def _priority(call: LinearAttentionCall) -> tuple[str, ...]:
+    # "auto": Triton for CUDA tensors; the torch backend on the CPU even under TRITON_INTERPRET
+    # (the interpreter is for tests, and far slower than torch).
+    return ("triton", "torch") if call.q.is_cuda else ("torch", "triton")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _tensor(name: str, t: object, dims: tuple[int, ...], layout: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in dims:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; float16, bfloat16, float32 or float64 are accepted"
+        )
+    return t
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def _real(name: str, value: object, *, min_value: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite real number, got {value!r}")
+    if min_value is not None and value < min_value:
+        raise ValueError(f"{name} must be >= {min_value}, got {value!r}")
+    return float(value)
+
+
+def _check_qkv(q, k, v, seq: bool):
+    """Shapes, dtypes and devices of q/k/v: ``[B, H, N, D]`` (``seq``) or ``[B, H, D]``."""
+    layout = "[B, H{}, N, {}]" if seq else "[B, H{}, {}] (or [B, H{}, 1, {}])"
+    q = _tensor("q", q, (4,) if seq else (3, 4), layout.format("q", "Dk", "q", "Dk"))
+    k = _tensor("k", k, (q.dim(),), layout.format("kv", "Dk", "kv", "Dk"))
+    v = _tensor("v", v, (q.dim(),), layout.format("kv", "Dv", "kv", "Dv"))
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; use one device")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; use one dtype")
+    if not seq and q.dim() == 4:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.shape[2] != 1:
+                raise ValueError(
+                    f"{name} must hold one token ([B, H, 1, D] or [B, H, D]) for the decode "
+                    f"step, got shape {tuple(t.shape)}; use linear_attention for sequences"
+                )
+    B, Hq = q.shape[:2]
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(
+            f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}; they must be equal"
+        )
+    Hkv = k.shape[1]
+    if v.shape[1] != Hkv:
+        raise ValueError(f"k has {Hkv} heads but v has {v.shape[1]}; they must be equal")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(
+            f"q has {Hq} heads and k/v have {Hkv}; the query heads must be a multiple of the "
+            "key/value heads (GQA/MQA)"
+        )
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"k has head dim {k.shape[-1]} but q has {q.shape[-1]}; q and k must share Dk"
+        )
+    if seq and not (q.shape[2] == k.shape[2] == v.shape[2]):
+        raise ValueError(
+            f"sequence lengths differ: q has N = {q.shape[2]}, k {k.shape[2]}, v {v.shape[2]}; "
+            "linear attention needs one N for q, k and v (process a prefix with return_state "
+            "and pass it as initial_state instead)"
+        )
+    return q, k, v
+
+
+def _apply_map(phi: Callable, name: str, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    out = phi(x)
+    if not isinstance(out, torch.Tensor) or out.shape[:-1] != x.shape[:-1]:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"feature_map must map {name} [..., D] to [..., F] keeping the leading dims "
+            f"{tuple(x.shape[:-1])}, got {got}"
+        )
+    return out.to(like.dtype)
+
+
+def _check_state(state: object, B: int, Hkv: int, F: int, Dv: int, device, arg: str):
+    """``(s, z)`` from a :class:`LinearAttentionState` or tuple, in the compute dtype."""
+    if not isinstance(state, tuple) or len(state) != 2:
+        raise TypeError(
+            f"{arg} must be a LinearAttentionState(s, z) or a tuple (s, z), got "
+            f"{type(state).__name__}"
+        )
+    s, z = state
+    for name, t, shape in (("s", s, (B, Hkv, F, Dv)), ("z", z, (B, Hkv, F))):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{arg}.{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"{arg}.{name} must have shape {list(shape)} ([B, Hkv, F{', Dv' * (name == 's')}]"
+                f" with F = features after the feature map), got {list(t.shape)}"
+            )
+        if t.device != device:
+            raise ValueError(f"{arg}.{name} is on {t.device} but q is on {device}")
+        if not t.is_floating_point():
+            raise TypeError(f"{arg}.{name} must be a floating-point tensor, got {t.dtype}")
+    return s, z
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: str | Callable[[torch.Tensor], torch.Tensor] = "elu1",
+    causal: bool = True,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    scale: float = 1.0,
+    initial_state: LinearAttentionState | tuple[torch.Tensor, torch.Tensor] | None = None,
+    return_state: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, LinearAttentionState]:
+    """Kernelised (linear) attention in O(N) time and memory.
+
+    With ``phi = feature_map`` applied to ``q * scale`` and to ``k``, and the initial state
+    ``(S0, z0)`` (zeros by default)::
+
+        S_i = S0 + sum_{j <= i} phi(k_j) v_j^T        z_i = z0 + sum_{j <= i} phi(k_j)
+        o_i = phi(q_i) S_i / (phi(q_i) . z_i + eps)
+
+    ``causal=False`` sums over all ``j`` (every query sees the whole sequence); ``normalize=False``
+    drops the denominator (``o_i = phi(q_i) S_i``).
+
+    Args:
+        q: ``[B, Hq, N, Dk]``. Any strides (``[B, N, H, D]`` views are read in place by Triton).
+        k: ``[B, Hkv, N, Dk]``; v: ``[B, Hkv, N, Dv]`` (``Dv`` may differ from ``Dk``).
+            ``Hq % Hkv == 0``: query head ``h`` reads key/value head ``h // (Hq // Hkv)``
+            without K/V being expanded in memory. q, k, v share N, dtype and device.
+        feature_map: ``"elu1"`` (``elu(x) + 1``), ``"relu"``, ``"identity"`` (fused into the
+            Triton kernels), or any callable ``[..., Dk] -> [..., F]`` such as
+            :class:`~attnkit.attn.HedgehogFeatureMap` (run outside the kernel under autograd;
+            its output is cast to q's dtype). With ``"identity"`` and ``normalize=True`` the
+            denominator can reach zero: prefer a positive map then.
+        causal: causal (default) or bidirectional.
+        normalize: divide by ``phi(q_i) . z_i + eps``.
+        eps: ``>= 0``, added to the denominator.
+        scale: multiplies q before the feature map (1.0 by default, as in most linear attention
+            models).
+        initial_state: a :class:`LinearAttentionState` ``(s [B, Hkv, F, Dv], z [B, Hkv, F])``
+            from an earlier call or step (``F`` = features after the map, ``Dk`` for the
+            built-in maps); it is used in float32 (float64 for float64 inputs on the
+            torch backend) and gets gradients if it requires them.
+        return_state: also return the state after the last token.
+        backend: ``"auto"`` (Triton for CUDA tensors, torch on the CPU), ``"triton"`` (CUDA, or
+            the CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, ``F``, ``Dv <= 256``) or
+            ``"torch"``. ``ATTNKIT_BACKEND`` overrides ``"auto"``.
+
+    Returns:
+        ``o [B, Hq, N, Dv]`` in q's dtype, and with ``return_state=True`` also the
+        :class:`LinearAttentionState` after token ``N``.
+
+    Raises:
+        TypeError / ValueError naming the argument, the value and what is accepted.
+    """
+    q, k, v = _check_qkv(q, k, v, seq=True)
+    name, phi = resolve_feature_map(feature_map)
+    causal = _flag("causal", causal)
+    normalize = _flag("normalize", normalize)
+    return_state = _flag("return_state", return_state)
+    eps = _real("eps", eps, min_value=0.0)
+    scale = _real("scale", scale)
+    if name is None:  # a callable: map outside the kernel, under autograd
+        fq, fk = _apply_map(phi, "q", q * scale, q), _apply_map(phi, "k", k, q)
+        if fq.shape[-1] != fk.shape[-1]:
+            raise ValueError(
+                f"feature_map gave {fq.shape[-1]} features for q but {fk.shape[-1]} for k"
+            )
+        name, kscale = "identity", 1.0
+    else:
+        fq, fk, kscale = q, k, scale
+    B, Hkv, F, Dv = q.shape[0], k.shape[1], fq.shape[-1], v.shape[-1]
+    s0 = z0 = None
+    if initial_state is not None:
+        s0, z0 = _check_state(initial_state, B, Hkv, F, Dv, q.device, "initial_state")
+        sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        s0, z0 = s0.to(sdt), z0.to(sdt)
+    call = LinearAttentionCall(fq, fk, v, s0, z0, name, causal, normalize, eps, kscale)
+    chosen = select_backend(
+        call, backend, backends=BACKENDS, priority=_priority(call), op="linear_attention"
+    )
+    o, s, z = chosen.run(call)
+    return (o, LinearAttentionState(s, z)) if return_state else o
+
+
+def linear_attention_step(
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    v_t: torch.Tensor,
+    state: LinearAttentionState | tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    feature_map: str | Callable[[torch.Tensor], torch.Tensor] = "elu1",
+    normalize: bool = True,
+    eps: float = 1e-6,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, LinearAttentionState]:
+    """One decoding step of causal linear attention: the recurrent form of
+    :func:`linear_attention`, for token ``t`` given the state after tokens ``< t``::
+
+        S_t = S_{t-1} + phi(k_t) v_t^T,  z_t = z_{t-1} + phi(k_t)
+        o_t = phi(q_t * scale) S_t / (phi(q_t * scale) . z_t + eps)
+
+    Pure PyTorch (it is a handful of ``[F, Dv]`` products; any device), differentiable.
+
+    Args:
+        q_t: ``[B, Hq, Dk]`` or ``[B, Hq, 1, Dk]``; k_t: ``[B, Hkv, Dk]`` / ``[B, Hkv, 1, Dk]``;
+            v_t: ``[B, Hkv, Dv]`` / ``[B, Hkv, 1, Dv]``; ``Hq % Hkv == 0``.
+        state: the :class:`LinearAttentionState` ``(s [B, Hkv, F, Dv], z [B, Hkv, F])`` from
+            :func:`linear_attention` (``return_state=True``) or the previous step; ``None``
+            starts from zeros.
+        feature_map, normalize, eps, scale: as :func:`linear_attention` (use the same values).
+
+    Returns:
+        ``(o_t, new_state)``: ``o_t`` ``[B, Hq, Dv]`` (or ``[B, Hq, 1, Dv]``, following q_t) in
+        q's dtype; the state in float32 (float64 for float64 inputs).
+    """
+    q, k, v = _check_qkv(q_t, k_t, v_t, seq=False)
+    _, phi = resolve_feature_map(feature_map)
+    normalize = _flag("normalize", normalize)
+    eps = _real("eps", eps, min_value=0.0)
+    scale = _real("scale", scale)
+    squeeze = q.dim() == 4
+    if squeeze:
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if isinstance(feature_map, str):  # built-in maps run in fp32, as the kernels do
+        fq, fk = phi(q.to(cdt) * scale), phi(k.to(cdt))
+    else:
+        fq = _apply_map(phi, "q_t", q * scale, q).to(cdt)
+        fk = _apply_map(phi, "k_t", k, q).to(cdt)
+    B, Hq, F = fq.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    if fk.shape[-1] != F:
+        raise ValueError(f"feature_map gave {F} features for q_t but {fk.shape[-1]} for k_t")
+    if state is None:
+        s, z = fq.new_zeros((B, Hkv, F, Dv)), fq.new_zeros((B, Hkv, F))
+    else:
+        s, z = _check_state(state, B, Hkv, F, Dv, q.device, "state")
+        s, z = s.to(cdt), z.to(cdt)
+    s = s + fk[..., :, None] * v.to(cdt)[..., None, :]  # [B, Hkv, F, 1] * [B, Hkv, 1, Dv]
+    z = z + fk
+    fq = fq.view(B, Hkv, Hq // Hkv, F)
+    o = torch.einsum("bhgf,bhfd->bhgd", fq, s)  # [B, Hkv, G, Dv]
+    if normalize:
+        o = o / (torch.einsum("bhgf,bhf->bhg", fq, z)[..., None] + eps)
+    o = o.reshape(B, Hq, Dv).to(q.dtype)
+    return (o.unsqueeze(2) if squeeze else o), LinearAttentionState(s, z)

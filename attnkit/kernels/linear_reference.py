@@ -1,0 +1,81 @@
+"""The torch backend of linear attention: chunked PyTorch, the same definition as the kernels.
+
+Inputs are already feature-mapped (``fq = phi(q * scale)``, ``fk = phi(k)``); autograd through
+plain torch ops gives the backward. Causal attention walks the sequence in chunks of ``chunk``
+tokens, with the masked quadratic term inside a chunk and the running state across chunks, so
+what autograd saves is linear in N (a ``[chunk, chunk]`` score tile and one ``[F, Dv]`` state per
+chunk), never ``N x N``. GQA views the queries as ``[B, Hkv, G, N, F]`` instead of expanding K/V.
+
+fp16/bf16 inputs are computed in fp32 and the output is cast back; float64 stays float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["linear_attention_torch", "compute_dtype", "DEFAULT_CHUNK"]
+
+DEFAULT_CHUNK = 64
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the torch backend (and the decode step) computes and keeps its state in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def linear_attention_torch(
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    v: torch.Tensor,
+    s0: torch.Tensor | None = None,
+    z0: torch.Tensor | None = None,
+    causal: bool = True,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    chunk: int = DEFAULT_CHUNK,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear attention on feature-mapped inputs.
+
+    Args:
+        fq: ``[B, Hq, N, F]`` mapped queries; fk: ``[B, Hkv, N, F]`` mapped keys;
+            v: ``[B, Hkv, N, Dv]``; ``Hq % Hkv == 0``.
+        s0, z0: initial state ``[B, Hkv, F, Dv]`` and normaliser ``[B, Hkv, F]``, or None.
+        chunk: tokens per step of the causal walk.
+        out_dtype: dtype of ``o`` (default ``v.dtype``).
+
+    Returns:
+        ``(o [B, Hq, N, Dv], s [B, Hkv, F, Dv], z [B, Hkv, F])``; the state in
+        :func:`compute_dtype` of ``v.dtype``.
+    """
+    out_dtype = out_dtype or v.dtype
+    cdt = compute_dtype(v.dtype)
+    B, Hq, N, F = fq.shape
+    Hkv, Dv = fk.shape[1], v.shape[-1]
+    G = Hq // Hkv
+    fq = fq.to(cdt).reshape(B, Hkv, G, N, F)
+    fk, v = fk.to(cdt), v.to(cdt)
+    s = fq.new_zeros((B, Hkv, F, Dv)) if s0 is None else s0.to(cdt)
+    z = fq.new_zeros((B, Hkv, F)) if z0 is None else z0.to(cdt)
+
+    if not causal:
+        s = s + fk.transpose(-1, -2) @ v  # [B, Hkv, F, N] @ [B, Hkv, N, Dv]
+        z = z + fk.sum(-2)
+        num = fq @ s[:, :, None]  # [B, Hkv, G, N, F] @ [B, Hkv, 1, F, Dv]
+        den = (fq @ z[:, :, None, :, None]).squeeze(-1)  # [B, Hkv, G, N]
+    else:
+        nums, dens = [], []
+        for c0 in range(0, N, chunk):
+            c1 = min(c0 + chunk, N)
+            qc, kc, vc = fq[..., c0:c1, :], fk[..., c0:c1, :], v[..., c0:c1, :]
+            # [B, Hkv, G, C, F] x [B, Hkv, C, F] -> [B, Hkv, G, C, C], keys j <= query i
+            a = torch.einsum("bhgif,bhjf->bhgij", qc, kc).tril()
+            nums.append(a @ vc[:, :, None] + qc @ s[:, :, None])
+            dens.append(a.sum(-1) + (qc @ z[:, :, None, :, None]).squeeze(-1))
+            s = s + kc.transpose(-1, -2) @ vc
+            z = z + kc.sum(-2)
+        num = torch.cat(nums, -2) if nums else fq.new_zeros((B, Hkv, G, N, Dv))
+        den = torch.cat(dens, -1) if dens else fq.new_zeros((B, Hkv, G, N))
+    o = num / (den[..., None] + eps) if normalize else num
+    o = o.reshape(B, Hq, N, Dv).to(out_dtype)
+    return o, s, z
