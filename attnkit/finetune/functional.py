@@ -1,0 +1,286 @@
+"""Functional fused LoRA: input validation and backend dispatch.
+
+:func:`lora_linear` is one LoRA linear layer, ``y = x W^T + bias + s drop(x) A^T B^T``, and
+:func:`lora_batched` the multi-adapter inference form where each row picks its own adapter.
+Backends: ``"triton"`` (``attnkit/kernels/lora.py``; CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``) and ``"torch"`` (``attnkit/kernels/lora_reference.py``; any device).
+``backend="auto"`` takes Triton where it can and says once when a CUDA call cannot.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..attn.backends import Backend, select_backend, tensor_device_reason, triton_available
+
+__all__ = ["lora_linear", "lora_batched", "LORA_BACKENDS", "MAX_TRITON_RANK"]
+
+#: Largest rank the Triton kernels are built and tested for.
+MAX_TRITON_RANK = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class LoRACall:
+    """What a backend needs to know to accept or reject a call."""
+
+    x: torch.Tensor
+    rank: int
+    needs_grad: bool
+    batched: bool
+
+
+class _TritonLoRA(Backend):
+    name = "triton"
+
+    def not_supported_reasons(self, call: LoRACall) -> list[str]:
+        reasons = []
+        missing = triton_available()
+        if missing:
+            reasons.append(missing)
+        where = tensor_device_reason(call.x)
+        if where:
+            reasons.append(where)
+        if call.x.dtype not in _DTYPES:
+            reasons.append(f"dtype {call.x.dtype} is not supported (float16, bfloat16, float32 are)")
+        if call.rank > MAX_TRITON_RANK:
+            reasons.append(f"rank {call.rank} is above the maximum of {MAX_TRITON_RANK}")
+        if call.batched and call.needs_grad:
+            reasons.append("lora_batched's Triton kernels are inference-only (no autograd)")
+        return reasons
+
+    def run(self, call):  # pragma: no cover - dispatch calls the kernels directly
+        raise NotImplementedError
+
+
+class _TorchLoRA(Backend):
+    name = "torch"
+
+    def not_supported_reasons(self, call: LoRACall) -> list[str]:
+        return []
+
+    def run(self, call):  # pragma: no cover
+        raise NotImplementedError
+
+
+LORA_BACKENDS: dict[str, Backend] = {b.name: b for b in (_TritonLoRA(), _TorchLoRA())}
+_PRIORITY = ("triton", "torch")
+
+
+def _prefers(call: LoRACall) -> str | None:
+    return "triton" if call.x.is_cuda else None
+
+
+def _check_tensor(name: str, t, dim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast would run a linear layer in on this device, or None when it is off."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the layer computes in: autocast's, else the input's, which must match W's."""
+    cast = _autocast_dtype(x.device.type)
+    if cast is not None:
+        return cast
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"x has dtype {x.dtype} but weight has dtype {weight.dtype}; they must match "
+            "(or run under torch.autocast)"
+        )
+    return x.dtype
+
+
+def _check_scalars(scaling, dropout_p) -> None:
+    if not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite float, got {scaling!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float = 1.0,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    *,
+    training: bool = True,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused LoRA linear: ``y = x W^T + bias + scaling * drop(x) A^T B^T``.
+
+    Args:
+        x: ``[..., in]`` (any leading dims).
+        weight: ``[out, in]`` frozen base weight (it gets a gradient if it requires one).
+        lora_A: ``[r, in]``; lora_B: ``[out, r]``, ``1 <= r`` (``<= 256`` on Triton). They are
+            cast to the compute dtype when they differ (fp32 adapters on a bf16 model).
+        scaling: ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
+        bias: ``[out]`` or None.
+        dropout_p: dropout on the LoRA input only, applied when ``training``; the mask is
+            regenerated from a seed in backward, never stored.
+        seed: dropout seed (drawn from torch's RNG when None).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``[..., out]`` in the compute dtype (the input's, or autocast's).
+    """
+    _check_tensor("x", x)
+    _check_tensor("weight", weight, 2)
+    _check_tensor("lora_A", lora_A, 2)
+    _check_tensor("lora_B", lora_B, 2)
+    out_f, in_f = weight.shape
+    r = lora_A.shape[0]
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(
+            f"x must have shape [..., {in_f}] (in_features of weight {tuple(weight.shape)}), "
+            f"got {tuple(x.shape)}"
+        )
+    if r < 1:
+        raise ValueError(f"lora_A has rank 0 (shape {tuple(lora_A.shape)}); the rank must be >= 1")
+    if lora_A.shape[1] != in_f:
+        raise ValueError(f"lora_A must have shape [r, {in_f}], got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_f, r):
+        raise ValueError(f"lora_B must have shape [{out_f}, {r}] ([out, r]), got {tuple(lora_B.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        if bias.shape[0] != out_f:
+            raise ValueError(f"bias must have shape [{out_f}], got {tuple(bias.shape)}")
+    _check_scalars(scaling, dropout_p)
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must match")
+    dtype = _compute_dtype(x, weight)
+    x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
+    bias = bias.to(dtype) if bias is not None else None
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_f)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, lora_A, lora_B, bias)
+    )
+    call = LoRACall(x=x2, rank=r, needs_grad=needs_grad, batched=False)
+    chosen = select_backend(call, backend, LORA_BACKENDS, _PRIORITY, "lora_linear", _prefers)
+    p = float(dropout_p) if training else 0.0
+    if chosen.name == "triton":
+        from ..kernels.lora import lora_linear_triton
+
+        seed_t = None
+        if p > 0.0:
+            seed_t = (torch.randint(0, 2**31 - 1, (1,), device=x.device) if seed is None
+                      else torch.tensor([int(seed)], device=x.device, dtype=torch.int64))
+        y = lora_linear_triton(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed_t)
+    else:
+        from ..kernels.lora_reference import lora_linear_torch
+
+        seed_i = None
+        if p > 0.0:
+            seed_i = int(torch.randint(0, 2**31 - 1, ())) if seed is None else int(seed)
+        y = lora_linear_torch(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed_i)
+    return y.reshape(*lead, out_f)
+
+
+def lora_batched(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_As: torch.Tensor,
+    lora_Bs: torch.Tensor,
+    scalings: torch.Tensor | Sequence[float],
+    adapter_index: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-adapter LoRA: each row uses its own adapter (Punica/vLLM's shrink/expand idea).
+
+    ``y[t] = W x[t] + bias + scalings[i] * B[i] A[i] x[t]`` with ``i = adapter_index[t]``;
+    ``i = -1`` means the base layer alone.
+
+    Args:
+        x: ``[..., in]``.
+        weight: ``[out, in]``; bias: ``[out]`` or None.
+        lora_As: ``[n, r, in]``; lora_Bs: ``[n, out, r]`` (adapters of smaller rank: zero-pad).
+        scalings: ``[n]`` floats (a sequence or a tensor).
+        adapter_index: integer tensor of shape ``x.shape[:-1]``, values in ``[-1, n)``.
+        backend: ``"auto"``, ``"triton"`` (inference only: no autograd) or ``"torch"``.
+
+    Returns:
+        ``[..., out]`` in x's dtype.
+    """
+    _check_tensor("x", x)
+    _check_tensor("weight", weight, 2)
+    _check_tensor("lora_As", lora_As, 3)
+    _check_tensor("lora_Bs", lora_Bs, 3)
+    _check_tensor("adapter_index", adapter_index)
+    out_f, in_f = weight.shape
+    n, r = lora_As.shape[:2]
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(f"x must have shape [..., {in_f}], got {tuple(x.shape)}")
+    if n < 1:
+        raise ValueError(f"lora_As must hold at least one adapter, got shape {tuple(lora_As.shape)}")
+    if r < 1:
+        raise ValueError(f"lora_As has rank 0 (shape {tuple(lora_As.shape)}); the rank must be >= 1")
+    if lora_As.shape[2] != in_f:
+        raise ValueError(f"lora_As must have shape [n, r, {in_f}], got {tuple(lora_As.shape)}")
+    if tuple(lora_Bs.shape) != (n, out_f, r):
+        raise ValueError(f"lora_Bs must have shape [{n}, {out_f}, {r}], got {tuple(lora_Bs.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        if bias.shape[0] != out_f:
+            raise ValueError(f"bias must have shape [{out_f}], got {tuple(bias.shape)}")
+    scal = torch.as_tensor(scalings, dtype=torch.float32, device=x.device).reshape(-1)
+    if scal.numel() != n:
+        raise ValueError(f"scalings must hold {n} values (one per adapter), got {scal.numel()}")
+    if adapter_index.dtype.is_floating_point or adapter_index.dtype == torch.bool:
+        raise TypeError(f"adapter_index must be an integer tensor, got dtype {adapter_index.dtype}")
+    if tuple(adapter_index.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"adapter_index must have shape {tuple(x.shape[:-1])} (x's leading dims), "
+            f"got {tuple(adapter_index.shape)}"
+        )
+    idx = adapter_index.reshape(-1).to(device=x.device, dtype=torch.int64)
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < -1 or hi >= n:
+            bad = lo if lo < -1 else hi
+            raise ValueError(
+                f"adapter_index holds {bad}, outside [-1, {n - 1}] (-1 = no adapter, "
+                f"0..{n - 1} = one of the {n} adapters)"
+            )
+    for name, t in (("weight", weight), ("lora_As", lora_As), ("lora_Bs", lora_Bs), ("bias", bias)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise TypeError(
+                f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}; they must match"
+            )
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_f)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, lora_As, lora_Bs, bias)
+    )
+    call = LoRACall(x=x2, rank=r, needs_grad=needs_grad, batched=True)
+    chosen = select_backend(call, backend, LORA_BACKENDS, _PRIORITY, "lora_batched", _prefers)
+    if chosen.name == "triton":
+        from ..kernels.lora import lora_batched_triton
+
+        y = lora_batched_triton(x2, weight, bias, lora_As, lora_Bs, scal, idx)
+    else:
+        from ..kernels.lora_reference import lora_batched_torch
+
+        y = lora_batched_torch(x2, weight, bias, lora_As, lora_Bs, scal, idx)
+    return y.reshape(*lead, out_f)

@@ -1,0 +1,108 @@
+"""``LoRALinear``: the standalone layer, its merge/unmerge and its argument checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from attnkit.finetune import LoRALinear
+
+
+def _layer(backend, dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    base = nn.Linear(40, 24).to(dtype)
+    layer = LoRALinear(base, kw.pop("r", 4), kw.pop("alpha", 8.0), backend=backend, **kw)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # zero-initialised; make the LoRA path count
+    return layer
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_forward_and_grads_vs_formula(backend, rslora):
+    layer = _layer(backend, use_rslora=rslora)
+    assert not layer.base.weight.requires_grad and not layer.base.bias.requires_grad
+    scaling = 8.0 / (math.sqrt(4) if rslora else 4)
+    assert layer.scaling == pytest.approx(scaling)
+    x = torch.randn(3, 5, 40)
+    y = layer(x)
+    w, b = layer.base.weight.double(), layer.base.bias.double()
+    a, bb = (p.detach().double().requires_grad_() for p in (layer.lora_A, layer.lora_B))
+    want = x.double() @ w.t() + b + scaling * (x.double() @ a.t()) @ bb.t()
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    want.backward(dy.double())
+    torch.testing.assert_close(layer.lora_A.grad.double(), a.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.lora_B.grad.double(), bb.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_fresh_layer_equals_base():
+    torch.manual_seed(0)
+    base = nn.Linear(40, 24)
+    layer = LoRALinear(base, 4, 8.0, backend="torch")
+    x = torch.randn(7, 40)
+    torch.testing.assert_close(layer(x), base(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_merge_unmerge(dtype):
+    layer = _layer("triton", dtype).eval()
+    x = torch.randn(6, 40, dtype=dtype)
+    w0 = layer.base.weight.clone()
+    y = layer(x)
+    layer.merge()
+    assert layer.merged
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(layer(x), y, **tol)
+    with pytest.warns(UserWarning, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer.base.weight, w0, **tol)
+    torch.testing.assert_close(layer(x), y, **tol)
+
+
+def test_dropout_only_in_train_mode():
+    layer = _layer("triton", dropout=0.5)
+    x = torch.randn(8, 40)
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        (dict(r=0), ValueError, ["r must be an int >= 1", "0"]),
+        (dict(r=2.5), ValueError, ["r must be an int", "2.5"]),
+        (dict(alpha=float("nan")), ValueError, ["alpha", "nan"]),
+        (dict(dropout=1.0), ValueError, ["dropout", "[0, 1)", "1.0"]),
+        (dict(base=nn.Conv1d(4, 4, 1)), TypeError, ["base", "nn.Linear", "Conv1d"]),
+    ],
+)
+def test_bad_arguments(kwargs, exc, words):
+    args = dict(base=nn.Linear(8, 8), r=2, alpha=4.0)
+    args.update(kwargs)
+    with pytest.raises(exc) as info:
+        LoRALinear(**args)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_import_is_light_and_peft_names_resolve_lazily():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, attnkit.finetune as ft\n"
+        "heavy = [m for m in ('peft', 'transformers', 'triton') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "from attnkit.finetune.peft_glue import fuse_lora\n"
+        "assert ft.fuse_lora is fuse_lora\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
