@@ -5,6 +5,7 @@ Importing attnkit is light: kernels (and triton), PEFT and transformers load on 
 
 from . import finetune
 from .attn import (
+    BlockSparse,
     Causal,
     Dense,
     HedgehogFeatureMap,
@@ -14,8 +15,12 @@ from .attn import (
     RotaryEmbedding,
     SlidingWindow,
     attention,
+    bigbird,
+    from_mask_fn,
     linear_attention,
     linear_attention_step,
+    longformer,
+    strided,
 )
 from .finetune import LoRALinear, lora_batched, lora_linear
 
@@ -24,5 +29,6 @@ __version__ = "0.1.0"
 __all__ = [
     "attention", "Pattern", "Dense", "Causal", "SlidingWindow", "MultiheadSelfAttention",
     "RotaryEmbedding", "linear_attention", "linear_attention_step", "LinearAttentionState",
-    "HedgehogFeatureMap", "finetune", "LoRALinear", "lora_linear", "lora_batched", "__version__",
+    "HedgehogFeatureMap", "BlockSparse", "bigbird", "longformer", "strided", "from_mask_fn",
+    "finetune", "LoRALinear", "lora_linear", "lora_batched", "__version__",
 ]

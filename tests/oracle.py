@@ -59,7 +59,7 @@ def attention_oracle(q, k, v, pattern, scale=None, key_padding_mask=None, cu_seq
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max abs difference, treating matching infinities as equal (LSE = -inf rows)."""
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     same_inf = torch.isinf(a) & torch.isinf(b) & (torch.sign(a) == torch.sign(b))
     d = torch.where(same_inf, torch.zeros_like(a), (a - b).abs())
     return float(d.max()) if d.numel() else 0.0

@@ -119,7 +119,18 @@ class TorchBackend(Backend):
 
     def run(self, call: AttentionCall):
         from ..kernels.reference import attention_torch
+        from .block_sparse import BlockSparse
 
+        if isinstance(call.pattern, BlockSparse):
+            from ..kernels.block_sparse_reference import block_sparse_attention_torch
+
+            varlen = call.cu_seqlens_q is not None
+            nq = call.max_seqlen_q if varlen else call.q.shape[2]
+            nk = call.max_seqlen_k if varlen else call.k.shape[2]
+            return block_sparse_attention_torch(
+                call.q, call.k, call.v, call.pattern.compile(nq, nk, call.q.device), call.scale,
+                call.key_padding_mask, call.cu_seqlens_q, call.cu_seqlens_k,
+            )
         return attention_torch(
             call.q, call.k, call.v, call.pattern, call.scale, call.key_padding_mask,
             call.cu_seqlens_q, call.cu_seqlens_k,

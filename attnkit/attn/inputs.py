@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .block_sparse import BlockSparse
 from .patterns import Pattern, as_pattern
 
 #: Dtypes some backend can compute in; each backend narrows this in its capabilities.
@@ -181,6 +182,17 @@ def validate(
         max_k = max_q if (cu_k is cu_q and mk is mq) else _check_max_seqlen("max_seqlen", mk, cu_k)
     elif max_seqlen is not None:
         raise ValueError("max_seqlen is only meaningful together with cu_seqlens")
+
+    if isinstance(pattern, BlockSparse):
+        if cu_q is not None:
+            if pattern.causal and raw_k is not raw_q:
+                raise ValueError(
+                    "BlockSparse(causal=True) with cu_seqlens needs one packing for queries and "
+                    "keys (pass a single cu_seqlens tensor)"
+                )
+            pattern.check_call(cu_q.numel() - 1, Hq, max_q, max_k)
+        else:
+            pattern.check_call(B, Hq, Nq, Nk)
 
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")

@@ -66,7 +66,9 @@ _BWD_DQ_TILES = [
 # exercise blocks that straddle the band's diagonal differently for rows and columns.
 _INTERPRET_TILE = (32, 16, 4, 1)
 
-_AUTOTUNE_KEY = ["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "VARLEN", "N_BUCKET", "PRECISION"]
+_AUTOTUNE_KEY = [
+    "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "VARLEN", "N_BUCKET", "PRECISION", "SPARSE", "BS",
+]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -77,24 +79,38 @@ def _prune(configs, named_args, **kwargs):
     if q is not None and q.element_size() == 4:
         block_d *= 2
     keep = [c for c in configs if block_d <= c.max_block_d]
+    bs = kwargs.get("BS", 0) if kwargs.get("SPARSE", False) else 0
+    if bs:  # a block-sparse tile must not straddle two layout blocks
+        keep = [c for c in keep if bs % c.kwargs["BLOCK_M"] == 0 and bs % c.kwargs["BLOCK_N"] == 0]
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 def _make(kernel, tiles):
     if INTERPRET:
-        return kernel, dict(zip(("BLOCK_M", "BLOCK_N"), _INTERPRET_TILE[:2], strict=True))
+        return kernel, True
     configs = []
     for bm, bn, w, s, max_d in tiles:
         config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         config.max_block_d = max_d
         configs.append(config)
     tuned = triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
-    return tuned(kernel), {}
+    return tuned(kernel), False
 
 
-_fwd, _FWD_META = _make(kt._fwd_kernel, _FWD_TILES)
-_dkdv, _DKDV_META = _make(kt._bwd_dkdv_kernel, _BWD_DKDV_TILES)
-_dq, _DQ_META = _make(kt._bwd_dq_kernel, _BWD_DQ_TILES)
+_fwd, _ = _make(kt._fwd_kernel, _FWD_TILES)
+_dkdv, _ = _make(kt._bwd_dkdv_kernel, _BWD_DKDV_TILES)
+_dq, _ = _make(kt._bwd_dq_kernel, _BWD_DQ_TILES)
+
+
+def _tile_meta(block_size: int) -> dict:
+    """Explicit tiles under the interpreter (no autotuning there); a block-sparse layout's block
+    size must be a multiple of both tile sides."""
+    if not INTERPRET:
+        return {}
+    bm, bn = _INTERPRET_TILE[:2]
+    if block_size:
+        bm, bn = (bm if block_size % bm == 0 else 16), (bn if block_size % bn == 0 else 16)
+    return {"BLOCK_M": bm, "BLOCK_N": bn}
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -126,87 +142,89 @@ def _kv_span(kpm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-def _common(q, k, kpm, cu_q, max_q, window_left, window_right):
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    varlen = cu_q is not None
-    return dict(
-        n_prog_b=(cu_q.numel() - 1) if varlen else B,
-        Hq=Hq, Hkv=Hkv, group=Hq // Hkv, Nq=Nq, Nk=Nk, D=D,
-        meta=dict(
-            HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-            HAS_KPM=kpm is not None, VARLEN=varlen, PRECISION=_precision(q.dtype),
-            UPCAST=INTERPRET and q.dtype == torch.bfloat16,
-        ),
-        wl=max(window_left, 0), wr=max(window_right, 0),
-        bucket=_n_bucket(max_q if varlen else Nq),
-    )
+class _Launch:
+    """Everything the three kernels share for one call: grid extents, masks, sparse lists."""
+
+    def __init__(self, q, k, kpm, cu_q, cu_k, max_q, max_k, window_left, window_right, sparse):
+        B, Hq, Nq, D = q.shape
+        self.Hq, self.Hkv, self.Nq, self.Nk, self.D = Hq, k.shape[1], Nq, k.shape[2], D
+        self.group = Hq // self.Hkv
+        self.varlen = cu_q is not None
+        self.n_prog_b = (cu_q.numel() - 1) if self.varlen else B
+        self.rows_q = max_q if self.varlen else Nq
+        self.rows_k = max_k if self.varlen else self.Nk
+        self.cu = (cu_q, cu_k) if self.varlen else (q, q)  # unused pointers must still be tensors
+        if kpm is not None:
+            self.kv_lo, self.kv_hi = _kv_span(kpm)
+            self.kpm, self.kpm_strides = kpm.view(torch.uint8), kpm.stride()
+        else:
+            self.kv_lo = self.kv_hi = self.kpm = q
+            self.kpm_strides = (0, 0)
+        kv_num, kv_idx, kv_part, q_num, q_idx, q_part, masks, bs, lb, lh = sparse
+        self.sparse = kv_num is not None
+        if self.sparse:
+            self.kv_lists = (kv_num, kv_idx, kv_part, masks)
+            self.q_lists = (q_num, q_idx, q_part, masks)
+            self.layout_ints = (lh if lb > 1 else 0, 1 if lh > 1 else 0)
+            self.rows_cols = (kv_num.shape[1], kv_idx.shape[2], q_num.shape[1], q_idx.shape[2])
+        else:
+            self.kv_lists = self.q_lists = (q, q, q, q)
+            self.layout_ints = (0, 0)
+            self.rows_cols = (0, 0, 0, 0)
+        self.meta = dict(
+            HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_LEFT=window_left >= 0,
+            HAS_RIGHT=window_right >= 0, HAS_KPM=kpm is not None, VARLEN=self.varlen,
+            PRECISION=_precision(q.dtype), UPCAST=INTERPRET and q.dtype == torch.bfloat16,
+            SPARSE=self.sparse, BS=bs if self.sparse else 0,
+            **_tile_meta(bs if self.sparse else 0),
+        )
+        self.window = (max(window_left, 0), max(window_right, 0))
+        self.bucket = _n_bucket(self.rows_q)
+
+    def ints(self, rows_cols: tuple[int, int]) -> tuple:
+        return (*self.window, self.bucket, *self.layout_ints, *rows_cols)
 
 
-def _fwd_impl(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, window_left, window_right):
-    c = _common(q, k, kpm, cu_q, max_q, window_left, window_right)
-    varlen = cu_q is not None
+def _fwd_impl(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, window_left, window_right, sparse):
+    c = _Launch(q, k, kpm, cu_q, cu_k, max_q, max_k, window_left, window_right, sparse)
     # Packed rows outside every sequence keep 0 / -inf instead of uninitialised memory.
-    o = _alloc(q, 0.0 if varlen else None)
-    lse = _alloc(q, float("-inf") if varlen else None, shape=(q.shape[0], c["Hq"], c["Nq"]),
+    o = _alloc(q, 0.0 if c.varlen else None)
+    lse = _alloc(q, float("-inf") if c.varlen else None, shape=(q.shape[0], c.Hq, c.Nq),
                  dtype=torch.float32)
-    if kpm is not None:
-        kv_lo, kv_hi = _kv_span(kpm)
-        kpm_u8, smb, smn = kpm.view(torch.uint8), kpm.stride(0), kpm.stride(1)
-    else:
-        kv_lo = kv_hi = kpm_u8 = q
-        smb = smn = 0
-    cu_q_, cu_k_ = (cu_q, cu_k) if varlen else (q, q)
-    rows = max_q if varlen else c["Nq"]
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), c["n_prog_b"] * c["Hq"])
+    grid = lambda meta: (triton.cdiv(c.rows_q, meta["BLOCK_M"]), c.n_prog_b * c.Hq)
     _fwd[grid](
-        q, k, v, o, lse, kpm_u8, kv_lo, kv_hi, cu_q_, cu_k_, scale,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(), smb, smn,
-        c["Hq"], c["group"], c["Nq"], c["Nk"], c["wl"], c["wr"], c["bucket"],
-        **c["meta"], **_FWD_META,
+        q, k, v, o, lse, c.kpm, c.kv_lo, c.kv_hi, *c.cu, *c.kv_lists, scale,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(), *c.kpm_strides,
+        c.Hq, c.group, c.Nq, c.Nk, *c.ints(c.rows_cols[:2]), **c.meta,
     )
     return o, lse
 
 
 def _bwd_impl(do, q, k, v, o, lse, dlse, kpm, cu_q, cu_k, max_q, max_k, scale, window_left,
-              window_right):
-    c = _common(q, k, kpm, cu_q, max_q, window_left, window_right)
-    varlen = cu_q is not None
+              window_right, sparse):
+    c = _Launch(q, k, kpm, cu_q, cu_k, max_q, max_k, window_left, window_right, sparse)
     B = q.shape[0]
-    meta = c["meta"]
-    delta = _alloc(q, shape=(B, c["Hq"], c["Nq"]), dtype=torch.float32)
+    delta = _alloc(q, shape=(B, c.Hq, c.Nq), dtype=torch.float32)
     pre_block = 16 if INTERPRET else 64
     dlse_ = dlse if dlse is not None else lse
-    kt._bwd_preprocess[(triton.cdiv(c["Nq"], pre_block), B * c["Hq"])](
-        o, do, dlse_, delta, *o.stride(), *do.stride(), *dlse_.stride(), c["Hq"], c["Nq"],
-        HEAD_DIM=c["D"], BLOCK_D=meta["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
+    kt._bwd_preprocess[(triton.cdiv(c.Nq, pre_block), B * c.Hq)](
+        o, do, dlse_, delta, *o.stride(), *do.stride(), *dlse_.stride(), c.Hq, c.Nq,
+        HEAD_DIM=c.D, BLOCK_D=c.meta["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
     )
-    fill = 0.0 if varlen else None
+    fill = 0.0 if c.varlen else None
     dq, dk, dv = _alloc(q, fill), _alloc(k, fill), _alloc(v, fill)
-    if kpm is not None:
-        kv_lo, kv_hi = _kv_span(kpm)
-        kpm_u8, smb, smn = kpm.view(torch.uint8), kpm.stride(0), kpm.stride(1)
-    else:
-        kv_lo = kv_hi = kpm_u8 = q
-        smb = smn = 0
-    cu_q_, cu_k_ = (cu_q, cu_k) if varlen else (q, q)
-    rows_q = max_q if varlen else c["Nq"]
-    rows_k = max_k if varlen else c["Nk"]
-    nb = c["n_prog_b"]
-    grid_kv = lambda m: (triton.cdiv(rows_k, m["BLOCK_N"]), nb * c["Hkv"])
+    grid_kv = lambda m: (triton.cdiv(c.rows_k, m["BLOCK_N"]), c.n_prog_b * c.Hkv)
     _dkdv[grid_kv](
-        q, k, v, do, lse, delta, dk, dv, kpm_u8, cu_q_, cu_k_, scale,
+        q, k, v, do, lse, delta, dk, dv, c.kpm, *c.cu, *c.q_lists, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dk.stride(),
-        *dv.stride(), smb, smn,
-        c["Hq"], c["Hkv"], c["group"], c["Nq"], c["Nk"], c["wl"], c["wr"], c["bucket"],
-        **meta, **_DKDV_META,
+        *dv.stride(), *c.kpm_strides,
+        c.Hq, c.Hkv, c.group, c.Nq, c.Nk, *c.ints(c.rows_cols[2:]), **c.meta,
     )
-    grid_q = lambda m: (triton.cdiv(rows_q, m["BLOCK_M"]), nb * c["Hq"])
+    grid_q = lambda m: (triton.cdiv(c.rows_q, m["BLOCK_M"]), c.n_prog_b * c.Hq)
     _dq[grid_q](
-        q, k, v, do, lse, delta, dq, kpm_u8, kv_lo, kv_hi, cu_q_, cu_k_, scale,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dq.stride(), smb, smn,
-        c["Hq"], c["group"], c["Nq"], c["Nk"], c["wl"], c["wr"], c["bucket"],
-        **meta, **_DQ_META,
+        q, k, v, do, lse, delta, dq, c.kpm, c.kv_lo, c.kv_hi, *c.cu, *c.kv_lists, scale,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dq.stride(),
+        *c.kpm_strides, c.Hq, c.group, c.Nq, c.Nk, *c.ints(c.rows_cols[:2]), **c.meta,
     )
     return dq, dk, dv
 
@@ -216,21 +234,29 @@ def _bwd_impl(do, q, k, v, o, lse, dlse, kpm, cu_q, cu_k, max_q, max_k, scale, w
 # --------------------------------------------------------------------------------------------
 
 
+# The block-sparse lists travel as seven optional tensors plus three ints (see BlockLists):
+# kv_num, kv_idx, kv_part, q_num, q_idx, q_part, block_masks, block_size, layout_batch,
+# layout_heads. All None / 0 for band patterns.
+_Opt = torch.Tensor | None
+
+
 @torch.library.custom_op("attnkit::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
-    scale: float, window_left: int, window_right: int,
+    key_padding_mask: _Opt, cu_seqlens_q: _Opt, cu_seqlens_k: _Opt,
+    kv_num: _Opt, kv_idx: _Opt, kv_part: _Opt, q_num: _Opt, q_idx: _Opt, q_part: _Opt,
+    block_masks: _Opt, block_size: int, layout_batch: int, layout_heads: int,
+    max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int, window_right: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash attention forward. Returns ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``."""
+    sparse = (kv_num, kv_idx, kv_part, q_num, q_idx, q_part, block_masks, block_size,
+              layout_batch, layout_heads)
     return _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                     max_seqlen_k, scale, window_left, window_right)
+                     max_seqlen_k, scale, window_left, window_right, sparse)
 
 
 @flash_attn_fwd.register_fake
-def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-      window_left, window_right):
+def _(q, k, v, *args):
     lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
     return torch.empty_like(q), lse
 
@@ -238,40 +264,39 @@ def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
 @torch.library.custom_op("attnkit::flash_attn_bwd", mutates_args=())
 def flash_attn_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-    lse: torch.Tensor, dlse: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
-    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+    lse: torch.Tensor, dlse: _Opt, key_padding_mask: _Opt, cu_seqlens_q: _Opt, cu_seqlens_k: _Opt,
+    kv_num: _Opt, kv_idx: _Opt, kv_part: _Opt, q_num: _Opt, q_idx: _Opt, q_part: _Opt,
+    block_masks: _Opt, block_size: int, layout_batch: int, layout_heads: int,
     max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int, window_right: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flash attention backward: ``(dq, dk, dv)``; ``dlse`` is the gradient on the LSE output."""
+    sparse = (kv_num, kv_idx, kv_part, q_num, q_idx, q_part, block_masks, block_size,
+              layout_batch, layout_heads)
     return _bwd_impl(do, q, k, v, o, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                     max_seqlen_q, max_seqlen_k, scale, window_left, window_right)
+                     max_seqlen_q, max_seqlen_k, scale, window_left, window_right, sparse)
 
 
 @flash_attn_bwd.register_fake
-def _(do, q, k, v, o, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-      max_seqlen_k, scale, window_left, window_right):
+def _(do, q, k, v, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_NON_TENSOR_ARGS = ("max_seqlen_q", "max_seqlen_k", "scale", "window_left", "window_right")
+_N_TENSOR_INPUTS = 13  # q, k, v, kpm, cu_q, cu_k and the seven block-sparse tensors
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kpm, cu_q, cu_k, *rest = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, kpm, cu_q, cu_k)
-    ctx.args = dict(zip(_NON_TENSOR_ARGS, rest, strict=True))
+    ctx.save_for_backward(*inputs[:_N_TENSOR_INPUTS], o, lse)
+    ctx.rest = inputs[_N_TENSOR_INPUTS:]
     ctx.set_materialize_grads(False)  # an unused LSE output then costs nothing in backward
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, kpm, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, *masks, o, lse = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv = torch.ops.attnkit.flash_attn_bwd(
-        do, q, k, v, o, lse, dlse, kpm, cu_q, cu_k, *ctx.args.values()
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    dq, dk, dv = torch.ops.attnkit.flash_attn_bwd(do, q, k, v, o, lse, dlse, *masks, *ctx.rest)
+    return (dq, dk, dv) + (None,) * (_N_TENSOR_INPUTS - 3 + len(ctx.rest))
 
 
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -279,9 +304,23 @@ flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def flash_attention(q, k, v, pattern, scale, key_padding_mask=None, cu_seqlens_q=None,
                     cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
-    """Triton flash attention. Shapes as :func:`attnkit.attention`; returns ``(o, lse)``."""
+    """Triton flash attention. Shapes as :func:`attnkit.attention`; returns ``(o, lse)``.
+
+    A :class:`~attnkit.BlockSparse` pattern is compiled (once, cached on the pattern) into the
+    block lists the kernels walk; band patterns pass their two offsets.
+    """
+    from ..attn.block_sparse import BlockSparse
+
     left, right = pattern.window()
+    if isinstance(pattern, BlockSparse):
+        nq = max_seqlen_q if cu_seqlens_q is not None else q.shape[2]
+        nk = max_seqlen_k if cu_seqlens_q is not None else k.shape[2]
+        b = pattern.compile(nq, nk, q.device)
+        sparse = (b.kv_num, b.kv_idx, b.kv_part, b.q_num, b.q_idx, b.q_part, b.masks,
+                  b.block_size, b.layout_batch, b.layout_heads)
+    else:
+        sparse = (None,) * 7 + (0, 0, 0)
     return torch.ops.attnkit.flash_attn_fwd(
-        q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, *sparse,
         int(max_seqlen_q or 0), int(max_seqlen_k or 0), float(scale), left, right,
     )

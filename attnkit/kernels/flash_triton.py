@@ -161,6 +161,20 @@ def _load_rows(base, offs_r, n_rows, stride_r, offs_d, stride_d,
 
 
 @triton.jit
+def _fwd_update(acc, l_i, m_i, qk, v, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Online-softmax update of one tile: ``qk [BM, BN]`` masked scores (log2 units)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # A row with nothing visible so far has m = -inf; subtract 0 instead (no inf - inf).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = _dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)  # [BM, BN] @ [BN, BD]
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base,
                skn, skd, svn, svd, smn, lo, hi,
                offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
@@ -168,11 +182,14 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base,
                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr):
+    """Key tiles ``[lo, hi)`` of a band pattern; ``MASKED`` only on the band's edge tiles."""
     arange_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + arange_n
         n64 = tl.cast(start_n, tl.int64)
         k = _load_rows(k_base + n64 * skn, arange_n, nk - start_n, skn, offs_d, skd,
+                       HEAD_DIM, BLOCK_D, MASKED)  # [BN, BD]
+        v = _load_rows(v_base + n64 * svn, arange_n, nk - start_n, svn, offs_d, svd,
                        HEAD_DIM, BLOCK_D, MASKED)  # [BN, BD]
         qk = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale  # [BM, BD] @ [BD, BN]
         if MASKED:
@@ -182,29 +199,60 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base,
         if HAS_KPM:
             keep = tl.load(kpm_base + offs_n * smn, mask=offs_n < nk, other=0)
             qk = tl.where(keep[None, :] != 0, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row with nothing visible so far has m = -inf; subtract 0 instead (no inf - inf).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base + n64 * svn, arange_n, nk - start_n, svn, offs_d, svd,
-                       HEAD_DIM, BLOCK_D, MASKED)  # [BN, BD]
-        acc = acc * alpha[:, None]
-        acc = _dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)  # [BM, BN] @ [BN, BD]
-        m_i = m_new
+        acc, l_i, m_i = _fwd_update(acc, l_i, m_i, qk, v, PRECISION, UPCAST)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_sparse(acc, l_i, m_i, q, k_base, v_base, kpm_base, skn, skd, svn, svd, smn,
+                KV_NUM, KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK, start_m, offs_d, nk, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BS: tl.constexpr, HAS_KPM: tl.constexpr,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Key tiles of a block-sparse pattern: only the layout blocks listed for this query block
+    row; an element mask is read only for partial blocks (``part >= 0``)."""
+    arange_n = tl.arange(0, BLOCK_N)
+    row = start_m // BS
+    r_in = start_m - row * BS + tl.arange(0, BLOCK_M)  # rows inside the layout block
+    entry = (lay * NROWB + row).to(tl.int64) * MAXK
+    num = tl.load(KV_NUM + lay * NROWB + row)
+    for i in range(num):
+        kb = tl.load(KV_IDX + entry + i)
+        part = tl.load(KV_PART + entry + i)
+        for t in range(BS // BLOCK_N):
+            start_n = kb * BS + t * BLOCK_N
+            if start_n < nk:  # the last layout block may hang past the sequence end
+                offs_n = start_n + arange_n
+                n64 = tl.cast(start_n, tl.int64)
+                k = _load_rows(k_base + n64 * skn, arange_n, nk - start_n, skn, offs_d, skd,
+                               HEAD_DIM, BLOCK_D, True)  # [BN, BD]
+                v = _load_rows(v_base + n64 * svn, arange_n, nk - start_n, svn, offs_d, svd,
+                               HEAD_DIM, BLOCK_D, True)  # [BN, BD]
+                qk = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale  # [BM, BN]
+                ok = offs_n[None, :] < nk
+                if part >= 0:
+                    c_in = t * BLOCK_N + arange_n
+                    em = tl.load(PMASK + part.to(tl.int64) * (BS * BS) + r_in[:, None] * BS
+                                 + c_in[None, :])
+                    ok = ok & (em != 0)
+                if HAS_KPM:
+                    keep = tl.load(kpm_base + offs_n * smn, mask=offs_n < nk, other=0)
+                    ok = ok & (keep[None, :] != 0)
+                qk = tl.where(ok, qk, float("-inf"))
+                acc, l_i, m_i = _fwd_update(acc, l_i, m_i, qk, v, PRECISION, UPCAST)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KPM, KV_LO, KV_HI, CU_Q, CU_K, sm_scale,
+    Q, K, V, O, LSE, KPM, KV_LO, KV_HI, CU_Q, CU_K, KV_NUM, KV_IDX, KV_PART, PMASK, sm_scale,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     slb, slh, sln, smb, smn,
-    H, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET,
+    H, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET, LB_STRIDE, LH_STRIDE, NROWB, MAXK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
     VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SPARSE: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O[b, h, i] = softmax(q_i K^T * scale, masked) V; LSE[b, h, i] = logsumexp of the scores.
@@ -235,30 +283,37 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(q_base, rows, nq - start_m, sqn, offs_d, sqd, HEAD_DIM, BLOCK_D, True)
 
-    kv_lo = nk * 0
-    kv_hi = nk
-    if HAS_KPM:
-        kv_lo = tl.load(KV_LO + b)
-        kv_hi = tl.load(KV_HI + b)
-    lo, full_lo, full_hi, hi = _key_blocks(start_m, nq, nk, WIN_L, WIN_R, kv_lo, kv_hi,
-                                           BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    shift = nk - nq
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, skn, skd, svn, svd, smn,
-                               lo, full_lo, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_KPM,
-                               PRECISION, UPCAST)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, skn, skd, svn, svd, smn,
-                               full_lo, full_hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_KPM,
-                               PRECISION, UPCAST)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, skn, skd, svn, svd, smn,
-                               full_hi, hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_KPM,
-                               PRECISION, UPCAST)
+    if SPARSE:
+        lay = b * LB_STRIDE + h * LH_STRIDE
+        acc, l_i, m_i = _fwd_sparse(acc, l_i, m_i, q, k_base, v_base, kpm_base, skn, skd, svn,
+                                    svd, smn, KV_NUM, KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK,
+                                    start_m, offs_d, nk, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                    BLOCK_N, BS, HAS_KPM, PRECISION, UPCAST)
+    else:
+        kv_lo = nk * 0
+        kv_hi = nk
+        if HAS_KPM:
+            kv_lo = tl.load(KV_LO + b)
+            kv_hi = tl.load(KV_HI + b)
+        lo, full_lo, full_hi, hi = _key_blocks(start_m, nq, nk, WIN_L, WIN_R, kv_lo, kv_hi,
+                                               BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        shift = nk - nq
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, skn, skd, svn, svd,
+                                   smn, lo, full_lo, offs_m, offs_d, shift, nk, WIN_L, WIN_R,
+                                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
+                                   HAS_KPM, PRECISION, UPCAST)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, skn, skd, svn, svd,
+                                   smn, full_lo, full_hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R,
+                                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_LEFT,
+                                   HAS_RIGHT, HAS_KPM, PRECISION, UPCAST)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, skn, skd, svn, svd,
+                                   smn, full_hi, hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R,
+                                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
+                                   HAS_KPM, PRECISION, UPCAST)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -303,47 +358,101 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, 
 
 
 @triton.jit
+def _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, ok_t, USE_MASK: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dK/dV contribution of one query tile: ``q``/``do [BM, BD]``, ``lse``/``delta [BM]``."""
+    s_t = _dot(k, tl.trans(q), None, PRECISION, UPCAST) * qk_scale  # [BN, BD] @ [BD, BM]
+    p_t = tl.exp2(s_t - lse[None, :])
+    if USE_MASK:
+        p_t = tl.where(ok_t, p_t, 0.0)
+    dv = _dot(p_t.to(do.dtype), do, dv, PRECISION, UPCAST)  # [BN, BM] @ [BM, BD]
+    dp_t = _dot(v, tl.trans(do), None, PRECISION, UPCAST)  # [BN, BD] @ [BD, BM]
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = _dot(ds_t.to(q.dtype), q, dk, PRECISION, UPCAST)  # [BN, BM] @ [BM, BD]
+    return dk, dv
+
+
+@triton.jit
+def _load_query_tile(q_base, do_base, lse_base, delta_base, start_m, nq, sqn, sqd, sdn, sdd, sln,
+                     offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """q, dO, LSE (log2 units; rows that saw nothing -> +inf so P = 0) and delta of a query tile."""
+    arange_m = tl.arange(0, BLOCK_M)
+    offs_m = start_m + arange_m
+    row_ok = offs_m < nq
+    m64 = tl.cast(start_m, tl.int64)
+    q = _load_rows(q_base + m64 * sqn, arange_m, nq - start_m, sqn, offs_d, sqd,
+                   HEAD_DIM, BLOCK_D, True)  # [BM, BD]
+    do = _load_rows(do_base + m64 * sdn, arange_m, nq - start_m, sdn, offs_d, sdd,
+                    HEAD_DIM, BLOCK_D, True)  # [BM, BD]
+    lse = tl.load(lse_base + offs_m * sln, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                     sqn, sqd, sdn, sdd, sln, lo, hi,
                     offs_n, offs_d, shift, nq, nk, WIN_L, WIN_R, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Query tiles ``[lo, hi)`` that see this key tile (band patterns)."""
     arange_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + arange_m
-        row_ok = offs_m < nq
-        m64 = tl.cast(start_m, tl.int64)
-        q = _load_rows(q_base + m64 * sqn, arange_m, nq - start_m, sqn, offs_d, sqd,
-                       HEAD_DIM, BLOCK_D, True)  # [BM, BD]
-        do = _load_rows(do_base + m64 * sdn, arange_m, nq - start_m, sdn, offs_d, sdd,
-                        HEAD_DIM, BLOCK_D, True)  # [BM, BD]
-        lse = tl.load(lse_base + offs_m * sln, mask=row_ok, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        # transposed scores: [BN, BD] @ [BD, BM] -> [BN, BM]
-        s_t = _dot(k, tl.trans(q), None, PRECISION, UPCAST) * qk_scale
-        p_t = tl.exp2(s_t - lse[None, :])
-        if MASKED:
-            ok_t = _visible(offs_m[None, :], offs_n[:, None], shift, nk, WIN_L, WIN_R,
-                            HAS_LEFT, HAS_RIGHT)
-            p_t = tl.where(ok_t, p_t, 0.0)
-        dv = _dot(p_t.to(do.dtype), do, dv, PRECISION, UPCAST)  # [BN, BM] @ [BM, BD]
-        dp_t = _dot(v, tl.trans(do), None, PRECISION, UPCAST)  # [BN, BD] @ [BD, BM]
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = _dot(ds_t.to(q.dtype), q, dk, PRECISION, UPCAST)  # [BN, BM] @ [BM, BD]
+        q, do, lse, delta = _load_query_tile(q_base, do_base, lse_base, delta_base, start_m, nq,
+                                             sqn, sqd, sdn, sdd, sln, offs_d, HEAD_DIM, BLOCK_D,
+                                             BLOCK_M)
+        ok_t = _visible((start_m + arange_m)[None, :], offs_n[:, None], shift, nk, WIN_L, WIN_R,
+                        HAS_LEFT, HAS_RIGHT)
+        dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, ok_t, MASKED,
+                              PRECISION, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_sparse(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                     sqn, sqd, sdn, sdd, sln, Q_NUM, Q_IDX, Q_PART, PMASK, lay, NCOLB, MAXQ,
+                     start_n, offs_d, nq, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BS: tl.constexpr,
+                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Query tiles of the layout blocks listed for this key block column (block-sparse)."""
+    col = start_n // BS
+    c_in = start_n - col * BS + tl.arange(0, BLOCK_N)  # keys inside the layout block
+    entry = (lay * NCOLB + col).to(tl.int64) * MAXQ
+    num = tl.load(Q_NUM + lay * NCOLB + col)
+    for i in range(num):
+        qb = tl.load(Q_IDX + entry + i)
+        part = tl.load(Q_PART + entry + i)
+        for t in range(BS // BLOCK_M):
+            start_m = qb * BS + t * BLOCK_M
+            if start_m < nq:
+                q, do, lse, delta = _load_query_tile(q_base, do_base, lse_base, delta_base,
+                                                     start_m, nq, sqn, sqd, sdn, sdd, sln, offs_d,
+                                                     HEAD_DIM, BLOCK_D, BLOCK_M)
+                if part >= 0:
+                    r_in = t * BLOCK_M + tl.arange(0, BLOCK_M)
+                    em_t = tl.load(PMASK + part.to(tl.int64) * (BS * BS) + r_in[None, :] * BS
+                                   + c_in[:, None])  # [BN, BM]
+                    dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, em_t != 0,
+                                          True, PRECISION, UPCAST)
+                else:
+                    dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, None,
+                                          False, PRECISION, UPCAST)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, Q_NUM, Q_IDX, Q_PART, PMASK, sm_scale,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     slb, slh, sln, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smn,
-    H, HKV, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET,
+    H, HKV, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET, LB_STRIDE, LH_STRIDE, NCOLB, MAXQ,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
     VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SPARSE: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the ``GROUP`` query heads sharing it
@@ -370,8 +479,6 @@ def _bwd_dkdv_kernel(
                    offs_d, svd, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _query_blocks(start_n, nq, nk, WIN_L, WIN_R, BLOCK_M, BLOCK_N,
-                                             HAS_LEFT, HAS_RIGHT)
     shift = nk - nq
     qk_scale = sm_scale * 1.4426950408889634
     for g in range(GROUP):
@@ -381,18 +488,27 @@ def _bwd_dkdv_kernel(
         lse_base = LSE + bb * slb + h * slh + q_start.to(tl.int64) * sln
         # DELTA is contiguous [B, Hq, N] (or [1, Hq, N] packed)
         delta_base = DELTA + (bb * H + h) * NQ + q_start
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                 sqn, sqd, sdn, sdd, sln, lo, full_lo, offs_n, offs_d, shift,
-                                 nq, nk, WIN_L, WIN_R, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                 True, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                 sqn, sqd, sdn, sdd, sln, full_lo, full_hi, offs_n, offs_d, shift,
-                                 nq, nk, WIN_L, WIN_R, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                 False, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                 sqn, sqd, sdn, sdd, sln, full_hi, hi, offs_n, offs_d, shift,
-                                 nq, nk, WIN_L, WIN_R, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                 True, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST)
+        if SPARSE:
+            lay = b * LB_STRIDE + (hk * GROUP + g) * LH_STRIDE
+            dk, dv = _bwd_dkdv_sparse(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                      sqn, sqd, sdn, sdd, sln, Q_NUM, Q_IDX, Q_PART, PMASK, lay,
+                                      NCOLB, MAXQ, start_n, offs_d, nq, qk_scale, HEAD_DIM,
+                                      BLOCK_D, BLOCK_M, BLOCK_N, BS, PRECISION, UPCAST)
+        else:
+            lo, full_lo, full_hi, hi = _query_blocks(start_n, nq, nk, WIN_L, WIN_R, BLOCK_M,
+                                                     BLOCK_N, HAS_LEFT, HAS_RIGHT)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                     sqn, sqd, sdn, sdd, sln, lo, full_lo, offs_n, offs_d, shift,
+                                     nq, nk, WIN_L, WIN_R, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                     True, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                     sqn, sqd, sdn, sdd, sln, full_lo, full_hi, offs_n, offs_d,
+                                     shift, nq, nk, WIN_L, WIN_R, qk_scale, HEAD_DIM, BLOCK_D,
+                                     BLOCK_M, False, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                     sqn, sqd, sdn, sdd, sln, full_hi, hi, offs_n, offs_d, shift,
+                                     nq, nk, WIN_L, WIN_R, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                     True, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST)
     dk = dk * sm_scale
     row_ok = rows < nk - start_n
     if HAS_KPM:
@@ -410,13 +526,27 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_update(dq, q, do, lse, delta, k, v, qk_scale, ok, USE_MASK: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dQ contribution of one key tile: ``k``/``v [BN, BD]``."""
+    s = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale  # [BM, BN]
+    p = tl.exp2(s - lse[:, None])
+    if USE_MASK:
+        p = tl.where(ok, p, 0.0)
+    dp = _dot(do, tl.trans(v), None, PRECISION, UPCAST)  # [BM, BD] @ [BD, BN]
+    ds = p * (dp - delta[:, None])
+    dq = _dot(ds.to(k.dtype), k, dq, PRECISION, UPCAST)  # [BM, BN] @ [BN, BD]
+    return dq
+
+
+@triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base,
                   skn, skd, svn, svd, smn, lo, hi,
                   offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                  HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr):
+                  HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Key tiles ``[lo, hi)`` of a band pattern (as the forward)."""
     arange_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + arange_n
@@ -425,30 +555,65 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base,
                        HEAD_DIM, BLOCK_D, MASKED)  # [BN, BD]
         v = _load_rows(v_base + n64 * svn, arange_n, nk - start_n, svn, offs_d, svd,
                        HEAD_DIM, BLOCK_D, MASKED)  # [BN, BD]
-        s = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale  # [BM, BN]
-        p = tl.exp2(s - lse[:, None])
-        if MASKED:
-            ok = _visible(offs_m[:, None], offs_n[None, :], shift, nk, WIN_L, WIN_R,
-                          HAS_LEFT, HAS_RIGHT)
-            p = tl.where(ok, p, 0.0)
+        ok = _visible(offs_m[:, None], offs_n[None, :], shift, nk, WIN_L, WIN_R,
+                      HAS_LEFT, HAS_RIGHT)
         if HAS_KPM:
             keep = tl.load(kpm_base + offs_n * smn, mask=offs_n < nk, other=0)
-            p = tl.where(keep[None, :] != 0, p, 0.0)
-        dp = _dot(do, tl.trans(v), None, PRECISION, UPCAST)  # [BM, BD] @ [BD, BN]
-        ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, dq, PRECISION, UPCAST)  # [BM, BN] @ [BN, BD]
+            ok = ok & (keep[None, :] != 0)
+        dq = _dq_update(dq, q, do, lse, delta, k, v, qk_scale, ok, MASKED or HAS_KPM,
+                        PRECISION, UPCAST)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_sparse(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd, smn,
+                   KV_NUM, KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK, start_m, offs_d, nk,
+                   qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
+                   HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Key tiles of the layout blocks listed for this query block row (block-sparse)."""
+    arange_n = tl.arange(0, BLOCK_N)
+    row = start_m // BS
+    r_in = start_m - row * BS + tl.arange(0, BLOCK_M)
+    entry = (lay * NROWB + row).to(tl.int64) * MAXK
+    num = tl.load(KV_NUM + lay * NROWB + row)
+    for i in range(num):
+        kb = tl.load(KV_IDX + entry + i)
+        part = tl.load(KV_PART + entry + i)
+        for t in range(BS // BLOCK_N):
+            start_n = kb * BS + t * BLOCK_N
+            if start_n < nk:
+                offs_n = start_n + arange_n
+                n64 = tl.cast(start_n, tl.int64)
+                k = _load_rows(k_base + n64 * skn, arange_n, nk - start_n, skn, offs_d, skd,
+                               HEAD_DIM, BLOCK_D, True)  # [BN, BD]
+                v = _load_rows(v_base + n64 * svn, arange_n, nk - start_n, svn, offs_d, svd,
+                               HEAD_DIM, BLOCK_D, True)  # [BN, BD]
+                ok = offs_n[None, :] < nk
+                if part >= 0:
+                    c_in = t * BLOCK_N + arange_n
+                    em = tl.load(PMASK + part.to(tl.int64) * (BS * BS) + r_in[:, None] * BS
+                                 + c_in[None, :])
+                    ok = ok & (em != 0)
+                if HAS_KPM:
+                    keep = tl.load(kpm_base + offs_n * smn, mask=offs_n < nk, other=0)
+                    ok = ok & (keep[None, :] != 0)
+                dq = _dq_update(dq, q, do, lse, delta, k, v, qk_scale, ok, True, PRECISION,
+                                UPCAST)
     return dq
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KPM, KV_LO, KV_HI, CU_Q, CU_K, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DQ, KPM, KV_LO, KV_HI, CU_Q, CU_K, KV_NUM, KV_IDX, KV_PART, PMASK,
+    sm_scale,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     slb, slh, sln, sdqb, sdqh, sdqn, sdqd, smb, smn,
-    H, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET,
+    H, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET, LB_STRIDE, LH_STRIDE, NROWB, MAXK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
     VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SPARSE: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block of one head. Grid: ``(cdiv(max Nq, BLOCK_M), B * Hq)``."""
@@ -470,40 +635,44 @@ def _bwd_dq_kernel(
     offs_m = start_m + rows
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < nq - start_m
-    q = _load_rows(Q + bb * sqb + h64 * sqh + q_off * sqn, rows, nq - start_m, sqn, offs_d, sqd,
-                   HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + bb * sdb + h64 * sdh + q_off * sdn, rows, nq - start_m, sdn, offs_d, sdd,
-                    HEAD_DIM, BLOCK_D, True)
-    lse = tl.load(LSE + bb * slb + h64 * slh + (q_off + rows) * sln, mask=row_ok,
-                  other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(DELTA + (bb * H + h64) * NQ + q_off + rows, mask=row_ok,
-                    other=0.0)
+    q, do, lse, delta = _load_query_tile(
+        Q + bb * sqb + h64 * sqh + q_start.to(tl.int64) * sqn,
+        DO + bb * sdb + h64 * sdh + q_start.to(tl.int64) * sdn,
+        LSE + bb * slb + h64 * slh + q_start.to(tl.int64) * sln,
+        DELTA + (bb * H + h64) * NQ + q_start,
+        start_m, nq, sqn, sqd, sdn, sdd, sln, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M)
     k_base = K + bb * skb + hk.to(tl.int64) * skh + k_start.to(tl.int64) * skn
     v_base = V + bb * svb + hk.to(tl.int64) * svh + k_start.to(tl.int64) * svn
     kpm_base = KPM + bb * smb
-    kv_lo = nk * 0
-    kv_hi = nk
-    if HAS_KPM:
-        kv_lo = tl.load(KV_LO + b)
-        kv_hi = tl.load(KV_HI + b)
-    lo, full_lo, full_hi, hi = _key_blocks(start_m, nq, nk, WIN_L, WIN_R, kv_lo, kv_hi,
-                                           BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    shift = nk - nq
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd, smn,
-                       lo, full_lo, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, PRECISION,
-                       UPCAST)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd, smn,
-                       full_lo, full_hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, PRECISION,
-                       UPCAST)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd, smn,
-                       full_hi, hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, PRECISION,
-                       UPCAST)
+    if SPARSE:
+        lay = b * LB_STRIDE + h * LH_STRIDE
+        dq = _bwd_dq_sparse(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd,
+                            smn, KV_NUM, KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK, start_m, offs_d,
+                            nk, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BS, HAS_KPM,
+                            PRECISION, UPCAST)
+    else:
+        kv_lo = nk * 0
+        kv_hi = nk
+        if HAS_KPM:
+            kv_lo = tl.load(KV_LO + b)
+            kv_hi = tl.load(KV_HI + b)
+        lo, full_lo, full_hi, hi = _key_blocks(start_m, nq, nk, WIN_L, WIN_R, kv_lo, kv_hi,
+                                               BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        shift = nk - nq
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd,
+                           smn, lo, full_lo, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_KPM,
+                           PRECISION, UPCAST)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd,
+                           smn, full_lo, full_hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R,
+                           qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_LEFT, HAS_RIGHT,
+                           HAS_KPM, PRECISION, UPCAST)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd,
+                           smn, full_hi, hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_KPM,
+                           PRECISION, UPCAST)
     dq = dq * sm_scale
     dq_ptrs = (DQ + bb * sdqb + h64 * sdqh + q_off * sdqn
                + rows[:, None] * sdqn + offs_d[None, :] * sdqd)
