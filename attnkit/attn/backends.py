@@ -76,8 +76,14 @@ class Backend:
         raise NotImplementedError
 
 
+#: Largest query length that takes the split-KV decode kernel (no-grad calls): below it a flash
+#: query tile would be mostly padding, and one sequence could not fill the GPU.
+DECODE_MAX_NQ = 16
+
+
 class TritonBackend(Backend):
-    """The Triton flash kernel family (``attnkit/kernels/flash.py``)."""
+    """The Triton flash kernel family (``attnkit/kernels/flash.py``), and the split-KV decode
+    kernel (``attnkit/kernels/decode.py``) for short no-grad queries."""
 
     name = "triton"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
@@ -101,6 +107,12 @@ class TritonBackend(Backend):
         return self.not_supported_reasons(call) + interpreter_reasons(call.q)
 
     def run(self, call: AttentionCall):
+        if call.q.shape[2] <= DECODE_MAX_NQ and call.cu_seqlens_q is None and not call.needs_grad:
+            from ..kernels.decode import decode_attention, decode_not_supported_reasons
+
+            if not decode_not_supported_reasons(call.q, call.k, call.pattern):
+                return decode_attention(call.q, call.k, call.v, call.pattern, call.scale,
+                                        call.key_padding_mask)
         from ..kernels.flash import flash_attention
 
         return flash_attention(

@@ -1,0 +1,265 @@
+"""attn_implementation="attnkit" against transformers' "sdpa" on tiny random models (CPU).
+
+Each model is built once under "sdpa", run, switched with ``swap_attention``, run again and
+restored, so both runs share the weights. Logits are compared on real (unpadded) tokens only:
+what a model computes at padded positions is not specified.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from attnkit import Causal, Dense, SlidingWindow  # noqa: E402
+from attnkit.attn import hf  # noqa: E402
+from tests.attn.hf_models import ALL, CAUSAL, batch, build  # noqa: E402
+
+ATOL = 1e-4
+
+
+def _logits(model, ids, mask=None, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).logits
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("name", ALL)
+def test_padded_logits_match_sdpa(name, padding):
+    model = build(name)
+    ids, mask = batch(padding, N=14 if name in ("mistral", "qwen2") else 10)
+    ref = _logits(model, ids, mask)
+    hf.swap_attention(model)
+    assert model.config._attn_implementation == "attnkit"
+    out = _logits(model, ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(out[real], ref[real], atol=ATOL, rtol=1e-4)
+    hf.restore_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
+@pytest.mark.parametrize("name", ALL)
+def test_packed_batch_matches_separate_sequences(name, how):
+    """A DataCollatorWithFlattening-style batch: sequences concatenated along N, B = 1."""
+    model = build(name)
+    lengths = [5, 9, 3]
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(3, 128, (1, n), generator=g) for n in lengths]
+    refs = [_logits(model, s) for s in seqs]
+    ids = torch.cat(seqs, 1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    kw = {"position_ids": position_ids, "use_cache": False} if name != "bert" else \
+        {"position_ids": position_ids}
+    if how == "cu_seq_lens":
+        cu = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
+        kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
+    hf.swap_attention(model)
+    out = _logits(model, ids, **kw)
+    torch.testing.assert_close(out, torch.cat(refs, 1), atol=ATOL, rtol=1e-4)
+
+
+def test_packed_rows_of_a_batch():
+    """Packing detected per row when B > 1 (as transformers' sdpa masks do)."""
+    model = build("llama")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 128, (2, 8), generator=g)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 0, 1]])
+    ref = _logits(model, ids, position_ids=pos, use_cache=False)  # sdpa's packed-mask path
+    hf.swap_attention(model)
+    torch.testing.assert_close(_logits(model, ids, position_ids=pos, use_cache=False), ref,
+                               atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_greedy_generate_same_tokens(name):
+    model = build(name)
+    ids, mask = batch("left", N=7)  # 7 prompt + 8 new tokens: past Mistral/Qwen2's window of 4
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
+    ref = model.generate(ids, **kw)
+    hf.swap_attention(model)
+    assert torch.equal(model.generate(ids, **kw), ref)
+
+
+def test_swap_sliding_window_equals_configured_window():
+    """A Llama-like Mistral without a window, swapped to SlidingWindow(w - 1), equals the same
+    weights with ``config.sliding_window = w`` under sdpa (logits and generated tokens)."""
+    w = 3
+    model = build("mistral", sliding_window=None)
+    ids, mask = batch("left", N=11)
+    model.config.sliding_window = w
+    ref = _logits(model, ids, mask)
+    ref_gen = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    model.config.sliding_window = None
+    plain = _logits(model, ids, mask)
+    assert not torch.allclose(plain[mask.bool()], ref[mask.bool()], atol=1e-3), "window must bite"
+    hf.swap_attention(model, SlidingWindow(w - 1))
+    out = _logits(model, ids, mask)
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=ATOL, rtol=1e-4)
+    gen = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(gen, ref_gen)
+
+
+def test_per_layer_override_and_restore():
+    model = build("llama")
+    ids, mask = batch("right", N=10)
+    ref = _logits(model, ids, mask)
+    hf.swap_attention(model, SlidingWindow(1))
+    windowed = _logits(model, ids, mask)
+    assert not torch.allclose(windowed, ref, atol=1e-3)
+    hf.swap_attention(model, None, layers=[0, -1])  # every layer back to the model's own
+    torch.testing.assert_close(_logits(model, ids, mask)[mask.bool()], ref[mask.bool()], atol=ATOL,
+                               rtol=1e-4)
+    hf.swap_attention(model, SlidingWindow(1), layers=0)
+    spec = model.config.attnkit_attention
+    assert spec["layers"]["0"]["fields"] == {"left": 1, "right": 0} and spec["layers"]["1"] is None
+    hf.restore_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not hasattr(model.config, "attnkit_attention")
+    torch.testing.assert_close(_logits(model, ids, mask), ref)
+
+
+def test_save_pretrained_round_trips_the_override(tmp_path):
+    import transformers as tf
+
+    model = build("llama")
+    ids, mask = batch("left", N=10)
+    hf.swap_attention(model, SlidingWindow(2))
+    hf.swap_attention(model, Dense(), layers=[1])
+    out = _logits(model, ids, mask)
+    model.save_pretrained(tmp_path)
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="attnkit").eval()
+    assert loaded.config.attnkit_attention == model.config.attnkit_attention
+    torch.testing.assert_close(_logits(loaded, ids, mask), out)
+    hf.swap_attention(loaded, Causal(), layers=[0])  # edits on top of a loaded override
+    assert loaded.config.attnkit_attention["default"]["fields"] == {"left": 2, "right": 0}
+
+
+def test_peft_lora_backward_matches_sdpa():
+    peft = pytest.importorskip("peft")
+    model = build("llama")
+    model.train()
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      lora_dropout=0.0))
+    for n, p in lora.named_parameters():  # LoRA B starts at zero: give it values so grads flow
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    ids, mask = batch("left", N=10)
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def grads():
+        lora.zero_grad()
+        loss = lora(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad}
+
+    ref_loss, ref = grads()
+    hf.swap_attention(lora)  # the PEFT wrapper is accepted
+    loss, got = grads()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert got.keys() == ref.keys() and len(got) == 8
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_set_attn_implementation_and_from_config():
+    import transformers as tf
+
+    from tests.attn.hf_models import config
+
+    model = tf.AutoModelForCausalLM.from_config(config("qwen2"), attn_implementation="attnkit")
+    assert model.config._attn_implementation == "attnkit"
+    ref = build("qwen2")
+    model.load_state_dict(ref.state_dict())
+    ids, mask = batch("right", N=14)
+    torch.testing.assert_close(_logits(model.eval(), ids, mask)[mask.bool()],
+                               _logits(ref, ids, mask)[mask.bool()], atol=ATOL, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Unsupported requests
+# --------------------------------------------------------------------------------------------
+
+
+def test_output_attentions_raises():
+    model = build("llama")
+    hf.swap_attention(model)
+    ids, mask = batch("right", N=6)
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(input_ids=ids, attention_mask=mask, output_attentions=True)
+
+
+def test_head_dim_the_kernels_cannot_take_raises():
+    model = build("llama", head_dim=512, hidden_size=64)
+    hf.swap_attention(model)
+    hf.set_backend("triton")
+    try:
+        with pytest.raises(ValueError, match="head dim 512"):
+            _logits(model, *batch("right", N=4))
+    finally:
+        hf.set_backend("auto")
+
+
+def test_bad_arguments():
+    model = build("llama")
+    with pytest.raises(TypeError, match="pattern must be"):
+        hf.swap_attention(model, "causal")
+    with pytest.raises(ValueError, match="no attention layer 5"):
+        hf.swap_attention(model, Causal(), layers=[5])
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        hf.swap_attention(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="backend"):
+        hf.set_backend("cuda")
+
+
+def test_dense_4d_mask_with_override_raises_and_without_falls_back():
+    model = build("llama")
+    ids = torch.randint(3, 128, (1, 6))
+    dense = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None]
+    ref = _logits(model, ids, dense)
+    hf.swap_attention(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf._warned.discard("dense-mask")
+        torch.testing.assert_close(_logits(model, ids, dense), ref)
+    assert any("dense 4-D attention mask" in str(w.message) for w in caught)
+    hf.swap_attention(model, SlidingWindow(2))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        _logits(model, ids, dense)
+
+
+def test_unsaveable_pattern_warns_and_loading_it_raises():
+    from attnkit.attn.hf_specs import spec_from_json
+
+    model = build("llama")
+    hf._warned.clear()
+    with pytest.warns(UserWarning, match="cannot be written to the config"):
+        hf.swap_attention(model, hf.LinearAttention(feature_map=torch.nn.functional.softplus))
+    entry = model.config.attnkit_attention["default"]
+    assert "unsaved" in entry
+    with pytest.raises(ValueError, match="swap_attention"):
+        spec_from_json(entry, "default")
+    with pytest.raises(ValueError, match="attnkit package"):
+        spec_from_json({"class": "os.system", "fields": {}}, "default")
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_generate_with_a_static_cache(name):
+    """A static cache hands over every slot; the unfilled tail is cut by the mask's length."""
+    model = build(name)
+    ids, mask = batch("left", B=2, N=6)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    ref = model.generate(ids, **kw)
+    hf.swap_attention(model)
+    assert torch.equal(model.generate(ids, **kw), ref)
+
+
+def test_chunked_attention_raises():
+    model = build("llama")
+    model.config.attention_chunk_size = 4  # as Llama 4's chunked layers
+    hf.swap_attention(model)
+    with pytest.raises(ValueError, match="chunked attention"):
+        _logits(model, *batch("right", N=6))
