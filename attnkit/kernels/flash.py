@@ -60,7 +60,7 @@ _BWD_DKDV_TILES = [  # BLOCK_M is the inner (query) loop here, BLOCK_N the progr
 ]
 _BWD_DQ_TILES = [
     (128, 64, 8, 3, 128), (128, 128, 8, 3, 64), (64, 64, 4, 3, 128), (128, 32, 8, 3, 128),
-    (64, 32, 8, 2, 256), (32, 32, 4, 2, 256),
+    (32, 32, 4, 2, 256), (64, 32, 8, 2, 256),
 ]
 # Under TRITON_INTERPRET (CPU tests) one small tile, with BLOCK_M != BLOCK_N so that the tests
 # exercise blocks that straddle the band's diagonal differently for rows and columns.

@@ -122,7 +122,9 @@ def _visible(q_idx, k_idx, shift, nk, WIN_L, WIN_R,
     """Band and sequence-end mask; ``q_idx``/``k_idx`` come pre-shaped for broadcasting
     (``[BM, 1]`` and ``[1, BN]``, or transposed)."""
     pos = q_idx + shift
-    ok = k_idx < nk
+    # `q_idx >= 0` is always true: it gives the mask the tile's full 2-D shape even without a band
+    # (a branch that refines the mask must not change its shape).
+    ok = (k_idx < nk) & (q_idx >= 0)
     if HAS_LEFT:
         ok = ok & (k_idx >= pos - WIN_L)
     if HAS_RIGHT:
@@ -155,6 +157,33 @@ def _load_rows(base, offs_r, n_rows, stride_r, offs_d, stride_d,
         return tl.load(ptrs)
 
 
+@triton.jit
+def _key_tile(k_base, v_base, kpm_base, skn, skd, svn, svd, smn, start_n, q_idx, shift, nk,
+              WIN_L, WIN_R, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_N: tl.constexpr, ROW_MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
+              HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr):
+    """``k``, ``v [BN, BD]`` of the key tile at ``start_n`` and its mask ``[BM, BN]`` for query
+    rows ``q_idx [BM]``: band, sequence end and key padding (the caller applies it or not)."""
+    arange_n = tl.arange(0, BLOCK_N)
+    offs_n = start_n + arange_n
+    n64 = tl.cast(start_n, tl.int64)
+    k = _load_rows(k_base + n64 * skn, arange_n, nk - start_n, skn, offs_d, skd,
+                   HEAD_DIM, BLOCK_D, ROW_MASK)
+    v = _load_rows(v_base + n64 * svn, arange_n, nk - start_n, svn, offs_d, svd,
+                   HEAD_DIM, BLOCK_D, ROW_MASK)
+    ok = _visible(q_idx[:, None], offs_n[None, :], shift, nk, WIN_L, WIN_R, HAS_LEFT, HAS_RIGHT)
+    if HAS_KPM:
+        keep = tl.load(kpm_base + offs_n * smn, mask=offs_n < nk, other=0)
+        ok = ok & (keep[None, :] != 0)
+    return k, v, ok
+
+
+@triton.jit
+def _block_mask(PMASK, part, rows_in, cols_in, BS: tl.constexpr):
+    """Element mask of a partial layout block, indexed ``[rows_in, cols_in]`` (pre-shaped)."""
+    return tl.load(PMASK + part.to(tl.int64) * (BS * BS) + rows_in * BS + cols_in) != 0
+
+
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
@@ -183,22 +212,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base,
                HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr):
     """Key tiles ``[lo, hi)`` of a band pattern; ``MASKED`` only on the band's edge tiles."""
-    arange_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + arange_n
-        n64 = tl.cast(start_n, tl.int64)
-        k = _load_rows(k_base + n64 * skn, arange_n, nk - start_n, skn, offs_d, skd,
-                       HEAD_DIM, BLOCK_D, MASKED)  # [BN, BD]
-        v = _load_rows(v_base + n64 * svn, arange_n, nk - start_n, svn, offs_d, svd,
-                       HEAD_DIM, BLOCK_D, MASKED)  # [BN, BD]
+        k, v, ok = _key_tile(k_base, v_base, kpm_base, skn, skd, svn, svd, smn, start_n, offs_m,
+                             shift, nk, WIN_L, WIN_R, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASKED,
+                             HAS_LEFT, HAS_RIGHT, HAS_KPM)  # [BN, BD] x2, [BM, BN]
         qk = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale  # [BM, BD] @ [BD, BN]
-        if MASKED:
-            ok = _visible(offs_m[:, None], offs_n[None, :], shift, nk, WIN_L, WIN_R,
-                          HAS_LEFT, HAS_RIGHT)
+        if MASKED or HAS_KPM:
             qk = tl.where(ok, qk, float("-inf"))
-        if HAS_KPM:
-            keep = tl.load(kpm_base + offs_n * smn, mask=offs_n < nk, other=0)
-            qk = tl.where(keep[None, :] != 0, qk, float("-inf"))
         acc, l_i, m_i = _fwd_update(acc, l_i, m_i, qk, v, PRECISION, UPCAST)
     return acc, l_i, m_i
 
@@ -222,22 +242,13 @@ def _fwd_sparse(acc, l_i, m_i, q, k_base, v_base, kpm_base, skn, skd, svn, svd, 
         for t in range(BS // BLOCK_N):
             start_n = kb * BS + t * BLOCK_N
             if start_n < nk:  # the last layout block may hang past the sequence end
-                offs_n = start_n + arange_n
-                n64 = tl.cast(start_n, tl.int64)
-                k = _load_rows(k_base + n64 * skn, arange_n, nk - start_n, skn, offs_d, skd,
-                               HEAD_DIM, BLOCK_D, True)  # [BN, BD]
-                v = _load_rows(v_base + n64 * svn, arange_n, nk - start_n, svn, offs_d, svd,
-                               HEAD_DIM, BLOCK_D, True)  # [BN, BD]
+                k, v, ok = _key_tile(k_base, v_base, kpm_base, skn, skd, svn, svd, smn, start_n,
+                                     r_in, 0, nk, 0, 0, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, True,
+                                     False, False, HAS_KPM)
                 qk = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale  # [BM, BN]
-                ok = offs_n[None, :] < nk
                 if part >= 0:
-                    c_in = t * BLOCK_N + arange_n
-                    em = tl.load(PMASK + part.to(tl.int64) * (BS * BS) + r_in[:, None] * BS
-                                 + c_in[None, :])
-                    ok = ok & (em != 0)
-                if HAS_KPM:
-                    keep = tl.load(kpm_base + offs_n * smn, mask=offs_n < nk, other=0)
-                    ok = ok & (keep[None, :] != 0)
+                    ok = ok & _block_mask(PMASK, part, r_in[:, None],
+                                          (t * BLOCK_N + arange_n)[None, :], BS)
                 qk = tl.where(ok, qk, float("-inf"))
                 acc, l_i, m_i = _fwd_update(acc, l_i, m_i, qk, v, PRECISION, UPCAST)
     return acc, l_i, m_i
@@ -432,10 +443,9 @@ def _bwd_dkdv_sparse(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                                      start_m, nq, sqn, sqd, sdn, sdd, sln, offs_d,
                                                      HEAD_DIM, BLOCK_D, BLOCK_M)
                 if part >= 0:
-                    r_in = t * BLOCK_M + tl.arange(0, BLOCK_M)
-                    em_t = tl.load(PMASK + part.to(tl.int64) * (BS * BS) + r_in[None, :] * BS
-                                   + c_in[:, None])  # [BN, BM]
-                    dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, em_t != 0,
+                    em_t = _block_mask(PMASK, part, (t * BLOCK_M + tl.arange(0, BLOCK_M))[None, :],
+                                       c_in[:, None], BS)  # [BN, BM]
+                    dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, em_t,
                                           True, PRECISION, UPCAST)
                 else:
                     dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, None,
@@ -547,19 +557,10 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Key tiles ``[lo, hi)`` of a band pattern (as the forward)."""
-    arange_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + arange_n
-        n64 = tl.cast(start_n, tl.int64)
-        k = _load_rows(k_base + n64 * skn, arange_n, nk - start_n, skn, offs_d, skd,
-                       HEAD_DIM, BLOCK_D, MASKED)  # [BN, BD]
-        v = _load_rows(v_base + n64 * svn, arange_n, nk - start_n, svn, offs_d, svd,
-                       HEAD_DIM, BLOCK_D, MASKED)  # [BN, BD]
-        ok = _visible(offs_m[:, None], offs_n[None, :], shift, nk, WIN_L, WIN_R,
-                      HAS_LEFT, HAS_RIGHT)
-        if HAS_KPM:
-            keep = tl.load(kpm_base + offs_n * smn, mask=offs_n < nk, other=0)
-            ok = ok & (keep[None, :] != 0)
+        k, v, ok = _key_tile(k_base, v_base, kpm_base, skn, skd, svn, svd, smn, start_n, offs_m,
+                             shift, nk, WIN_L, WIN_R, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASKED,
+                             HAS_LEFT, HAS_RIGHT, HAS_KPM)
         dq = _dq_update(dq, q, do, lse, delta, k, v, qk_scale, ok, MASKED or HAS_KPM,
                         PRECISION, UPCAST)
     return dq
@@ -583,21 +584,12 @@ def _bwd_dq_sparse(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, sv
         for t in range(BS // BLOCK_N):
             start_n = kb * BS + t * BLOCK_N
             if start_n < nk:
-                offs_n = start_n + arange_n
-                n64 = tl.cast(start_n, tl.int64)
-                k = _load_rows(k_base + n64 * skn, arange_n, nk - start_n, skn, offs_d, skd,
-                               HEAD_DIM, BLOCK_D, True)  # [BN, BD]
-                v = _load_rows(v_base + n64 * svn, arange_n, nk - start_n, svn, offs_d, svd,
-                               HEAD_DIM, BLOCK_D, True)  # [BN, BD]
-                ok = offs_n[None, :] < nk
+                k, v, ok = _key_tile(k_base, v_base, kpm_base, skn, skd, svn, svd, smn, start_n,
+                                     r_in, 0, nk, 0, 0, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, True,
+                                     False, False, HAS_KPM)
                 if part >= 0:
-                    c_in = t * BLOCK_N + arange_n
-                    em = tl.load(PMASK + part.to(tl.int64) * (BS * BS) + r_in[:, None] * BS
-                                 + c_in[None, :])
-                    ok = ok & (em != 0)
-                if HAS_KPM:
-                    keep = tl.load(kpm_base + offs_n * smn, mask=offs_n < nk, other=0)
-                    ok = ok & (keep[None, :] != 0)
+                    ok = ok & _block_mask(PMASK, part, r_in[:, None],
+                                          (t * BLOCK_N + arange_n)[None, :], BS)
                 dq = _dq_update(dq, q, do, lse, delta, k, v, qk_scale, ok, True, PRECISION,
                                 UPCAST)
     return dq

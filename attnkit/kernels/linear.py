@@ -413,40 +413,92 @@ def _bwd_dkdv_kernel(
 # Tile configurations
 # --------------------------------------------------------------------------------------------
 
-# Forward (BT, BV, num_warps, num_stages) and backward (BT, num_warps, num_stages). BT = 64 is the
-# chunk flash-linear-attention settled on for H100/A100 at D = 64..128; 32 is there for D = 256,
-# where the full-width tiles are large. Not yet measured by us on a GPU (see benchmarks/NOTES.md).
+# Tiles by size class: each entry ends with the largest padded width it is meant for (``BK`` =
+# pow2(F) in the forward, ``BV`` = pow2(Dv) in the backward); a launch is offered the entries of
+# the smallest class that holds it, in order, so the first entry is the primary config. Chosen
+# from ahead-of-time sm_90 compiles (``python -m attnkit.kernels.compile_check --module linear``,
+# bf16, numbers in the comments: registers / stack bytes): the fp32 state, the fp32 feature tiles
+# and the chunk products are all register-resident, so the wide tiles of the first version
+# (chunk 64 x value block 64 at 4 warps, backward chunk 64) spilled 360 B (forward) to 1.9 KB
+# (dk/dv) per thread at D = 128. Not yet timed on a GPU (benchmarks/NOTES.md).
+# Forward (BT, BV, num_warps, num_stages, class of BK).
 _FWD_TILES = [
-    (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3),
-    (32, 64, 4, 2), (32, 32, 4, 2),
+    # F <= 64: 240/0, 208/0, 215/0, 252/0
+    (64, 64, 4, 2, 64), (64, 64, 8, 2, 64), (64, 32, 4, 2, 64), (32, 64, 4, 2, 64),
+    (64, 128, 8, 2, 64),
+    # F = 128: 235/0, 237/0, 242/0, 250/0 (64x64 at 4 warps: 360 B of stack)
+    (64, 32, 8, 2, 128), (64, 32, 8, 1, 128), (16, 64, 8, 2, 128), (64, 16, 4, 2, 128),
+    # F = 256: all spill a little (smallest: 32 B at 16x16)
+    (16, 16, 8, 2, 256), (16, 32, 8, 2, 256), (32, 16, 8, 2, 256),
 ]
-_BWD_TILES = [(64, 4, 2), (64, 8, 2), (64, 8, 3), (32, 4, 2), (32, 8, 2)]
+# dq (BT, num_warps, num_stages, class of BV); feature block ``_dq_bk``.
+_DQ_TILES = [
+    (32, 4, 2, 64), (32, 8, 2, 64), (64, 8, 2, 64), (16, 8, 2, 64),  # 189/0 132/0 250/0 126/0
+    (32, 8, 2, 128), (16, 8, 2, 128),  # 171/0 134/0 (chunk 64: 144 B of stack)
+    (16, 8, 2, 256), (32, 8, 2, 256),  # 200 B, 408 B of stack
+]
+# dk/dv (BT, num_warps, num_stages, class of BV); feature block ``_dkdv_bk``. The reverse walk
+# holds dS [BK, BV], the dk and dv accumulators and four chunk products at once, so it takes
+# chunk 16 and a narrower feature block as Dv grows (chunk 64 at BK 64 spilled 1.9 KB at D = 128).
+_DKDV_TILES = [
+    (16, 8, 1, 64), (16, 8, 2, 64), (16, 4, 2, 64),  # BK 64: 214/0 216/0 254/0
+    (16, 8, 2, 128), (16, 8, 1, 128), (16, 4, 1, 128),  # BK 32: 232/0 220/0 254/0
+    (16, 8, 1, 256), (16, 8, 2, 256),  # BK 16: 8 B, 24 B of stack
+]
 # Under the interpreter one small tile: chunk 16 so that N = 17 or 100 spans several chunks, and
 # 16-wide blocks so that F or Dv = 24 or 32 exercises the split over value/feature blocks.
 _INTERPRET_BT = 16
 _INTERPRET_BLOCK = 16
-#: The backward's feature block on a GPU (F above it is split; dv then sums fp32 partials).
-_GPU_BWD_BK = 64
 _KEY = ["F", "DV", "FEATURE", "CAUSAL", "NORMALIZE", "PRECISION", "GROUP"]
 
 
+def _size_class(width: int, tiles) -> int:
+    """The smallest class (last field of a tile) that holds ``width`` (the largest if none)."""
+    classes = sorted({t[-1] for t in tiles})
+    return next((c for c in classes if width <= c), classes[-1])
+
+
+def _fwd_tiles(F: int, Dv: int) -> list[tuple]:
+    """Forward tiles offered at ``(F, Dv)``: the class of ``BK = pow2(F)``, ``BV <= pow2(Dv)``."""
+    cls = _size_class(_pow2(F), _FWD_TILES)
+    tiles = [t for t in _FWD_TILES if t[-1] == cls]
+    return [t for t in tiles if t[1] <= _pow2(Dv)] or tiles[-1:]
+
+
+def _bwd_tiles(tiles, Dv: int) -> list[tuple]:
+    """Backward tiles offered at ``Dv`` (the class of ``BV = pow2(Dv)``)."""
+    cls = _size_class(_pow2(Dv), tiles)
+    return [t for t in tiles if t[-1] == cls]
+
+
+def _dq_bk(F: int, Dv: int) -> int:
+    """dq's feature block on a GPU (F above it is split over programs)."""
+    return min(_pow2(F), 64 if _pow2(Dv) <= 128 else 32)
+
+
+def _dkdv_bk(F: int, Dv: int) -> int:
+    """dk/dv's feature block on a GPU; with more than one block dv sums fp32 partials."""
+    bv = _pow2(Dv)
+    return min(_pow2(F), 64 if bv <= 64 else 32 if bv <= 128 else 16)
+
+
+def _cfg_tile(c) -> tuple:
+    return tuple(c.kwargs[k] for k in ("BT", "BV") if k in c.kwargs) + (c.num_warps, c.num_stages)
+
+
 def _prune_fwd(configs, named_args, **kwargs):
-    """Keep the register-resident fp32 state ``[BK, BV]`` and the chunk tiles within budget."""
-    full_k = _pow2(named_args["F"])
-    full_v = _pow2(named_args["DV"])
-    keep = [
-        c for c in configs
-        if c.kwargs["BV"] <= full_v and full_k * c.kwargs["BV"] <= 128 * 128
-        and c.kwargs["BT"] * full_k <= 64 * 256
-    ]
-    return keep or configs[-1:]
+    keep = {t[:-1] for t in _fwd_tiles(named_args["F"], named_args["DV"])}
+    return [c for c in configs if _cfg_tile(c) in keep] or configs[-1:]
 
 
-def _prune_bwd(configs, named_args, **kwargs):
-    """Full-width value tiles: chunk 32 only once Dv passes 128."""
-    big = _pow2(named_args["DV"]) > 128
-    keep = [c for c in configs if (c.kwargs["BT"] == 32) == big]
-    return keep or configs[-1:]
+def _prune_dq(configs, named_args, **kwargs):
+    keep = {t[:-1] for t in _bwd_tiles(_DQ_TILES, named_args["DV"])}
+    return [c for c in configs if _cfg_tile(c) in keep] or configs[-1:]
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    keep = {t[:-1] for t in _bwd_tiles(_DKDV_TILES, named_args["DV"])}
+    return [c for c in configs if _cfg_tile(c) in keep] or configs[-1:]
 
 
 def _make(kernel, tiles, prune, names):
@@ -454,16 +506,17 @@ def _make(kernel, tiles, prune, names):
         small = (_INTERPRET_BT, _INTERPRET_BLOCK)[: len(names)]
         return kernel, dict(zip(names, small, strict=True))
     configs = [
-        triton.Config(dict(zip(names, t[:-2], strict=True)), num_warps=t[-2], num_stages=t[-1])
-        for t in tiles
+        triton.Config(dict(zip(names, t[: len(names)], strict=True)), num_warps=t[len(names)],
+                      num_stages=t[len(names) + 1])
+        for t in dict.fromkeys(t[:-1] for t in tiles)
     ]
     tuned = triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": prune})
     return tuned(kernel), {}
 
 
 _fwd, _FWD_META = _make(_fwd_kernel, _FWD_TILES, _prune_fwd, ("BT", "BV"))
-_dq, _DQ_META = _make(_bwd_dq_kernel, _BWD_TILES, _prune_bwd, ("BT",))
-_dkdv, _DKDV_META = _make(_bwd_dkdv_kernel, _BWD_TILES, _prune_bwd, ("BT",))
+_dq, _DQ_META = _make(_bwd_dq_kernel, _DQ_TILES, _prune_dq, ("BT",))
+_dkdv, _DKDV_META = _make(_bwd_dkdv_kernel, _DKDV_TILES, _prune_dkdv, ("BT",))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -527,7 +580,7 @@ def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize,
     dq = _empty(q.shape, q)
     dk = _empty(k.shape, k)
     BV = _pow2(Dv)
-    BK = min(_pow2(F), _INTERPRET_BLOCK if INTERPRET else _GPU_BWD_BK)
+    BK = min(_pow2(F), _INTERPRET_BLOCK) if INTERPRET else _dq_bk(F, Dv)
     _dq[(triton.cdiv(F, BK), B * Hq)](
         q, k, v, o, do, den, s0 if has_s0 else den, z0 if has_s0 else den, dq,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
@@ -536,6 +589,7 @@ def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize,
     )
     # dv is linear in the split over F: with one feature block it is written in place, with more
     # each block writes an fp32 plane that is summed here (deterministic, unlike atomics).
+    BK = min(_pow2(F), _INTERPRET_BLOCK) if INTERPRET else _dkdv_bk(F, Dv)
     n_k = triton.cdiv(F, BK)
     if n_k == 1:
         dv_buf = _empty(v.shape, v).unsqueeze(0)

@@ -239,8 +239,13 @@ def _wgrad_kernel(
 # (128x128 and 128x64 with K 32/64). Not yet measured by us on a GPU (benchmarks/NOTES.md).
 _FUSED_TILES = [
     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 3),
+    (64, 128, 64, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4),
 ]
+# With dropout (the dx GEMM) the epilogue regenerates the keep mask (Philox) over the whole tile
+# next to two fp32 accumulators: ahead-of-time sm_90 compiles (python -m
+# attnkit.kernels.compile_check --module lora --dropout --all-tiles) spill 576-688 B per thread
+# at 128x128/128x64/64x128 (4.6 KB at 128x128 with 4 warps); 64x64 takes 216 registers, no spill.
+_DROPOUT_MAX_TILE = 64 * 64
 # Shrink (BLOCK_M, BLOCK_K, warps, stages): memory-bound on x, so long K tiles; BLOCK_R from r.
 _SHRINK_TILES = [(64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (32, 128, 4, 4)]
 # Weight grads (BLOCK_M, BLOCK_N, BLOCK_T, warps, stages); pruned to the output's shape.
@@ -266,8 +271,10 @@ def _fits_smem(bm, bn, bk, stages, elem):
 
 def _prune_fused(configs, named_args, **kwargs):
     elem = named_args["X1"].element_size()
+    dropout = kwargs.get("DROPOUT", named_args.get("DROPOUT", False))
     keep = [c for c in configs if _fits_smem(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
-                                             c.kwargs["BLOCK_K"], c.num_stages, elem)]
+                                             c.kwargs["BLOCK_K"], c.num_stages, elem)
+            and (not dropout or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= _DROPOUT_MAX_TILE)]
     return keep or configs[-1:]
 
 
