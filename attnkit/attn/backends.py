@@ -149,9 +149,6 @@ class TorchBackend(Backend):
         )
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), TorchBackend())}
-#: The order ``"auto"`` tries backends in.
-PRIORITY: tuple[str, ...] = ("triton", "torch")
 
 _warned: set[tuple[str, str]] = set()
 
@@ -210,3 +207,12 @@ def select_backend(
 def _default_preference(call) -> str | None:
     q = getattr(call, "q", None)
     return "triton" if isinstance(q, torch.Tensor) and q.is_cuda else None
+
+
+from .cuda_backend import CudaDecodeBackend  # noqa: E402 - it subclasses Backend, defined above
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (CudaDecodeBackend(), TritonBackend(), TorchBackend())
+}
+#: The order ``"auto"`` tries backends in; "cuda" takes only decode-shaped GPU calls.
+PRIORITY: tuple[str, ...] = ("cuda", "triton", "torch")

@@ -356,6 +356,17 @@ def linear_attention_step(
     squeeze = q.dim() == 4
     if squeeze:
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    if isinstance(feature_map, str) and q.is_cuda:
+        # One CUDA launch for the whole batch when the extension is usable (attnkit/csrc).
+        from .cuda_backend import linear_attention_step_cuda, linear_step_reasons
+
+        if not linear_step_reasons(q, k, v, feature_map, state):
+            s0 = z0 = None
+            if state is not None:
+                s0, z0 = _check_state(state, q.shape[0], k.shape[1], q.shape[-1], v.shape[-1],
+                                      q.device, "state")
+            o, s, z = linear_attention_step_cuda(q, k, v, s0, z0, feature_map, normalize, eps, scale)
+            return (o.unsqueeze(2) if squeeze else o), LinearAttentionState(s, z)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     if isinstance(feature_map, str):  # built-in maps run in fp32, as the kernels do
         fq, fk = phi(q.to(cdt) * scale), phi(k.to(cdt))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attn.backends import Backend, select_backend, tensor_device_reason, triton_available
+from ..attn.cuda_backend import CudaLoRA
 
 __all__ = ["lora_linear", "lora_batched", "LORA_BACKENDS", "MAX_TRITON_RANK"]
 
@@ -67,8 +68,9 @@ class _TorchLoRA(Backend):
         raise NotImplementedError
 
 
-LORA_BACKENDS: dict[str, Backend] = {b.name: b for b in (_TritonLoRA(), _TorchLoRA())}
-_PRIORITY = ("triton", "torch")
+LORA_BACKENDS: dict[str, Backend] = {b.name: b for b in (CudaLoRA(), _TritonLoRA(), _TorchLoRA())}
+#: "cuda" (attnkit/csrc BGMV kernels) takes only no-grad lora_batched decode batches.
+_PRIORITY = ("cuda", "triton", "torch")
 
 
 def _prefers(call: LoRACall) -> str | None:
@@ -275,7 +277,11 @@ def lora_batched(
     )
     call = LoRACall(x=x2, rank=r, needs_grad=needs_grad, batched=True)
     chosen = select_backend(call, backend, LORA_BACKENDS, _PRIORITY, "lora_batched", _prefers)
-    if chosen.name == "triton":
+    if chosen.name == "cuda":
+        from ..attn.cuda_backend import lora_batched_cuda
+
+        y = lora_batched_cuda(x2, weight, bias, lora_As, lora_Bs, scal, idx)
+    elif chosen.name == "triton":
         from ..kernels.lora import lora_batched_triton
 
         y = lora_batched_triton(x2, weight, bias, lora_As, lora_Bs, scal, idx)

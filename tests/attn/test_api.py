@@ -124,8 +124,8 @@ def test_cu_seqlens_checks():
 
 def test_unknown_backend_lists_choices():
     q, k, v = qkv()
-    _raises(ValueError, r"backend must be one of 'auto', 'triton', 'torch', got 'cuda'",
-            q, k, v, backend="cuda")
+    _raises(ValueError, r"backend must be one of 'auto', 'cuda', 'triton', 'torch', got 'tpu'",
+            q, k, v, backend="tpu")
 
 
 def test_explicit_backend_lists_every_reason(monkeypatch):
