@@ -23,7 +23,7 @@ from .inputs import AttentionCall
 
 __all__ = [
     "Backend", "BACKENDS", "PRIORITY", "select_backend", "triton_available", "interpreting",
-    "tensor_device_reason", "interpreter_reasons",
+    "tensor_device_reason", "interpreter_reasons", "triton_reasons", "TRITON_DTYPES",
 ]
 
 
@@ -49,6 +49,25 @@ def tensor_device_reason(t: torch.Tensor) -> str | None:
         f"tensors are on {t.device}; Triton kernels need CUDA tensors "
         "(or TRITON_INTERPRET=1 to run them slowly on the CPU)"
     )
+
+
+#: What every Triton kernel in attnkit computes in.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_reasons(t: torch.Tensor, dtypes: tuple = TRITON_DTYPES) -> list[str]:
+    """Why a Triton kernel cannot take ``t``: triton missing, the device, the dtype."""
+    reasons = []
+    missing = triton_available()
+    if missing:
+        reasons.append(missing)
+    where = tensor_device_reason(t)
+    if where:
+        reasons.append(where)
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        reasons.append(f"dtype {t.dtype} is not supported ({names} are)")
+    return reasons
 
 
 def interpreter_reasons(t: torch.Tensor) -> list[str]:
@@ -86,19 +105,11 @@ class TritonBackend(Backend):
     kernel (``attnkit/kernels/decode.py``) for short no-grad queries."""
 
     name = "triton"
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    dtypes = TRITON_DTYPES
     max_head_dim = 256
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
-        reasons = []
-        missing = triton_available()
-        if missing:
-            reasons.append(missing)
-        where = tensor_device_reason(call.q)
-        if where:
-            reasons.append(where)
-        if call.q.dtype not in self.dtypes:
-            reasons.append(f"dtype {call.q.dtype} is not supported (float16, bfloat16, float32 are)")
+        reasons = triton_reasons(call.q, self.dtypes)
         if call.head_dim > self.max_head_dim:
             reasons.append(f"head dim {call.head_dim} is above the maximum of {self.max_head_dim}")
         return reasons

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from .backends import Backend, select_backend, tensor_device_reason, triton_available
+from .backends import Backend, select_backend, triton_reasons
 from .feature_maps import resolve_feature_map
 
 __all__ = ["LinearAttentionState", "linear_attention", "linear_attention_step"]
@@ -61,15 +61,7 @@ class _TritonLinear(Backend):
     max_dim = 256  # the forward holds all of F in one tile, the backward all of Dv
 
     def not_supported_reasons(self, call: LinearAttentionCall) -> list[str]:
-        reasons = []
-        missing = triton_available()
-        if missing:
-            reasons.append(missing)
-        where = tensor_device_reason(call.q)
-        if where:
-            reasons.append(where)
-        if call.q.dtype not in _TRITON_DTYPES:
-            reasons.append(f"dtype {call.q.dtype} is not supported (float16, bfloat16, float32 are)")
+        reasons = triton_reasons(call.q, _TRITON_DTYPES)
         n_feat, dv = call.q.shape[-1], call.v.shape[-1]
         if n_feat > self.max_dim:
             reasons.append(f"feature dim {n_feat} is above the maximum of {self.max_dim}")

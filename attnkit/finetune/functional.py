@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attn.backends import Backend, select_backend, tensor_device_reason, triton_available
+from ..attn.backends import Backend, select_backend, triton_reasons
 from ..attn.cuda_backend import CudaLoRA
 
 __all__ = ["lora_linear", "lora_batched", "LORA_BACKENDS", "MAX_TRITON_RANK"]
@@ -39,15 +39,7 @@ class _TritonLoRA(Backend):
     name = "triton"
 
     def not_supported_reasons(self, call: LoRACall) -> list[str]:
-        reasons = []
-        missing = triton_available()
-        if missing:
-            reasons.append(missing)
-        where = tensor_device_reason(call.x)
-        if where:
-            reasons.append(where)
-        if call.x.dtype not in _DTYPES:
-            reasons.append(f"dtype {call.x.dtype} is not supported (float16, bfloat16, float32 are)")
+        reasons = triton_reasons(call.x, _DTYPES)
         if call.rank > MAX_TRITON_RANK:
             reasons.append(f"rank {call.rank} is above the maximum of {MAX_TRITON_RANK}")
         if call.batched and call.needs_grad:

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..attn.patterns import Causal, Dense, Pattern, SlidingWindow
+from .flash_triton import _dot  # the interpreter's bf16 workaround lives there
 
 __all__ = ["decode_attention", "decode_not_supported_reasons", "num_splits"]
 
@@ -44,16 +45,6 @@ _MAX_SPLITS = 64
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``a @ b (+ acc)``; ``UPCAST`` (interpreter + bf16 only) multiplies in fp32 because the
-    interpreter computes bf16 dots wrongly (same workaround as flash_triton._dot)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit

