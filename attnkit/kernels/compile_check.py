@@ -296,6 +296,33 @@ def linear_variants(head_dim: int = 128, dtype: str = "bf16", all_tiles: bool = 
     return out
 
 
+def decode_variants(head_dim: int = 128, dtype: str = "bf16", group: int = 4,
+                    nq: int = 1) -> list[Launch]:
+    """The split-KV decode launches (``decode.py``) for ``group`` query heads per KV head and
+    ``nq`` new tokens, with the tiles its launcher picks on a GPU (B = 8, Hkv = 8, 32k cache)."""
+    from . import decode as dk
+
+    B, Hkv, Nk, D = 8, 8, 32768, head_dim
+    Hq, rows = Hkv * group, group * nq
+    block_d, block_r, block_n, warps = dk._tiles(D, rows)
+    ptr = f"*{dtype}"
+    split = Launch(
+        "decode_split", dk._decode_split_kernel,
+        dict(Q=ptr, K=ptr, V=ptr, KPM="*u8", KV_LO="*i32", KV_HI="*i32", OP="*fp32", LP="*fp32",
+             sm_scale=0.1, **_bhnd("sq", B, Hq, nq, D), **_bhnd("sk", B, Hkv, Nk, D),
+             **_bhnd("sv", B, Hkv, Nk, D), smb=Nk, smn=1, HKV=Hkv, GROUP=group, NQ=nq, NK=Nk,
+             R=rows, NSPLIT=8, WIN_L=0, WIN_R=0),
+        dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=block_n, HAS_LEFT=False,
+             HAS_RIGHT=True, HAS_KPM=True, PRECISION="tf32", UPCAST=False),
+        warps, 3, primary=True)
+    merge = Launch(
+        "decode_merge", dk._decode_merge_kernel,
+        dict(OP="*fp32", LP="*fp32", O=ptr, LSE="*fp32", **_bhnd("so", B, Hq, nq, D),
+             slb=Hq * nq, slh=nq, sln=1, HKV=Hkv, GROUP=group, NQ=nq, R=rows, NSPLIT=8),
+        dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=8), warps, 3, primary=True)
+    return [split, merge]
+
+
 class _Elem:
     """Stands in for a tensor argument of an ``early_config_prune`` (only its element size)."""
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..attn.patterns import Causal, Dense, Pattern, SlidingWindow
+from .flash import _kv_span, _precision
 from .flash_triton import _dot  # the interpreter's bf16 workaround lives there
 
 __all__ = ["decode_attention", "decode_not_supported_reasons", "num_splits"]
@@ -181,12 +182,6 @@ def _decode_merge_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
 def _alloc(shape, device, dtype) -> torch.Tensor:
     out = torch.empty(shape, device=device, dtype=dtype)
     if POISON_OUTPUTS:
@@ -235,9 +230,7 @@ def _decode_impl(q, k, v, kpm, scale, window_left, window_right, n_split):
     op = _alloc((B * Hkv, n_split, R, D), q.device, torch.float32)
     lp = _alloc((B * Hkv, n_split, R), q.device, torch.float32)
     if kpm is not None:
-        idx = torch.arange(Nk, device=q.device, dtype=torch.int32)
-        kv_hi = torch.where(kpm, idx + 1, torch.zeros_like(idx)).amax(1).to(torch.int32)
-        kv_lo = torch.where(kpm, idx, torch.full_like(idx, Nk)).amin(1).to(torch.int32)
+        kv_lo, kv_hi = _kv_span(kpm)
         kpm_u8, smb, smn = kpm.view(torch.uint8), kpm.stride(0), kpm.stride(1)
     else:
         kv_lo = kv_hi = kpm_u8 = q
