@@ -35,6 +35,11 @@ def attention_oracle(q, k, v, pattern, scale=None, key_padding_mask=None, cu_seq
             )
             outs.append(o)
             lses.append(lse)
+        tail = q.shape[2] - bq[-1]  # packed rows past the last sequence: 0 and -inf
+        if tail:
+            outs.append(torch.zeros_like(q[:, :, bq[-1]:], dtype=dtype))
+            lses.append(torch.full(q[:, :, bq[-1]:, 0].shape, float("-inf"), dtype=dtype,
+                                   device=q.device))
         return torch.cat(outs, 2), torch.cat(lses, 2)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     B, Hq, Nq, D = q.shape
@@ -63,3 +68,13 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     same_inf = torch.isinf(a) & torch.isinf(b) & (torch.sign(a) == torch.sign(b))
     d = torch.where(same_inf, torch.zeros_like(a), (a - b).abs())
     return float(d.max()) if d.numel() else 0.0
+
+
+def tolerance(dtype, lowp_err: float, ref_mag: float, factor: float) -> float:
+    """flash-attention's rule: at most ``factor`` x the error of the naive computation in the same
+    dtype (``lowp_err``, both measured against float64), plus a few ulps of the result's magnitude;
+    fp32 (TF32 off) gets a tight absolute bound."""
+    if dtype == torch.float32:
+        return 2e-5 * max(1.0, ref_mag) * factor
+    eps = torch.finfo(dtype).eps
+    return factor * lowp_err + 4 * eps * max(1.0, ref_mag)

@@ -182,9 +182,13 @@ def select_backend(
     priority = PRIORITY if priority is None else priority
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a str, got {type(requested).__name__}")
+    choices = ("auto", *backends)
     if requested == "auto":
         requested = os.environ.get("ATTNKIT_BACKEND", "auto") or "auto"
-    choices = ("auto", *backends)
+        if requested not in choices and requested in ("cuda", "triton", "torch"):
+            # ATTNKIT_BACKEND is global; an op without that backend (linear attention has no
+            # "cuda") keeps its own "auto" rather than failing a call that never named one.
+            requested = "auto"
     if requested not in choices:
         raise ValueError(f"backend must be one of {', '.join(map(repr, choices))}, got {requested!r}")
     if requested != "auto":

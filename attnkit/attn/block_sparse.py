@@ -179,9 +179,12 @@ class BlockSparse(Pattern):
             mask &= torch.arange(nk)[None, :] <= i
         return mask
 
-    def visited_pairs(self, nq: int, nk: int) -> int:
-        """Visible (query, key) pairs summed over the layout's heads (and batch rows)."""
-        return self.compile(nq, nk, torch.device("cpu")).visited
+    def visited_pairs(self, nq: int, nk: int) -> float:
+        """Visible (query, key) pairs per (batch row, head), as for the band patterns: the mean
+        over the layout's heads and batch rows (FLOPs = ``4 * B * H * visited_pairs * D``)."""
+        lists = self.compile(nq, nk, torch.device("cpu"))
+        slices = lists.layout_batch * lists.layout_heads
+        return lists.visited / slices if lists.visited % slices else lists.visited // slices
 
     def key_range(self, q_start: int, q_end: int, nq: int, nk: int) -> tuple[int, int]:
         lists = self.compile(nq, nk, torch.device("cpu"))

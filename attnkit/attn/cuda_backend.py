@@ -101,6 +101,8 @@ class CudaDecodeBackend(Backend):
             )
         if call.needs_grad:
             reasons.append("the CUDA decode kernel has no backward (inference only)")
+        if q.shape[0] > 65535:  # the batch is the grid's z dimension
+            reasons.append(f"batch size {q.shape[0]} is above the CUDA grid limit of 65535")
         if not isinstance(call.pattern, (Dense, Causal, SlidingWindow)):
             reasons.append(
                 f"pattern {call.pattern.kind!r} is not supported (Dense, Causal, SlidingWindow are)"

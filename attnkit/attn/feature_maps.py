@@ -62,7 +62,8 @@ class HedgehogFeatureMap(nn.Module):
         head_dim: ``D``, the last dim of the inputs.
         feature_dim: width of the projection; the output has ``2 * feature_dim`` features.
         num_heads: if given, one projection per head; inputs must then be ``[B, H, N, D]`` (or
-            ``[B, H, D]`` for the decode step) with ``H == num_heads``.
+            ``[B, H, D]`` for the decode step) with ``H == num_heads``. The same map is applied
+            to q and k, so with GQA (``Hq != Hkv``) use a shared map (``num_heads=None``).
 
     Shapes: ``x [..., D]`` -> ``[..., 2 * feature_dim]`` in ``x``'s dtype (the softmax runs in
     fp32).

@@ -81,10 +81,13 @@ _warned: set[str] = set()
 
 def set_backend(backend: str) -> None:
     """Backend for every Hugging Face attention call: ``"auto"`` (default; ``ATTNKIT_BACKEND``
-    overrides it), ``"triton"`` or ``"torch"`` (see :func:`attnkit.attention`)."""
+    overrides it), ``"cuda"`` (decoding steps only), ``"triton"`` or ``"torch"`` (see
+    :func:`attnkit.attention`)."""
     global _backend
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be one of 'auto', 'triton', 'torch', got {backend!r}")
+    if backend not in ("auto", "cuda", "triton", "torch"):
+        raise ValueError(
+            f"backend must be one of 'auto', 'cuda', 'triton', 'torch', got {backend!r}"
+        )
     _backend = backend
 
 

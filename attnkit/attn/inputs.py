@@ -78,6 +78,14 @@ def _check_max_seqlen(name: str, value: object, cu: torch.Tensor) -> int:
         return int((cu[1:] - cu[:-1]).max())
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    # Too small a value makes the kernels skip rows. Checked where it costs no device sync (CPU
+    # cu_seqlens); on a GPU it is the caller's contract, as in flash-attention's varlen API.
+    if cu.device.type == "cpu" and cu.numel() > 1:
+        longest = int((cu[1:] - cu[:-1]).max())
+        if value < longest:
+            raise ValueError(
+                f"{name} must be at least the longest packed sequence ({longest}), got {value}"
+            )
     return int(value)
 
 

@@ -133,8 +133,10 @@ def _flag(name: str, value: object) -> bool:
 
 
 def _real(name: str, value: object, *, min_value: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite real number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
     if min_value is not None and value < min_value:
         raise ValueError(f"{name} must be >= {min_value}, got {value!r}")
     return float(value)
@@ -300,7 +302,9 @@ def linear_attention(
     if initial_state is not None:
         s0, z0 = _check_state(initial_state, B, Hkv, F, Dv, q.device, "initial_state")
         sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        s0, z0 = s0.to(sdt), z0.to(sdt)
+        # The kernels index the state as a dense [B, Hkv, F, Dv] block: an expanded (broadcast)
+        # state must be materialised, or the backward would read past it.
+        s0, z0 = s0.to(sdt).contiguous(), z0.to(sdt).contiguous()
     call = LinearAttentionCall(fq, fk, v, s0, z0, name, causal, normalize, eps, kscale)
     chosen = select_backend(
         call, backend, backends=BACKENDS, priority=_priority(call), op="linear_attention"
@@ -326,7 +330,9 @@ def linear_attention_step(
         S_t = S_{t-1} + phi(k_t) v_t^T,  z_t = z_{t-1} + phi(k_t)
         o_t = phi(q_t * scale) S_t / (phi(q_t * scale) . z_t + eps)
 
-    Pure PyTorch (it is a handful of ``[F, Dv]`` products; any device), differentiable.
+    PyTorch (a handful of ``[F, Dv]`` products; any device, differentiable), except that a
+    no-grad CUDA call with a built-in feature map runs attnkit's CUDA kernel for the whole batch
+    in one launch when the extension is available (:mod:`attnkit.attn.cuda_backend`).
 
     Args:
         q_t: ``[B, Hq, Dk]`` or ``[B, Hq, 1, Dk]``; k_t: ``[B, Hkv, Dk]`` / ``[B, Hkv, 1, Dk]``;

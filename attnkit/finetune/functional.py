@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attn.backends import Backend, select_backend, triton_reasons
+from ..attn.backends import Backend, interpreter_reasons, select_backend, triton_reasons
 from ..attn.cuda_backend import CudaLoRA
 
 __all__ = ["lora_linear", "lora_batched", "LORA_BACKENDS", "MAX_TRITON_RANK"]
@@ -37,6 +37,9 @@ class LoRACall:
 
 class _TritonLoRA(Backend):
     name = "triton"
+
+    def auto_reasons(self, call: LoRACall) -> list[str]:
+        return self.not_supported_reasons(call) + interpreter_reasons(call.x)
 
     def not_supported_reasons(self, call: LoRACall) -> list[str]:
         reasons = triton_reasons(call.x, _DTYPES)
@@ -99,9 +102,12 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def _check_scalars(scaling, dropout_p) -> None:
-    if not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite float, got {scaling!r}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    for name, value in (("scaling", scaling), ("dropout_p", dropout_p)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling!r}")
+    if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
@@ -258,10 +264,10 @@ def lora_batched(
                 f"0..{n - 1} = one of the {n} adapters)"
             )
     for name, t in (("weight", weight), ("lora_As", lora_As), ("lora_Bs", lora_Bs), ("bias", bias)):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise TypeError(
-                f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}; they must match"
-            )
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; use one device")
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_f)
     needs_grad = torch.is_grad_enabled() and any(

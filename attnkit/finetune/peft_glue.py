@@ -104,7 +104,9 @@ def fuse_lora(model: nn.Module, backend: str = "auto") -> nn.Module:
 
     Works on ``get_peft_model(...)`` and ``PeftModel.from_pretrained(...)`` models (and on any
     module tree holding PEFT LoRA layers). Returns ``model``. Layers of other LoRA types
-    (embeddings, convolutions, quantized bases) are left alone.
+    (embeddings, convolutions, quantized bases) are left alone. ``backend``: ``"auto"``,
+    ``"triton"`` or ``"torch"`` (attnkit's CUDA kernels serve only inference-time multi-adapter
+    batches, :func:`attnkit.finetune.lora_batched`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a PEFT model), got {type(model).__name__}")

@@ -145,14 +145,21 @@ def compile_kernel(kernel: str, tile: tuple, head_dim: int, arch: int = 90, dtyp
     return Resources(kernel, arch, tuple(tile), head_dim, regs, stack, shared)
 
 
-def first_tiles(head_dim: int) -> dict[str, tuple]:
+def first_tiles(head_dim: int, sparse_block: int = 0) -> dict[str, tuple]:
     """The first tile each kernel's autotuner is offered at ``head_dim`` (the one that must not
-    spill)."""
-    from .flash import _BWD_DKDV_TILES, _BWD_DQ_TILES, _FWD_TILES
+    spill); with ``sparse_block``, the first one dividing that layout block size."""
+    from .flash import _BWD_DKDV_TILES, _BWD_DQ_TILES, _FWD_TILES, _SPARSE_SMALL_TILES
 
     block_d = max(16, triton.next_power_of_2(head_dim))
     lists = {"fwd": _FWD_TILES, "dkdv": _BWD_DKDV_TILES, "dq": _BWD_DQ_TILES}
-    return {k: next(t for t in tiles if block_d <= t[4]) for k, tiles in lists.items()}
+
+    def offered(t):
+        if sparse_block:
+            return sparse_block % t[0] == 0 and sparse_block % t[1] == 0 and block_d <= t[4]
+        return block_d <= t[4]
+
+    extra = _SPARSE_SMALL_TILES if sparse_block else []
+    return {k: next(t for t in tiles + extra if offered(t)) for k, tiles in lists.items()}
 
 
 # --------------------------------------------------------------------------------------------

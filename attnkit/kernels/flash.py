@@ -24,10 +24,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POISON_OUTPUTS = False
 
 
-def _alloc(like: torch.Tensor, fill: float | None = None, shape=None, dtype=None) -> torch.Tensor:
+def _alloc(like: torch.Tensor, shape=None, dtype=None, tail=None) -> torch.Tensor:
     """An output buffer like ``like`` (same strides unless ``shape`` is given).
 
-    ``fill`` is the value rows outside every packed sequence keep (``None`` = uninitialised).
+    ``tail = (cu_seqlens, value)``: packed rows past the last sequence (``N > cu_seqlens[-1]``)
+    belong to no sequence and no kernel writes them; they get ``value`` (a device-side mask, no
+    host sync). Everything else is left to the kernels (NaN under the tests' poisoning).
     """
     if shape is None:
         out = torch.empty_like(like, dtype=dtype)
@@ -35,8 +37,10 @@ def _alloc(like: torch.Tensor, fill: float | None = None, shape=None, dtype=None
         out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
     if POISON_OUTPUTS:
         out.fill_(float("nan"))
-    elif fill is not None:
-        out.fill_(fill)
+    if tail is not None:
+        cu, value = tail
+        rows = torch.arange(out.shape[2], device=out.device) >= cu[-1]
+        out.masked_fill_(rows.view(-1, *([1] * (out.dim() - 3))), value)
     return out
 
 
@@ -62,6 +66,9 @@ _BWD_DQ_TILES = [
     (128, 64, 8, 3, 128), (128, 128, 8, 3, 64), (64, 64, 4, 3, 128), (128, 32, 8, 3, 128),
     (32, 32, 4, 2, 256), (64, 32, 8, 2, 256),
 ]
+# Offered only to block-sparse calls whose layout block size the larger tiles do not divide
+# (16, 48, 80, ...): a tile must never straddle two layout blocks.
+_SPARSE_SMALL_TILES = [(16, 16, 4, 2, 256), (32, 16, 4, 2, 256), (16, 32, 4, 2, 256)]
 # Under TRITON_INTERPRET (CPU tests) one small tile, with BLOCK_M != BLOCK_N so that the tests
 # exercise blocks that straddle the band's diagonal differently for rows and columns.
 _INTERPRET_TILE = (32, 16, 4, 1)
@@ -72,26 +79,32 @@ _AUTOTUNE_KEY = [
 
 
 def _prune(configs, named_args, **kwargs):
-    """Offer each tile only up to its head dim (bigger head dims overflow registers/shared memory);
-    fp32 operands take twice the shared memory, so they get the tiles of twice the head dim."""
+    """Offer each tile only up to its head dim (bigger head dims overflow registers/shared memory;
+    fp32 operands take twice the shared memory, so they get the tiles of twice the head dim), and
+    to a block-sparse call only tiles that divide its layout block size."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
     q = named_args.get("Q")
     if q is not None and q.element_size() == 4:
         block_d *= 2
-    keep = [c for c in configs if block_d <= c.max_block_d]
     bs = kwargs.get("BS", 0) if kwargs.get("SPARSE", False) else 0
-    if bs:  # a block-sparse tile must not straddle two layout blocks
-        keep = [c for c in keep if bs % c.kwargs["BLOCK_M"] == 0 and bs % c.kwargs["BLOCK_N"] == 0]
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    if bs:
+        fitting = [c for c in configs
+                   if bs % c.kwargs["BLOCK_M"] == 0 and bs % c.kwargs["BLOCK_N"] == 0]
+    else:
+        fitting = [c for c in configs if not c.sparse_only]
+    keep = [c for c in fitting if block_d <= c.max_block_d]
+    # Past every tile's head-dim limit (fp32 at D = 256) the smallest fitting tile still runs.
+    return keep or [min(fitting, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 def _make(kernel, tiles):
     if INTERPRET:
         return kernel, True
     configs = []
-    for bm, bn, w, s, max_d in tiles:
+    for i, (bm, bn, w, s, max_d) in enumerate(tiles + _SPARSE_SMALL_TILES):
         config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         config.max_block_d = max_d
+        config.sparse_only = i >= len(tiles)
         configs.append(config)
     tuned = triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
     return tuned(kernel), False
@@ -187,10 +200,10 @@ class _Launch:
 
 def _fwd_impl(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, window_left, window_right, sparse):
     c = _Launch(q, k, kpm, cu_q, cu_k, max_q, max_k, window_left, window_right, sparse)
-    # Packed rows outside every sequence keep 0 / -inf instead of uninitialised memory.
-    o = _alloc(q, 0.0 if c.varlen else None)
-    lse = _alloc(q, float("-inf") if c.varlen else None, shape=(q.shape[0], c.Hq, c.Nq),
-                 dtype=torch.float32)
+    # Packed rows past the last sequence get 0 / -inf instead of uninitialised memory.
+    o = _alloc(q, tail=(cu_q, 0.0) if c.varlen else None)
+    lse = _alloc(q, shape=(q.shape[0], c.Hq, c.Nq), dtype=torch.float32,
+                 tail=(cu_q, float("-inf")) if c.varlen else None)
     grid = lambda meta: (triton.cdiv(c.rows_q, meta["BLOCK_M"]), c.n_prog_b * c.Hq)
     _fwd[grid](
         q, k, v, o, lse, c.kpm, c.kv_lo, c.kv_hi, *c.cu, *c.kv_lists, scale,
@@ -211,8 +224,9 @@ def _bwd_impl(do, q, k, v, o, lse, dlse, kpm, cu_q, cu_k, max_q, max_k, scale, w
         o, do, dlse_, delta, *o.stride(), *do.stride(), *dlse_.stride(), c.Hq, c.Nq,
         HEAD_DIM=c.D, BLOCK_D=c.meta["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
     )
-    fill = 0.0 if c.varlen else None
-    dq, dk, dv = _alloc(q, fill), _alloc(k, fill), _alloc(v, fill)
+    dq = _alloc(q, tail=(cu_q, 0.0) if c.varlen else None)
+    dk = _alloc(k, tail=(cu_k, 0.0) if c.varlen else None)
+    dv = _alloc(v, tail=(cu_k, 0.0) if c.varlen else None)
     grid_kv = lambda m: (triton.cdiv(c.rows_k, m["BLOCK_N"]), c.n_prog_b * c.Hkv)
     _dkdv[grid_kv](
         q, k, v, do, lse, delta, dk, dv, c.kpm, *c.cu, *c.q_lists, scale,

@@ -106,7 +106,9 @@ class _TorchAttention(torch.autograd.Function):
         Hkv, Nk = k.shape[1], k.shape[2]
         cdt = _compute_dtype(q.dtype)
         o = torch.zeros_like(q)
-        lse = torch.full((B, Hq, Nq), float("-inf"), dtype=torch.float32, device=q.device)
+        # Kept in the compute dtype for the backward (fp64 inputs get fp64 probabilities there);
+        # the returned LSE is float32 as on every backend.
+        lse = torch.full((B, Hq, Nq), float("-inf"), dtype=cdt, device=q.device)
         for qs, qe, ks, ke in _segments(Nq, Nk, cu_q, cu_k):
             nq, nk = qe - qs, ke - ks
             seg_kpm = None if kpm is None else kpm[:, ks:ke]
@@ -124,10 +126,10 @@ class _TorchAttention(torch.autograd.Function):
                 out = torch.matmul(p, vc) / torch.where(denom > 0, denom, torch.ones_like(denom))
                 c_lse = torch.where(denom > 0, m + torch.log(denom), torch.full_like(m, -math.inf))
                 o[:, :, qs + c0 : qs + c1] = out.reshape(B, Hq, c1 - c0, D).to(q.dtype)
-                lse[:, :, qs + c0 : qs + c1] = c_lse.reshape(B, Hq, c1 - c0).float()
+                lse[:, :, qs + c0 : qs + c1] = c_lse.reshape(B, Hq, c1 - c0)
         ctx.save_for_backward(q, k, v, o, lse, kpm, cu_q, cu_k)
         ctx.pattern, ctx.scale = pattern, scale
-        return o, lse
+        return o, lse.float()
 
     @staticmethod
     @torch.autograd.function.once_differentiable

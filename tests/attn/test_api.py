@@ -120,6 +120,8 @@ def test_cu_seqlens_checks():
             key_padding_mask=mask)
     _raises(ValueError, r"max_seqlen is only meaningful together with cu_seqlens", q, k, v,
             max_seqlen=4)
+    _raises(ValueError, r"max_seqlen must be at least the longest packed sequence \(5\), got 3",
+            q, k, v, cu_seqlens=cu, max_seqlen=3)
 
 
 def test_unknown_backend_lists_choices():
@@ -199,3 +201,19 @@ def test_torch_backend_chunking_does_not_change_results(monkeypatch, chunk):
     torch.testing.assert_close(out, ref)
     for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), ref_g, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_env_backend_an_op_lacks_is_ignored_for_that_op(monkeypatch):
+    """ATTNKIT_BACKEND=cuda forces attention's "cuda" backend but leaves linear attention (which
+    has none) on its own "auto"; a misspelt value is still an error."""
+    from attnkit import linear_attention
+
+    q, k, v = qkv()
+    monkeypatch.setenv("ATTNKIT_BACKEND", "cuda")
+    call = validate(q, k, v, None, None, None, None, None, False)
+    with pytest.raises(ValueError, match=r"'cuda' backend cannot run"):
+        bk.select_backend(call, "auto")
+    assert linear_attention(q, k, v).shape == q.shape
+    monkeypatch.setenv("ATTNKIT_BACKEND", "trition")
+    with pytest.raises(ValueError, match=r"got 'trition'"):
+        linear_attention(q, k, v)

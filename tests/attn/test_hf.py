@@ -212,7 +212,7 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="PreTrainedModel"):
         hf.swap_attention(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="backend"):
-        hf.set_backend("cuda")
+        hf.set_backend("tpu")
 
 
 def test_dense_4d_mask_with_override_raises_and_without_falls_back():

@@ -102,3 +102,14 @@ def test_builder_argument_errors():
         longformer(10, 16, 4, 11)
     with pytest.raises(ValueError, match=r"stride must be >= 1, got 0"):
         strided(64, 16, 1, 0)
+
+
+def test_visited_pairs_is_per_head_like_the_band_patterns():
+    from attnkit import BlockSparse
+
+    n, bs = 64, 16
+    layout = torch.zeros(2, 4, 4, dtype=torch.bool)
+    layout[0] = True  # head 0 dense, head 1 empty
+    p = BlockSparse(layout, bs)
+    assert p.visited_pairs(n, n) == n * n / 2
+    assert BlockSparse(layout[:1], bs).visited_pairs(n, n) == n * n

@@ -111,3 +111,15 @@ def test_bad_input(change, exc, words, device):
         lora_batched(**kw)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_rows_per_adapter_span_several_row_blocks(backend, device):
+    """130 rows, most on one adapter: its rows split over several of the kernel's row blocks."""
+    x, w, b, a, bb = _inputs(130, 40, 24, 4, 2, torch.float32, device)
+    index = torch.zeros(130, dtype=torch.long, device=device)
+    index[::7] = 1
+    index[5] = -1
+    y = lora_batched(x, w, a, bb, [0.5, 2.0], index, b, backend=backend)
+    want = _per_row(x, w, b, a, bb, [0.5, 2.0], index)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)

@@ -289,3 +289,16 @@ def test_torch_compile_fullgraph(p, device):
     assert torch.isfinite(a.grad).all()
     if p == 0.0:
         _check(y, _oracle(*_f64(x, w, b, a, bb), 0.5), torch.float32, "y")
+
+
+def test_auto_never_sends_cpu_tensors_to_the_interpreter(device):
+    """Under TRITON_INTERPRET=1 an explicit backend="triton" runs the kernels on the CPU, but
+    "auto" takes the torch backend for CPU tensors, as attention does."""
+    from attnkit.attn.backends import select_backend
+    from attnkit.finetune import functional as F
+
+    x = torch.randn(4, 8, device=device)
+    call = F.LoRACall(x=x, rank=2, needs_grad=True, batched=False)
+    expected = "triton" if x.is_cuda else "torch"
+    assert select_backend(call, "auto", F.LORA_BACKENDS, F._PRIORITY).name == expected
+    assert select_backend(call, "triton", F.LORA_BACKENDS, F._PRIORITY).name == "triton"

@@ -10,7 +10,7 @@ import torch
 import attnkit
 from attnkit import BlockSparse, Causal, SlidingWindow, from_mask_fn
 from tests.conftest import DEVICE
-from tests.oracle import max_err
+from tests.oracle import max_err, tolerance
 
 BACKENDS = ["triton", "torch"]
 
@@ -54,14 +54,18 @@ def check(pattern, mask, B=2, Hq=4, Hkv=2, nq=77, nk=77, D=32, dtype=torch.float
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, (q, k, v), do)
     ref_grads = torch.autograd.grad(ref_o, (q64, k64, v64), do.double())
-    tol = 2e-5 if dtype == torch.float32 else 3e-2
-    assert max_err(o, ref_o) <= tol * 4
+    # The same naive computation in the input dtype sets the error budget (flash-attention's rule).
+    ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
+    low_o, _ = oracle(ql, kl, vl, mask.to(DEVICE), kpm)
+    low_grads = torch.autograd.grad(low_o, (ql, kl, vl), do)
+    mag = float(ref_o.abs().max())
+    assert max_err(o, ref_o) <= tolerance(dtype, max_err(low_o, ref_o), mag, 2.0)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     assert max_err(lse, ref_lse) <= (1e-4 if dtype == torch.float32 else 2e-2)
-    for name, g, rg in zip("qkv", grads, ref_grads, strict=True):
+    for name, g, rg, lg in zip("qkv", grads, ref_grads, low_grads, strict=True):
         assert torch.isfinite(g).all(), name
-        mag = max(1.0, float(rg.abs().max()))
-        assert max_err(g, rg) <= tol * 10 * mag, f"d{name}: {max_err(g, rg)}"
+        tol = tolerance(dtype, max_err(lg, rg), float(rg.abs().max()), 3.0)
+        assert max_err(g, rg) <= tol, f"d{name}: {max_err(g, rg):.3g} > {tol:.3g}"
     return o, lse
 
 

@@ -73,6 +73,13 @@ def test_decode_reasons(no_build, kwargs, expected):
     assert expected in _reasons(_call(**kwargs))
 
 
+def test_batch_above_the_grid_limit_rejected(no_build):
+    q = torch.empty(65536, 1, 1, 64, dtype=torch.float16, device="meta")
+    k = torch.empty(65536, 1, 8, 64, dtype=torch.float16, device="meta")
+    call = validate(q, k, k, None, None, None, None, None, False)
+    assert "batch size 65536 is above the CUDA grid limit of 65535" in _reasons(call)
+
+
 def test_packed_sequences_rejected(no_build):
     cu = torch.tensor([0, 1, 2], dtype=torch.int32)
     q = torch.randn(1, 4, 2, 64, dtype=torch.float16)
