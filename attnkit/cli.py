@@ -61,10 +61,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.add_parser("info", help="versions, devices and which backends are usable here (and why not)")
+    bench = sub.add_parser(
+        "bench", help="sweep N for each attention kind and LoRA against SDPA/Flex/PEFT baselines",
+        description="Time and peak memory of every attention kind and fused LoRA over a sweep of "
+                    "sequence lengths, against the baselines installed here; writes results.json, "
+                    "results.csv, summary.txt and log-log plots to --out.",
+    )
+    from .bench.command import add_arguments
+    from .finetune.cli import add_finetune_parser, run_finetune
+
+    add_arguments(bench)
+    add_finetune_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))
         return 0
+    if args.command == "bench":
+        from .bench.command import run
+
+        try:
+            return run(args)
+        except ValueError as e:
+            bench.error(str(e))  # exits with status 2 and the usage line
+    if args.command == "finetune":
+        return run_finetune(args)
     parser.print_help()
     return 0
 

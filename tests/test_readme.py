@@ -1,4 +1,8 @@
-"""The README's examples run as written (on the CPU they take the torch backend)."""
+"""The README's examples run as written (on the CPU they take the torch backend).
+
+Every ```python block is a standalone example and runs here; snippets that need something the
+README's shell commands make first (a finished fine-tuning run) are fenced as ```py instead.
+"""
 
 from __future__ import annotations
 

@@ -23,10 +23,12 @@ def _row(q_rows, k, v, lists: BlockLists, r: int, c_rows: int, nk: int, lay_map,
     B, Hq, c, D = q_rows.shape
     Hkv = k.shape[1]
     bs = lists.block_size
-    idx = lists.kv_idx[:, r].long()  # [L, maxK]
     num = lists.kv_num[:, r].long()  # [L]
-    part = lists.kv_part[:, r].long()  # [L, maxK]
-    maxk = idx.shape[1]
+    # Only as wide as this row's longest list: the lists are padded to the widest row overall,
+    # which a global (attend-everything) row makes the whole sequence.
+    maxk = max(int(num.max()), 1)
+    idx = lists.kv_idx[:, r, :maxk].long()  # [L, maxK]
+    part = lists.kv_part[:, r, :maxk].long()  # [L, maxK]
     offs = torch.arange(bs, device=k.device)
     pos = (idx[..., None] * bs + offs).reshape(idx.shape[0], maxk * bs)  # [L, M]
     slot_ok = (torch.arange(maxk, device=k.device)[None, :] < num[:, None])  # [L, maxK]

@@ -1,0 +1,244 @@
+"""``attnkit bench``: the sweep a new user runs first, and ``--gpu-check`` for a short GPU lease.
+
+Order of work: measure, write ``rows.jsonl`` as rows arrive (a killed run keeps what it measured),
+then ``results.json``, ``results.csv`` and ``summary.txt``, then the plots (which need matplotlib;
+without it they are skipped with one message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from .flops import MODES
+from .memory import available_cpu_memory
+from .registry import DTYPES, KINDS
+from .report import format_table, print_table, series_slopes, write_csv, write_json, write_plots
+from .runner import RunOptions
+from .sweep import build_points, environment, grid_for, run_sweep
+
+__all__ = ["add_arguments", "run", "run_test_suite"]
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _choice_list(choices) -> callable:
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(x.strip() for x in text.split(",") if x.strip())
+        bad = [v for v in values if v not in choices()]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(
+                f"unknown value(s) {', '.join(bad) or repr(text)}; choose from {', '.join(choices())}")
+        return values
+    return parse
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _all_impls() -> list[str]:
+    return list(dict.fromkeys(i for k in KINDS.values() for i in k.impls))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``bench`` sub-command's options."""
+    p.add_argument("--out", type=Path, default=Path("bench-out"),
+                   help="folder for results.json, results.csv, summary.txt and plots (default: bench-out)")
+    p.add_argument("--quick", action="store_true",
+                   help="a small grid: about a minute on a 2-core CPU, a few minutes on a GPU")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run (auto: the GPU if one is visible, else the CPU with the torch backend)")
+    p.add_argument("--kinds", type=_choice_list(lambda: list(KINDS)), default=None,
+                   help="comma-separated kinds (default: all): " + ", ".join(KINDS))
+    p.add_argument("--impls", type=_choice_list(_all_impls), default=None,
+                   help="comma-separated implementations (default: all): " + ", ".join(_all_impls()))
+    p.add_argument("--modes", type=_choice_list(lambda: list(MODES)), default=None,
+                   help="comma-separated: fwd, bwd, fwd+bwd (default: fwd,fwd+bwd; --quick on a CPU: fwd)")
+    p.add_argument("--n", type=_int_list, default=None, help="sequence lengths, e.g. 512,1024,2048")
+    p.add_argument("--d", type=_int_list, default=None, help="head dims, e.g. 64,128")
+    p.add_argument("--batch", type=int, default=None, help="batch size")
+    p.add_argument("--heads", type=int, default=None, help="attention heads")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="default: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--time-budget", type=_positive, default=None, metavar="SECONDS",
+                   help="stop measuring after this long; the remaining points are recorded as skipped")
+    p.add_argument("--slow", type=_positive, default=None, metavar="SECONDS",
+                   help="after a point this slow, skip larger N of its line (default: CPU 2, GPU 10)")
+    p.add_argument("--point-time", type=_positive, default=None, metavar="SECONDS",
+                   help="CPU: time each point for about this long, at least 3 calls (default: 0.3 with "
+                        "--quick, else 0.6); GPU: do_bench's rep time (default 0.1)")
+    p.add_argument("--cpu-mem-cap", type=_positive, default=None, metavar="GIB",
+                   help="CPU points predicted to need more are recorded as oom without running "
+                        "(default: half the available memory)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU: torch threads in the measuring subprocess (default 1: stable medians on a "
+                        "shared machine; 0 = torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="on a GPU: run the test suite (OUT/tests.log), then the --quick sweep, all into OUT")
+    p.add_argument("--test-args", default="-n 4 tests",
+                   help="pytest arguments for --gpu-check (default: '-n 4 tests'; no -n without xdist)")
+    p.add_argument("--test-timeout", type=_positive, default=300.0, metavar="SECONDS",
+                   help="--gpu-check: stop the test suite after this long (default 300; with the "
+                        "sweep's default --time-budget of 210 the check fits a 10-minute call)")
+
+
+def _resolve_device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
+    return choice
+
+
+def run_test_suite(out_dir: Path, test_args: str, timeout_s: float) -> dict:
+    """Run pytest in a subprocess, output to ``out_dir/tests.log`` and ``tests.xml``; a summary dict."""
+    args = shlex.split(test_args)
+    if importlib.util.find_spec("xdist") is None and "-n" in args:
+        i = args.index("-n")
+        del args[i:i + 2]  # pytest-xdist is missing: run serially
+    cmd = [sys.executable, "-m", "pytest", *args, "-q", "-ra", f"--junitxml={out_dir / 'tests.xml'}"]
+    t0 = time.time()
+    with open(out_dir / "tests.log", "w") as log:
+        try:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    text = (out_dir / "tests.log").read_text(errors="replace").strip().splitlines()
+    summary = text[-1] if text else ""
+    if rc is None:
+        summary = f"timed out after {timeout_s:g} s; last line: {summary}"
+    return {"command": " ".join(map(shlex.quote, cmd)), "returncode": rc, "summary": summary,
+            "seconds": round(time.time() - t0, 1), "log": "tests.log", "junit": "tests.xml"}
+
+
+def _grid(args, device: str):
+    grid = grid_for(device, args.quick or args.gpu_check)
+    overrides = {"kinds": args.kinds, "impls": args.impls, "modes": args.modes, "ns": args.n,
+                 "ds": args.d, "batch": args.batch, "heads": args.heads, "dtype": args.dtype}
+    return replace(grid, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``attnkit bench`` with parsed arguments; returns the exit code."""
+    device = _resolve_device(args.device)
+    if args.gpu_check and not device.startswith("cuda"):
+        print("attnkit bench --gpu-check needs a CUDA GPU, and none is visible here.\n"
+              "On the CPU run the tests with `python -m pytest -n 2` and the sweep with "
+              "`attnkit bench --quick`.", file=sys.stderr)
+        return 2
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    for name in ("batch", "heads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    grid = _grid(args, device)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    meta = environment(device)
+    exit_code = 0
+    if args.gpu_check:
+        print(f"attnkit bench --gpu-check: running the test suite ({args.test_args}) ...", flush=True)
+        meta["test_suite"] = run_test_suite(out, args.test_args, args.test_timeout)
+        print(f"tests: {meta['test_suite']['summary']} (exit code {meta['test_suite']['returncode']}, "
+              f"{meta['test_suite']['seconds']} s; log in {out / 'tests.log'})", flush=True)
+        if meta["test_suite"]["returncode"] != 0:
+            exit_code = 1
+    on_cuda = device.startswith("cuda")
+    cap = None
+    if not on_cuda:
+        avail = available_cpu_memory()
+        cap = args.cpu_mem_cap * 2**30 if args.cpu_mem_cap else (avail / 2 if avail else None)
+    budget = args.time_budget if args.time_budget else (210.0 if args.gpu_check else None)
+    opts = RunOptions(
+        mem_cap_bytes=cap, deadline=time.time() + budget if budget else None,
+        slow_s=args.slow if args.slow else (10.0 if on_cuda else 2.0),
+        cpu_budget_s=args.point_time or (0.3 if args.quick else 0.6),
+        rep_ms=(args.point_time or 0.1) * 1e3, threads=0 if on_cuda else args.threads, freeze_gc=True,
+    )
+    points = build_points(grid)
+    meta.update(quick=bool(args.quick), gpu_check=bool(args.gpu_check),
+                cpu_mem_cap_bytes=cap, time_budget_s=budget, slow_s=opts.slow_s,
+                cpu_threads=None if on_cuda else (args.threads or torch.get_num_threads()))
+    print(f"attnkit bench: {len(points)} points on {meta['device_name']} ({grid.dtype}); writing to {out}",
+          flush=True)
+    from .progress import progress_bar
+
+    bar = progress_bar(len(points), enabled=not args.no_progress)
+    jsonl = open(out / "rows.jsonl", "w")  # noqa: SIM115 - closed below, written as rows arrive
+
+    def on_row(row: dict) -> None:
+        jsonl.write(json.dumps(row) + "\n")
+        jsonl.flush()
+        shape = f"D{row['d']}" if row["d"] else f"h{row['hidden']}"
+        bar.update(f"{row['kind']} {row['impl']} {row['mode']} {shape} N={row['n']}: {row['status']}")
+
+    t0 = time.time()
+    try:
+        rows = run_sweep(points, opts, on_row=on_row, log_path=out / "worker.log")
+    finally:
+        bar.close()
+        jsonl.close()
+    meta["sweep_seconds"] = round(time.time() - t0, 1)
+    grid_doc = {k: v for k, v in asdict(grid).items()}
+    write_json(out / "results.json", meta, grid_doc, rows)
+    write_csv(out / "results.csv", rows, meta)
+    (out / "summary.txt").write_text(_summary(meta, rows) + "\n")
+    print_table(rows)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "oom", "skipped", "error")}
+    print("rows: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" in {meta['sweep_seconds']} s")
+    if not args.no_plots:
+        plots = write_plots(out, rows)
+        if isinstance(plots, str):
+            print(f"note: {plots}")
+        else:
+            print("plots: " + ", ".join(str(p) for p in plots))
+    print(f"results: {out / 'results.json'}, {out / 'results.csv'}, {out / 'summary.txt'}")
+    return exit_code
+
+
+def _summary(meta: dict, rows: list[dict]) -> str:
+    lines = [f"device: {meta['device_name']}", f"commit: {meta['git_commit']}",
+             f"torch {meta['versions']['torch']}, triton {meta['versions']['triton']}", ""]
+    if "test_suite" in meta:
+        lines += [f"tests: {meta['test_suite']['summary']}", ""]
+    lines += [format_table(rows), "",
+              "fitted log-log slopes vs N (upper half of N; the design expects time ~2 for dense "
+              "and causal, ~1 for the rest):"]
+    for s in series_slopes(rows):
+        t = "-" if s["time_slope"] is None else f"{s['time_slope']:.2f}"
+        m = "-" if s["memory_slope"] is None else f"{s['memory_slope']:.2f}"
+        expected = f"{KINDS[s['kind']].expected_slope:g}" if s["kind"] in KINDS else "?"
+        lines.append(f"  {s['kind']:<10} {s['impl']:<16} {s['mode']:<8} D{s['d']:<4} "
+                     f"time {t:>5}  memory {m:>5}  (expected time ~{expected})")
+    problems = [r for r in rows if r["status"] in ("error", "oom")]
+    if problems:
+        lines += ["", "not measured:"]
+        lines += [f"  {r['kind']} {r['impl']} {r['mode']} N={r['n']}: {r['status']}: {r['reason']}"
+                  for r in problems]
+    return "\n".join(lines)

@@ -1,0 +1,431 @@
+"""The registered kinds and their implementations (attnkit and every baseline).
+
+Attention kinds share one set of implementations, built from the kind's pattern by
+:func:`attention_kind`, so a new pattern (a block-sparse layout, say) is one call::
+
+    attention_kind("bigbird", lambda point: bigbird(point.n, ...), expected_slope=1.0)
+
+Baselines that cannot run here raise :class:`Unavailable` with the reason (not installed, no
+CUDA device, a mask the SDPA backend does not take); the sweep records that as a skipped row.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import math
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..attn.patterns import Causal, Dense, Pattern, SlidingWindow
+from .flops import attention_bytes, attention_flops, linear_attention_flops, lora_bytes, lora_flops
+from .registry import Impl, Kind, Point, Unavailable, Workload, register_impl, register_kind
+
+__all__ = ["attention_kind", "WINDOW", "SDPA_BACKENDS", "LORA_HIDDEN_RANK"]
+
+#: Sliding-window width of the ``window`` kind, by device type: the same for every N of a sweep, so
+#: its cost is linear in N (``SlidingWindow(w - 1)``: each query sees itself and ``w - 1`` keys back).
+#: The CPU grid's N are small, hence a narrower band there.
+WINDOW = {"cuda": 1024, "cpu": 128}
+#: SDPA backends benchmarked as baselines (torch.nn.attention.SDPBackend member names).
+SDPA_BACKENDS = {
+    "sdpa-flash": "FLASH_ATTENTION",
+    "sdpa-efficient": "EFFICIENT_ATTENTION",
+    "sdpa-cudnn": "CUDNN_ATTENTION",
+    "sdpa-math": "MATH",
+}
+#: LoRA shapes (hidden size, rank) on each device type.
+LORA_HIDDEN_RANK = {"cuda": (4096, 16), "cpu": (512, 16)}
+
+
+def _window_for(point: Point) -> SlidingWindow:
+    return SlidingWindow(WINDOW["cuda" if _on_cuda(point) else "cpu"] - 1)
+
+
+def _on_cuda(point: Point) -> bool:
+    return point.device.startswith("cuda")
+
+
+def _attnkit_backend(point: Point) -> str:
+    # On the CPU the torch backend, never the Triton interpreter (tests may set TRITON_INTERPRET).
+    return "triton" if _on_cuda(point) else "torch"
+
+
+def _qkv(point: Point, requires_grad: bool, layout: str = "bhnd"):
+    shape = ((point.batch, point.heads, point.n, point.d) if layout == "bhnd"
+             else (point.batch, point.n, point.heads, point.d))
+    return [torch.randn(shape, device=point.device, dtype=point.torch_dtype,
+                        requires_grad=requires_grad) for _ in range(3)]
+
+
+def _tensor_bytes(point: Point, count: int) -> float:
+    return count * point.batch * point.heads * point.n * point.d * point.elem
+
+
+# ---------------------------------------------------------------------------------- attention
+
+
+def _band_mask(pattern: Pattern, n: int, device) -> torch.Tensor:
+    """Bool mask (True = attend) of a pattern, broadcastable to ``[B, H, n, n]``, for baselines
+    that take an explicit mask."""
+    dense_mask = getattr(pattern, "dense_mask", None)
+    if callable(dense_mask):  # block-sparse patterns know their mask: [lb * lh, n, n]
+        lb, lh = pattern.layout.shape[:2]
+        return dense_mask(n, n).reshape(lb, lh, n, n).to(device)
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    ok = torch.ones(n, n, dtype=torch.bool, device=device)
+    if pattern.left is not None:
+        ok &= j >= i - pattern.left
+    if pattern.right is not None:
+        ok &= j <= i + pattern.right
+    return ok
+
+
+def _build_attnkit(pattern_fn, point: Point, requires_grad: bool) -> Workload:
+    from ..attn.functional import attention
+
+    q, k, v = _qkv(point, requires_grad)
+    pattern, backend = pattern_fn(point), _attnkit_backend(point)
+    return Workload(lambda: attention(q, k, v, pattern, backend=backend), [q, k, v])
+
+
+def _build_sdpa(backend_name: str, pattern_fn, point: Point, requires_grad: bool) -> Workload:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    member = getattr(SDPBackend, SDPA_BACKENDS[backend_name], None)
+    if member is None:
+        raise Unavailable(f"torch {torch.__version__} has no SDPBackend.{SDPA_BACKENDS[backend_name]}")
+    if not _on_cuda(point) and backend_name in ("sdpa-efficient", "sdpa-cudnn"):
+        raise Unavailable(f"{backend_name} has no CPU kernel (CUDA only)")
+    pattern = pattern_fn(point)
+    q, k, v = _qkv(point, requires_grad)
+    kwargs: dict = {}
+    if isinstance(pattern, Causal):
+        kwargs["is_causal"] = True
+    elif not isinstance(pattern, Dense):
+        if backend_name in ("sdpa-flash", "sdpa-cudnn"):
+            raise Unavailable(f"{backend_name} takes no arbitrary attention mask "
+                              f"(needed for the {pattern.kind} pattern)")
+        # The N x N mask is what a user of SDPA has to build: it is part of the baseline's cost.
+        kwargs["attn_mask"] = _band_mask(pattern, point.n, point.device)
+
+    def fn():
+        with sdpa_kernel(member):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    return Workload(fn, [q, k, v])
+
+
+def _raise_compile_limit() -> None:
+    """FlexAttention is compiled once per shape; the sweep's many shapes exceed dynamo's default
+    recompile limit (8), after which it would silently run eagerly."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    _raise_compile_limit()
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _build_flex(pattern_fn, point: Point, requires_grad: bool) -> Workload:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask
+    except ImportError as e:
+        raise Unavailable(f"FlexAttention is not in torch {torch.__version__}: {e}") from None
+    if not _on_cuda(point) and os.environ.get("ATTNKIT_BENCH_FLEX_CPU") != "1":
+        raise Unavailable("FlexAttention on the CPU compiles for ~20 s per shape; GPU grids only "
+                          "(set ATTNKIT_BENCH_FLEX_CPU=1 to include it)")
+    pattern = pattern_fn(point)
+    mask_mod = None
+    if hasattr(pattern, "dense_mask"):  # block-sparse: look the element mask up (N x N bytes)
+        dense = _band_mask(pattern, point.n, point.device)
+        hb, hh = dense.shape[0] > 1, dense.shape[1] > 1
+
+        def mask_mod(b, h, qi, ki):
+            return dense[b if hb else 0, h if hh else 0, qi, ki]
+    elif not isinstance(pattern, Dense):
+        left, right = pattern.left, pattern.right
+
+        def mask_mod(b, h, qi, ki):
+            ok = qi >= 0  # all-true of the right shape
+            if left is not None:
+                ok = ok & (ki >= qi - left)
+            if right is not None:
+                ok = ok & (ki <= qi + right)
+            return ok
+
+    block_mask = None
+    if mask_mod is not None:
+        # The block mask is built outside the timed call, as a model builds it once per shape.
+        block_mask = create_block_mask(mask_mod, None, None, point.n, point.n, device=point.device)
+    q, k, v = _qkv(point, requires_grad)
+    flex = _compiled_flex()
+    return Workload(lambda: flex(q, k, v, block_mask=block_mask), [q, k, v])
+
+
+def _build_flash_attn(pattern_fn, point: Point, requires_grad: bool) -> Workload:
+    if importlib.util.find_spec("flash_attn") is None:
+        raise Unavailable("flash-attn is not installed (pip install flash-attn)")
+    if not _on_cuda(point):
+        raise Unavailable("flash-attn needs a CUDA device")
+    if point.torch_dtype not in (torch.float16, torch.bfloat16):
+        raise Unavailable(f"flash-attn takes fp16/bf16, not {point.dtype}")
+    from flash_attn import flash_attn_func
+
+    pattern = pattern_fn(point)
+    if not isinstance(pattern, (Dense, Causal, SlidingWindow)):
+        raise Unavailable(f"flash-attn has no {pattern.kind} pattern")
+    window = pattern.window()
+    q, k, v = _qkv(point, requires_grad, layout="bnhd")
+    causal = isinstance(pattern, Causal)
+    return Workload(lambda: flash_attn_func(q, k, v, causal=causal, window_size=window), [q, k, v])
+
+
+def _predict_attention(quadratic: bool) -> Callable[[Point], float]:
+    def predict(point: Point) -> float:
+        grad = 1 if point.mode == "fwd" else 2
+        linear = _tensor_bytes(point, 4 * grad) + 256 * 2**20  # + the torch backend's chunk budget
+        if not quadratic:
+            return linear
+        # scores, probabilities and the mask in fp32, twice that for backward
+        return linear + 3 * 4 * point.batch * point.heads * point.n**2 * grad
+    return predict
+
+
+def attention_kind(name: str, pattern_fn: Callable[[Point], Pattern], expected_slope: float,
+                   description: str = "") -> Kind:
+    """Register an attention kind whose pattern at a point is ``pattern_fn(point)`` (it may depend
+    on ``point.n`` and ``point.device``), with attnkit and every attention baseline."""
+
+    def flops(p: Point) -> float:
+        return attention_flops(p.batch, p.heads, p.n, p.n, p.d, pattern_fn(p), p.mode)
+
+    def nbytes(p: Point) -> float:
+        return attention_bytes(p.batch, p.heads, p.n, p.d, p.elem, p.mode)
+
+    kind = register_kind(Kind(name, "attention", description or name, flops, nbytes, expected_slope))
+    register_impl(name, Impl("attnkit", functools.partial(_build_attnkit, pattern_fn), False,
+                             _predict_attention(False), tier=0))
+    for backend in SDPA_BACKENDS:
+        register_impl(name, Impl(backend, functools.partial(_build_sdpa, backend, pattern_fn), True,
+                                 _predict_attention(backend == "sdpa-math" or name not in
+                                                    ("dense", "causal"))))
+    register_impl(name, Impl("flex", functools.partial(_build_flex, pattern_fn), True,
+                             _predict_attention(False), tier=2))
+    register_impl(name, Impl("flash-attn", functools.partial(_build_flash_attn, pattern_fn), True,
+                             _predict_attention(False)))
+    return kind
+
+
+attention_kind("dense", lambda p: Dense(), 2.0, "dense (non-causal) softmax attention")
+attention_kind("causal", lambda p: Causal(), 2.0, "causal softmax attention")
+attention_kind("window", _window_for, 1.0,
+               f"causal sliding window of {WINDOW['cuda']} keys ({WINDOW['cpu']} on the CPU)")
+
+#: Block-sparse layouts by device type: block size, BigBird's (window, global, random) blocks,
+#: Longformer's band width and global tokens. Fixed in N, so the work is linear in N.
+SPARSE = {"cuda": {"block": 128, "bigbird": (3, 2, 3), "longformer": (1024, 64)},
+          "cpu": {"block": 32, "bigbird": (3, 2, 3), "longformer": (128, 16)}}
+
+
+@functools.lru_cache(maxsize=64)
+def _sparse_pattern(name: str, n: int, device_type: str) -> Pattern:
+    """One pattern object per (layout, N, device): it caches its compiled block lists."""
+    import attnkit
+
+    cfg = SPARSE[device_type]
+    if name == "bigbird":
+        w, g, r = cfg["bigbird"]
+        return attnkit.bigbird(n, cfg["block"], num_window_blocks=w, num_global_blocks=g,
+                               num_random_blocks=r, seed=0)
+    window, glob = cfg["longformer"]
+    return attnkit.longformer(n, cfg["block"], window=window, global_tokens=glob)
+
+
+def _register_block_sparse() -> None:
+    try:
+        import attnkit
+
+        attnkit.bigbird, attnkit.longformer  # noqa: B018 - probe: block-sparse may be absent
+    except (ImportError, AttributeError):
+        return
+
+    def pattern_of(name: str, point: Point) -> Pattern:
+        return _sparse_pattern(name, point.n, "cuda" if _on_cuda(point) else "cpu")
+
+    for name, what in (("bigbird", "BigBird-ITC block layout (window 3, global 2, random 3 blocks)"),
+                       ("longformer", "Longformer band + global tokens, as a block-sparse pattern")):
+        attention_kind(name, functools.partial(pattern_of, name), 1.0, what)
+
+
+_register_block_sparse()
+
+
+# ------------------------------------------------------------------------ linear attention
+
+
+def _elu1(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x.float()) + 1
+
+
+def _build_linear_attnkit(backend: str | None, point: Point, requires_grad: bool) -> Workload:
+    from ..attn.linear import linear_attention
+
+    if backend == "torch" and not _on_cuda(point):
+        raise Unavailable("on the CPU attnkit itself runs the torch backend (the 'attnkit' row)")
+    chosen = backend or _attnkit_backend(point)
+    q, k, v = _qkv(point, requires_grad)
+    return Workload(lambda: linear_attention(q, k, v, feature_map="elu1", causal=True, backend=chosen),
+                    [q, k, v])
+
+
+def _build_linear_quadratic(point: Point, requires_grad: bool) -> Workload:
+    """The O(N^2) form ``(phi(q) phi(k)^T * causal) v / row sums``: what linear attention avoids."""
+    q, k, v = _qkv(point, requires_grad)
+
+    def fn():
+        fq, fk = _elu1(q), _elu1(k)
+        a = (fq @ fk.transpose(-1, -2)).tril()
+        o = (a @ v.float()) / (a.sum(-1, keepdim=True) + 1e-6)
+        return o.to(q.dtype)
+
+    return Workload(fn, [q, k, v])
+
+
+def _build_fla(point: Point, requires_grad: bool) -> Workload:
+    if importlib.util.find_spec("fla") is None:
+        raise Unavailable("flash-linear-attention (fla) is not installed")
+    if not _on_cuda(point):
+        raise Unavailable("flash-linear-attention needs a CUDA device")
+    from fla.ops.linear_attn import chunk_linear_attn
+
+    q, k, v = _qkv(point, requires_grad, layout="bnhd")
+    kwargs = {"scale": 1.0, "normalize": True}
+    if "head_first" in inspect.signature(chunk_linear_attn).parameters:
+        kwargs["head_first"] = False  # older fla defaults to [B, H, T, D]; ours are [B, T, H, D]
+
+    def fn():
+        fq, fk = _elu1(q).to(q.dtype), _elu1(k).to(k.dtype)  # the same map, outside the kernel
+        out = chunk_linear_attn(fq, fk, v, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    return Workload(fn, [q, k, v])
+
+
+def _predict_linear(quadratic: bool) -> Callable[[Point], float]:
+    def predict(point: Point) -> float:
+        grad = 1 if point.mode == "fwd" else 2
+        base = _tensor_bytes(point, 8 * grad) * (4 / point.elem)  # fp32 copies of the mapped inputs
+        return base + (2 * 4 * point.batch * point.heads * point.n**2 * grad if quadratic else 0)
+    return predict
+
+
+def _linear_flops(p: Point) -> float:
+    return linear_attention_flops(p.batch, p.heads, p.n, p.d, p.d, p.mode)
+
+
+def _linear_bytes(p: Point) -> float:
+    return attention_bytes(p.batch, p.heads, p.n, p.d, p.elem, p.mode)
+
+
+register_kind(Kind("linear", "linear_attention", "causal linear attention, elu+1 feature map",
+                   _linear_flops, _linear_bytes, 1.0))
+register_impl("linear", Impl("attnkit", functools.partial(_build_linear_attnkit, None), False,
+                             _predict_linear(False), tier=0))
+register_impl("linear", Impl("torch-chunked", functools.partial(_build_linear_attnkit, "torch"), True,
+                             _predict_linear(False)))
+register_impl("linear", Impl("torch-quadratic", _build_linear_quadratic, True, _predict_linear(True)))
+register_impl("linear", Impl("fla", _build_fla, True, _predict_linear(False)))
+
+
+# ------------------------------------------------------------------------------------ LoRA
+
+
+def _lora_tensors(point: Point, requires_grad: bool):
+    h, r, dt, dev = point.hidden, point.rank, point.torch_dtype, point.device
+    x = torch.randn(point.batch, point.n, h, device=dev, dtype=dt, requires_grad=requires_grad)
+    w = torch.randn(h, h, device=dev, dtype=dt) / math.sqrt(h)
+    a = (torch.randn(r, h, device=dev, dtype=dt) / math.sqrt(h)).requires_grad_(requires_grad)
+    b = (torch.randn(h, r, device=dev, dtype=dt) * 0.01).requires_grad_(requires_grad)
+    return x, w, a, b
+
+
+def _build_lora_attnkit(point: Point, requires_grad: bool) -> Workload:
+    from ..finetune.functional import lora_linear
+
+    x, w, a, b = _lora_tensors(point, requires_grad)
+    backend, scaling = _attnkit_backend(point), 2.0
+    return Workload(lambda: lora_linear(x, w, a, b, scaling, backend=backend), [x, a, b])
+
+
+def _build_lora_unfused(point: Point, requires_grad: bool) -> Workload:
+    x, w, a, b = _lora_tensors(point, requires_grad)
+    return Workload(lambda: F.linear(x, w) + 2.0 * F.linear(F.linear(x, a), b), [x, a, b])
+
+
+def _peft_model(point: Point):
+    if importlib.util.find_spec("peft") is None:
+        raise Unavailable("peft is not installed (pip install peft)")
+    from peft import LoraConfig, get_peft_model
+
+    class _Proj(torch.nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.proj = lin
+
+        def forward(self, x):
+            return self.proj(x)
+
+    lin = torch.nn.Linear(point.hidden, point.hidden, bias=False, device=point.device,
+                          dtype=point.torch_dtype)
+    config = LoraConfig(r=point.rank, lora_alpha=2 * point.rank, lora_dropout=0.0,
+                        target_modules=["proj"])
+    return get_peft_model(_Proj(lin), config)
+
+
+def _build_lora_peft(fused: bool, point: Point, requires_grad: bool) -> Workload:
+    model = _peft_model(point)
+    if fused:
+        from ..finetune import fuse_lora
+
+        fuse_lora(model, backend=_attnkit_backend(point))
+    x = torch.randn(point.batch, point.n, point.hidden, device=point.device, dtype=point.torch_dtype,
+                    requires_grad=requires_grad)
+    params = [x] + [p for p in model.parameters() if p.requires_grad]
+    if not requires_grad:
+        model.requires_grad_(False)
+    return Workload(lambda: model(x), params)
+
+
+def _predict_lora(point: Point) -> float:
+    grad = 1 if point.mode == "fwd" else 2
+    return (3 * point.batch * point.n * point.hidden * grad + point.hidden**2) * 4
+
+
+def _lora_flops(p: Point) -> float:
+    return lora_flops(p.batch * p.n, p.hidden, p.hidden, p.rank, p.mode)
+
+
+def _lora_bytes(p: Point) -> float:
+    return lora_bytes(p.batch * p.n, p.hidden, p.hidden, p.rank, p.elem, p.mode)
+
+
+register_kind(Kind("lora", "lora", "fused LoRA linear (x W^T + s x A^T B^T), square weight",
+                   _lora_flops, _lora_bytes, 1.0, uses_head_dim=False))
+register_impl("lora", Impl("attnkit", _build_lora_attnkit, False, _predict_lora, tier=0))
+register_impl("lora", Impl("attnkit-peft", functools.partial(_build_lora_peft, True), False,
+                           _predict_lora, tier=0))
+register_impl("lora", Impl("torch-unfused", _build_lora_unfused, True, _predict_lora))
+register_impl("lora", Impl("peft", functools.partial(_build_lora_peft, False), True, _predict_lora))

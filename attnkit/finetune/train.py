@@ -1,0 +1,388 @@
+"""``attnkit.finetune.train``: LoRA fine-tuning of a causal LM on transformers' ``Trainer``.
+
+One run, in order (every check that can fail comes before anything is written):
+
+1. validate the settings and the model's config (``--seq-len`` against its position limit);
+2. read and pack the text, split off the held-out sequences;
+3. evaluate the original model;
+4. swap the attention (``--attention``); for ``linear`` with ``--transfer-steps N``, first train
+   per-layer Hedgehog feature maps by attention transfer (:mod:`.linearize`) and evaluate again;
+5. wrap with PEFT LoRA, run it on attnkit's fused kernels (:func:`~attnkit.finetune.fuse_lora`),
+   and train with AdamW (decoupled weight decay), linear warm-up then cosine decay, gradient
+   clipping and accumulation, bf16 autocast on GPUs that have it; eval loss and perplexity every
+   ``--eval-steps``; a checkpoint every ``--save-steps`` (``--resume`` continues from the last one
+   with the same step count, optimizer, scheduler, RNG state and data order);
+6. evaluate, then write the adapter, ``attention.json``, ``summary.json`` and ``loss_curve.png``.
+
+Under ``torchrun --nproc_per_node N`` the Trainer runs DDP (gloo on CPU, NCCL on GPUs); only rank
+0 writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .config import AttentionChoice, FinetuneConfig
+from .dataset import PackedDataset, embedded_corpus_path, pack, read_documents, split_blocks
+from .model import check_model_folder, load_model
+from .report import losses_from_history, peak_memory, perplexity, plot_losses, write_json
+
+__all__ = ["train", "run", "FinetuneConfig", "format_summary"]
+
+def _rank() -> tuple[int, int]:
+    """``(rank, world_size)`` from torchrun's environment (``(0, 1)`` for a single process)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _prepare_out(cfg: FinetuneConfig, out: Path, is_main: bool) -> str | None:
+    """Check ``--out`` against ``--resume``/``--overwrite``; returns the checkpoint to resume or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpts = out / "checkpoints"
+    if cfg.resume is not None:
+        if cfg.resume != "latest":
+            if not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
+                raise ValueError(f"--resume {cfg.resume!r}: not a checkpoint folder (no trainer_state.json)")
+            return cfg.resume
+        last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
+        if last is None:
+            raise ValueError(f"--resume: no checkpoint under {str(ckpts)!r}; run without --resume first")
+        return last
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise ValueError(f"--out {str(out)!r} is not empty; pass --resume to continue the run there, "
+                             "--overwrite to start afresh (deleting it), or another --out")
+        if is_main:
+            shutil.rmtree(out)
+    _barrier()
+    return None
+
+
+def _precision(cfg: FinetuneConfig) -> tuple[str, torch.dtype]:
+    """``(mode, base weight dtype)``: bf16 where the GPU supports it, else fp32."""
+    cuda = torch.cuda.is_available()
+    mode = cfg.precision
+    if mode == "auto":
+        mode = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if mode in ("bf16", "fp16") and not cuda:
+        raise ValueError(f"--precision {mode} needs a CUDA GPU; this machine has none (use fp32 or auto)")
+    if mode == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--precision bf16: this GPU does not support bfloat16; use fp16 or auto")
+    # bf16 keeps the frozen base in bf16 (LoRA weights stay fp32 under autocast); fp16 training
+    # keeps fp32 weights because its gradient scaler refuses fp16 parameters
+    return mode, torch.bfloat16 if mode == "bf16" else torch.float32
+
+
+def _pattern(choice: AttentionChoice, seq_len: int):
+    """The attnkit spec for ``--attention`` (``None`` = the model's own pattern on attnkit)."""
+    from ..attn.patterns import SlidingWindow
+    from ..attn.sparse_builders import bigbird, longformer
+
+    if choice.kind == "sliding":  # W tokens counting the query: transformers' sliding_window = W
+        return SlidingWindow(choice.window - 1, 0)
+    if choice.kind == "bigbird":
+        return bigbird(seq_len, choice.block, causal=True)
+    if choice.kind == "longformer":
+        return longformer(seq_len, choice.block, choice.window, global_tokens=1, causal=True)
+    return None
+
+
+def _check_targets(model, targets) -> None:
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ValueError(f"--target-modules: the model has no Linear layer named {', '.join(missing)}; "
+                         f"its Linear layers are named {', '.join(sorted(names))}")
+
+
+def _training_args(cfg: FinetuneConfig, out: Path, mode: str, world: int, **overrides):
+    """``TrainingArguments`` with only the keywords this transformers version knows."""
+    from transformers import TrainingArguments
+
+    known = inspect.signature(TrainingArguments.__init__).parameters
+    kw = dict(
+        output_dir=str(out / "checkpoints"), max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.95, warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type="cosine", max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps,
+        logging_first_step=True, eval_steps=cfg.eval_steps, save_strategy="steps",
+        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, bf16=mode == "bf16",
+        fp16=mode == "fp16", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False, label_names=["labels"],
+        disable_tqdm=not cfg.progress, ddp_find_unused_parameters=False,
+    )
+    strategy_key = "eval_strategy" if "eval_strategy" in known else "evaluation_strategy"
+    kw[strategy_key] = "steps"
+    if not torch.cuda.is_available():
+        # accelerate only sets up multi-process CPU training (gloo) when told the run is on CPU
+        kw["use_cpu" if "use_cpu" in known else "no_cuda"] = True
+        if world > 1:
+            kw["ddp_backend"] = "gloo"
+    for k, v in overrides.items():
+        kw[strategy_key if k == "eval_strategy" else k] = v
+    return TrainingArguments(**{k: v for k, v in kw.items() if k in known})
+
+
+def _trainer_classes():
+    from transformers import Trainer, TrainerCallback
+
+    class FinetuneTrainer(Trainer):
+        """Adds ``eval_perplexity`` next to every ``eval_loss`` it logs."""
+
+        def log(self, logs, *args, **kwargs):
+            if "eval_loss" in logs:
+                logs["eval_perplexity"] = perplexity(logs["eval_loss"])
+            return super().log(logs, *args, **kwargs)
+
+    class StopAfter(TrainerCallback):
+        """``--stop-after N``: checkpoint at step N and stop, as if the run had been killed."""
+
+        def __init__(self, n: int):
+            self.n = n
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= self.n:
+                control.should_save = True
+                control.should_training_stop = True
+
+    return FinetuneTrainer, StopAfter
+
+
+def _evaluate(model, eval_ds, cfg, out, mode, world) -> float:
+    FinetuneTrainer, _ = _trainer_classes()
+    args = _training_args(cfg, out, mode, world, eval_strategy="no", save_strategy="no")
+    return float(FinetuneTrainer(model=model, args=args, eval_dataset=eval_ds).evaluate()["eval_loss"])
+
+
+def _transfer(model, train_ds, cfg, out, mode, world, is_main) -> dict:
+    """Stage 1 of linearising: train only the feature maps (attention transfer)."""
+    from ..attn.hf import _base_model
+    from . import linearize
+
+    base = _base_model(model)
+    previous = base.config._attn_implementation
+    linearize.register_transfer_attention()
+    base.requires_grad_(False)
+    for fm in linearize.feature_maps_of(base).values():
+        fm.requires_grad_(True)
+    base.set_attn_implementation(linearize.TRANSFER_NAME)
+    args = _training_args(cfg, out / "transfer", mode, world, max_steps=cfg.transfer_steps,
+                          learning_rate=cfg.transfer_lr, weight_decay=0.0, eval_strategy="no",
+                          save_strategy="no", warmup_steps=min(cfg.warmup_steps, cfg.transfer_steps // 10))
+    trainer = linearize.transfer_trainer_class()(model=model, args=args, train_dataset=train_ds)
+    t0 = time.perf_counter()
+    trainer.train()
+    mse = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    base.set_attn_implementation(previous)
+    for fm in linearize.feature_maps_of(base).values():
+        fm.requires_grad_(False)
+    return {"steps": cfg.transfer_steps, "first_mse": mse[0] if mse else None,
+            "last_mse": mse[-1] if mse else None, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _apply_attention(model, choice: AttentionChoice, cfg, out, train_ds, mode, world, is_main,
+                     resumed: bool) -> dict:
+    """Swap the attention; for linear:hedgehog attach (and maybe transfer) the feature maps."""
+    from ..attn.hf import swap_attention
+    from . import linearize
+
+    info: dict = {}
+    if choice.kind == "model":
+        return info
+    if choice.kind != "linear":
+        swap_attention(model, _pattern(choice, cfg.seq_len))
+        return info
+    if choice.feature_map != "hedgehog":
+        linearize.swap_to_linear(model, choice.feature_map)
+        return info
+    saved = out / "transfer" / "feature_maps.safetensors"
+    if resumed and saved.is_file():  # stage 1 finished before the interruption
+        linearize.load_feature_maps(model, str(saved))
+        info["transfer"] = {"steps": cfg.transfer_steps, "loaded_from": str(saved)}
+    else:
+        torch.manual_seed(cfg.seed)
+        linearize.attach_feature_maps(model, cfg.feature_dim)
+        if cfg.transfer_steps:
+            info["transfer"] = _transfer(model, train_ds, cfg, out, mode, world, is_main)
+        if is_main:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            linearize.save_feature_maps(model, str(saved))
+        _barrier()
+    linearize.swap_to_linear(model, "hedgehog")
+    return info
+
+
+def train(config: FinetuneConfig | None = None, **overrides) -> dict:
+    """Fine-tune; returns the summary (also written to ``OUT/summary.json``).
+
+    Pass a :class:`FinetuneConfig` and/or its fields as keywords, e.g.
+    ``train(model="./my-llama", data="notes/", attention="sliding:256", out="run1")``.
+    A run stopped by ``stop_after`` returns ``{"status": "interrupted", ...}`` and writes no result
+    files (only checkpoints). Raises ``ValueError`` for bad settings before writing anything.
+    """
+    return run(config, **overrides)[0]
+
+
+def run(config: FinetuneConfig | None = None, **overrides):
+    """:func:`train`, returning ``(summary, model)``: the trained PEFT model stays usable in-process."""
+    cfg = config if config is not None else FinetuneConfig()
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    if isinstance(cfg.target_modules, str):
+        cfg = dataclasses.replace(cfg, target_modules=tuple(cfg.target_modules.split(",")))
+    choice = cfg.validate()
+    check_model_folder(cfg, choice)
+    rank, world = _rank()
+    is_main = rank == 0
+    out = Path(cfg.out)
+    docs = read_documents(cfg.data if cfg.data is not None else embedded_corpus_path())
+    mode, dtype = _precision(cfg)
+    resume_from = _prepare_out(cfg, out, is_main)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    import transformers
+
+    import attnkit.hf  # noqa: F401 - registers attn_implementation="attnkit"
+
+    transformers.set_seed(cfg.seed)
+    model, tokenizer, base_path = load_model(cfg, out, dtype, is_main, texts=docs)
+    _check_targets(model, cfg.target_modules)
+    train_blocks, eval_blocks = split_blocks(pack(docs, tokenizer, cfg.seq_len), cfg.eval_fraction,
+                                             cfg.max_eval_sequences)
+    train_ds, eval_ds = PackedDataset(train_blocks), PackedDataset(eval_blocks)
+    if torch.cuda.is_available():
+        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+
+    evals = {"original": _evaluate(model, eval_ds, cfg, out, mode, world)}
+    info = _apply_attention(model, choice, cfg, out, train_ds, mode, world, is_main, resume_from is not None)
+    if choice.kind != "model":
+        evals["after_transfer" if "transfer" in info else "swapped"] = _evaluate(
+            model, eval_ds, cfg, out, mode, world)
+
+    from peft import LoraConfig, get_peft_model
+
+    from .peft_glue import fuse_lora
+
+    transformers.set_seed(cfg.seed)  # the same LoRA init with or without the transfer stage
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    if cfg.fused:
+        # explicit "torch" off the GPU: lora_linear's "auto" would send CPU tensors to the Triton
+        # interpreter when TRITON_INTERPRET=1 is set (as in the test suite), ~100x slower
+        fuse_lora(model, backend="auto" if torch.cuda.is_available() else "torch")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    FinetuneTrainer, StopAfter = _trainer_classes()
+    callbacks = [StopAfter(cfg.stop_after)] if cfg.stop_after else []
+    trainer = FinetuneTrainer(model=model, args=_training_args(cfg, out, mode, world),
+                              train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks)
+    start_step = trainer.state.global_step
+    if resume_from is not None:
+        import json
+
+        with open(os.path.join(resume_from, "trainer_state.json")) as f:
+            start_step = int(json.load(f).get("global_step", 0))
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    steps = trainer.state.global_step
+    if steps < cfg.max_steps:
+        return {"status": "interrupted", "step": steps, "checkpoints": str(out / "checkpoints")}, model
+
+    evals["final"] = float(trainer.evaluate()["eval_loss"])
+    train_curve, eval_curve = losses_from_history(trainer.state.log_history)
+    tokens = (steps - start_step) * cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
+    runtime = float(result.metrics.get("train_runtime") or 0.0)
+    summary = {
+        "status": "finished",
+        "config": cfg.to_json(),
+        "attention": str(choice),
+        "precision": mode,
+        "world_size": world,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "base_model": base_path,
+        "trainable_parameters": trainable,
+        "train_sequences": len(train_ds),
+        "eval_sequences": len(eval_ds),
+        "steps": steps,
+        "resumed_from_step": start_step if resume_from is not None else None,
+        "first_train_loss": train_curve[0][1] if train_curve else None,
+        "last_train_loss": train_curve[-1][1] if train_curve else None,
+        "eval_loss": evals["final"],
+        "eval_perplexity": perplexity(evals["final"]),
+        "eval": {k: {"loss": v, "perplexity": perplexity(v)} for k, v in evals.items()},
+        "tokens_per_second": round(tokens / runtime, 1) if runtime > 0 else None,
+        "train_seconds": round(runtime, 2),
+        "total_seconds": round(time.perf_counter() - t_start, 2),
+        **peak_memory(),
+        **info,
+        "train_loss_curve": train_curve,
+        "eval_loss_curve": eval_curve,
+    }
+    if is_main:
+        _write_results(model, choice, cfg, out, base_path, summary)
+    _barrier()
+    return summary, model
+
+
+def _write_results(model, choice, cfg, out: Path, base_path: str, summary: dict) -> None:
+    """The adapter, ``attention.json``, the feature maps, the plot, then ``summary.json`` last (its
+    presence marks a complete result)."""
+    from ..attn.hf import _base_model
+    from ..attn.hf_specs import CONFIG_KEY
+
+    for adapter_cfg in model.peft_config.values():  # plain PEFT finds the base from here
+        adapter_cfg.base_model_name_or_path = base_path
+    model.save_pretrained(str(out))
+    record = {"attention": str(choice), "kind": choice.kind, "seq_len": cfg.seq_len,
+              "attn_implementation": None if choice.kind == "model" else "attnkit",
+              "config_entry": None, "feature_maps": None}
+    if choice.kind == "linear" and choice.feature_map == "hedgehog":
+        shutil.copyfile(out / "transfer" / "feature_maps.safetensors", out / "feature_maps.safetensors")
+        record["feature_maps"] = "feature_maps.safetensors"
+    elif choice.kind != "model":
+        record["config_entry"] = getattr(_base_model(model).config, CONFIG_KEY, None)
+    write_json(out / "attention.json", record)
+    title = (f"attnkit finetune: {Path(base_path).name}, attention {choice}, LoRA r={cfg.rank}; "
+             f"final eval ppl {summary['eval_perplexity']:.2f}" if summary["eval_perplexity"] else "")
+    skipped = plot_losses(out / "loss_curve.png", summary["train_loss_curve"], summary["eval_loss_curve"],
+                          title)
+    summary["loss_curve"] = None if skipped else "loss_curve.png"
+    if skipped:
+        summary["loss_curve_skipped"] = skipped
+    write_json(out / "summary.json", summary)
+
+
+def format_summary(summary: dict) -> str:
+    """A few lines for the terminal."""
+    if summary.get("status") != "finished":
+        return (f"stopped at step {summary.get('step')}; checkpoints in {summary.get('checkpoints')} "
+                "(continue with --resume)")
+    ev = summary["eval"]
+    lines = [f"steps {summary['steps']}  train loss {summary['first_train_loss']:.3f} -> "
+             f"{summary['last_train_loss']:.3f}  ({summary['tokens_per_second']} tokens/s, peak "
+             f"{summary['peak_memory_mib']} MiB)"]
+    for k, v in ev.items():
+        ppl = v["perplexity"]
+        lines.append(f"eval {k:<15} loss {v['loss']:.4f}  perplexity {ppl:.2f}" if ppl else
+                     f"eval {k:<15} loss {v['loss']}")
+    if "transfer" in summary and "last_mse" in summary["transfer"]:
+        t = summary["transfer"]
+        lines.append(f"attention transfer: {t['steps']} steps, "
+                     f"MSE {t['first_mse']:.4g} -> {t['last_mse']:.4g}")
+    return "\n".join(lines)
