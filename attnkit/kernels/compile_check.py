@@ -42,29 +42,6 @@ _I32_POINTERS = {"KV_LO", "KV_HI", "CU_Q", "CU_K", "KV_NUM", "KV_IDX", "KV_PART"
                  "Q_PART"}
 
 
-@dataclass
-class Resources:
-    kernel: str
-    arch: int
-    tile: tuple
-    head_dim: int
-    registers: int
-    spill_bytes: int
-    shared_bytes: int
-
-    @property
-    def fits(self) -> bool:
-        return self.shared_bytes <= SHARED_LIMIT.get(self.arch, SHARED_LIMIT[80])
-
-    def __str__(self) -> str:
-        bm, bn, w, s = self.tile[:4]
-        return (
-            f"{self.kernel:<6} sm_{self.arch} D={self.head_dim:<3} tile {bm}x{bn} w{w} s{s}: "
-            f"{self.registers} regs, {self.spill_bytes} B stack, {self.shared_bytes / 1024:.0f} KiB smem"
-            f"{'' if self.fits else ' (over the limit)'}"
-        )
-
-
 KERNELS = {
     "fwd": kt._fwd_kernel,
     "dkdv": kt._bwd_dkdv_kernel,
@@ -122,7 +99,8 @@ def _compile(fn, sig: dict, constexprs: dict, attrs: dict, arch: int, num_warps:
 
 
 def compile_kernel(kernel: str, tile: tuple, head_dim: int, arch: int = 90, dtype: str = "bf16",
-                   window: bool = False, key_mask: bool = False, sparse_block: int = 0) -> Resources:
+                   window: bool = False, key_mask: bool = False,
+                   sparse_block: int = 0) -> Usage:
     """Compile one flash kernel variant for ``sm_<arch>`` and return its resource usage
     (``sparse_block``: the block-sparse path with that layout block size)."""
     fn = KERNELS[kernel]
@@ -142,7 +120,10 @@ def compile_kernel(kernel: str, tile: tuple, head_dim: int, arch: int = 90, dtyp
         for n, t in sig.items() if t.startswith("*") or (t == "i32" and n.startswith("s"))
     }
     regs, stack, shared = _compile(fn, sig, constexprs, attrs, arch, warps, stages)
-    return Resources(kernel, arch, tuple(tile), head_dim, regs, stack, shared)
+    config = f"D={head_dim} tile {bm}x{bn} w{warps} s{stages}"
+    if sparse_block:
+        config += f" bs={sparse_block}"
+    return Usage(kernel, arch, config, regs, stack, shared)
 
 
 def first_tiles(head_dim: int, sparse_block: int = 0) -> dict[str, tuple]:
@@ -169,7 +150,7 @@ def first_tiles(head_dim: int, sparse_block: int = 0) -> dict[str, tuple]:
 
 @dataclass
 class Usage:
-    """Resources of one compiled launch (``config``: e.g. ``"BT=64 BV=32 w8 s2"``)."""
+    """Resources of one compiled kernel (``config``: its tiles, e.g. ``"BT=64 BV=32 w8 s2"``)."""
 
     kernel: str
     arch: int
