@@ -157,12 +157,14 @@ def _fused_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x1_rows = X1 + rows64[:, None] * stride_x1t
+    # int64 offsets into the weight: in * out passes 2^31 for large heads (256k vocab x 8k)
+    m1_cols = M1 + offs_n.to(tl.int64)[None, :] * stride_m1n
     for k0 in range(0, K1, BLOCK_K):  # the base GEMM's K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K1
         a = tl.load(x1_rows + offs_k[None, :] * stride_x1k, mask=rmask[:, None] & k_mask[None, :],
                     other=0.0)  # [BM, BK]
-        b = tl.load(M1 + offs_k[:, None] * stride_m1k + offs_n[None, :] * stride_m1n,
+        b = tl.load(m1_cols + offs_k.to(tl.int64)[:, None] * stride_m1k,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BK, BN]
         acc = _dot(a, b, acc, PRECISION, UPCAST)
 
