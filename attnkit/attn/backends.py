@@ -160,7 +160,6 @@ class TorchBackend(Backend):
         )
 
 
-
 _warned: set[tuple[str, str]] = set()
 
 
