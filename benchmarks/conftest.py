@@ -27,7 +27,7 @@ import torch
 
 from attnkit.bench import KINDS, Point
 from attnkit.bench.memory import available_cpu_memory, measure_peak
-from attnkit.bench.runner import classify_error, prepare_call
+from attnkit.bench.runner import classify_error, clear_grads, prepare_call
 from attnkit.bench.sweep import Grid, gpu_grid
 
 ON_GPU = torch.cuda.is_available()
@@ -102,7 +102,9 @@ def _measure(benchmark, point: Point, kind) -> None:
         call()
         one = time.perf_counter() - t0
         # one call, no gc.collect (0.3 s each with transformers loaded; this process is shared)
-        peak = measure_peak(call, point.device, cpu_repeats=1, collect=False)
+        # gradients dropped first, so the peak includes the ones this call computes
+        peak = measure_peak(call, point.device, cpu_repeats=1, collect=False,
+                            setup=lambda: clear_grads(workload.params))
     except Exception as exc:
         status, reason = classify_error(exc)
         if status == "error":

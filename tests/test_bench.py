@@ -3,7 +3,11 @@ peak-memory measurement, speed-ups. No timing assertions: only what the harness 
 
 from __future__ import annotations
 
+import importlib.machinery
 import math
+import sys
+import time
+import types
 
 import pytest
 import torch
@@ -122,10 +126,16 @@ def fake_kind():
     def build_broken(point, requires_grad):
         raise ValueError("a genuine bug")
 
+    def build_big(point, requires_grad):  # N MiB in, N MiB out, N MiB of gradient
+        x = torch.randn(point.n * 2**20 // 4, requires_grad=requires_grad)
+        return Workload(lambda: x * 2, [x])
+
     kind = Kind("fake", "fake", "test kind", lambda p: 10.0 * p.n, lambda p: 4.0 * p.n, 1.0)
     for name, build, baseline in (("ok", build_ok, False), ("oom", build_oom, True),
                                   ("missing", build_missing, True), ("broken", build_broken, True)):
         kind.impls[name] = Impl(name, build, baseline, predict_bytes=lambda p: 1e6 * p.n)
+    kind.impls["big"] = Impl("big", build_big, False)
+    kind.impls["compiled"] = Impl("compiled", build_ok, True, tier=2)
     KINDS["fake"] = kind
     yield kind
     del KINDS["fake"]
@@ -139,7 +149,57 @@ def test_ok_row_has_time_flops_and_memory(fake_kind):
     row = run_point(_pt("ok", 32), RunOptions(cpu_budget_s=0.01))
     assert row["status"] == "ok", row["reason"]
     assert row["time_ms"] > 0 and row["flops"] == 320 and row["tflops"] > 0 and row["gbps"] > 0
-    assert row["peak_mem_bytes"] >= 0 and row["baseline"] is False
+    assert row["baseline"] is False
+    # a few hundred bytes of work: a whole-process figure (or garbage) would be far larger
+    assert isinstance(row["peak_mem_bytes"], int) and row["peak_mem_bytes"] < 16 * 2**20
+
+
+def test_fwd_bwd_peak_memory_includes_the_gradients(fake_kind):
+    # x * 2 on 32 MiB: the output (32 MiB) and x's gradient (32 MiB) are both alive at the end of
+    # the call. The warm-up call's gradient must not count as "in use before" the measured call.
+    mib = 2**20
+    for mode in ("fwd+bwd", "bwd"):
+        row = run_point(_pt("big", 32, mode), RunOptions(cpu_budget_s=0.0, min_reps=1))
+        assert row["status"] == "ok", row["reason"]
+        assert row["peak_mem_bytes"] >= 30 * mib, (mode, row["peak_mem_bytes"] / mib)
+    assert row["peak_mem_bytes"] < 100 * mib
+    fwd_bwd = run_point(_pt("big", 32), RunOptions(cpu_budget_s=0.0, min_reps=1))
+    assert fwd_bwd["peak_mem_bytes"] >= 56 * mib, fwd_bwd["peak_mem_bytes"] / mib  # output + gradient
+
+
+def test_gpu_timer_gets_a_call_without_synchronize(fake_kind, monkeypatch):
+    """do_bench records its end event after the call returns: a synchronize inside the timed call
+    would add the host's wake-up to every sample. The warm-up and memory calls do synchronize."""
+    from attnkit.bench import runner
+    from attnkit.bench.timing import Timing
+
+    syncs: list[str] = []
+    monkeypatch.setattr(runner, "_sync", syncs.append)
+    monkeypatch.setattr(runner, "measure_peak", lambda fn, device, setup=None, **_: (setup(), fn(), 0)[2])
+    timed_syncs = []
+
+    def fake_time_fn(fn, device, **_):
+        before = len(syncs)
+        fn()
+        timed_syncs.append(len(syncs) - before)
+        return Timing(1.0, 1.0, 1.0, -1)
+
+    monkeypatch.setattr(runner, "time_fn", fake_time_fn)
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        syncs.clear()
+        row = run_point(Point("fake", "ok", mode, 1, 1, 32, 8, "float32", "cuda:0"))
+        assert row["status"] == "ok", row["reason"]
+        assert timed_syncs[-1] == 0, mode
+        assert syncs == ["cuda:0", "cuda:0"], mode  # the warm-up call and the measured call
+
+
+def test_compiled_baselines_are_skipped_near_the_deadline(fake_kind):
+    opts = RunOptions(deadline=time.time() + 30, compile_reserve_s=60, cpu_budget_s=0.01)
+    rows = list(run_points([_pt("ok", 8), _pt("compiled", 8)], opts))
+    assert [r["status"] for r in rows] == ["ok", "skipped"]
+    assert "compiles first" in rows[1]["reason"]
+    opts = RunOptions(deadline=time.time() + 300, compile_reserve_s=60, cpu_budget_s=0.01)
+    assert [r["status"] for r in run_points([_pt("compiled", 8)], opts)] == ["ok"]
 
 
 def test_oom_is_a_row_and_stops_the_line(fake_kind):
@@ -229,3 +289,69 @@ def test_quick_grid_points_are_ordered_by_n_within_a_line():
         lines.setdefault(p.series, []).append(p.n)
     assert all(ns == sorted(ns) for ns in lines.values())
     assert {p.kind for p in points} >= {"dense", "causal", "window", "linear", "lora"}
+
+
+# --------------------------------------------------- the baselines compute the same attention
+
+
+def _fake_flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
+    """flash-attn's documented semantics ([B, N, H, D]; query i sees keys
+    [i - window_size[0], i + window_size[1]], -1 = unbounded; causal: j <= i), in fp32."""
+    n = q.shape[1]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    ok = torch.ones(n, n, dtype=torch.bool)
+    if causal:
+        ok &= j <= i
+    if window_size[0] >= 0:
+        ok &= j >= i - window_size[0]
+    if window_size[1] >= 0:
+        ok &= j <= i + window_size[1]
+    q, k, v = (t.float().transpose(1, 2) for t in (q, k, v))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=ok).transpose(1, 2)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("kind", ["dense", "causal", "window", "bigbird", "longformer"])
+def test_baselines_compute_the_same_attention_as_attnkit(kind, monkeypatch):
+    """Each baseline is given the same pattern as attnkit (SDPA's dense mask, FlexAttention's
+    mask_mod, flash-attn's causal/window_size), so the comparison is like for like. N = 256 is
+    past the CPU window (128 keys) and spans 8 sparse blocks of 32."""
+    from attnkit.attn.functional import attention
+    from attnkit.bench import kinds
+
+    if kind not in KINDS:
+        pytest.skip(f"kind {kind} is not registered (block-sparse attention unavailable)")
+
+    def run(impl, dtype="float32"):
+        torch.manual_seed(0)
+        wl = KINDS[kind].impls[impl].build(Point(kind, impl, "fwd", 1, 2, 256, 16, dtype, "cpu"), False)
+        with torch.no_grad():
+            return wl.fn().float(), wl.params
+
+    ref, _ = run("attnkit")
+    sdpa, _ = run("sdpa-math")
+    torch.testing.assert_close(sdpa, ref, atol=2e-5, rtol=1e-4)
+
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:
+        pass
+    else:  # eagerly (compiling takes ~20 s per shape on the CPU): the same block mask
+        monkeypatch.setenv("ATTNKIT_BENCH_FLEX_CPU", "1")
+        monkeypatch.setattr(kinds, "_compiled_flex", lambda: flex_attention)
+        flex, _ = run("flex")
+        torch.testing.assert_close(flex, ref, atol=2e-5, rtol=1e-4)
+
+    if kind in ("dense", "causal", "window"):  # flash-attn takes these three
+        pattern_fn = KINDS[kind].impls["flash-attn"].build.args[0]
+        pattern = pattern_fn(Point(kind, "attnkit", "fwd", 1, 2, 256, 16, "float32", "cpu"))
+        fake = types.ModuleType("flash_attn")
+        fake.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+        fake.flash_attn_func = _fake_flash_attn_func
+        monkeypatch.setitem(sys.modules, "flash_attn", fake)
+        monkeypatch.setattr(kinds, "_on_cuda", lambda point: True)  # the GPU code path, CPU tensors
+        monkeypatch.setitem(kinds.WINDOW, "cuda", kinds.WINDOW["cpu"])
+        flash, (q, k, v) = run("flash-attn", "bfloat16")
+        expected = attention(*(t.float().transpose(1, 2) for t in (q, k, v)), pattern,
+                             backend="torch").transpose(1, 2)
+        torch.testing.assert_close(flash, expected, atol=2e-5, rtol=1e-4)

@@ -7,14 +7,22 @@ import csv
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from attnkit.bench.command import run_test_suite
+from attnkit.bench.command import (
+    RESULTS_RESERVE_S,
+    check_budgets,
+    failed_attnkit_rows,
+    process_start_time,
+    run_test_suite,
+)
 from attnkit.bench.report import CSV_FIELDS, SCHEMA
 from attnkit.cli import main
 
@@ -53,7 +61,21 @@ def test_quick_writes_json_csv_summary_and_plots(quick_run, capsys):
         assert r["dtype"] == "float32" and r["device"] == "cpu"
         assert r["status"] in ("ok", "skipped"), (r["kind"], r["impl"], r["reason"])
     ok = [r for r in rows if r["status"] == "ok"]
-    assert all(r["time_ms"] > 0 and r["tflops"] > 0 and r["peak_mem_bytes"] is not None for r in ok)
+    assert all(r["time_ms"] > 0 and r["tflops"] > 0 for r in ok)
+    # Peak memory at N = 128 (every tensor at least glibc's 128 KiB mmap threshold, so counted):
+    # a forward holds at least its output, a forward+backward at least the inputs' gradients.
+    for r in ok:
+        assert isinstance(r["peak_mem_bytes"], int) and r["peak_mem_bytes"] < 256 * 2**20, r
+        if r["n"] != 128:
+            continue
+        tokens = r["batch"] * r["n"]
+        if r["kind"] == "lora":
+            out_bytes, grad_bytes = tokens * r["hidden"] * 4, (tokens + 2 * r["rank"]) * r["hidden"] * 4
+        else:
+            out_bytes = tokens * r["heads"] * r["d"] * 4
+            grad_bytes = 3 * out_bytes  # q, k, v
+        bound = out_bytes if r["mode"] == "fwd" else grad_bytes
+        assert r["peak_mem_bytes"] >= bound, (r["kind"], r["impl"], r["mode"], r["peak_mem_bytes"], bound)
     cudnn = [r for r in rows if r["impl"] == "sdpa-cudnn"]
     assert cudnn and all(r["status"] == "skipped" and "CPU" in r["reason"] for r in cudnn)
     attnkit = [r for r in ok if r["impl"] == "attnkit"]
@@ -104,14 +126,86 @@ def test_gpu_check_test_runner_writes_log_and_junit(tmp_path):
     assert (tmp_path / "tests.xml").exists()
 
 
+def test_gpu_check_test_runner_kills_the_whole_suite_on_timeout(tmp_path):
+    """pytest's children (xdist workers) must not outlive a timed-out suite: it runs in a session of
+    its own and the whole process group is killed."""
+    pid_file = tmp_path / "child.pid"
+    test_file = tmp_path / "test_hang.py"
+    test_file.write_text(
+        "import subprocess, sys, time\n"
+        "def test_hang():\n"
+        "    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "    time.sleep(600)\n")
+    summary = run_test_suite(tmp_path, f"-n 0 {test_file} -p no:cacheprovider", timeout_s=8)
+    assert summary["returncode"] is None and summary["summary"].startswith("timed out after 8 s")
+    assert summary["seconds"] < 60
+    assert pid_file.exists(), (tmp_path / "tests.log").read_text()
+    child = int(pid_file.read_text())
+    for _ in range(50):  # killed by SIGKILL; reaped by init
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        if _is_zombie(child):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the test suite's grandchild survived the timeout")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def test_gpu_check_budgets_share_one_deadline():
+    start = process_start_time()
+    assert start <= time.time() and time.time() - start < 3600  # this process started recently
+    deadline = 1000.0 + 540
+    # fresh start: the tests get their timeout, the sweep what is left after them
+    assert check_budgets(deadline, 1010.0, 300.0) == (300.0, 530.0 - RESULTS_RESERVE_S)
+    # a late start: the tests' timeout shrinks so the sweep keeps a minute
+    tests, _ = check_budgets(deadline, 1400.0, 300.0)
+    assert tests == 140.0 - 60.0 - RESULTS_RESERVE_S
+    # after slow tests the sweep gets what remains (never below 0), capped by --time-budget
+    assert check_budgets(deadline, 1310.0, 300.0)[1] == 230.0 - RESULTS_RESERVE_S
+    assert check_budgets(deadline, 1310.0, 300.0, time_budget=100.0)[1] == 100.0
+    assert check_budgets(deadline, 1539.0, 300.0) == (1.0, 0.0)
+
+
+def test_gpu_check_fails_on_attnkit_errors_only():
+    rows = [{"impl": "attnkit", "baseline": False, "status": "ok"},
+            {"impl": "flex", "baseline": True, "status": "error"},
+            {"impl": "attnkit", "baseline": False, "status": "skipped"}]
+    assert failed_attnkit_rows(rows) == []
+    rows.append({"impl": "attnkit-peft", "baseline": False, "status": "error"})
+    assert [r["impl"] for r in failed_attnkit_rows(rows)] == ["attnkit-peft"]
+
+
 def _run_suite(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     # Drop this session's pytest/xdist variables: under xdist they would make pytest-benchmark in
-    # the child think it runs under xdist too, and disable timing.
+    # the child think it runs under xdist too, and disable timing. No GPU: the ids checked below
+    # are the CPU grid's (also when this runs inside --gpu-check on a GPU machine).
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env.update({"ATTNKIT_BENCH_N": "64", "ATTNKIT_BENCH_MODES": "fwd+bwd", **(env_extra or {})})
-    return subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider",
-                           "-p", "no:xdist", "-o", "addopts=", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env.update({"ATTNKIT_BENCH_N": "64", "ATTNKIT_BENCH_MODES": "fwd+bwd", "CUDA_VISIBLE_DEVICES": "",
+                **(env_extra or {})})
+    cmd = [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+           "-o", "addopts=", *args]
+    # its own session, so a timeout kills it and everything it started
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pytest_benchmark") is None,
@@ -131,7 +225,10 @@ def test_benchmark_suite_collects_and_runs_on_cpu(tmp_path):
     assert kinds >= {"dense", "causal", "window", "linear", "lora"}
     for b in benches:
         info = b["extra_info"]
-        assert info["tflops"] > 0 and info["gbps"] > 0 and info["peak_mem_bytes"] >= 0, b["name"]
+        assert info["tflops"] > 0 and info["gbps"] > 0, b["name"]
+        assert isinstance(info["peak_mem_bytes"], int) and info["peak_mem_bytes"] < 256 * 2**20, b["name"]
+    # the tensors here are tiny (16 KiB), so single points may read 0; all of them may not
+    assert sum(b["extra_info"]["peak_mem_bytes"] for b in benches) > 0
 
 
 def test_plots_and_progress_degrade_without_matplotlib_rich_tqdm(monkeypatch, tmp_path):

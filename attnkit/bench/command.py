@@ -8,9 +8,12 @@ without it they are skipped with one message).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +29,45 @@ from .report import format_table, print_table, series_slopes, write_csv, write_j
 from .runner import RunOptions
 from .sweep import build_points, environment, grid_for, run_sweep
 
-__all__ = ["add_arguments", "run", "run_test_suite"]
+__all__ = ["add_arguments", "run", "run_test_suite", "process_start_time", "check_budgets",
+           "failed_attnkit_rows"]
+
+_IMPORTED_AT = time.time()
+#: ``--gpu-check``: seconds kept after the sweep for writing results, the table and the plots.
+RESULTS_RESERVE_S = 30.0
+#: ``--gpu-check``: the least the sweep is left when the test suite's timeout is capped.
+MIN_SWEEP_S = 60.0
+
+
+def process_start_time() -> float:
+    """When this process started (``time.time()`` scale): from ``/proc`` on Linux, else when this
+    module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        start = btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+    except (OSError, ValueError, IndexError, StopIteration, AttributeError):
+        return _IMPORTED_AT
+    return min(start, _IMPORTED_AT)
+
+
+def check_budgets(deadline: float, now: float, test_timeout: float,
+                  time_budget: float | None = None) -> tuple[float, float]:
+    """``--gpu-check``'s split of what is left at ``now`` before ``deadline``: ``(tests, sweep)``.
+
+    ``tests``: the test suite's timeout, ``test_timeout`` capped so that ``MIN_SWEEP_S`` and
+    ``RESULTS_RESERVE_S`` remain. ``sweep``: the sweep's budget if it started now (what remains,
+    less ``RESULTS_RESERVE_S``, capped by ``time_budget``); call again after the tests."""
+    left = deadline - now
+    tests = max(1.0, min(test_timeout, left - MIN_SWEEP_S - RESULTS_RESERVE_S))
+    return tests, max(0.0, min(time_budget or float("inf"), left - RESULTS_RESERVE_S))
+
+
+def failed_attnkit_rows(rows: list[dict]) -> list[dict]:
+    """Rows of attnkit's own implementations (not baselines) whose status is ``error``."""
+    return [r for r in rows if not r["baseline"] and r["status"] == "error"]
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -69,7 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-out"),
                    help="folder for results.json, results.csv, summary.txt and plots (default: bench-out)")
     p.add_argument("--quick", action="store_true",
-                   help="a small grid: about a minute on a 2-core CPU, a few minutes on a GPU")
+                   help="a small grid: under a minute on a 2-core CPU, a few minutes on a GPU")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to run (auto: the GPU if one is visible, else the CPU with the torch backend)")
     p.add_argument("--kinds", type=_choice_list(lambda: list(KINDS)), default=None,
@@ -104,8 +145,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-args", default="-n 4 tests",
                    help="pytest arguments for --gpu-check (default: '-n 4 tests'; no -n without xdist)")
     p.add_argument("--test-timeout", type=_positive, default=300.0, metavar="SECONDS",
-                   help="--gpu-check: stop the test suite after this long (default 300; with the "
-                        "sweep's default --time-budget of 210 the check fits a 10-minute call)")
+                   help="--gpu-check: stop the test suite after this long (default 300, less if "
+                        "--check-time would leave the sweep under a minute)")
+    p.add_argument("--check-time", type=_positive, default=540.0, metavar="SECONDS",
+                   help="--gpu-check: finish everything this long after the process started "
+                        "(default 540: fits a 10-minute call); the sweep's budget is what the tests "
+                        "leave, less 30 s for writing the results")
 
 
 def _resolve_device(choice: str) -> str:
@@ -117,7 +162,10 @@ def _resolve_device(choice: str) -> str:
 
 
 def run_test_suite(out_dir: Path, test_args: str, timeout_s: float) -> dict:
-    """Run pytest in a subprocess, output to ``out_dir/tests.log`` and ``tests.xml``; a summary dict."""
+    """Run pytest in a subprocess, output to ``out_dir/tests.log`` and ``tests.xml``; a summary dict.
+
+    pytest runs in a session of its own; on timeout the whole process group is killed, so
+    pytest-xdist's workers do not outlive it."""
     args = shlex.split(test_args)
     if importlib.util.find_spec("xdist") is None and "-n" in args:
         i = args.index("-n")
@@ -125,16 +173,29 @@ def run_test_suite(out_dir: Path, test_args: str, timeout_s: float) -> dict:
     cmd = [sys.executable, "-m", "pytest", *args, "-q", "-ra", f"--junitxml={out_dir / 'tests.xml'}"]
     t0 = time.time()
     with open(out_dir / "tests.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+            rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             rc = None
+        finally:
+            _kill_group(proc)
     text = (out_dir / "tests.log").read_text(errors="replace").strip().splitlines()
     summary = text[-1] if text else ""
     if rc is None:
         summary = f"timed out after {timeout_s:g} s; last line: {summary}"
     return {"command": " ".join(map(shlex.quote, cmd)), "returncode": rc, "summary": summary,
             "seconds": round(time.time() - t0, 1), "log": "tests.log", "junit": "tests.xml"}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill ``proc``'s process group (its own session) and reap ``proc``; a no-op once all exited."""
+    if hasattr(os, "killpg"):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    elif proc.poll() is None:
+        proc.kill()
+    proc.wait()
 
 
 def _grid(args, device: str):
@@ -162,9 +223,14 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = environment(device)
     exit_code = 0
+    budget = args.time_budget
     if args.gpu_check:
-        print(f"attnkit bench --gpu-check: running the test suite ({args.test_args}) ...", flush=True)
-        meta["test_suite"] = run_test_suite(out, args.test_args, args.test_timeout)
+        deadline = process_start_time() + args.check_time
+        test_timeout, _ = check_budgets(deadline, time.time(), args.test_timeout, args.time_budget)
+        print(f"attnkit bench --gpu-check: running the test suite ({args.test_args}; timeout "
+              f"{test_timeout:.0f} s) ...", flush=True)
+        meta["test_suite"] = run_test_suite(out, args.test_args, test_timeout)
+        _, budget = check_budgets(deadline, time.time(), args.test_timeout, args.time_budget)
         print(f"tests: {meta['test_suite']['summary']} (exit code {meta['test_suite']['returncode']}, "
               f"{meta['test_suite']['seconds']} s; log in {out / 'tests.log'})", flush=True)
         if meta["test_suite"]["returncode"] != 0:
@@ -174,15 +240,15 @@ def run(args: argparse.Namespace) -> int:
     if not on_cuda:
         avail = available_cpu_memory()
         cap = args.cpu_mem_cap * 2**30 if args.cpu_mem_cap else (avail / 2 if avail else None)
-    budget = args.time_budget if args.time_budget else (210.0 if args.gpu_check else None)
     opts = RunOptions(
-        mem_cap_bytes=cap, deadline=time.time() + budget if budget else None,
+        mem_cap_bytes=cap, deadline=time.time() + budget if budget is not None else None,
         slow_s=args.slow if args.slow else (10.0 if on_cuda else 2.0),
         cpu_budget_s=args.point_time or (0.3 if args.quick else 0.6),
         rep_ms=(args.point_time or 0.1) * 1e3, threads=0 if on_cuda else args.threads, freeze_gc=True,
     )
     points = build_points(grid)
     meta.update(quick=bool(args.quick), gpu_check=bool(args.gpu_check),
+                check_time_s=args.check_time if args.gpu_check else None,
                 cpu_mem_cap_bytes=cap, time_budget_s=budget, slow_s=opts.slow_s,
                 cpu_threads=None if on_cuda else (args.threads or torch.get_num_threads()))
     print(f"attnkit bench: {len(points)} points on {meta['device_name']} ({grid.dtype}); writing to {out}",
@@ -219,6 +285,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("plots: " + ", ".join(str(p) for p in plots))
     print(f"results: {out / 'results.json'}, {out / 'results.csv'}, {out / 'summary.txt'}")
+    failed = failed_attnkit_rows(rows)
+    if args.gpu_check and failed:
+        print(f"--gpu-check: {len(failed)} attnkit point(s) failed (status error; see summary.txt)",
+              file=sys.stderr)
+        exit_code = 1
     return exit_code
 
 

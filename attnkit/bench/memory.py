@@ -84,8 +84,12 @@ def cpu_memory_method() -> str:
     return "growth of getrusage(RUSAGE_SELF).ru_maxrss across the call (a lower bound)"
 
 
-def measure_peak(fn: Callable[[], object], device: str, cpu_repeats: int = 2, collect: bool = True) -> int:
+def measure_peak(fn: Callable[[], object], device: str, cpu_repeats: int = 2, collect: bool = True,
+                 setup: Callable[[], object] | None = None) -> int:
     """Run ``fn`` and return its peak memory in bytes above the memory in use before it.
+
+    ``setup`` runs before each measured call, before "in use before" is read: the runner drops
+    the previous call's gradients there, so the gradients a call computes count in its peak.
 
     On the CPU the smallest of ``cpu_repeats`` calls: a call's own peak is the same every time,
     while one-off allocations around it (lazily grown library buffers) only ever add to it.
@@ -93,6 +97,8 @@ def measure_peak(fn: Callable[[], object], device: str, cpu_repeats: int = 2, co
     unless the caller has ``gc.freeze()``-ed the long-lived objects, as the sweep does).
     """
     if device.startswith("cuda"):
+        if setup is not None:
+            setup()
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -101,10 +107,12 @@ def measure_peak(fn: Callable[[], object], device: str, cpu_repeats: int = 2, co
         peak = torch.cuda.max_memory_allocated() - before
         del out
         return max(int(peak), 0)
-    return min(_cpu_peak(fn, collect) for _ in range(max(1, cpu_repeats)))
+    return min(_cpu_peak(fn, collect, setup) for _ in range(max(1, cpu_repeats)))
 
 
-def _cpu_peak(fn: Callable[[], object], collect: bool) -> int:
+def _cpu_peak(fn: Callable[[], object], collect: bool, setup: Callable[[], object] | None) -> int:
+    if setup is not None:
+        setup()
     if collect:
         gc.collect()
     _set_mmap_threshold(128 * 1024)

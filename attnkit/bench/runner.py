@@ -23,7 +23,8 @@ from .memory import measure_peak
 from .registry import KINDS, Point, Unavailable, Workload
 from .timing import time_fn
 
-__all__ = ["RunOptions", "run_point", "run_points", "prepare_call", "classify_error", "base_row"]
+__all__ = ["RunOptions", "run_point", "run_points", "prepare_call", "clear_grads", "classify_error",
+           "base_row"]
 
 #: RuntimeError texts that mean "this SDPA backend cannot take these inputs", not a failure.
 _UNSUPPORTED = ("no available kernel", "no viable backend", "not supported", "unsupported")
@@ -41,6 +42,8 @@ class RunOptions:
     ``freeze_gc``: after each point, ``gc.freeze()`` what survives, so later collections skip the
     long-lived objects (a full collection takes ~0.3 s once transformers is imported); for the
     sweep's own processes only, as frozen objects are never collected.
+    ``compile_reserve_s``: with a ``deadline``, points of tier-2 implementations (a long set-up such
+    as torch.compile, which cannot be interrupted) are skipped once less than this is left.
     """
 
     mem_cap_bytes: float | None = None
@@ -52,6 +55,7 @@ class RunOptions:
     min_reps: int = 3
     threads: int = 0
     freeze_gc: bool = False
+    compile_reserve_s: float = 60.0
 
 
 def classify_error(exc: BaseException) -> tuple[str, str]:
@@ -75,43 +79,62 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def prepare_call(workload: Workload, mode: str, device: str) -> Callable[[], object]:
-    """The callable one timed iteration runs for ``mode``; it synchronizes the device.
+def _synced(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    def call():
+        out = fn()
+        _sync(device)
+        return out
+    return call
 
+
+def clear_grads(params) -> None:
+    """Drop the gradients of ``params`` (``p.grad = None``)."""
+    for p in params:
+        p.grad = None
+
+
+def prepare_call(workload: Workload, mode: str, device: str, *, sync: bool = True) -> Callable[[], object]:
+    """The callable one timed iteration runs for ``mode``.
+
+    With ``sync`` (the default) it ends with ``torch.cuda.synchronize()`` on a GPU, as a host timer
+    needs; ``sync=False`` is for timers that record CUDA events themselves (``do_bench``), where a
+    synchronize inside the call would add the host's wake-up to every sample.
     ``bwd`` runs the forward once here and times ``backward(retain_graph=True)`` alone;
-    ``fwd`` runs under ``no_grad`` (inference: nothing saved for backward).
+    ``fwd`` runs under ``no_grad`` (inference: nothing saved for backward). The backward modes
+    drop the previous call's gradients first; to count the gradients in a peak-memory measurement,
+    drop them before it too (``measure_peak(..., setup=lambda: clear_grads(workload.params))``).
     """
     params = workload.params
 
-    def clear_grads():
-        for p in params:
-            p.grad = None
+    def done():
+        if sync:
+            _sync(device)
 
     if mode == "fwd":
         def call():
             with torch.no_grad():
                 out = workload.fn()
-            _sync(device)
+            done()
             return out
     elif mode == "bwd":
         out = workload.fn()
         grad = torch.randn_like(out)
 
         def call():
-            clear_grads()
+            clear_grads(params)
             out.backward(grad, retain_graph=True)
-            _sync(device)
+            done()
     elif mode == "fwd+bwd":
         grad = None
 
         def call():
             nonlocal grad
-            clear_grads()
+            clear_grads(params)
             out = workload.fn()
             if grad is None:
                 grad = torch.randn_like(out)
             out.backward(grad)
-            _sync(device)
+            done()
     else:
         raise ValueError(f"mode must be fwd, bwd or fwd+bwd, got {mode!r}")
     return call
@@ -140,13 +163,17 @@ def run_point(point: Point, opts: RunOptions = RunOptions()) -> dict:
             row.update(status="oom", reason=f"predicted {predicted / 2**30:.2f} GiB is over the CPU "
                                             f"memory cap of {opts.mem_cap_bytes / 2**30:.2f} GiB; not run")
             return row
-    workload = call = None
+    workload = call = timed = None
     try:
         workload = impl.build(point, point.mode != "fwd")
-        call = prepare_call(workload, point.mode, point.device)
+        # do_bench records CUDA events around the call: no synchronize inside it (see prepare_call)
+        timed = prepare_call(workload, point.mode, point.device, sync=False)
+        call = _synced(timed, point.device)
         call()  # first call: compilation, autotuning, allocator warm-up; surfaces failures
-        row["peak_mem_bytes"] = measure_peak(call, point.device)
-        t = time_fn(call, point.device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms,
+        params = workload.params
+        # gradients dropped before each measured call, so the peak includes them
+        row["peak_mem_bytes"] = measure_peak(call, point.device, setup=lambda: clear_grads(params))
+        t = time_fn(timed, point.device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms,
                     min_reps=opts.min_reps, cpu_budget_s=opts.cpu_budget_s)
         row.update(time_ms=t.median_ms, time_ms_p20=t.p20_ms, time_ms_p80=t.p80_ms,
                    reps=t.reps if t.reps > 0 else None)
@@ -157,7 +184,7 @@ def run_point(point: Point, opts: RunOptions = RunOptions()) -> dict:
         status, reason = classify_error(exc)
         row.update(status=status, reason=reason)
     finally:
-        del workload, call
+        del workload, call, timed
         gc.collect()
         if opts.freeze_gc:
             gc.freeze()
@@ -177,6 +204,13 @@ def run_points(points: Iterable[Point], opts: RunOptions = RunOptions()) -> Iter
         if opts.deadline is not None and time.time() > opts.deadline:
             row = base_row(point)
             row.update(status="skipped", reason="the time budget (--time-budget) ran out")
+            yield row
+            continue
+        if (opts.deadline is not None and KINDS[point.kind].impls[point.impl].tier >= 2
+                and opts.deadline - time.time() < opts.compile_reserve_s):
+            row = base_row(point)
+            row.update(status="skipped", reason=f"less than {opts.compile_reserve_s:g} s of the time "
+                                                "budget left for a baseline that compiles first")
             yield row
             continue
         stop = stopped.get(point.series)

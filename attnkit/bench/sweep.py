@@ -64,7 +64,7 @@ def cpu_grid() -> Grid:
 
 
 def quick_grid(device: str) -> Grid:
-    """``--quick``: a few N per kind, forward only on the CPU (about a minute on 2 cores)."""
+    """``--quick``: a few N per kind, forward only on the CPU (about 40 s on 2 cores)."""
     if device.startswith("cuda"):
         return replace(gpu_grid(device), ns=(1024, 4096, 16384), ds=(128,))
     return replace(cpu_grid(), ns=(256, 512, 1024, 2048), modes=("fwd",))

@@ -1,9 +1,10 @@
 """Timing one call: medians, with warm-up kept out of the figures.
 
 CUDA: :func:`triton.testing.do_bench` (it flushes L2 between calls and synchronizes), or CUDA
-events when Triton is missing. CPU: ``time.perf_counter`` around each call. The caller has already
-run the function once (that first call compiles, autotunes and allocates), so every timed call
-is warm.
+events when Triton is missing; there ``fn`` must not synchronize itself (the end event is recorded
+after ``fn`` returns, so a synchronize inside it would add the host's wake-up to every sample).
+CPU: ``time.perf_counter`` around each call. The caller has already run the function once (that
+first call compiles, autotunes and allocates), so every timed call is warm.
 """
 
 from __future__ import annotations
