@@ -147,8 +147,8 @@ class FinetuneConfig:
 
     @classmethod
     def quick(cls, **overrides) -> FinetuneConfig:
-        """The ``--quick`` preset: the embedded default, sized to finish in a few minutes on a
-        2-core CPU while showing the loss fall."""
+        """The ``--quick`` preset: the embedded default, sized to finish in well under a minute on
+        a 2-core CPU while showing the loss fall."""
         # no LoRA dropout: the embedded model is random, there is nothing to over-fit to yet, and
         # the seeded dropout mask costs about a third of each CPU step
         base = dict(max_steps=150, batch_size=8, seq_len=128, eval_steps=50, save_steps=50,
@@ -165,6 +165,14 @@ class FinetuneConfig:
         d["target_modules"] = list(self.target_modules)
         return d
 
+    #: Fields a resumed run may change: how the run is driven, not what it trains.
+    RESUMABLE_FIELDS = ("resume", "stop_after", "overwrite", "progress", "out")
+
+    def run_record(self) -> dict:
+        """:meth:`to_json` less :attr:`RESUMABLE_FIELDS`: what ``OUT/run_config.json`` holds and
+        ``--resume`` must match."""
+        return {k: v for k, v in self.to_json().items() if k not in self.RESUMABLE_FIELDS}
+
     def validate(self) -> AttentionChoice:
         """Check every field that can be checked without loading the model; returns the parsed
         attention choice. Raises ``ValueError`` naming the flag."""
@@ -172,7 +180,8 @@ class FinetuneConfig:
         positive = dict(seq_len=self.seq_len, rank=self.rank, max_steps=self.max_steps,
                         batch_size=self.batch_size, grad_accum=self.grad_accum,
                         eval_steps=self.eval_steps, save_steps=self.save_steps,
-                        logging_steps=self.logging_steps, save_total_limit=self.save_total_limit)
+                        logging_steps=self.logging_steps, save_total_limit=self.save_total_limit,
+                        max_eval_sequences=self.max_eval_sequences)
         for name, v in positive.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")

@@ -7,12 +7,17 @@ stream). Documents are tokenised with the model's tokenizer, joined with its EOS
 ``seq_len`` blocks (the ragged tail is dropped). Packing full blocks means no padding and no
 attention mask: every token trains, and the attention kernels take their fastest path.
 
+The held-out set is made of whole documents (:func:`split_documents`) when there are at least
+:data:`MIN_DOCUMENTS_FOR_SPLIT` of them, so no evaluated text shares a document with training text;
+with fewer (one long text file, say) it falls back to held-out packed blocks.
+
 The embedded corpus (``attnkit/finetune/data/corpus.txt``) and the offline tokenizer for the
 embedded model live here too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from importlib import resources
@@ -22,7 +27,8 @@ import torch
 
 __all__ = [
     "read_documents", "embedded_corpus_path", "build_embedded_tokenizer", "pack", "PackedDataset",
-    "split_blocks", "TEXT_SUFFIXES",
+    "split_blocks", "split_documents", "tokenize_documents", "pack_tokens", "data_files",
+    "data_fingerprint", "TEXT_SUFFIXES", "MIN_DOCUMENTS_FOR_SPLIT",
 ]
 
 #: Files picked from a ``--data`` folder.
@@ -56,17 +62,36 @@ def _jsonl_documents(path: Path) -> list[str]:
     return docs
 
 
-def read_documents(data: str | os.PathLike) -> list[str]:
-    """The documents under ``data`` (a file or a folder), in a fixed order."""
+def data_files(data: str | os.PathLike) -> list[Path]:
+    """The files ``--data`` names (itself, or the text files under the folder), in a fixed order."""
     path = Path(data)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
             raise ValueError(f"--data {str(data)!r}: the folder holds no {', '.join(TEXT_SUFFIXES)} files")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise ValueError(f"--data {str(data)!r}: no such file or folder")
+        return files
+    if path.is_file():
+        return [path]
+    raise ValueError(f"--data {str(data)!r}: no such file or folder")
+
+
+def data_fingerprint(data: str | os.PathLike) -> str:
+    """SHA-256 over the data files' names (relative to ``data``) and bytes: a resumed run checks it."""
+    root = Path(data)
+    h = hashlib.sha256()
+    for f in data_files(data):
+        name = f.name if root.is_file() else f.relative_to(root).as_posix()
+        h.update(name.encode("utf-8") + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def read_documents(data: str | os.PathLike) -> list[str]:
+    """The documents under ``data`` (a file or a folder), in a fixed order."""
+    files = data_files(data)
     docs: list[str] = []
     for f in files:
         if f.suffix.lower() in (".jsonl", ".json"):
@@ -103,39 +128,105 @@ def build_embedded_tokenizer(texts: list[str], vocab_size: int = 1024):
                                    pad_token=special, model_max_length=1 << 30)
 
 
-def pack(docs: list[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """Tokenise ``docs``, join them with EOS and cut into ``[num_blocks, seq_len]`` (int64)."""
+def tokenize_documents(docs: list[str], tokenizer) -> list[list[int]]:
+    """Each document's token ids, ending with the tokenizer's EOS token."""
     eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    # the tokenizer's "sequence longer than the model's maximum" warning is moot: we cut below
+    out: list[list[int]] = []
+    # the tokenizer's "sequence longer than the model's maximum" warning is moot: we cut later
     old_max = getattr(tokenizer, "model_max_length", None)
     tokenizer.model_max_length = 1 << 30
     try:
         for doc in docs:
-            piece = tokenizer(doc, add_special_tokens=True)["input_ids"]
-            ids.extend(piece)
+            piece = list(tokenizer(doc, add_special_tokens=True)["input_ids"])
             if eos is not None and (not piece or piece[-1] != eos):
-                ids.append(eos)
+                piece.append(eos)
+            out.append(piece)
     finally:
         if old_max is not None:
             tokenizer.model_max_length = old_max
+    return out
+
+
+def pack_tokens(token_docs: list[list[int]], seq_len: int) -> torch.Tensor:
+    """Join tokenised documents and cut into ``[num_blocks, seq_len]`` (int64; ragged tail dropped)."""
+    ids = [t for doc in token_docs for t in doc]
     n = len(ids) // seq_len
-    if n < 2:
-        raise ValueError(f"the data gives {len(ids)} tokens, fewer than two sequences of --seq-len "
-                         f"{seq_len}; give more text or a shorter --seq-len")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def _too_small(n_tokens: int, seq_len: int) -> ValueError:
+    return ValueError(f"the data gives {n_tokens} tokens, fewer than two sequences of --seq-len {seq_len} "
+                      "(one to train on, one to evaluate); give more text or a shorter --seq-len")
+
+
+def pack(docs: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """Tokenise ``docs``, join them with EOS and cut into ``[num_blocks, seq_len]`` (int64)."""
+    token_docs = tokenize_documents(docs, tokenizer)
+    blocks = pack_tokens(token_docs, seq_len)
+    if blocks.shape[0] < 2:
+        raise _too_small(sum(map(len, token_docs)), seq_len)
+    return blocks
+
+
+def _n_eval(n: int, eval_fraction: float, max_eval: int) -> int:
+    """Held-out blocks out of ``n``: ``eval_fraction`` of them, capped by ``max_eval``, in [1, n-1]."""
+    return max(1, min(round(n * eval_fraction), max_eval, n - 1))
 
 
 def split_blocks(blocks: torch.Tensor, eval_fraction: float, max_eval: int, seed: int = 1234):
     """``(train, eval)`` blocks: a fixed pseudo-random ``eval_fraction`` of the blocks (at least one,
-    at most ``max_eval``) is held out. The split does not depend on ``--seed``, so runs with
-    different seeds are evaluated on the same text."""
+    at most ``max_eval``, always leaving one to train on) is held out. The split does not depend on
+    ``--seed``, so runs with different seeds are evaluated on the same text."""
     n = blocks.shape[0]
-    n_eval = min(max(1, round(n * eval_fraction)), max_eval, n - 1)
+    if n < 2:
+        raise _too_small(blocks.numel(), blocks.shape[1] if blocks.dim() == 2 else 0)
+    n_eval = _n_eval(n, eval_fraction, max_eval)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     held = perm[:n_eval].sort().values
     keep = perm[n_eval:].sort().values
     return blocks[keep], blocks[held]
+
+
+#: Fewest documents for a by-document held-out split; with fewer, packed blocks are held out.
+MIN_DOCUMENTS_FOR_SPLIT = 4
+
+
+def split_documents(token_docs: list[list[int]], seq_len: int, eval_fraction: float, max_eval: int,
+                    seed: int = 1234):
+    """``(train_blocks, eval_blocks, how)``: the held-out set by whole documents where possible.
+
+    Documents are taken in a fixed pseudo-random order (independent of ``--seed``) and held out
+    until they give ``eval_fraction`` of the tokens (at least one ``seq_len`` block, at most
+    ``max_eval`` blocks); a document that would overshoot that by more than its size is skipped, so
+    one huge document cannot swallow the training text. Each side is packed on its own, so no block
+    mixes held-out and training text. ``how`` is ``"documents"``, or ``"blocks"`` when there are
+    fewer than :data:`MIN_DOCUMENTS_FOR_SPLIT` documents or no such subset exists: then
+    :func:`split_blocks` holds out packed blocks (which may share a document with training blocks).
+    """
+    total = sum(map(len, token_docs))
+    n_blocks = total // seq_len
+    if n_blocks < 2:
+        raise _too_small(total, seq_len)
+    target = _n_eval(n_blocks, eval_fraction, max_eval)  # blocks to hold out
+    if len(token_docs) >= MIN_DOCUMENTS_FOR_SPLIT:
+        order = torch.randperm(len(token_docs), generator=torch.Generator().manual_seed(seed)).tolist()
+        limit = 2 * target * seq_len  # overshoot at most the target again
+        held, held_tokens = [], 0
+        for i in order:
+            if held_tokens >= target * seq_len:
+                break
+            if held_tokens + len(token_docs[i]) > limit:
+                continue
+            held.append(i)
+            held_tokens += len(token_docs[i])
+        held_set = set(held)
+        if held_tokens >= seq_len and len(held) < len(token_docs):
+            eval_blocks = pack_tokens([token_docs[i] for i in sorted(held_set)], seq_len)[:max_eval]
+            train_blocks = pack_tokens([d for i, d in enumerate(token_docs) if i not in held_set], seq_len)
+            if train_blocks.shape[0] >= 1 and eval_blocks.shape[0] >= 1:
+                return train_blocks, eval_blocks, "documents"
+    train_blocks, eval_blocks = split_blocks(pack_tokens(token_docs, seq_len), eval_fraction, max_eval, seed)
+    return train_blocks, eval_blocks, "blocks"
 
 
 class PackedDataset(torch.utils.data.Dataset):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 __all__ = ["apply_recorded_attention", "load_finetuned"]
 
@@ -38,7 +39,10 @@ def apply_recorded_attention(model, out_dir: str):
 
 def load_finetuned(out_dir: str, *, fused: bool = True, device=None, dtype=None):
     """``(model, tokenizer)``: the base model named in ``adapter_config.json``, its attention as
-    recorded, and the LoRA adapter (on the fused kernels unless ``fused=False``), in eval mode."""
+    recorded, and the LoRA adapter (on the fused kernels unless ``fused=False``), in eval mode.
+
+    When the recorded base path does not exist (an embedded-default run whose folder was moved or
+    copied elsewhere), ``OUT/base_model`` is used instead, with a warning."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,6 +51,12 @@ def load_finetuned(out_dir: str, *, fused: bool = True, device=None, dtype=None)
 
     with open(os.path.join(out_dir, "adapter_config.json"), encoding="utf-8") as f:
         base_path = json.load(f)["base_model_name_or_path"]
+    local = os.path.join(out_dir, "base_model")
+    if not os.path.exists(base_path) and os.path.isfile(os.path.join(local, "config.json")):
+        # the embedded default records OUT/base_model as an absolute path: the folder has moved
+        warnings.warn(f"load_finetuned: the recorded base model {base_path!r} does not exist; using "
+                      f"{local!r} (the base model stored with the run)", stacklevel=2)
+        base_path = local
     kw = {} if dtype is None else _dtype_kwarg(dtype)
     model = AutoModelForCausalLM.from_pretrained(base_path, **kw)
     tokenizer = AutoTokenizer.from_pretrained(base_path)

@@ -16,7 +16,7 @@ import torch
 
 from .config import AttentionChoice, FinetuneConfig
 
-__all__ = ["check_model_folder", "embedded_config", "load_model", "max_positions"]
+__all__ = ["check_model_folder", "embedded_config", "load_model", "load_tokenizer", "max_positions"]
 
 #: Config fields that name a model's position limit (the first found wins).
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -87,30 +87,50 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def load_model(cfg: FinetuneConfig, out: Path, dtype: torch.dtype, is_main: bool, texts=None):
-    """``(model, tokenizer, base_path)``: the model in ``dtype`` and the folder it came from."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(cfg: FinetuneConfig, out: Path, texts=None, resumed: bool = False):
+    """The run's tokenizer: ``--model``'s, the resumed run's ``OUT/base_model`` one, or a new embedded
+    one trained on ``texts`` (deterministic, so every DDP process builds the same)."""
+    from transformers import AutoTokenizer
 
     if cfg.model is not None:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+            return AutoTokenizer.from_pretrained(cfg.model)
         except (OSError, ValueError) as e:
             raise ValueError(f"--model {cfg.model!r}: cannot load its tokenizer ({e}); the folder "
                              "needs the tokenizer files save_pretrained writes") from None
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, **_dtype_kwarg(dtype))
-        return model, tokenizer, os.path.abspath(cfg.model)
-
     base = out / "base_model"
-    if (base / "config.json").is_file():  # a resumed run: exactly the weights it started from
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base, **_dtype_kwarg(dtype))
-        return model, tokenizer, str(base.resolve())
+    if resumed:
+        if not (base / "config.json").is_file():
+            raise ValueError(f"--resume: {str(base)!r} is missing; the embedded model of the run to "
+                             "resume is stored there")
+        return AutoTokenizer.from_pretrained(base)
     from .dataset import build_embedded_tokenizer
 
-    tokenizer = build_embedded_tokenizer(texts, cfg.embedded_vocab)
-    torch.manual_seed(cfg.seed)  # every DDP process builds the same weights
+    return build_embedded_tokenizer(texts, cfg.embedded_vocab)
+
+
+def load_model(cfg: FinetuneConfig, out: Path, dtype: torch.dtype, is_main: bool, tokenizer,
+               resumed: bool = False):
+    """``(model, base_path)``: the model in ``dtype`` and the folder it came from.
+
+    The embedded default: a resumed run loads ``OUT/base_model``; a fresh one builds the model from
+    its config with ``cfg.seed`` (every DDP process builds the same weights, none reads a folder
+    another process may be writing) and rank 0 writes ``OUT/base_model`` (the caller waits for it
+    on a barrier).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if cfg.model is not None:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, **_dtype_kwarg(dtype))
+        return model, os.path.abspath(cfg.model)
+
+    base = out / "base_model"
+    if resumed:  # exactly the weights the run started from
+        model = AutoModelForCausalLM.from_pretrained(base, **_dtype_kwarg(dtype))
+        return model, str(base.resolve())
+    torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(embedded_config(cfg, len(tokenizer)))
     if is_main:
         model.save_pretrained(base)
         tokenizer.save_pretrained(base)
-    return model.to(dtype), tokenizer, str(base.resolve())
+    return model.to(dtype), str(base.resolve())

@@ -3,7 +3,10 @@
 One run, in order (every check that can fail comes before anything is written):
 
 1. validate the settings and the model's config (``--seq-len`` against its position limit);
-2. read and pack the text, split off the held-out sequences;
+   decide fresh start or ``--resume`` (a resume must keep the settings and data recorded in
+   ``OUT/run_config.json``, written at a fresh start);
+2. read, tokenise and pack the text, holding out whole documents (or, with too few documents,
+   packed blocks) for evaluation; only then is ``--out`` created (and the embedded model written);
 3. evaluate the original model;
 4. swap the attention (``--attention``); for ``linear`` with ``--transfer-steps N``, first train
    per-layer Hedgehog feature maps by attention transfer (:mod:`.linearize`) and evaluate again;
@@ -14,24 +17,33 @@ One run, in order (every check that can fail comes before anything is written):
    with the same step count, optimizer, scheduler, RNG state and data order);
 6. evaluate, then write the adapter, ``attention.json``, ``summary.json`` and ``loss_curve.png``.
 
-Under ``torchrun --nproc_per_node N`` the Trainer runs DDP (gloo on CPU, NCCL on GPUs); only rank
-0 writes files.
+Under ``torchrun --nproc_per_node N`` the Trainer runs DDP (gloo on CPU, NCCL on GPUs). The process
+group is set up first; rank 0 alone inspects and writes ``--out`` and broadcasts its decision.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from .config import AttentionChoice, FinetuneConfig
-from .dataset import PackedDataset, embedded_corpus_path, pack, read_documents, split_blocks
-from .model import check_model_folder, load_model
+from .dataset import (
+    PackedDataset,
+    data_fingerprint,
+    embedded_corpus_path,
+    read_documents,
+    split_documents,
+    tokenize_documents,
+)
+from .model import check_model_folder, load_model, load_tokenizer
 from .report import losses_from_history, peak_memory, perplexity, plot_losses, write_json
 
 __all__ = ["train", "run", "FinetuneConfig", "format_summary"]
@@ -41,13 +53,92 @@ def _rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed():
         torch.distributed.barrier()
 
 
-def _prepare_out(cfg: FinetuneConfig, out: Path, is_main: bool) -> str | None:
-    """Check ``--out`` against ``--resume``/``--overwrite``; returns the checkpoint to resume or None."""
+def _init_distributed(world: int) -> None:
+    """Set up the process group before anything touches ``--out`` (so rank 0 can decide and the
+    others wait), the way the Trainer will (accelerate's ``PartialState``; it keeps a group that
+    exists)."""
+    if world <= 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
+        return
+    cpu = not torch.cuda.is_available()
+    try:
+        from accelerate import PartialState
+
+        PartialState(cpu=True, backend="gloo") if cpu else PartialState()
+    except (ImportError, TypeError):  # no accelerate, or one that takes other arguments
+        pass
+    if not torch.distributed.is_initialized():
+        if not cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend="gloo" if cpu else "nccl")
+
+
+def _from_rank0(fn):
+    """``fn()`` on rank 0, its result (or its ``ValueError``) on every rank."""
+    result, error = None, None
+    if _rank()[0] == 0:
+        try:
+            result = fn()
+        except ValueError as e:
+            error = str(e)
+    if _distributed():
+        box = [(result, error)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise ValueError(error)
+    return result
+
+
+RUN_CONFIG = "run_config.json"
+
+
+def _run_record(cfg: FinetuneConfig) -> dict:
+    """What ``OUT/run_config.json`` holds: the settings a resume must keep, and the data's hash."""
+    record = cfg.run_record()
+    record["data_sha256"] = data_fingerprint(cfg.data if cfg.data is not None else embedded_corpus_path())
+    return json.loads(json.dumps(record))  # tuples -> lists, as read back
+
+
+def _check_resume_config(cfg: FinetuneConfig, out: Path) -> None:
+    """``--resume`` with settings other than the run's own is an error naming every changed one."""
+    path = out / RUN_CONFIG
+    if not path.is_file():  # a run from before run_config.json existed
+        print(f"attnkit finetune: note: {str(path)!r} is missing; cannot check that --resume uses the "
+              "run's own settings", file=sys.stderr)
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    now = _run_record(cfg)
+    missing = object()
+    changed = []
+    for key in sorted(set(saved) | set(now)):
+        was, new = saved.get(key, missing), now.get(key, missing)
+        if was == new:
+            continue
+        if key == "data_sha256":
+            changed.append("the --data contents (their SHA-256 differs)")
+        else:
+            flag = f"--{key.replace('_', '-')}"
+            changed.append(f"{flag} was {None if was is missing else was!r}, now "
+                           f"{None if new is missing else new!r}")
+    if changed:
+        raise ValueError(f"--resume: the settings differ from the run in {str(out)!r} ({RUN_CONFIG}): "
+                         + "; ".join(changed) + ". Resume with the run's own settings, or start afresh "
+                         "with --overwrite or another --out")
+
+
+def _decide_out(cfg: FinetuneConfig, out: Path) -> str | None:
+    """Check ``--out`` against ``--resume``/``--overwrite`` (rank 0; writes nothing); returns the
+    checkpoint to resume or None for a fresh start."""
     from transformers.trainer_utils import get_last_checkpoint
 
     ckpts = out / "checkpoints"
@@ -55,19 +146,26 @@ def _prepare_out(cfg: FinetuneConfig, out: Path, is_main: bool) -> str | None:
         if cfg.resume != "latest":
             if not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
                 raise ValueError(f"--resume {cfg.resume!r}: not a checkpoint folder (no trainer_state.json)")
-            return cfg.resume
-        last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
-        if last is None:
-            raise ValueError(f"--resume: no checkpoint under {str(ckpts)!r}; run without --resume first")
+            last = cfg.resume
+        else:
+            last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
+            if last is None:
+                raise ValueError(f"--resume: no checkpoint under {str(ckpts)!r}; run without --resume first")
+        _check_resume_config(cfg, out)
         return last
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise ValueError(f"--out {str(out)!r} is not empty; pass --resume to continue the run there, "
-                             "--overwrite to start afresh (deleting it), or another --out")
-        if is_main:
-            shutil.rmtree(out)
-    _barrier()
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise ValueError(f"--out {str(out)!r} is not empty; pass --resume to continue the run there, "
+                         "--overwrite to start afresh (deleting it), or another --out")
     return None
+
+
+def _start_out(cfg: FinetuneConfig, out: Path, fresh: bool) -> None:
+    """Rank 0: empty ``--out`` for ``--overwrite``, create it, record the settings of a fresh run."""
+    if fresh and out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        write_json(out / RUN_CONFIG, _run_record(cfg))
 
 
 def _precision(cfg: FinetuneConfig) -> tuple[str, torch.dtype]:
@@ -251,21 +349,33 @@ def run(config: FinetuneConfig | None = None, **overrides):
     out = Path(cfg.out)
     docs = read_documents(cfg.data if cfg.data is not None else embedded_corpus_path())
     mode, dtype = _precision(cfg)
-    resume_from = _prepare_out(cfg, out, is_main)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    # rank 0 alone looks at --out and decides fresh vs resume; the others take its word for it
+    _init_distributed(world)
+    resume_from = _from_rank0(lambda: _decide_out(cfg, out))
+    resumed = resume_from is not None
 
     import transformers
 
     import attnkit.hf  # noqa: F401 - registers attn_implementation="attnkit"
 
-    transformers.set_seed(cfg.seed)
-    model, tokenizer, base_path = load_model(cfg, out, dtype, is_main, texts=docs)
-    _check_targets(model, cfg.target_modules)
-    train_blocks, eval_blocks = split_blocks(pack(docs, tokenizer, cfg.seq_len), cfg.eval_fraction,
-                                             cfg.max_eval_sequences)
+    # tokenise and split before writing anything: too little data fails here
+    tokenizer = load_tokenizer(cfg, out, docs, resumed)
+    train_blocks, eval_blocks, eval_split = split_documents(
+        tokenize_documents(docs, tokenizer), cfg.seq_len, cfg.eval_fraction, cfg.max_eval_sequences)
+    if eval_split == "blocks" and is_main:
+        print(f"attnkit finetune: note: the data holds {len(docs)} document(s), too few (or too long) to "
+              "hold out whole ones; the held-out sequences are packed blocks, which may share a "
+              "document with the training text", file=sys.stderr)
     train_ds, eval_ds = PackedDataset(train_blocks), PackedDataset(eval_blocks)
+
+    if is_main:
+        _start_out(cfg, out, fresh=not resumed)
+    _barrier()
+    transformers.set_seed(cfg.seed)
+    model, base_path = load_model(cfg, out, dtype, is_main, tokenizer, resumed)
+    _barrier()  # OUT/base_model is complete before any process goes on
+    _check_targets(model, cfg.target_modules)
     if torch.cuda.is_available():
         model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
 
@@ -295,8 +405,6 @@ def run(config: FinetuneConfig | None = None, **overrides):
                               train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks)
     start_step = trainer.state.global_step
     if resume_from is not None:
-        import json
-
         with open(os.path.join(resume_from, "trainer_state.json")) as f:
             start_step = int(json.load(f).get("global_step", 0))
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -319,6 +427,7 @@ def run(config: FinetuneConfig | None = None, **overrides):
         "trainable_parameters": trainable,
         "train_sequences": len(train_ds),
         "eval_sequences": len(eval_ds),
+        "eval_split": eval_split,
         "steps": steps,
         "resumed_from_step": start_step if resume_from is not None else None,
         "first_train_loss": train_curve[0][1] if train_curve else None,
