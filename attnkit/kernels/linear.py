@@ -117,6 +117,34 @@ def _features(base, rows, mask_t, stride_n, offs_f, mask_f, stride_d, scale, FEA
     return x, tl.where(mask, _phi(x, FEATURE), 0.0)
 
 
+@triton.jit
+def _start_state(S0, Z0, st_off, zt_off, k_base, v_base, skn, skd, svn, svd, N, DV,
+                 offs_f, mask_f, offs_v, mask_v, arange_t, FEATURE: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_S0: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+                 BV: tl.constexpr):
+    """The state ``[BK, BV]`` / normaliser ``[BK]`` (fp32) a chunk walk starts from: the initial
+    state (or zeros) and, non-causal, plus the whole sequence's ``phi(k)^T v`` (a first pass)."""
+    if HAS_S0:
+        s = tl.load(S0 + st_off + offs_f[:, None] * DV + offs_v[None, :],
+                    mask=mask_f[:, None] & mask_v[None, :], other=0.0)  # [BK, BV] fp32
+        z = tl.load(Z0 + zt_off + offs_f, mask=mask_f, other=0.0)  # [BK] fp32
+    else:
+        s = tl.zeros([BK, BV], dtype=tl.float32)
+        z = tl.zeros([BK], dtype=tl.float32)
+    if not CAUSAL:
+        for start in range(0, N, BT):
+            offs_t = start + arange_t
+            mask_t = offs_t < N
+            rows = offs_t.to(tl.int64)
+            _, fk = _features(k_base, rows, mask_t, skn, offs_f, mask_f, skd, 1.0, FEATURE)
+            v = tl.load(v_base + rows[:, None] * svn + offs_v[None, :] * svd,
+                        mask=mask_t[:, None] & mask_v[None, :], other=0.0)
+            s += _dot(tl.trans(fk.to(v.dtype)), v, PRECISION, UPCAST)  # [BK, BT] @ [BT, BV]
+            z += tl.sum(fk, 0)
+    return s, z
+
+
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
@@ -155,24 +183,10 @@ def _fwd_kernel(
     s_ptrs = offs_f[:, None] * DV + offs_v[None, :]
     arange_t = tl.arange(0, BT)
 
-    if HAS_S0:
-        s = tl.load(S0 + st_off + s_ptrs, mask=mask_fv, other=0.0)  # [BK, BV] fp32
-        z = tl.load(Z0 + zt_off + offs_f, mask=mask_f, other=0.0)  # [BK] fp32
-    else:
-        s = tl.zeros([BK, BV], dtype=tl.float32)
-        z = tl.zeros([BK], dtype=tl.float32)
-
-    if not CAUSAL:
-        # Pass 1: the state over the whole sequence; pass 2 below reads it for every chunk.
-        for start in range(0, N, BT):
-            offs_t = start + arange_t
-            mask_t = offs_t < N
-            rows = offs_t.to(tl.int64)
-            _, fk = _features(k_base, rows, mask_t, skn, offs_f, mask_f, skd, 1.0, FEATURE)
-            v = tl.load(v_base + rows[:, None] * svn + offs_v[None, :] * svd,
-                        mask=mask_t[:, None] & mask_v[None, :], other=0.0)
-            s += _dot(tl.trans(fk.to(v.dtype)), v, PRECISION, UPCAST)  # [BK, BT] @ [BT, BV]
-            z += tl.sum(fk, 0)
+    # Non-causal: pass 1 builds the whole sequence's state; pass 2 below reads it for every chunk.
+    s, z = _start_state(S0, Z0, st_off, zt_off, k_base, v_base, skn, skd, svn, svd, N, DV,
+                        offs_f, mask_f, offs_v, mask_v, arange_t, FEATURE, CAUSAL, HAS_S0,
+                        PRECISION, UPCAST, BK, BT, BV)
 
     for start in range(0, N, BT):
         offs_t = start + arange_t
@@ -263,26 +277,11 @@ def _bwd_dq_kernel(
     mask_f = offs_f < F
     offs_v = tl.arange(0, BV)
     mask_v = offs_v < DV
-    mask_fv = mask_f[:, None] & mask_v[None, :]
     arange_t = tl.arange(0, BT)
 
-    if HAS_S0:
-        s = tl.load(S0 + st_off + offs_f[:, None] * DV + offs_v[None, :], mask=mask_fv, other=0.0)
-        z = tl.load(Z0 + zt_off + offs_f, mask=mask_f, other=0.0)
-    else:
-        s = tl.zeros([BK, BV], dtype=tl.float32)
-        z = tl.zeros([BK], dtype=tl.float32)
-
-    if not CAUSAL:
-        for start in range(0, N, BT):
-            offs_t = start + arange_t
-            mask_t = offs_t < N
-            rows = offs_t.to(tl.int64)
-            _, fk = _features(k_base, rows, mask_t, skn, offs_f, mask_f, skd, 1.0, FEATURE)
-            v = tl.load(v_base + rows[:, None] * svn + offs_v[None, :] * svd,
-                        mask=mask_t[:, None] & mask_v[None, :], other=0.0)
-            s += _dot(tl.trans(fk.to(v.dtype)), v, PRECISION, UPCAST)  # [BK, BT] @ [BT, BV]
-            z += tl.sum(fk, 0)
+    s, z = _start_state(S0, Z0, st_off, zt_off, k_base, v_base, skn, skd, svn, svd, N, DV,
+                        offs_f, mask_f, offs_v, mask_v, arange_t, FEATURE, CAUSAL, HAS_S0,
+                        PRECISION, UPCAST, BK, BT, BV)
 
     for start in range(0, N, BT):
         offs_t = start + arange_t
