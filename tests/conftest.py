@@ -36,3 +36,34 @@ def _poison_kernel_outputs(monkeypatch):
     for name in ("flash", "decode", "linear", "lora"):
         module = importlib.import_module(f"attnkit.kernels.{name}")
         monkeypatch.setattr(module, "POISON_OUTPUTS", True)
+
+
+def pytest_sessionstart(session):
+    """Under the interpreter, run one loop over a runtime bound first. triton 3.6's interpreter
+    converts scalars with ``int()`` of a 1-element array, which NumPy >= 2.4 refuses (measured:
+    184 interpreter tests failed with "only 0-dimensional arrays can be converted"; triton 3.9
+    is fixed). One clear message beats a hundred tracebacks."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return
+
+    @triton.jit
+    def _probe(X, n):
+        for i in range(0, n, 1):
+            tl.store(X + i, i)
+
+    x = torch.zeros(2, dtype=torch.int32)
+    try:
+        _probe[(1,)](x, 2)
+    except Exception as exc:  # an InterpreterError wrapping the TypeError
+        import numpy
+
+        raise pytest.UsageError(
+            f"the Triton interpreter of triton {triton.__version__} cannot run with numpy "
+            f"{numpy.__version__} ({exc}); install numpy<2.4 or a newer triton "
+            "(3.9 is tested) to run the CPU tests"
+        ) from exc

@@ -32,11 +32,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Looked up once, at import (a path lookup, triton itself is not imported): torch 2.11's dynamo
+# refuses to trace ``importlib.util.find_spec``, so calling it per call broke
+# ``torch.compile(fullgraph=True)`` around ``attnkit.attention`` there (found by running the
+# suite on torch 2.11; torch 2.13 traced it).
+_TRITON_MISSING = (
+    "triton is not installed (it ships for Linux: pip install triton)"
+    if importlib.util.find_spec("triton") is None else None
+)
+
+
 def triton_available() -> str | None:
     """``None`` if Triton can be used here, else the reason it cannot."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (it ships for Linux: pip install triton)"
-    return None
+    return _TRITON_MISSING
 
 
 def tensor_device_reason(t: torch.Tensor) -> str | None:

@@ -28,7 +28,7 @@ from .patterns import Causal, Dense, SlidingWindow
 __all__ = [
     "CudaDecodeBackend", "CudaLoRA", "MAX_DECODE_QUERIES", "MAX_LORA_ROWS", "HEAD_DIMS",
     "cuda_decode_attention", "linear_step_reasons", "linear_attention_step_cuda", "lora_batched_cuda",
-    "extension_reason",
+    "extension_reason", "COMPILING_REASON",
 ]
 
 #: Query tokens per sequence up to which a call counts as decoding (speculative decoding drafts
@@ -44,10 +44,23 @@ MAX_LORA_ROWS = 256
 MAX_LORA_RANK = 512
 
 
+#: Why the CUDA backends step aside inside ``torch.compile``: their checks (building the extension
+#: under a lock, K/V pointer alignment via ``data_ptr``) cannot be traced, and a graph break
+#: would undo ``fullgraph=True``. The Triton kernels, which are traceable custom ops, take these
+#: calls there; eager calls still reach the CUDA kernels.
+COMPILING_REASON = (
+    "inside torch.compile (the CUDA kernels' eager-only checks cannot be traced; the Triton "
+    "kernels take the call)"
+)
+
+
 def extension_reason() -> str | None:
-    """``None`` when the CUDA extension is loaded (building it on first use), else why not."""
+    """``None`` when the CUDA extension is loaded (building it on first use), else why not.
+    Inside ``torch.compile`` always a reason (:data:`COMPILING_REASON`), without touching it."""
     from ..kernels import cuda_ext
 
+    if torch.compiler.is_compiling():
+        return COMPILING_REASON
     reason = cuda_ext.available()
     return None if reason is None else f"the CUDA extension is unavailable: {reason}"
 
@@ -107,6 +120,8 @@ class CudaDecodeBackend(Backend):
             reasons.append(
                 f"pattern {call.pattern.kind!r} is not supported (Dense, Causal, SlidingWindow are)"
             )
+        if not reasons and torch.compiler.is_compiling():
+            reasons.append(COMPILING_REASON)  # before data_ptr(), which cannot be traced
         if not reasons:
             reasons += _kv_layout_reasons(call.k, call.v)
         if not reasons:  # only now: this may compile the extension (first use)

@@ -138,6 +138,32 @@ def test_save_pretrained_round_trips_the_override(tmp_path):
     assert loaded.config.attnkit_attention["default"]["fields"] == {"left": 2, "right": 0}
 
 
+def test_block_sparse_override_matches_sdpa_with_its_dense_mask(tmp_path):
+    """A causal Longformer layout through ``swap_attention`` equals sdpa given the layout's own
+    element mask as a 4-D mask (same weights), and the layout (a tensor plus element masks)
+    survives save_pretrained / from_pretrained."""
+    import transformers as tf
+
+    from attnkit import longformer
+
+    n = 40
+    model = build("llama")
+    ids = torch.randint(3, 128, (2, n), generator=torch.Generator().manual_seed(5))
+    pattern = longformer(n, 16, window=8, global_tokens=1, causal=True)
+    allowed = pattern.dense_mask(n, n)[0]
+    assert allowed.any(1).all() and not allowed.tril().equal(torch.ones(n, n).bool().tril())
+    additive = torch.zeros(2, 1, n, n).masked_fill(~allowed, float("-inf"))
+    ref = _logits(model, ids, additive)
+    causal = _logits(model, ids)
+    assert not torch.allclose(ref, causal, atol=1e-3), "the layout must bite"
+    hf.swap_attention(model, pattern)
+    out = _logits(model, ids)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-4)
+    model.save_pretrained(tmp_path)
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="attnkit").eval()
+    torch.testing.assert_close(_logits(loaded, ids), out)
+
+
 def test_peft_lora_backward_matches_sdpa():
     peft = pytest.importorskip("peft")
     model = build("llama")

@@ -6,7 +6,8 @@ fused GEMM forward and dx, both weight gradients, the multi-adapter pair).
 
 Asserted: every launch compiles and fits shared memory; on sm_90 (the H100 we tune for) none
 spills. On sm_80 the linear-attention tiles, chosen for sm_90, spill a little (measured: 16-48 B
-of stack; the LoRA kernels none), so there the bound is 64 B. Measured numbers per config are in
+of stack with triton 3.9, 8-96 B with triton 3.6, the GPU machine's; the LoRA kernels none), so
+there the bound is 128 B, as for the flash kernels. Measured numbers per config are in
 the comments of the tile lists in ``linear.py`` and ``lora.py``. One subprocess, ~40 compiles.
 """
 
@@ -51,7 +52,7 @@ def test_linear_and_lora_kernels_compile_without_spills():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(results) == N_LAUNCHES
     bad = [r["name"] for r in results
-           if not r["fits"] or r["spill"] > (0 if r["arch"] == 90 else 64)]
+           if not r["fits"] or r["spill"] > (0 if r["arch"] == 90 else 128)]
     assert not bad, "spilling or oversized kernels:\n" + "\n".join(bad)
 
 

@@ -124,6 +124,26 @@ def test_misaligned_cache_rejected(monkeypatch, no_build):
     assert "k is not 16-byte aligned" in _reasons(call)
 
 
+def test_cuda_backends_step_aside_inside_torch_compile(monkeypatch, no_build):
+    """Inside torch.compile the CUDA backends refuse before data_ptr() or the extension build
+    (neither can be traced): ``no_build`` fails the test if the loader is reached, and a
+    misaligned cache must not even be looked at."""
+    from attnkit.finetune.functional import LoRACall
+
+    monkeypatch.setattr(cb, "_device_reason", lambda t: None)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+    def no_pointer(*a):
+        raise AssertionError("data_ptr() is not traceable")
+
+    monkeypatch.setattr(cb, "_kv_layout_reasons", no_pointer)
+    assert cb.CudaDecodeBackend().not_supported_reasons(_call()) == [cb.COMPILING_REASON]
+    q, k, v = torch.randn(2, 4, 64), torch.randn(2, 2, 64), torch.randn(2, 2, 32)
+    assert cb.linear_step_reasons(q, k, v, "elu1") == [cb.COMPILING_REASON]
+    call = LoRACall(x=torch.randn(8, 64, dtype=torch.float16), rank=8, needs_grad=False, batched=True)
+    assert cb.CudaLoRA().not_supported_reasons(call) == [cb.COMPILING_REASON]
+
+
 def test_explicit_cuda_backend_explains_every_reason(no_build):
     backends = {"cuda": cb.CudaDecodeBackend(), **BACKENDS}
     call = _call(D=80, dtype=torch.float32)

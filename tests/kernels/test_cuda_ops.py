@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attnkit
 from attnkit import Causal, Dense, SlidingWindow
 from attnkit.kernels.reference import attention_torch
 from tests.oracle import attention_oracle, max_err
@@ -167,6 +168,21 @@ def test_decode_backend_and_compile(ext):
 
     co, clse = torch.compile(f, fullgraph=True)(q, k, v)
     assert torch.equal(co, o) and torch.equal(clse, lse)
+
+
+def test_compiled_decode_through_attention_matches_eager(ext):
+    """``attnkit.attention`` on a decode call under ``torch.compile(fullgraph=True)``: the CUDA
+    backend steps aside (its checks cannot be traced) and the Triton decode kernel, a traceable
+    custom op, gives the eager CUDA kernel's result to fp16 rounding."""
+    q = torch.randn(2, 8, 1, 128, device="cuda", dtype=torch.float16)
+    k = torch.randn(2, 2, 300, 128, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    f = lambda q, k, v: attnkit.attention(q, k, v, SlidingWindow(100), return_lse=True)
+    with torch.no_grad():
+        o, lse = f(q, k, v)
+        co, clse = torch.compile(f, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(co, o, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(clse, lse, atol=1e-3, rtol=1e-3)
 
 
 # --------------------------------------------------------------------------------------------
