@@ -87,6 +87,10 @@ def cuda_home() -> str | None:
     return None
 
 
+def _has_runtime_headers(root: str | None) -> bool:
+    return bool(root) and os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
+
+
 def find_nvcc() -> str | None:
     """Path of ``nvcc``: under :func:`cuda_home`, else the one on ``PATH``."""
     root = cuda_home()
@@ -166,8 +170,11 @@ def build(archs: list[int] | None = None, verbose: bool = False) -> Path:
     from torch.utils import cpp_extension
 
     root = cuda_home()
-    if root and not cpp_extension.CUDA_HOME:
-        # cpp_extension finds the toolkit through its CUDA_HOME; give it the one we found.
+    if root and not _has_runtime_headers(cpp_extension.CUDA_HOME):
+        # cpp_extension finds the toolkit through its CUDA_HOME, which torch guesses as the folder
+        # above the first ``nvcc`` on PATH without following wrappers: with a wrapper script in
+        # /usr/local/bin (this build machine) it picked /usr/local, and bindings.cpp then failed
+        # on a missing cuda_runtime.h. Give it the toolkit we found instead.
         cpp_extension.CUDA_HOME = root
     folder = cache_dir(archs)
     folder.mkdir(parents=True, exist_ok=True)

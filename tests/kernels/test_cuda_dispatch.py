@@ -242,6 +242,31 @@ def test_missing_toolkit_and_failed_build(monkeypatch):
         assert cuda_ext.load() is False
 
 
+@pytest.mark.parametrize("torch_guess_has_headers", [False, True])
+def test_build_hands_cpp_extension_a_toolkit_with_headers(monkeypatch, tmp_path,
+                                                          torch_guess_has_headers):
+    """torch guesses CUDA_HOME as the folder above the first nvcc on PATH; a wrapper script in
+    /usr/local/bin made that /usr/local (no cuda_runtime.h) and the build failed. build() then
+    uses the toolkit it found; a guess that has the headers is left alone."""
+    from torch.utils import cpp_extension
+
+    found = tmp_path / "cuda"
+    guess = tmp_path / "guess"
+    for root, headers in ((found, True), (guess, torch_guess_has_headers)):
+        (root / "include").mkdir(parents=True)
+        if headers:
+            (root / "include" / "cuda_runtime.h").write_text("")
+    monkeypatch.setattr(cuda_ext, "unavailable_reason", lambda archs=None: None)
+    monkeypatch.setattr(cuda_ext, "cuda_home", lambda: str(found))
+    monkeypatch.setattr(cuda_ext, "_register_fakes", lambda: None)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(guess))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    seen = {}
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.update(home=cpp_extension.CUDA_HOME))
+    cuda_ext.build([90])
+    assert seen["home"] == str(guess if torch_guess_has_headers else found)
+
+
 def test_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
