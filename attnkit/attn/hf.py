@@ -122,10 +122,11 @@ def attnkit_mask(
     its last ``kv_length`` columns (a sliding-window cache keeps only the last keys; a static
     cache is longer than the mask, and the mask is then returned whole). Mask overlays that a
     key mask cannot express (``or``/``and`` mask functions, which transformers flags with
-    ``use_vmap=True``) get a dense 4-D mask from transformers' ``sdpa_mask`` and, later, the
-    ``sdpa`` attention function, with a one-time warning.
+    ``use_vmap=True``, and the blockwise overlay of ``block_sequence_ids``) get a dense 4-D mask
+    from transformers' ``sdpa_mask`` and, later, the ``sdpa`` attention function, with a one-time
+    warning.
     """
-    if kwargs.get("use_vmap"):
+    if kwargs.get("use_vmap") or _has_or_overlay(mask_function):
         from transformers.masking_utils import sdpa_mask
 
         _warn_once("overlay", "this model adds a custom mask overlay (e.g. bidirectional image "
@@ -142,6 +143,30 @@ def attnkit_mask(
     if mask.shape[-1] == kv_length and bool(mask.all()):  # one sync per forward, as transformers' FA2
         return None
     return mask
+
+
+def _has_or_overlay(fn, depth: int = 0) -> bool:
+    """Whether transformers' mask function unions an overlay into the pattern (``or_masks``).
+
+    ``create_causal_mask(..., block_sequence_ids=...)`` (Gemma 3, PaliGemma, GIT: image tokens
+    attend each other bidirectionally) ORs a blockwise overlay in *without* ``use_vmap``; a key
+    mask cannot express it, and ignoring it would silently make those tokens causal. The
+    ``and`` compositions (sliding window, packing) stay expressible, so only an ``or_mask``
+    anywhere in the closures counts.
+    """
+    if depth > 8 or not callable(fn):
+        return False
+    if getattr(fn, "__name__", "") == "or_mask":
+        return True
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            inner = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        items = inner if isinstance(inner, tuple) else (inner,)
+        if any(_has_or_overlay(f, depth + 1) for f in items if callable(f)):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -257,6 +257,40 @@ def test_dense_4d_mask_with_override_raises_and_without_falls_back():
         _logits(model, ids, dense)
 
 
+def test_block_sequence_ids_overlay_is_built_dense_not_ignored():
+    """Gemma 3 / PaliGemma let image tokens attend each other both ways through
+    ``create_causal_mask(..., block_sequence_ids=...)``, an ``or`` overlay that transformers does
+    not flag with ``use_vmap``. attnkit's mask function must not drop it (a key mask would make
+    those tokens causal): it returns sdpa's dense mask, with the one-time warning."""
+    import inspect
+
+    from transformers import masking_utils as mu
+
+    params = inspect.signature(mu.create_causal_mask).parameters
+    if "block_sequence_ids" not in params or "cache" not in params:
+        pytest.skip("this transformers has no block_sequence_ids (or an older signature)")
+    model = build("llama")
+    embeds = torch.zeros(1, 7, 64)
+    groups = torch.tensor([[-1, 0, 0, 0, -1, -1, -1]])  # tokens 1-3: one image
+    masks = {}
+    for impl in ("sdpa", "attnkit"):
+        model.config._attn_implementation = impl
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hf._warned.discard("overlay")
+            masks[impl] = mu.create_causal_mask(config=model.config, inputs_embeds=embeds,
+                                                attention_mask=None, cache=None,
+                                                block_sequence_ids=groups)
+    assert any("mask overlay" in str(w.message) for w in caught)
+    dense = masks["attnkit"]
+    assert dense is not None and dense.shape == (1, 1, 7, 7)
+    assert bool(dense[0, 0, 1, 3]) and not bool(dense[0, 0, 4, 5])  # image both ways, text causal
+    torch.testing.assert_close(dense, masks["sdpa"])
+    model.config._attn_implementation = "attnkit"
+    assert mu.create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=None,
+                                 cache=None) is None  # no overlay: no mask at all
+
+
 def test_unsaveable_pattern_warns_and_loading_it_raises():
     from attnkit.attn.hf_specs import spec_from_json
 
