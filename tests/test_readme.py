@@ -23,3 +23,12 @@ def test_readme_example_runs(code, tmp_path, monkeypatch):
 
 def test_readme_has_examples():
     assert BLOCKS
+
+
+def test_readme_links_to_files_that_exist():
+    """Embedded plots and relative links point at committed files."""
+    text = README.read_text()
+    targets = re.findall(r"\]\(((?!https?://|#)[^)\s]+)\)", text)
+    assert any(t.endswith(".png") for t in targets)
+    missing = [t for t in targets if not (README.parent / t.split("#")[0]).exists()]
+    assert not missing, f"README links to missing files: {missing}"
