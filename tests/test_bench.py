@@ -355,3 +355,27 @@ def test_baselines_compute_the_same_attention_as_attnkit(kind, monkeypatch):
         expected = attention(*(t.float().transpose(1, 2) for t in (q, k, v)), pattern,
                              backend="torch").transpose(1, 2)
         torch.testing.assert_close(flash, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_a_baseline_that_does_not_import_is_skipped_with_the_reason(monkeypatch):
+    """A flash-attn wheel built against another torch raises at import: a skipped row saying so,
+    not an error (pytest benchmarks/ re-raises errors)."""
+    from attnkit.bench import kinds
+
+    monkeypatch.setattr(kinds.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import raises ImportError
+    monkeypatch.setattr(kinds, "_on_cuda", lambda point: True)
+    point = Point("causal", "flash-attn", "fwd", 1, 2, 64, 16, "bfloat16", "cpu")
+    with pytest.raises(Unavailable, match="flash-attn is installed but does not import"):
+        KINDS["causal"].impls["flash-attn"].build(point, False)
+
+
+def test_peft_baseline_adapters_run_in_the_points_dtype():
+    """PEFT would make its adapters fp32 on a bf16 base (autocast_adapter_dtype); the other LoRA
+    rows run bf16 adapters, so the PEFT row must too."""
+    pytest.importorskip("peft")
+    from attnkit.bench import kinds
+
+    model = kinds._peft_model(Point("lora", "peft", "fwd", 1, 0, 16, 0, "bfloat16", "cpu", 64, 8))
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert dtypes and set(dtypes.values()) == {torch.bfloat16}, dtypes

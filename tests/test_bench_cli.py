@@ -117,13 +117,28 @@ def test_gpu_check_without_a_gpu_says_so(tmp_path, capsys):
     assert e.value.code == 2 and "no CUDA device is visible" in capsys.readouterr().err
 
 
-def test_gpu_check_test_runner_writes_log_and_junit(tmp_path):
+def test_gpu_check_test_runner_writes_log_and_junit(tmp_path, monkeypatch):
+    """The suite runs with ATTNKIT_AUTOTUNE=0 (first tile only) unless the caller set it."""
+    monkeypatch.delenv("ATTNKIT_AUTOTUNE", raising=False)
     test_file = tmp_path / "test_tiny.py"
-    test_file.write_text("def test_one():\n    assert 1 + 1 == 2\n")
+    test_file.write_text("import os\ndef test_one():\n    assert os.environ['ATTNKIT_AUTOTUNE'] == '0'\n")
     summary = run_test_suite(tmp_path, f"-n 1 {test_file} -p no:cacheprovider", timeout_s=120)
     assert summary["returncode"] == 0, (tmp_path / "tests.log").read_text()
     assert "1 passed" in summary["summary"]
+    assert summary["env"] == {"ATTNKIT_AUTOTUNE": "0"}
     assert (tmp_path / "tests.xml").exists()
+    monkeypatch.setenv("ATTNKIT_AUTOTUNE", "1")
+    test_file.write_text("import os\ndef test_one():\n    assert os.environ['ATTNKIT_AUTOTUNE'] == '1'\n")
+    assert run_test_suite(tmp_path, f"-n 0 {test_file} -p no:cacheprovider", 120)["returncode"] == 0
+
+
+def test_process_start_time_distrusts_a_boot_clock_far_in_the_past(monkeypatch):
+    from attnkit.bench import command
+
+    now = time.time()
+    assert process_start_time() <= now
+    monkeypatch.setattr(command, "_IMPORTED_AT", now + 10 * command.MAX_STARTUP_S)
+    assert process_start_time() == now + 10 * command.MAX_STARTUP_S
 
 
 def test_gpu_check_test_runner_kills_the_whole_suite_on_timeout(tmp_path):

@@ -24,6 +24,7 @@ from .inputs import AttentionCall
 __all__ = [
     "Backend", "BACKENDS", "PRIORITY", "select_backend", "triton_available", "interpreting",
     "tensor_device_reason", "interpreter_reasons", "triton_reasons", "TRITON_DTYPES",
+    "GRID_Y_MAX", "grid_y_reason",
 ]
 
 
@@ -61,6 +62,19 @@ def tensor_device_reason(t: torch.Tensor) -> str | None:
 
 #: What every Triton kernel in attnkit computes in.
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: CUDA caps a grid's y and z extents at 65535; the flash and linear-attention kernels put one
+#: program per (sequence, head) on y.
+GRID_Y_MAX = 65535
+
+
+def grid_y_reason(sequences: int, heads: int) -> str | None:
+    """Why ``sequences * heads`` programs do not fit the kernels' grid (``None``: they do)."""
+    if sequences * heads <= GRID_Y_MAX:
+        return None
+    return (
+        f"{sequences} sequences x {heads} heads = {sequences * heads} (batch, head) programs is "
+        f"above CUDA's grid limit of {GRID_Y_MAX}; split the batch"
+    )
 
 
 def triton_reasons(t: torch.Tensor, dtypes: tuple = TRITON_DTYPES) -> list[str]:
@@ -120,18 +134,32 @@ class TritonBackend(Backend):
         reasons = triton_reasons(call.q, self.dtypes)
         if call.head_dim > self.max_head_dim:
             reasons.append(f"head dim {call.head_dim} is above the maximum of {self.max_head_dim}")
+        cu = call.cu_seqlens_q
+        grid = grid_y_reason(call.q.shape[0] if cu is None else cu.numel() - 1, call.q.shape[1])
+        if grid and self._decodes(call):
+            grid = None  # the decode kernel puts (batch, KV head) on the grid's x axis
+        if grid:
+            reasons.append(grid)
         return reasons
+
+    @staticmethod
+    def _decodes(call: AttentionCall) -> bool:
+        """Whether :meth:`run` sends this call to the split-KV decode kernel."""
+        if call.q.shape[2] > DECODE_MAX_NQ or call.cu_seqlens_q is not None or call.needs_grad:
+            return False
+        from ..kernels.decode import decode_not_supported_reasons
+
+        return not decode_not_supported_reasons(call.q, call.k, call.pattern)
 
     def auto_reasons(self, call: AttentionCall) -> list[str]:
         return self.not_supported_reasons(call) + interpreter_reasons(call.q)
 
     def run(self, call: AttentionCall):
-        if call.q.shape[2] <= DECODE_MAX_NQ and call.cu_seqlens_q is None and not call.needs_grad:
-            from ..kernels.decode import decode_attention, decode_not_supported_reasons
+        if self._decodes(call):
+            from ..kernels.decode import decode_attention
 
-            if not decode_not_supported_reasons(call.q, call.k, call.pattern):
-                return decode_attention(call.q, call.k, call.v, call.pattern, call.scale,
-                                        call.key_padding_mask)
+            return decode_attention(call.q, call.k, call.v, call.pattern, call.scale,
+                                    call.key_padding_mask)
         from ..kernels.flash import flash_attention
 
         return flash_attention(

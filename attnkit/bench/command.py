@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.autotune import ENV as AUTOTUNE_ENV
 from .flops import MODES
 from .memory import available_cpu_memory
 from .registry import DTYPES, KINDS
@@ -37,6 +38,8 @@ _IMPORTED_AT = time.time()
 RESULTS_RESERVE_S = 30.0
 #: ``--gpu-check``: the least the sweep is left when the test suite's timeout is capped.
 MIN_SWEEP_S = 60.0
+#: ``/proc``'s start time is trusted only if it is at most this long before this module's import.
+MAX_STARTUP_S = 120.0
 
 
 def process_start_time() -> float:
@@ -49,6 +52,10 @@ def process_start_time() -> float:
             btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
         start = btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
     except (OSError, ValueError, IndexError, StopIteration, AttributeError):
+        return _IMPORTED_AT
+    if start < _IMPORTED_AT - MAX_STARTUP_S:
+        # Python takes seconds, not minutes, to get here: a boot time that disagrees with the
+        # process clock (seen in some containers) would put the deadline in the past.
         return _IMPORTED_AT
     return min(start, _IMPORTED_AT)
 
@@ -165,7 +172,9 @@ def run_test_suite(out_dir: Path, test_args: str, timeout_s: float) -> dict:
     """Run pytest in a subprocess, output to ``out_dir/tests.log`` and ``tests.xml``; a summary dict.
 
     pytest runs in a session of its own; on timeout the whole process group is killed, so
-    pytest-xdist's workers do not outlive it."""
+    pytest-xdist's workers do not outlive it. Unless the caller's environment says otherwise it
+    runs with ``ATTNKIT_AUTOTUNE=0`` (:mod:`attnkit.kernels.autotune`): the tests then check the
+    tiles the compile tests measure, and no minutes go to benchmarking alternatives per worker."""
     args = shlex.split(test_args)
     if importlib.util.find_spec("xdist") is None and "-n" in args:
         i = args.index("-n")
@@ -173,7 +182,12 @@ def run_test_suite(out_dir: Path, test_args: str, timeout_s: float) -> dict:
     cmd = [sys.executable, "-m", "pytest", *args, "-q", "-ra", f"--junitxml={out_dir / 'tests.xml'}"]
     t0 = time.time()
     with open(out_dir / "tests.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {**os.environ}
+        env.setdefault(AUTOTUNE_ENV, "0")
+        log.write(f"# {AUTOTUNE_ENV}={env[AUTOTUNE_ENV]}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=env)
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -185,6 +199,7 @@ def run_test_suite(out_dir: Path, test_args: str, timeout_s: float) -> dict:
     if rc is None:
         summary = f"timed out after {timeout_s:g} s; last line: {summary}"
     return {"command": " ".join(map(shlex.quote, cmd)), "returncode": rc, "summary": summary,
+            "env": {AUTOTUNE_ENV: env[AUTOTUNE_ENV]},
             "seconds": round(time.time() - t0, 1), "log": "tests.log", "junit": "tests.xml"}
 
 

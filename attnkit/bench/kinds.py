@@ -136,6 +136,14 @@ def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     _raise_compile_limit()
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "donated_buffer"):
+        # The bwd mode times backward(retain_graph=True) over one forward; a compiled graph whose
+        # first backward donated its saved buffers refuses that ("compiled with non-empty donated
+        # buffers"), and the graph is cached on disk, so a fwd+bwd point of an earlier run broke
+        # the bwd point of a later one (seen with torch 2.11 on the CPU). Part of the cache key.
+        functorch_config.donated_buffer = False
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -169,7 +177,10 @@ def _build_flex(pattern_fn, point: Point, requires_grad: bool) -> Workload:
     block_mask = None
     if mask_mod is not None:
         # The block mask is built outside the timed call, as a model builds it once per shape.
-        block_mask = create_block_mask(mask_mod, None, None, point.n, point.n, device=point.device)
+        # Per-batch / per-head layouts keep their own masks (None broadcasts one mask to all).
+        lb, lh = (dense.shape[0], dense.shape[1]) if hasattr(pattern, "dense_mask") else (1, 1)
+        block_mask = create_block_mask(mask_mod, lb if lb > 1 else None, lh if lh > 1 else None,
+                                       point.n, point.n, device=point.device)
     q, k, v = _qkv(point, requires_grad)
     flex = _compiled_flex()
     return Workload(lambda: flex(q, k, v, block_mask=block_mask), [q, k, v])
@@ -182,7 +193,10 @@ def _build_flash_attn(pattern_fn, point: Point, requires_grad: bool) -> Workload
         raise Unavailable("flash-attn needs a CUDA device")
     if point.torch_dtype not in (torch.float16, torch.bfloat16):
         raise Unavailable(f"flash-attn takes fp16/bf16, not {point.dtype}")
-    from flash_attn import flash_attn_func
+    try:
+        from flash_attn import flash_attn_func
+    except (ImportError, OSError) as e:  # e.g. a wheel built against another torch
+        raise Unavailable(f"flash-attn is installed but does not import: {e}") from None
 
     pattern = pattern_fn(point)
     if not isinstance(pattern, (Dense, Causal, SlidingWindow)):
@@ -309,7 +323,10 @@ def _build_fla(point: Point, requires_grad: bool) -> Workload:
         raise Unavailable("flash-linear-attention (fla) is not installed")
     if not _on_cuda(point):
         raise Unavailable("flash-linear-attention needs a CUDA device")
-    from fla.ops.linear_attn import chunk_linear_attn
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+    except (ImportError, OSError) as e:
+        raise Unavailable(f"flash-linear-attention is installed but does not import: {e}") from None
 
     q, k, v = _qkv(point, requires_grad, layout="bnhd")
     kwargs = {"scale": 1.0, "normalize": True}
@@ -347,7 +364,9 @@ register_impl("linear", Impl("attnkit", functools.partial(_build_linear_attnkit,
 register_impl("linear", Impl("torch-chunked", functools.partial(_build_linear_attnkit, "torch"), True,
                              _predict_linear(False)))
 register_impl("linear", Impl("torch-quadratic", _build_linear_quadratic, True, _predict_linear(True)))
-register_impl("linear", Impl("fla", _build_fla, True, _predict_linear(False)))
+# tier 2 with the compiled baselines: fla autotunes on its first call, which the budget's
+# compile reserve must cover.
+register_impl("linear", Impl("fla", _build_fla, True, _predict_linear(False), tier=2))
 
 
 # ------------------------------------------------------------------------------------ LoRA
@@ -392,7 +411,9 @@ def _peft_model(point: Point):
                           dtype=point.torch_dtype)
     config = LoraConfig(r=point.rank, lora_alpha=2 * point.rank, lora_dropout=0.0,
                         target_modules=["proj"])
-    return get_peft_model(_Proj(lin), config)
+    # PEFT makes adapters fp32 by default (autocast_adapter_dtype); the other LoRA rows run
+    # their adapters in the point's dtype, so this one does too (same work, like for like).
+    return get_peft_model(_Proj(lin), config, autocast_adapter_dtype=False)
 
 
 def _build_lora_peft(fused: bool, point: Point, requires_grad: bool) -> Workload:

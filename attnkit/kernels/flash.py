@@ -14,6 +14,7 @@ import torch
 import triton
 
 from . import flash_triton as kt
+from .autotune import first_only_if_asked
 
 __all__ = ["flash_attention", "INTERPRET"]
 
@@ -106,7 +107,8 @@ def _make(kernel, tiles):
         config.max_block_d = max_d
         config.sparse_only = i >= len(tiles)
         configs.append(config)
-    tuned = triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+    tuned = triton.autotune(configs, key=_AUTOTUNE_KEY,
+                            prune_configs_by={"early_config_prune": first_only_if_asked(_prune)})
     return tuned(kernel), False
 
 

@@ -58,6 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune import first_only_if_asked
+
 __all__ = ["linear_attention_triton", "FEATURES", "INTERPRET", "MAX_DIM"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -509,7 +511,8 @@ def _make(kernel, tiles, prune, names):
                       num_stages=t[len(names) + 1])
         for t in dict.fromkeys(t[:-1] for t in tiles)
     ]
-    tuned = triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": prune})
+    tuned = triton.autotune(configs, key=_KEY,
+                            prune_configs_by={"early_config_prune": first_only_if_asked(prune)})
     return tuned(kernel), {}
 
 

@@ -132,11 +132,31 @@ def test_unknown_backend_lists_choices():
 
 def test_explicit_backend_lists_every_reason(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a CPU machine without the interpreter
-    q, k, v = qkv(dtype=torch.float64, D=300)
+    q, k, v = (t.cpu() for t in qkv(dtype=torch.float64, D=300))  # CPU also on a GPU machine
     with pytest.raises(ValueError) as info:
         attnkit.attention(q, k, v, backend="triton")
     msg = str(info.value)
     assert "tensors are on cpu" in msg and "dtype torch.float64" in msg and "head dim 300" in msg
+
+
+def test_more_batch_heads_than_the_grid_takes_is_refused_by_triton(monkeypatch):
+    """CUDA caps the grid's y axis, where the flash kernels put (sequence, head), at 65535: past
+    it the triton backend refuses with a reason (auto takes torch, with the one-time warning);
+    decode-shaped no-grad calls, whose kernel puts (batch, head) on x, are still taken."""
+    monkeypatch.setattr(bk, "GRID_Y_MAX", 15)
+    q, k, v = qkv(B=4, Hq=4, Hkv=2, N=20)
+    with pytest.raises(ValueError, match="16 \\(batch, head\\) programs is above CUDA's grid limit of 15"):
+        attnkit.attention(q, k, v, backend="triton")
+    cu = torch.tensor([0, 5, 20], dtype=torch.int32, device=q.device)
+    call = validate(q[:1], k[:1], v[:1], None, None, None, cu, None, False)  # 2 sequences x 4 heads
+    assert not any("grid limit" in r for r in bk.BACKENDS["triton"].not_supported_reasons(call))
+    with torch.no_grad():
+        decode_call = validate(q[:, :, :1], k, v, Causal(), None, None, None, None, False)
+        assert not any("grid limit" in r
+                       for r in bk.BACKENDS["triton"].not_supported_reasons(decode_call))
+    ql, kl, vl = qkv(B=4, Hq=4, Hkv=2, N=20)
+    with pytest.raises(ValueError, match="above CUDA's grid limit"):
+        attnkit.linear_attention(ql, kl, vl, backend="triton")
 
 
 def test_auto_uses_torch_on_cpu_and_env_override(monkeypatch):
