@@ -408,6 +408,8 @@ def _fused(x1, m1, x2, m2, bias, p=0.0, seed=None, table=None, stride_m2a=0):
         return out
     dropout = p > 0.0
     dummy = x1
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads BIAS + n (a strided view would be misread)
     sm2k, sm2n = m2.stride(-2), m2.stride(-1)
     common = dict(HAS_BIAS=bias is not None, DROPOUT=dropout, OFF64=T * N >= 2**31,
                   BATCHED=table is not None, BLOCK_K2=_block_k2(K2), **_flags(x1.dtype))

@@ -127,11 +127,14 @@ def test_no_grad_for_frozen_and_input(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_transposed_weight_view_and_empty_input(backend, device):
-    """W given as a transposed view (PEFT fan_in_fan_out) and T = 0 both work."""
+    """W given as a transposed view (PEFT fan_in_fan_out), a strided bias and T = 0 all work."""
     x, w, b, a, bb = _inputs((17,), 40, 24, 3, torch.float32, device)
     w_t = w.t().contiguous().t()  # same values, [out, in] view of an [in, out] tensor
     y = lora_linear(x, w_t, a, bb, 0.5, b, backend=backend)
     _check(y, _oracle(*_f64(x, w, b, a, bb), 0.5), torch.float32, "y")
+    b_strided = torch.stack([b, torch.full_like(b, 1e4)], 1)[:, 0]  # stride 2: every other value
+    y = lora_linear(x, w, a, bb, 0.5, b_strided, backend=backend)
+    _check(y, _oracle(*_f64(x, w, b, a, bb), 0.5), torch.float32, "y (strided bias)")
     empty = lora_linear(x[:0], w, a, bb, 0.5, b, backend=backend)
     assert empty.shape == (0, 24)
 
