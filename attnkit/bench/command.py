@@ -320,7 +320,8 @@ def _summary(meta: dict, rows: list[dict]) -> str:
         t = "-" if s["time_slope"] is None else f"{s['time_slope']:.2f}"
         m = "-" if s["memory_slope"] is None else f"{s['memory_slope']:.2f}"
         expected = f"{KINDS[s['kind']].expected_slope:g}" if s["kind"] in KINDS else "?"
-        lines.append(f"  {s['kind']:<10} {s['impl']:<16} {s['mode']:<8} D{s['d']:<4} "
+        shape = f"D{s['d']}" if s["d"] else f"h{s['hidden']} r{s['rank']}"  # LoRA: no head dim
+        lines.append(f"  {s['kind']:<10} {s['impl']:<16} {s['mode']:<8} {shape:<9} "
                      f"time {t:>5}  memory {m:>5}  (expected time ~{expected})")
     problems = [r for r in rows if r["status"] in ("error", "oom")]
     if problems:

@@ -61,6 +61,7 @@ def series_slopes(rows: list[dict]) -> list[dict]:
         ns = [r["n"] for r in rs]
         out.append({
             "kind": kind, "impl": impl, "mode": mode, "d": d, "dtype": dtype, "points": len(rs),
+            "hidden": rs[0].get("hidden", 0), "rank": rs[0].get("rank", 0),
             "time_slope": fit_loglog_slope(ns, [r["time_ms"] for r in rs]),
             "memory_slope": fit_loglog_slope(ns, [r["peak_mem_bytes"] or 0 for r in rs]),
         })

@@ -23,8 +23,13 @@ from .memory import measure_peak
 from .registry import KINDS, Point, Unavailable, Workload
 from .timing import time_fn
 
-__all__ = ["RunOptions", "run_point", "run_points", "prepare_call", "clear_grads", "classify_error",
-           "base_row"]
+#: Prefix of each row the CPU worker subprocess (``worker.py``) writes on stdout. Defined here,
+#: not in worker.py, so that importing the package does not import the module ``python -m``
+#: then runs (which made Python warn in every worker).
+ROW_MARKER = "@@ROW "
+
+__all__ = ["ROW_MARKER", "RunOptions", "run_point", "run_points", "prepare_call", "clear_grads",
+           "classify_error", "base_row"]
 
 #: RuntimeError texts that mean "this SDPA backend cannot take these inputs", not a failure.
 _UNSUPPORTED = ("no available kernel", "no viable backend", "not supported", "unsupported")

@@ -25,8 +25,8 @@ import torch
 from . import kinds as _kinds  # noqa: F401  (registers the kinds)
 from .kinds import LORA_HIDDEN_RANK
 from .registry import KINDS, Point
+from .runner import ROW_MARKER as MARKER
 from .runner import RunOptions, base_row, run_points
-from .worker import MARKER
 
 __all__ = ["Grid", "gpu_grid", "cpu_grid", "quick_grid", "grid_for", "build_points", "run_sweep",
            "environment", "add_speedups"]

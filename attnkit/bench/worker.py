@@ -15,9 +15,8 @@ import sys
 import torch
 
 from .registry import Point
+from .runner import ROW_MARKER as MARKER
 from .runner import RunOptions, run_points
-
-MARKER = "@@ROW "
 
 
 def main() -> int:

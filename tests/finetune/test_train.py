@@ -62,6 +62,9 @@ def test_quick_default_lowers_loss_and_adapter_loads_in_plain_peft(tmp_path):
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["eval_perplexity"] > 1 and on_disk["tokens_per_second"] > 0
     assert on_disk["peak_memory_mib"] > 0 and on_disk["config"]["max_steps"] == 12
+    eval_steps = [step for step, _ in on_disk["eval_loss_curve"]]
+    assert eval_steps == [6, 12], "one eval point per step (the final evaluate() is not repeated)"
+    assert on_disk["eval_loss_curve"][-1][1] == pytest.approx(on_disk["eval_loss"])
 
     # plain PEFT (no attnkit kernels) reproduces the fine-tuned model's logits
     base_path = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
