@@ -141,8 +141,9 @@ def _compiled_flex():
     if hasattr(functorch_config, "donated_buffer"):
         # The bwd mode times backward(retain_graph=True) over one forward; a compiled graph whose
         # first backward donated its saved buffers refuses that ("compiled with non-empty donated
-        # buffers"), and the graph is cached on disk, so a fwd+bwd point of an earlier run broke
-        # the bwd point of a later one (seen with torch 2.11 on the CPU). Part of the cache key.
+        # buffers"), and the graph is cached on disk, so a fwd+bwd point of an earlier run would
+        # break the bwd point of a later one (the mechanism reproduced with torch 2.11 on a CPU
+        # compiled function; flex's own backward runs only on a GPU). Part of the cache key.
         functorch_config.donated_buffer = False
     return torch.compile(flex_attention, dynamic=False)
 
