@@ -62,19 +62,19 @@ def tensor_device_reason(t: torch.Tensor) -> str | None:
 
 #: What every Triton kernel in attnkit computes in.
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: CUDA caps a grid's y and z extents at 65535; the flash and linear-attention kernels put one
-#: program per (sequence, head) on y.
+#: CUDA caps a grid's y and z extents at 65535; the flash and linear-attention kernels put the
+#: heads on y and the batch rows (or packed sequences) on z.
 GRID_Y_MAX = 65535
 
 
 def grid_y_reason(sequences: int, heads: int) -> str | None:
-    """Why ``sequences * heads`` programs do not fit the kernels' grid (``None``: they do)."""
-    if sequences * heads <= GRID_Y_MAX:
+    """Why the kernels' grid cannot hold ``sequences`` x ``heads`` (``None``: it can)."""
+    over = [f"{n} {what}" for n, what in ((sequences, "sequences"), (heads, "heads"))
+            if n > GRID_Y_MAX]
+    if not over:
         return None
-    return (
-        f"{sequences} sequences x {heads} heads = {sequences * heads} (batch, head) programs is "
-        f"above CUDA's grid limit of {GRID_Y_MAX}; split the batch"
-    )
+    return (f"{' and '.join(over)} is above CUDA's grid limit of {GRID_Y_MAX} per axis; "
+            "split the batch")
 
 
 def triton_reasons(t: torch.Tensor, dtypes: tuple = TRITON_DTYPES) -> list[str]:

@@ -206,7 +206,7 @@ def _fwd_impl(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, window_left, window
     o = _alloc(q, tail=(cu_q, 0.0) if c.varlen else None)
     lse = _alloc(q, shape=(q.shape[0], c.Hq, c.Nq), dtype=torch.float32,
                  tail=(cu_q, float("-inf")) if c.varlen else None)
-    grid = lambda meta: (triton.cdiv(c.rows_q, meta["BLOCK_M"]), c.n_prog_b * c.Hq)
+    grid = lambda meta: (triton.cdiv(c.rows_q, meta["BLOCK_M"]), c.Hq, c.n_prog_b)
     _fwd[grid](
         q, k, v, o, lse, c.kpm, c.kv_lo, c.kv_hi, *c.cu, *c.kv_lists, scale,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(), *c.kpm_strides,
@@ -222,21 +222,21 @@ def _bwd_impl(do, q, k, v, o, lse, dlse, kpm, cu_q, cu_k, max_q, max_k, scale, w
     delta = _alloc(q, shape=(B, c.Hq, c.Nq), dtype=torch.float32)
     pre_block = 16 if INTERPRET else 64
     dlse_ = dlse if dlse is not None else lse
-    kt._bwd_preprocess[(triton.cdiv(c.Nq, pre_block), B * c.Hq)](
+    kt._bwd_preprocess[(triton.cdiv(c.Nq, pre_block), c.Hq, B)](
         o, do, dlse_, delta, *o.stride(), *do.stride(), *dlse_.stride(), c.Hq, c.Nq,
         HEAD_DIM=c.D, BLOCK_D=c.meta["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
     )
     dq = _alloc(q, tail=(cu_q, 0.0) if c.varlen else None)
     dk = _alloc(k, tail=(cu_k, 0.0) if c.varlen else None)
     dv = _alloc(v, tail=(cu_k, 0.0) if c.varlen else None)
-    grid_kv = lambda m: (triton.cdiv(c.rows_k, m["BLOCK_N"]), c.n_prog_b * c.Hkv)
+    grid_kv = lambda m: (triton.cdiv(c.rows_k, m["BLOCK_N"]), c.Hkv, c.n_prog_b)
     _dkdv[grid_kv](
         q, k, v, do, lse, delta, dk, dv, c.kpm, *c.cu, *c.q_lists, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dk.stride(),
         *dv.stride(), *c.kpm_strides,
         c.Hq, c.Hkv, c.group, c.Nq, c.Nk, *c.ints(c.rows_cols[2:]), **c.meta,
     )
-    grid_q = lambda m: (triton.cdiv(c.rows_q, m["BLOCK_M"]), c.n_prog_b * c.Hq)
+    grid_q = lambda m: (triton.cdiv(c.rows_q, m["BLOCK_M"]), c.Hq, c.n_prog_b)
     _dq[grid_q](
         q, k, v, do, lse, delta, dq, c.kpm, c.kv_lo, c.kv_hi, *c.cu, *c.kv_lists, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dq.stride(),

@@ -268,12 +268,11 @@ def _fwd_kernel(
 ):
     """O[b, h, i] = softmax(q_i K^T * scale, masked) V; LSE[b, h, i] = logsumexp of the scores.
 
-    Grid: ``(cdiv(max Nq, BLOCK_M), B * Hq)``.
+    Grid: ``(cdiv(max Nq, BLOCK_M), Hq, B)``.
     """
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    h = tl.program_id(1)  # heads on y, batch rows (sequences) on z: each up to 65535
+    b = tl.program_id(2)
     hk = h // GROUP
     q_start, nq, k_start, nk = _seq_bounds(b, CU_Q, CU_K, NQ, NK, VARLEN)
     start_m = pid_m * BLOCK_M
@@ -347,12 +346,11 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, 
     """DELTA[b, h, i] = sum_d O * dO - dLSE (fp32, contiguous ``[B, H, N]``).
 
     A gradient on the LSE enters the score gradient as ``dS += P * dLSE``, which is the same as
-    lowering delta by dLSE. Grid: ``(cdiv(N, BLOCK_M), B * H)``.
+    lowering delta by dLSE. Grid: ``(cdiv(N, BLOCK_M), H, B)``.
     """
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     start = pid_m * BLOCK_M
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -365,7 +363,7 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, 
     if HAS_DLSE:
         g_ptrs = DLSE + b * sgb + h * sgh + (start + rows).to(tl.int64) * sgn
         delta -= tl.load(g_ptrs, mask=row_ok, other=0.0)
-    tl.store(DELTA + (pid_bh.to(tl.int64) * N + start + rows), delta, mask=row_ok)
+    tl.store(DELTA + ((b * H + h) * N + start + rows), delta, mask=row_ok)
 
 
 @triton.jit
@@ -466,12 +464,11 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the ``GROUP`` query heads sharing it
-    (GQA without atomics: the backward is deterministic). Grid: ``(cdiv(max Nk, BLOCK_N), B * Hkv)``.
+    (GQA without atomics: the backward is deterministic). Grid: ``(cdiv(max Nk, BLOCK_N), Hkv, B)``.
     """
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
     q_start, nq, k_start, nk = _seq_bounds(b, CU_Q, CU_K, NQ, NK, VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= nk:
@@ -608,11 +605,10 @@ def _bwd_dq_kernel(
     SPARSE: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ of one query block of one head. Grid: ``(cdiv(max Nq, BLOCK_M), B * Hq)``."""
+    """dQ of one query block of one head. Grid: ``(cdiv(max Nq, BLOCK_M), Hq, B)``."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    h = tl.program_id(1)  # heads on y, batch rows (sequences) on z: each up to 65535
+    b = tl.program_id(2)
     hk = h // GROUP
     q_start, nq, k_start, nk = _seq_bounds(b, CU_Q, CU_K, NQ, NK, VARLEN)
     start_m = pid_m * BLOCK_M

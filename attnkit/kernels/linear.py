@@ -161,19 +161,18 @@ def _fwd_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
-    """Grid ``(cdiv(DV, BV), B * HQ)``. Writes ``o``, the denominator ``den [B, HQ, N]`` (fp32,
+    """Grid ``(cdiv(DV, BV), HQ, B)``. Writes ``o``, the denominator ``den [B, HQ, N]`` (fp32,
     value block 0 only) and the final state ``ST [B, HKV, F, DV]`` / ``ZT [B, HKV, F]``."""
     i_v = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    b = i_bh // HQ
-    h = i_bh % HQ
+    h = tl.program_id(1)  # heads on y, batch on z: each up to 65535
+    b = tl.program_id(2)
     hk = h // GROUP
     b64 = b.to(tl.int64)
     q_base = Q + b64 * sqb + h.to(tl.int64) * sqh
     k_base = K + b64 * skb + hk.to(tl.int64) * skh
     v_base = V + b64 * svb + hk.to(tl.int64) * svh
     o_base = OUT + b64 * sob + h.to(tl.int64) * soh
-    den_base = DEN + i_bh.to(tl.int64) * N
+    den_base = DEN + (b.to(tl.int64) * HQ + h) * N
     st_off = (b64 * HKV + hk) * F * DV
     zt_off = (b64 * HKV + hk) * F
 
@@ -257,12 +256,11 @@ def _bwd_dq_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
-    """Grid ``(cdiv(F, BK), B * HQ)``: ``dq[:, kblock] = phi'(q) * scale * (S g + z c)``,
+    """Grid ``(cdiv(F, BK), HQ, B)``: ``dq[:, kblock] = phi'(q) * scale * (S g + z c)``,
     recomputing ``S[kblock, :]`` chunk by chunk."""
     i_k = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    b = i_bh // HQ
-    h = i_bh % HQ
+    h = tl.program_id(1)  # heads on y, batch on z: each up to 65535
+    b = tl.program_id(2)
     hk = h // GROUP
     b64 = b.to(tl.int64)
     q_base = Q + b64 * sqb + h.to(tl.int64) * sqh
@@ -271,7 +269,7 @@ def _bwd_dq_kernel(
     o_base = OUT + b64 * sob + h.to(tl.int64) * soh
     do_base = DO + b64 * sdob + h.to(tl.int64) * sdoh
     dq_base = DQ + b64 * sdqb + h.to(tl.int64) * sdqh
-    den_base = DEN + i_bh.to(tl.int64) * N
+    den_base = DEN + (b.to(tl.int64) * HQ + h) * N
     st_off = (b64 * HKV + hk) * F * DV
     zt_off = (b64 * HKV + hk) * F
 
@@ -320,21 +318,20 @@ def _bwd_dkdv_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
-    """Grid ``(cdiv(F, BK), B * HKV)``: a reverse walk carrying ``dS[kblock, :]`` / ``dz[kblock]``
+    """Grid ``(cdiv(F, BK), HKV, B)``: a reverse walk carrying ``dS[kblock, :]`` / ``dz[kblock]``
     over the chunks and, inside each chunk, over the ``GROUP`` query heads of this key/value head.
     Writes ``dk[:, kblock]``, the ``kblock`` partial of ``dv`` (plane ``i_k`` of ``DV_``) and, at
     the start of the sequence, ``dS0`` / ``dz0``."""
     i_k = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    b = i_bh // HKV
-    hk = i_bh % HKV
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
     b64 = b.to(tl.int64)
     k_base = K + b64 * skb + hk.to(tl.int64) * skh
     v_base = V + b64 * svb + hk.to(tl.int64) * svh
     dk_base = DK + b64 * sdkb + hk.to(tl.int64) * sdkh
     dv_base = DV_ + i_k.to(tl.int64) * sdvk + b64 * sdvb + hk.to(tl.int64) * sdvh
-    st_off = i_bh.to(tl.int64) * F * DV
-    zt_off = i_bh.to(tl.int64) * F
+    st_off = (b.to(tl.int64) * HKV + hk) * F * DV
+    zt_off = (b.to(tl.int64) * HKV + hk) * F
 
     offs_f = i_k * BK + tl.arange(0, BK)
     mask_f = offs_f < F
@@ -564,7 +561,7 @@ def _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale):
     zt = _empty((B, Hkv, F), q, torch.float32)
     has_s0 = s0 is not None
     s0_, z0_ = (s0.contiguous(), z0.contiguous()) if has_s0 else (st, zt)
-    grid = lambda m: (triton.cdiv(Dv, m["BV"]), B * Hq)
+    grid = lambda m: (triton.cdiv(Dv, m["BV"]), Hq, B)
     _fwd[grid](
         q, k, v, o, den, s0_, z0_, st, zt,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
@@ -583,7 +580,7 @@ def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize,
     dk = _empty(k.shape, k)
     BV = _pow2(Dv)
     BK = min(_pow2(F), _INTERPRET_BLOCK) if INTERPRET else _dq_bk(F, Dv)
-    _dq[(triton.cdiv(F, BK), B * Hq)](
+    _dq[(triton.cdiv(F, BK), Hq, B)](
         q, k, v, o, do, den, s0 if has_s0 else den, z0 if has_s0 else den, dq,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         float(scale), float(eps), Hq, Hkv, group, N, F, Dv,
@@ -605,7 +602,7 @@ def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize,
                                                                   dtype=torch.float32)
         dzt = dzt.contiguous() if dzt is not None else q.new_zeros((B, Hkv, F),
                                                                   dtype=torch.float32)
-    _dkdv[(n_k, B * Hkv)](
+    _dkdv[(n_k, Hkv, B)](
         q, k, v, o, do, den, dst if has_dst else den, dzt if has_dst else den, dk, dv_buf,
         ds0, dz0,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dk.stride(),

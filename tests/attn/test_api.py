@@ -139,23 +139,24 @@ def test_explicit_backend_lists_every_reason(monkeypatch):
     assert "tensors are on cpu" in msg and "dtype torch.float64" in msg and "head dim 300" in msg
 
 
-def test_more_batch_heads_than_the_grid_takes_is_refused_by_triton(monkeypatch):
-    """CUDA caps the grid's y axis, where the flash kernels put (sequence, head), at 65535: past
-    it the triton backend refuses with a reason (auto takes torch, with the one-time warning);
-    decode-shaped no-grad calls, whose kernel puts (batch, head) on x, are still taken."""
-    monkeypatch.setattr(bk, "GRID_Y_MAX", 15)
-    q, k, v = qkv(B=4, Hq=4, Hkv=2, N=20)
-    with pytest.raises(ValueError, match="16 \\(batch, head\\) programs is above CUDA's grid limit of 15"):
+def test_more_sequences_than_the_grid_takes_is_refused_by_triton(monkeypatch):
+    """CUDA caps the grid's y and z axes, where the flash kernels put heads and batch rows, at
+    65535 each: past it the triton backend refuses with a reason (auto takes torch, with the
+    one-time warning); decode-shaped no-grad calls, whose kernel puts (batch, head) on x, are
+    still taken."""
+    monkeypatch.setattr(bk, "GRID_Y_MAX", 3)
+    q, k, v = qkv(B=4, Hq=2, Hkv=2, N=20)
+    with pytest.raises(ValueError, match="4 sequences is above CUDA's grid limit of 3 per axis"):
         attnkit.attention(q, k, v, backend="triton")
-    cu = torch.tensor([0, 5, 20], dtype=torch.int32, device=q.device)
-    call = validate(q[:1], k[:1], v[:1], None, None, None, cu, None, False)  # 2 sequences x 4 heads
+    cu = torch.tensor([0, 5, 12, 20], dtype=torch.int32, device=q.device)  # 3 sequences: fits
+    call = validate(q[:1], k[:1], v[:1], None, None, None, cu, None, False)
     assert not any("grid limit" in r for r in bk.BACKENDS["triton"].not_supported_reasons(call))
     with torch.no_grad():
         decode_call = validate(q[:, :, :1], k, v, Causal(), None, None, None, None, False)
         assert not any("grid limit" in r
                        for r in bk.BACKENDS["triton"].not_supported_reasons(decode_call))
-    ql, kl, vl = qkv(B=4, Hq=4, Hkv=2, N=20)
-    with pytest.raises(ValueError, match="above CUDA's grid limit"):
+    ql, kl, vl = qkv(B=2, Hq=4, Hkv=2, N=20)
+    with pytest.raises(ValueError, match="4 heads is above CUDA's grid limit"):
         attnkit.linear_attention(ql, kl, vl, backend="triton")
 
 

@@ -100,6 +100,13 @@ for dtype in (torch.bfloat16, torch.float32):
     cu = torch.tensor([0, 100, 300], dtype=torch.int32)
     o, _ = flash.flash_attention(q, k, v, Causal(), 0.1, None, cu, cu, 200, 200)
     torch.autograd.grad(o.float().sum(), (q, k, v))
+    # more (batch, head) pairs than one grid axis holds: heads go on y, batch rows on z
+    q, k, v = grad_inputs(*[(33000, 2, 2, 16)] * 3, dtype=dtype)
+    o, _ = flash.flash_attention(q, k, v, Causal(), 0.25)
+    torch.autograd.grad(o.float().sum(), (q, k, v))
+    fq, fk, lv = grad_inputs(*[(33000, 2, 2, 16)] * 3, dtype=dtype)
+    o, _, _ = linear.linear_attention_triton(fq, fk, lv, None, None, "elu1", True, True, 1e-6, 1.0)
+    torch.autograd.grad(o.float().sum(), (fq, fk, lv))
     with torch.no_grad():
         q = torch.randn(3, 8, 1, 128, dtype=dtype)
         kv = torch.randn(3, 2, 500, 128, dtype=dtype)
