@@ -24,7 +24,7 @@ from .inputs import AttentionCall
 __all__ = [
     "Backend", "BACKENDS", "PRIORITY", "select_backend", "triton_available", "interpreting",
     "tensor_device_reason", "interpreter_reasons", "triton_reasons", "TRITON_DTYPES",
-    "GRID_Y_MAX", "grid_y_reason",
+    "GRID_AXIS_MAX", "grid_reason",
 ]
 
 
@@ -64,16 +64,16 @@ def tensor_device_reason(t: torch.Tensor) -> str | None:
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: CUDA caps a grid's y and z extents at 65535; the flash and linear-attention kernels put the
 #: heads on y and the batch rows (or packed sequences) on z.
-GRID_Y_MAX = 65535
+GRID_AXIS_MAX = 65535
 
 
-def grid_y_reason(sequences: int, heads: int) -> str | None:
+def grid_reason(sequences: int, heads: int) -> str | None:
     """Why the kernels' grid cannot hold ``sequences`` x ``heads`` (``None``: it can)."""
     over = [f"{n} {what}" for n, what in ((sequences, "sequences"), (heads, "heads"))
-            if n > GRID_Y_MAX]
+            if n > GRID_AXIS_MAX]
     if not over:
         return None
-    return (f"{' and '.join(over)} is above CUDA's grid limit of {GRID_Y_MAX} per axis; "
+    return (f"{' and '.join(over)} is above CUDA's grid limit of {GRID_AXIS_MAX} per axis; "
             "split the batch")
 
 
@@ -135,7 +135,7 @@ class TritonBackend(Backend):
         if call.head_dim > self.max_head_dim:
             reasons.append(f"head dim {call.head_dim} is above the maximum of {self.max_head_dim}")
         cu = call.cu_seqlens_q
-        grid = grid_y_reason(call.q.shape[0] if cu is None else cu.numel() - 1, call.q.shape[1])
+        grid = grid_reason(call.q.shape[0] if cu is None else cu.numel() - 1, call.q.shape[1])
         if grid and self._decodes(call):
             grid = None  # the decode kernel puts (batch, KV head) on the grid's x axis
         if grid:

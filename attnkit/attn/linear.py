@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from .backends import Backend, grid_y_reason, select_backend, triton_reasons
+from .backends import Backend, grid_reason, select_backend, triton_reasons
 from .feature_maps import resolve_feature_map
 
 __all__ = ["LinearAttentionState", "linear_attention", "linear_attention_step"]
@@ -67,7 +67,7 @@ class _TritonLinear(Backend):
             reasons.append(f"feature dim {n_feat} is above the maximum of {self.max_dim}")
         if dv > self.max_dim:
             reasons.append(f"value head dim {dv} is above the maximum of {self.max_dim}")
-        grid = grid_y_reason(call.q.shape[0], call.q.shape[1])
+        grid = grid_reason(call.q.shape[0], call.q.shape[1])
         if grid:
             reasons.append(grid)
         return reasons

@@ -158,9 +158,11 @@ def _build_flex(pattern_fn, point: Point, requires_grad: bool) -> Workload:
                           "(set ATTNKIT_BENCH_FLEX_CPU=1 to include it)")
     pattern = pattern_fn(point)
     mask_mod = None
+    mask_b = mask_h = None  # None: one mask for every batch row / head
     if hasattr(pattern, "dense_mask"):  # block-sparse: look the element mask up (N x N bytes)
         dense = _band_mask(pattern, point.n, point.device)
         hb, hh = dense.shape[0] > 1, dense.shape[1] > 1
+        mask_b, mask_h = (dense.shape[0] if hb else None), (dense.shape[1] if hh else None)
 
         def mask_mod(b, h, qi, ki):
             return dense[b if hb else 0, h if hh else 0, qi, ki]
@@ -178,10 +180,9 @@ def _build_flex(pattern_fn, point: Point, requires_grad: bool) -> Workload:
     block_mask = None
     if mask_mod is not None:
         # The block mask is built outside the timed call, as a model builds it once per shape.
-        # Per-batch / per-head layouts keep their own masks (None broadcasts one mask to all).
-        lb, lh = (dense.shape[0], dense.shape[1]) if hasattr(pattern, "dense_mask") else (1, 1)
-        block_mask = create_block_mask(mask_mod, lb if lb > 1 else None, lh if lh > 1 else None,
-                                       point.n, point.n, device=point.device)
+        # Per-batch / per-head layouts keep their own masks.
+        block_mask = create_block_mask(mask_mod, mask_b, mask_h, point.n, point.n,
+                                       device=point.device)
     q, k, v = _qkv(point, requires_grad)
     flex = _compiled_flex()
     return Workload(lambda: flex(q, k, v, block_mask=block_mask), [q, k, v])

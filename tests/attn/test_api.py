@@ -144,7 +144,7 @@ def test_more_sequences_than_the_grid_takes_is_refused_by_triton(monkeypatch):
     65535 each: past it the triton backend refuses with a reason (auto takes torch, with the
     one-time warning); decode-shaped no-grad calls, whose kernel puts (batch, head) on x, are
     still taken."""
-    monkeypatch.setattr(bk, "GRID_Y_MAX", 3)
+    monkeypatch.setattr(bk, "GRID_AXIS_MAX", 3)
     q, k, v = qkv(B=4, Hq=2, Hkv=2, N=20)
     with pytest.raises(ValueError, match="4 sequences is above CUDA's grid limit of 3 per axis"):
         attnkit.attention(q, k, v, backend="triton")

@@ -48,7 +48,7 @@ def check(fn, name, args, kwargs, grid, config_kwargs):
         problems.append(f"{name}: parameters never given: {missing}")
     full = {**dict(zip(names, args)), **kwargs, **config_kwargs}
     g = tuple(grid(full) if callable(grid) else grid)
-    if not g or len(g) > 3 or any(not isinstance(int(d), int) or int(d) < 0 for d in g):
+    if not g or len(g) > 3 or any(int(d) < 0 for d in g):
         problems.append(f"{name}: bad grid {g}")
     g = tuple(int(d) for d in g) + (1,) * (3 - len(g))
     if g[0] >= 2**31 or g[1] > 65535 or g[2] > 65535:
