@@ -17,7 +17,7 @@ def visible_mask(pattern, nq: int, nk: int) -> torch.Tensor:
     return ok
 
 
-def attention_oracle(q, k, v, pattern, scale=None, key_padding_mask=None, cu_seqlens=None,
+def attention_oracle(q, k, v, pattern, scale=None, valid_keys=None, cu_seqlens=None,
                      dtype=torch.float64):
     """Naive attention with a dense mask. Returns ``(o, lse)`` in ``dtype``.
 
@@ -49,8 +49,8 @@ def attention_oracle(q, k, v, pattern, scale=None, key_padding_mask=None, cu_seq
     v = v.repeat_interleave(Hq // Hkv, 1)
     s = (q @ k.transpose(-1, -2)) * scale
     ok = visible_mask(pattern, Nq, Nk).to(q.device)[None, None]
-    if key_padding_mask is not None:
-        ok = ok & key_padding_mask[:, None, None, :]
+    if valid_keys is not None:
+        ok = ok & valid_keys[:, None, None, :]
     ok = ok.expand(s.shape)
     # Rows that see no key are scored as all-zero and then zeroed, so that autograd through the
     # oracle stays finite there (a logsumexp over only -inf has a NaN gradient).

@@ -159,11 +159,11 @@ class TritonBackend(Backend):
             from ..kernels.decode import decode_attention
 
             return decode_attention(call.q, call.k, call.v, call.pattern, call.scale,
-                                    call.key_padding_mask)
+                                    call.valid_keys)
         from ..kernels.flash import flash_attention
 
         return flash_attention(
-            call.q, call.k, call.v, call.pattern, call.scale, call.key_padding_mask,
+            call.q, call.k, call.v, call.pattern, call.scale, call.valid_keys,
             call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q, call.max_seqlen_k,
         )
 
@@ -188,10 +188,10 @@ class TorchBackend(Backend):
             nk = call.max_seqlen_k if varlen else call.k.shape[2]
             return block_sparse_attention_torch(
                 call.q, call.k, call.v, call.pattern.compile(nq, nk, call.q.device), call.scale,
-                call.key_padding_mask, call.cu_seqlens_q, call.cu_seqlens_k,
+                call.valid_keys, call.cu_seqlens_q, call.cu_seqlens_k,
             )
         return attention_torch(
-            call.q, call.k, call.v, call.pattern, call.scale, call.key_padding_mask,
+            call.q, call.k, call.v, call.pattern, call.scale, call.valid_keys,
             call.cu_seqlens_q, call.cu_seqlens_k,
         )
 

@@ -6,7 +6,7 @@ try it first and move on (to Triton, then torch) without surprises:
 * :class:`CudaDecodeBackend` (``attnkit.attention``): decode-shaped calls only — at most
   :data:`MAX_DECODE_QUERIES` query tokens per sequence against a KV cache, CUDA tensors, fp16/bf16,
   ``D`` in {64, 128, 256}, no autograd, Dense/Causal/SlidingWindow, a padded batch (an optional
-  ``key_padding_mask``; not packed ``cu_seqlens``), K/V with a unit stride on ``D`` and 16-byte
+  ``valid_keys``; not packed ``cu_seqlens``), K/V with a unit stride on ``D`` and 16-byte
   aligned rows.
 * :func:`linear_step_reasons` / :func:`linear_attention_step_cuda`: the linear-attention decode
   step with a built-in feature map (fp16/bf16/fp32, ``Dk <= 512``, ``Dv <= 512``, ``Dv % 4 == 0``).
@@ -105,7 +105,7 @@ class CudaDecodeBackend(Backend):
         if call.cu_seqlens_q is not None:
             reasons.append(
                 "packed sequences (cu_seqlens) are not supported: the CUDA decode kernel takes a "
-                "padded batch [B, H, N, D] with an optional key_padding_mask"
+                "padded batch [B, H, N, D] with an optional valid_keys mask"
             )
         elif q.shape[2] > MAX_DECODE_QUERIES:
             reasons.append(
@@ -133,7 +133,7 @@ class CudaDecodeBackend(Backend):
     def run(self, call: AttentionCall):
         wl, wr = call.pattern.window()
         return torch.ops.attnkit_cuda.decode_attention(
-            call.q, call.k, call.v, None, call.key_padding_mask, call.scale, wl, wr, 0
+            call.q, call.k, call.v, None, call.valid_keys, call.scale, wl, wr, 0
         )
 
 

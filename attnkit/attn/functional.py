@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .backends import select_backend
-from .inputs import validate
+from .inputs import refuse_unknown_kwargs, validate
 from .patterns import Pattern
 
 __all__ = ["attention"]
@@ -18,11 +18,12 @@ def attention(
     pattern: Pattern | None = None,
     *,
     scale: float | None = None,
-    key_padding_mask: torch.Tensor | None = None,
+    valid_keys: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
     max_seqlen: int | tuple[int, int] | None = None,
     backend: str = "auto",
     return_lse: bool = False,
+    **removed,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Scaled dot-product attention restricted to a pattern, without an ``N x N`` matrix.
 
@@ -35,8 +36,11 @@ def attention(
             :class:`~attnkit.SlidingWindow`. Positions are bottom-right aligned when
             ``Nq != Nk``: query ``i`` sits at key position ``i + Nk - Nq`` (as in flash-attention).
         scale: multiplies ``q k^T``; defaults to ``D ** -0.5``.
-        key_padding_mask: ``[B, Nk]`` bool, True = attend (transformers' convention). The pattern
-            still works on tensor positions; padded keys are simply never attended.
+        valid_keys: ``[B, Nk]`` bool, True = a real key that queries may attend, False = padding
+            (the sense of SDPA's bool ``attn_mask`` and transformers' ``attention_mask``). The
+            pattern still works on tensor positions; padded keys are simply never attended.
+            ``key_padding_mask`` is refused with an explanation: in ``torch.nn.MultiheadAttention``
+            that name marks padding with True, the opposite sense.
         cu_seqlens: int32 ``[S + 1]`` cumulative lengths of ``S`` sequences packed along the N axis
             of ``B = 1`` tensors (flash-attention's varlen layout), or a pair
             ``(cu_seqlens_q, cu_seqlens_k)`` when queries and keys are packed differently.
@@ -57,6 +61,7 @@ def attention(
         TypeError / ValueError naming the offending argument for bad shapes, dtypes, devices,
         masks, patterns or backends.
     """
-    call = validate(q, k, v, pattern, scale, key_padding_mask, cu_seqlens, max_seqlen, return_lse)
+    refuse_unknown_kwargs("attnkit.attention", removed)
+    call = validate(q, k, v, pattern, scale, valid_keys, cu_seqlens, max_seqlen, return_lse)
     o, lse = select_backend(call, backend).run(call)
     return (o, lse) if return_lse else o

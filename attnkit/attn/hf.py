@@ -396,7 +396,7 @@ def _softmax(q, k, v, pattern, scaling, kpm, packed):
     if packed is not None:
         cu_q, cu_k, max_q, max_k = packed
         kw = dict(cu_seqlens=(cu_q, cu_k), max_seqlen=(max_q, max_k))
-    out = attention(q, k, v, pattern, scale=scale, key_padding_mask=kpm, backend=_backend, **kw)
+    out = attention(q, k, v, pattern, scale=scale, valid_keys=kpm, backend=_backend, **kw)
     return out[..., :dv] if out.shape[-1] != dv else out
 
 

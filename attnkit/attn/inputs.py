@@ -31,7 +31,7 @@ class AttentionCall:
     v: torch.Tensor
     pattern: Pattern
     scale: float
-    key_padding_mask: torch.Tensor | None
+    valid_keys: torch.Tensor | None
     cu_seqlens_q: torch.Tensor | None
     cu_seqlens_k: torch.Tensor | None
     max_seqlen_q: int | None
@@ -45,6 +45,26 @@ class AttentionCall:
     @property
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+
+
+#: Why ``key_padding_mask`` is refused: the same name means the opposite in PyTorch.
+_KEY_PADDING_MASK_REMOVED = (
+    "key_padding_mask is not accepted: torch.nn.MultiheadAttention's argument of that name marks "
+    "PADDING with True, while attnkit's key mask marks the keys to ATTEND with True (the sense of "
+    "SDPA's bool attn_mask and of transformers' attention_mask). Pass valid_keys=mask with "
+    "True = a real key to attend and False = padding; a PyTorch-style padding mask converts with "
+    "valid_keys=~key_padding_mask"
+)
+
+
+def refuse_unknown_kwargs(where: str, kwargs: dict) -> None:
+    """Raise the ``TypeError`` Python would, but explain the one removed argument users carry over
+    from PyTorch (``key_padding_mask``, whose True means the opposite there)."""
+    if "key_padding_mask" in kwargs:
+        raise TypeError(f"{where}: {_KEY_PADDING_MASK_REMOVED}")
+    if kwargs:
+        names = ", ".join(map(repr, kwargs))
+        raise TypeError(f"{where}() got unexpected keyword argument(s) {names}")
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:
@@ -103,7 +123,7 @@ def validate(
     v: object,
     pattern: object,
     scale: object,
-    key_padding_mask: object,
+    valid_keys: object,
     cu_seqlens: object,
     max_seqlen: object,
     return_lse: bool,
@@ -154,25 +174,25 @@ def validate(
     if scale != scale or scale in (float("inf"), float("-inf")):
         raise ValueError(f"scale must be finite, got {scale}")
 
-    if key_padding_mask is not None:
-        m = _check_tensor("key_padding_mask", key_padding_mask)
+    if valid_keys is not None:
+        m = _check_tensor("valid_keys", valid_keys)
         if m.dtype != torch.bool:
             raise TypeError(
-                f"key_padding_mask must be a bool tensor [B, Nk] (True = attend), got dtype "
+                f"valid_keys must be a bool tensor [B, Nk] (True = attend, False = padding), got dtype "
                 f"{m.dtype}; an additive float mask converts with `mask == 0`"
             )
         if tuple(m.shape) != (B, Nk):
-            raise ValueError(f"key_padding_mask must have shape [B, Nk] = [{B}, {Nk}], got {tuple(m.shape)}")
+            raise ValueError(f"valid_keys must have shape [B, Nk] = [{B}, {Nk}], got {tuple(m.shape)}")
         if m.device != q.device:
-            raise ValueError(f"key_padding_mask is on {m.device} but q is on {q.device}")
-        key_padding_mask = m
+            raise ValueError(f"valid_keys is on {m.device} but q is on {q.device}")
+        valid_keys = m
 
     cu_q = cu_k = None
     max_q = max_k = None
     if cu_seqlens is not None:
-        if key_padding_mask is not None:
+        if valid_keys is not None:
             raise ValueError(
-                "pass either key_padding_mask or cu_seqlens, not both: packed sequences carry "
+                "pass either valid_keys or cu_seqlens, not both: packed sequences carry "
                 "their lengths in cu_seqlens"
             )
         if B != 1:
@@ -206,7 +226,7 @@ def validate(
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
 
     return AttentionCall(
-        q=q, k=k, v=v, pattern=pattern, scale=scale, key_padding_mask=key_padding_mask,
+        q=q, k=k, v=v, pattern=pattern, scale=scale, valid_keys=valid_keys,
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
         return_lse=return_lse,
     )

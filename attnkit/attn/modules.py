@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .functional import attention
+from .inputs import refuse_unknown_kwargs
 from .patterns import Causal, Pattern, as_pattern
 
 __all__ = ["MultiheadSelfAttention", "RotaryEmbedding"]
@@ -47,7 +48,8 @@ class RotaryEmbedding(nn.Module):
 class MultiheadSelfAttention(nn.Module):
     """Self-attention with q/k/v/o projections, GQA, optional RoPE and an attention pattern.
 
-    ``forward(x [B, N, E], key_padding_mask [B, N] bool = None, position_ids = None) -> [B, N, E]``.
+    ``forward(x [B, N, E], *, valid_keys [B, N] bool = None, position_ids = None) -> [B, N, E]``;
+    ``valid_keys`` is True for real tokens and False for padding (see :func:`attnkit.attention`).
     Projections produce ``[B, N, H, D]`` which reach :func:`attnkit.attention` as transposed views
     (no copy), so any backend and pattern the functional API supports works here.
 
@@ -104,9 +106,12 @@ class MultiheadSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
+        *,
+        valid_keys: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        **removed,
     ) -> torch.Tensor:
+        refuse_unknown_kwargs("MultiheadSelfAttention.forward", removed)
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be [B, N, {self.embed_dim}], got shape {tuple(x.shape)}")
         B, N, _ = x.shape
@@ -115,7 +120,7 @@ class MultiheadSelfAttention(nn.Module):
         v = self.v_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
             q, k = self.rotary(q, position_ids), self.rotary(k, position_ids)
-        o = attention(q, k, v, self.pattern, key_padding_mask=key_padding_mask, backend=self.backend)
+        o = attention(q, k, v, self.pattern, valid_keys=valid_keys, backend=self.backend)
         return self.o_proj(o.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:

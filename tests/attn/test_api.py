@@ -75,14 +75,14 @@ def test_head_dim_above_256_on_triton():
 
 def test_float_mask_is_rejected_with_a_hint():
     q, k, v = qkv()
-    _raises(TypeError, r"key_padding_mask must be a bool tensor.*got dtype torch.float32.*mask == 0",
-            q, k, v, key_padding_mask=torch.zeros(1, 8, device=DEVICE))
+    _raises(TypeError, r"valid_keys must be a bool tensor.*got dtype torch.float32.*mask == 0",
+            q, k, v, valid_keys=torch.zeros(1, 8, device=DEVICE))
 
 
 def test_mask_shape():
     q, k, v = qkv()
-    _raises(ValueError, r"key_padding_mask must have shape \[B, Nk\] = \[1, 8\], got \(1, 7\)",
-            q, k, v, key_padding_mask=torch.ones(1, 7, dtype=torch.bool, device=DEVICE))
+    _raises(ValueError, r"valid_keys must have shape \[B, Nk\] = \[1, 8\], got \(1, 7\)",
+            q, k, v, valid_keys=torch.ones(1, 7, dtype=torch.bool, device=DEVICE))
 
 
 def test_negative_and_non_integer_windows():
@@ -116,8 +116,8 @@ def test_cu_seqlens_checks():
     q2, k2, v2 = qkv(B=2)
     _raises(ValueError, r"pack all sequences into B = 1, got B = 2", q2, k2, v2, cu_seqlens=cu)
     mask = torch.ones(1, 8, dtype=torch.bool, device=DEVICE)
-    _raises(ValueError, r"either key_padding_mask or cu_seqlens", q, k, v, cu_seqlens=cu,
-            key_padding_mask=mask)
+    _raises(ValueError, r"either valid_keys or cu_seqlens", q, k, v, cu_seqlens=cu,
+            valid_keys=mask)
     _raises(ValueError, r"max_seqlen is only meaningful together with cu_seqlens", q, k, v,
             max_seqlen=4)
     _raises(ValueError, r"max_seqlen must be at least the longest packed sequence \(5\), got 3",
@@ -238,3 +238,20 @@ def test_env_backend_an_op_lacks_is_ignored_for_that_op(monkeypatch):
     monkeypatch.setenv("ATTNKIT_BACKEND", "trition")
     with pytest.raises(ValueError, match=r"got 'trition'"):
         linear_attention(q, k, v)
+
+
+def test_pytorch_key_padding_mask_name_is_refused_with_both_conventions():
+    """``key_padding_mask`` means True = padding in torch.nn.MultiheadAttention; attnkit's key mask
+    means True = attend. The old name must never run silently with the opposite meaning."""
+    q, k, v = qkv()
+    pad = torch.zeros(1, 8, dtype=torch.bool, device=DEVICE)
+    pad[0, -3:] = True  # PyTorch convention: the last three keys are padding
+    with pytest.raises(TypeError, match=r"key_padding_mask is not accepted.*PADDING with True.*"
+                                        r"ATTEND with True.*valid_keys=~key_padding_mask"):
+        attnkit.attention(q, k, v, key_padding_mask=pad)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) 'kpm'"):
+        attnkit.attention(q, k, v, kpm=pad)
+    # the conversion the message gives is exact: padded keys are ignored
+    o = attnkit.attention(q, k, v, valid_keys=~pad)
+    ref = attnkit.attention(q, k[:, :, :5], v[:, :, :5])
+    torch.testing.assert_close(o, ref)

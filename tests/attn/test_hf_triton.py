@@ -52,7 +52,7 @@ def test_generate_through_the_decode_kernel(monkeypatch):
         if call.q.shape[2] <= 16 and not call.needs_grad and call.cu_seqlens_q is None:
             calls.append(call.q.shape)
             return decode.decode_attention(call.q, call.k, call.v, call.pattern, call.scale,
-                                           call.key_padding_mask)
+                                           call.valid_keys)
         return flash_run(self, call)
 
     monkeypatch.setattr(backends.TritonBackend, "run", run)

@@ -19,7 +19,7 @@ def test_block_matches_manual_computation(backend):
     x = torch.randn(B, N, E, device=DEVICE, requires_grad=True)
     kpm = torch.ones(B, N, dtype=torch.bool, device=DEVICE)
     kpm[1, :4] = False  # left padding
-    y = block(x, key_padding_mask=kpm)
+    y = block(x, valid_keys=kpm)
     assert y.shape == (B, N, E) and torch.isfinite(y).all()
 
     D = E // H
@@ -27,7 +27,7 @@ def test_block_matches_manual_computation(backend):
     k = block.k_proj(x).view(B, N, Hkv, D).transpose(1, 2)
     v = block.v_proj(x).view(B, N, Hkv, D).transpose(1, 2)
     q, k = block.rotary(q), block.rotary(k)
-    o, _ = attention_oracle(q, k, v, SlidingWindow(6), key_padding_mask=kpm)
+    o, _ = attention_oracle(q, k, v, SlidingWindow(6), valid_keys=kpm)
     ref = block.o_proj(o.transpose(1, 2).reshape(B, N, E).float())
     torch.testing.assert_close(y, ref, atol=2e-5, rtol=1e-4)
 
@@ -63,3 +63,13 @@ def test_constructor_errors():
     block = MultiheadSelfAttention(32, 4)
     with pytest.raises(ValueError, match=r"x must be \[B, N, 32\], got shape \(2, 5, 16\)"):
         block(torch.randn(2, 5, 16))
+
+
+def test_block_refuses_pytorch_key_padding_mask_and_takes_valid_keys_by_keyword_only():
+    block = MultiheadSelfAttention(32, 4)
+    x = torch.randn(1, 5, 32)
+    with pytest.raises(TypeError, match=r"MultiheadSelfAttention.forward: key_padding_mask is not "
+                                        r"accepted.*valid_keys"):
+        block(x, key_padding_mask=torch.zeros(1, 5, dtype=torch.bool))
+    with pytest.raises(TypeError):  # a positional mask could carry either convention
+        block(x, torch.ones(1, 5, dtype=torch.bool))

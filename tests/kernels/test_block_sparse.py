@@ -46,7 +46,7 @@ def check(pattern, mask, B=2, Hq=4, Hkv=2, nq=77, nk=77, D=32, dtype=torch.float
     q = torch.randn(B, Hq, nq, D, device=DEVICE, dtype=dtype, requires_grad=True)
     k = torch.randn(B, Hkv, nk, D, device=DEVICE, dtype=dtype, requires_grad=True)
     v = torch.randn(B, Hkv, nk, D, device=DEVICE, dtype=dtype, requires_grad=True)
-    o, lse = attnkit.attention(q, k, v, pattern, key_padding_mask=kpm, cu_seqlens=cu,
+    o, lse = attnkit.attention(q, k, v, pattern, valid_keys=kpm, cu_seqlens=cu,
                                max_seqlen=max_seqlen, backend=backend, return_lse=True)
     assert torch.isfinite(o).all() and not torch.isnan(lse).any()
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))

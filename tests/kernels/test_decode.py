@@ -87,7 +87,7 @@ def test_decode_matches_oracle(c: Case):
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
     assert not o.isnan().any() and not lse.isnan().any(), "an output element was never written"
     ref_o, ref_lse = attention_oracle(q, k, v, c.pattern, scale, kpm)
-    same_dtype = attnkit.attention(q, k, v, c.pattern, scale=scale, key_padding_mask=kpm,
+    same_dtype = attnkit.attention(q, k, v, c.pattern, scale=scale, valid_keys=kpm,
                                    backend="torch")
     bound = 2 * max_err(same_dtype, ref_o) + SLACK[c.dtype]
     assert max_err(o, ref_o) <= bound

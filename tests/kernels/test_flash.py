@@ -125,15 +125,15 @@ def test_attention_matches_oracle(case: Case, dtype, backend):
     if cu is not None:
         lens = case.seqlens if case.seqlens_k is None else (case.seqlens, case.seqlens_k)
         max_seqlen = max(case.seqlens) if case.seqlens_k is None else tuple(max(x) for x in lens)
-    o, lse = attnkit.attention(q, k, v, case.pattern, key_padding_mask=kpm, cu_seqlens=cu,
+    o, lse = attnkit.attention(q, k, v, case.pattern, valid_keys=kpm, cu_seqlens=cu,
                                max_seqlen=max_seqlen, backend=backend, return_lse=True)
     assert o.shape == q.shape and o.dtype == dtype
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
     assert torch.isfinite(o).all(), "non-finite output (unwritten element or NaN from masking)"
     assert not torch.isnan(lse).any()
 
-    ref_o, ref_lse = attention_oracle(q, k, v, case.pattern, key_padding_mask=kpm, cu_seqlens=cu)
-    low_o, _ = attention_oracle(q, k, v, case.pattern, key_padding_mask=kpm, cu_seqlens=cu,
+    ref_o, ref_lse = attention_oracle(q, k, v, case.pattern, valid_keys=kpm, cu_seqlens=cu)
+    low_o, _ = attention_oracle(q, k, v, case.pattern, valid_keys=kpm, cu_seqlens=cu,
                                 dtype=dtype)
     mag = float(ref_o.abs().max()) if ref_o.numel() else 1.0
     assert max_err(o, ref_o) <= tolerance(dtype, max_err(low_o, ref_o), mag, 2.0)
@@ -154,7 +154,7 @@ def test_attention_matches_oracle(case: Case, dtype, backend):
     grads = torch.autograd.grad(loss(o, lse), (q, k, v))
     ref_grads = torch.autograd.grad(loss(ref_o, ref_lse), (q, k, v))
     low_grads = torch.autograd.grad(loss(*attention_oracle(
-        q, k, v, case.pattern, key_padding_mask=kpm, cu_seqlens=cu, dtype=dtype)), (q, k, v))
+        q, k, v, case.pattern, valid_keys=kpm, cu_seqlens=cu, dtype=dtype)), (q, k, v))
     for name, g, rg, lg in zip("qkv", grads, ref_grads, low_grads, strict=True):
         assert g.shape == rg.shape and g.dtype == dtype
         assert torch.isfinite(g).all(), f"d{name} has non-finite values"
@@ -212,7 +212,7 @@ def test_fully_padded_batch_gives_zeros_and_zero_grads(backend):
     q, k, v = (torch.randn(2, 2, 20, 64, device=DEVICE, requires_grad=True) for _ in range(3))
     kpm = torch.zeros(2, 20, dtype=torch.bool, device=DEVICE)
     kpm[0, :7] = True
-    o, lse = attnkit.attention(q, k, v, key_padding_mask=kpm, backend=backend, return_lse=True)
+    o, lse = attnkit.attention(q, k, v, valid_keys=kpm, backend=backend, return_lse=True)
     assert torch.equal(o[1], torch.zeros_like(o[1]))
     assert torch.isneginf(lse[1]).all() and torch.isfinite(lse[0]).all()
     dq, dk, dv = torch.autograd.grad(o.sum(), (q, k, v))
