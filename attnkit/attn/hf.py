@@ -16,7 +16,9 @@ so ``from_pretrained(..., attn_implementation="attnkit")`` and
 
 * **pattern**: causal or bidirectional from the module (``is_causal``), the layer's
   ``sliding_window`` (Mistral, Qwen2, Gemma-style interleaved ``layer_types``; transformers passes
-  it per layer) becomes ``SlidingWindow(window - 1, 0)``; :func:`swap_attention` overrides it for
+  it per layer) becomes ``SlidingWindow(window - 1, 0)``, and a bidirectional local window
+  (ModernBERT) ``SlidingWindow(c, c)`` with ``c = config.sliding_window``, as the model's own mask
+  (:func:`~attnkit.attn.hf_specs.model_pattern`); :func:`swap_attention` overrides it for
   all or some layers (any :class:`~attnkit.Pattern`, or :class:`LinearAttention`);
 * **padding**: the ``[B, Nk]`` key mask; the pattern applies to tensor positions, as in
   transformers, so left padding works; rows that see no key give zeros;
@@ -375,7 +377,9 @@ def attnkit_attention_forward(
         segments = _segments(packed[0], packed[1]) if packed is not None else None
         out = hf_linear_attention(query, key, value, kpm, spec, bool(is_causal), segments)
     else:
-        pattern = spec if spec is not None else model_pattern(bool(is_causal), sliding_window)
+        config_window = getattr(getattr(module, "config", None), "sliding_window", None)
+        pattern = spec if spec is not None else model_pattern(bool(is_causal), sliding_window,
+                                                              config_window)
         out = _softmax(query, key, value, pattern, scaling, kpm, packed)
 
     if packed is not None and B > 1:  # [1, H, B * N, Dv] -> [B, H, N, Dv]

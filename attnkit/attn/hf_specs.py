@@ -89,19 +89,32 @@ def check_spec(spec: object, arg: str = "pattern") -> Spec:
     )
 
 
-def model_pattern(is_causal: bool, sliding_window: int | None) -> Pattern:
+def model_pattern(is_causal: bool, sliding_window: int | None, config_window: int | None = None) -> Pattern:
     """The pattern a transformers layer asks for.
 
-    transformers' causal ``sliding_window = w`` keeps keys ``k > q - w``: ``w`` tokens counting the
-    query itself, i.e. ``SlidingWindow(w - 1, 0)``. Its bidirectional window keeps
-    ``|q - k| <= w`` (``masking_utils.sliding_window_bidirectional_overlay``):
-    ``SlidingWindow(w, w)``.
+    ``sliding_window`` is the value the layer passes to the attention interface, which transformers
+    defines in flash-attention's convention: ``window_size = (w - 1, w - 1)``
+    (``modeling_flash_attention_utils``). Causal, that keeps keys ``k > q - w`` (``w`` tokens
+    counting the query itself): ``SlidingWindow(w - 1, 0)``.
+
+    Bidirectional, the model's own (eager and sdpa) mask is built from ``config.sliding_window``
+    (``masking_utils.create_bidirectional_sliding_window_mask``: ``|q - k| <= config.sliding_window``),
+    and models disagree on how the passed value relates to it: ModernBERT passes
+    ``config.sliding_window + 1`` (so that flash-attention's ``w - 1`` lands on it), T5Gemma passes
+    ``config.sliding_window`` itself. ``config_window`` (the layer's ``config.sliding_window``) is
+    therefore the truth when given: ``SlidingWindow(c, c)``; without it, flash-attention's
+    ``SlidingWindow(w - 1, w - 1)``. (Reading the passed value as ``SlidingWindow(w, w)`` gave
+    ModernBERT one extra key on each side in every local layer, without an error.)
     """
     if sliding_window is not None:
         w = int(sliding_window)
         if w < 1:
             raise ValueError(f"sliding_window must be >= 1 (or None), got {sliding_window}")
-        return SlidingWindow(w - 1, 0) if is_causal else SlidingWindow(w, w)
+        if is_causal:
+            return SlidingWindow(w - 1, 0)
+        if isinstance(config_window, int) and not isinstance(config_window, bool) and config_window >= 0:
+            return SlidingWindow(config_window, config_window)
+        return SlidingWindow(w - 1, w - 1)
     return Causal() if is_causal else Dense()
 
 
