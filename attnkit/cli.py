@@ -19,11 +19,25 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def _backend_lines(title: str, backends, call) -> list[str]:
+    lines = [title]
+    for backend in backends:
+        reasons = backend.not_supported_reasons(call)
+        label = f"{backend.name} ({type(backend).__name__})"
+        lines.append(f"  {label:<30} {'usable' if not reasons else 'not usable: ' + '; '.join(reasons)}")
+    return lines
+
+
 def info_lines() -> list[str]:
-    """Versions, devices and which attention backends can run here (and why not)."""
+    """Versions, devices and, for every op, which backends can run here (and why not)."""
     from . import __version__
-    from .attn.backends import BACKENDS, interpreting
     from .attn.inputs import validate
+    from .kernels.dispatch import interpreting
+    from .kernels.flash.backends import BACKENDS as ATTENTION
+    from .kernels.linear.backends import BACKENDS as LINEAR
+    from .kernels.linear.backends import LinearAttentionCall
+    from .kernels.lora.backends import BACKENDS as LORA
+    from .kernels.lora.backends import LoRACall
 
     lines = [
         f"attnkit      {__version__}",
@@ -45,12 +59,20 @@ def info_lines() -> list[str]:
         dev = "cpu"
     if interpreting():
         lines.append("note         TRITON_INTERPRET=1: Triton kernels run on the CPU (slowly)")
-    lines.append(f"backends for a bf16 attention call on {dev} (D = 128):")
-    x = torch.empty(1, 1, 16, 128, device=dev, dtype=torch.bfloat16)
-    call = validate(x, x, x, None, None, None, None, None, False)
-    for name, backend in BACKENDS.items():
-        reasons = backend.not_supported_reasons(call)
-        lines.append(f"  {name:<8} {'usable' if not reasons else 'not usable: ' + '; '.join(reasons)}")
+    x = torch.empty(1, 1, 128, 128, device=dev, dtype=torch.bfloat16)
+    lines += _backend_lines(f"attention backends for a bf16 prefill call on {dev} (N = 128, D = 128):",
+                            ATTENTION, validate(x, x, x, None, None, None, None, None, False))
+    x1 = x[:, :, :1]
+    lines += _backend_lines(f"attention backends for a bf16 decode step on {dev} (Nq = 1, Nk = 128):",
+                            ATTENTION, validate(x1, x, x, None, None, None, None, None, False))
+    lines += _backend_lines(
+        f"linear_attention backends for a bf16 call on {dev} (F = Dv = 128):", LINEAR,
+        LinearAttentionCall(x, x, x, None, None, "elu1", True, True, 1e-6, 1.0))
+    t = torch.empty(8, 4096, device=dev, dtype=torch.bfloat16)
+    lines += _backend_lines(f"lora_linear backends for a bf16 call on {dev} (r = 16):", LORA,
+                            LoRACall(t, 16, False, False))
+    lines += _backend_lines(f"lora_batched backends for a bf16 decode batch on {dev} (r = 16):", LORA,
+                            LoRACall(t, 16, False, True))
     return lines
 
 

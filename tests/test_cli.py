@@ -12,9 +12,16 @@ def test_info_reports_versions_devices_and_backends(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "triton" in out
-    assert "backends for a bf16 attention call" in out
-    assert "  torch    usable" in out
-    assert "  triton   " in out
+    # every op's backends, each with its verdict
+    for title in ("attention backends for a bf16 prefill call", "attention backends for a bf16 "
+                  "decode step", "linear_attention backends", "lora_linear backends",
+                  "lora_batched backends"):
+        assert title in out, title
+    for entry in ("cuda (CudaDecodeBackend)", "triton (TritonDecode)", "triton (TritonFlash)",
+                  "torch (TorchAttention)", "triton (TritonLinear)", "torch (TorchLinear)",
+                  "cuda (CudaLoRA)", "triton (TritonLoRA)", "torch (TorchLoRA)"):
+        assert entry in out, entry
+    assert out.count("torch (TorchAttention)         usable") == 2
 
 
 def test_module_entry_point_help():

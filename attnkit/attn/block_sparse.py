@@ -21,40 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels.flash.spec import BlockLists
 from .patterns import Pattern
 
-__all__ = ["BlockSparse", "BlockLists"]
-
-
-@dataclass(frozen=True)
-class BlockLists:
-    """A block-sparse pattern compiled for one ``(Nq, Nk)`` on one device.
-
-    ``L = layout batch x layout heads``; ``R = ceil(Nq / bs)``, ``C = ceil(Nk / bs)``.
-
-    * ``kv_num [L, R]`` int32, ``kv_idx [L, R, maxK]`` int32: key blocks of each query block row;
-      ``kv_part [L, R, maxK]`` int32: -1 for a full block, else an index into ``masks``.
-    * ``q_num [L, C]``, ``q_idx [L, C, maxQ]``, ``q_part [L, C, maxQ]``: the transpose.
-    * ``masks [P, bs, bs]`` uint8: element masks of partial blocks (rows = queries).
-    * ``layout_batch``, ``layout_heads``: the layout's batch and head extents (1 = broadcast).
-    * ``visited`` : the number of visible (query, key) pairs over all layouts (FLOP counts).
-    """
-
-    kv_num: torch.Tensor
-    kv_idx: torch.Tensor
-    kv_part: torch.Tensor
-    q_num: torch.Tensor
-    q_idx: torch.Tensor
-    q_part: torch.Tensor
-    masks: torch.Tensor
-    layout_batch: int
-    layout_heads: int
-    block_size: int
-    visited: int
-
-    @property
-    def max_kv_blocks(self) -> int:
-        return self.kv_idx.shape[-1]
+__all__ = ["BlockSparse", "BlockLists"]  # BlockLists lives in kernels/flash/spec.py
 
 
 def _as_layout(layout: object) -> torch.Tensor:
@@ -99,9 +69,6 @@ class BlockSparse(Pattern):
     element_masks: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    left = None
-    right = None
-
     def __post_init__(self) -> None:
         bs = self.block_size
         if isinstance(bs, bool) or not isinstance(bs, int):
@@ -136,8 +103,13 @@ class BlockSparse(Pattern):
     # Shape checks against a call
     # ---------------------------------------------------------------------------------------
 
-    def check_call(self, batch: int, q_heads: int, nq: int, nk: int) -> None:
+    def check_call(self, batch: int, q_heads: int, nq: int, nk: int, same_packing: bool = True) -> None:
         """Raise ``ValueError`` if the layout does not fit a call (``nq``/``nk``: per sequence)."""
+        if self.causal and not same_packing:
+            raise ValueError(
+                "BlockSparse(causal=True) with cu_seqlens needs one packing for queries and "
+                "keys (pass a single cu_seqlens tensor)"
+            )
         lb, lh, r, c = self.layout.shape
         bs = self.block_size
         want = (math.ceil(nq / bs), math.ceil(nk / bs))
@@ -162,7 +134,8 @@ class BlockSparse(Pattern):
     # ---------------------------------------------------------------------------------------
 
     def dense_mask(self, nq: int, nk: int) -> torch.Tensor:
-        """Bool ``[L, nq, nk]`` element mask (for tests and small problems only)."""
+        """Bool ``[L, nq, nk]`` element mask straight from the layout's definition (tests check
+        the compiled lists against it; small problems only)."""
         lb, lh, r, c = self.layout.shape
         bs = self.block_size
         lay = self.layout.reshape(lb * lh, r, c)
@@ -179,31 +152,11 @@ class BlockSparse(Pattern):
             mask &= torch.arange(nk)[None, :] <= i
         return mask
 
-    def visited_pairs(self, nq: int, nk: int) -> float:
-        """Visible (query, key) pairs per (batch row, head), as for the band patterns: the mean
-        over the layout's heads and batch rows (FLOPs = ``4 * B * H * visited_pairs * D``)."""
-        lists = self.compile(nq, nk, torch.device("cpu"))
-        slices = lists.layout_batch * lists.layout_heads
-        return lists.visited / slices if lists.visited % slices else lists.visited // slices
-
-    def key_range(self, q_start: int, q_end: int, nq: int, nk: int) -> tuple[int, int]:
-        lists = self.compile(nq, nk, torch.device("cpu"))
-        bs = self.block_size
-        rows = range(q_start // bs, (q_end - 1) // bs + 1)
-        cols = [c for row in rows for lay in range(lists.kv_num.shape[0])
-                for c in lists.kv_idx[lay, row, : int(lists.kv_num[lay, row])].tolist()]
-        if not cols:
-            return 0, 0
-        return min(cols) * bs, min(max(cols) * bs + bs, nk)
-
-    def window(self) -> tuple[int, int]:
-        return (-1, -1)
-
     # ---------------------------------------------------------------------------------------
     # Compilation into block lists
     # ---------------------------------------------------------------------------------------
 
-    def compile(self, nq: int, nk: int, device: torch.device | str) -> BlockLists:
+    def compile(self, nq: int, nk: int, device: torch.device | str = "cpu") -> BlockLists:
         """The block lists for ``(nq, nk)`` on ``device`` (built once, then cached)."""
         device = torch.device(device)
         key = (nq, nk, str(device))
@@ -211,7 +164,7 @@ class BlockSparse(Pattern):
         if hit is None:
             cpu = self._cache.get((nq, nk, "cpu")) or _compile(self, nq, nk)
             self._cache[(nq, nk, "cpu")] = cpu
-            hit = cpu if device.type == "cpu" else _to_device(cpu, device)
+            hit = cpu if device.type == "cpu" else cpu.to(device)
             self._cache[key] = hit
         return hit
 
@@ -305,12 +258,3 @@ def _count_pairs(lay, part, masks, bs, nq, nk) -> int:
         blk = masks[int(part[l_, r_, c_])]
         total += int(blk[: int(rows[r_]), : int(cols[c_])].sum())
     return total
-
-
-def _to_device(lists: BlockLists, device: torch.device) -> BlockLists:
-    moved = {
-        name: getattr(lists, name).to(device)
-        for name in ("kv_num", "kv_idx", "kv_part", "q_num", "q_idx", "q_part", "masks")
-    }
-    return BlockLists(**moved, layout_batch=lists.layout_batch, layout_heads=lists.layout_heads,
-                      block_size=lists.block_size, visited=lists.visited)

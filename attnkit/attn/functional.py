@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import select_backend
+from ..kernels.flash.backends import run_attention
 from .inputs import refuse_unknown_kwargs, validate
 from .patterns import Pattern
 
@@ -63,5 +63,5 @@ def attention(
     """
     refuse_unknown_kwargs("attnkit.attention", removed)
     call = validate(q, k, v, pattern, scale, valid_keys, cu_seqlens, max_seqlen, return_lse)
-    o, lse = select_backend(call, backend).run(call)
+    o, lse = run_attention(call, backend)
     return (o, lse) if return_lse else o

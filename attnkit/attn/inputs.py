@@ -7,44 +7,15 @@ value) that names the argument, the value received and what would be accepted.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
 
 import torch
 
-from .block_sparse import BlockSparse
-from .patterns import Pattern, as_pattern
+from ..kernels.flash.call import AttentionCall
+from ..kernels.flash.spec import SPEC_KINDS
+from .patterns import as_pattern
 
 #: Dtypes some backend can compute in; each backend narrows this in its capabilities.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclass(frozen=True)
-class AttentionCall:
-    """One validated call: what the backends see when they decide whether they can run it.
-
-    Shapes: ``q [B, Hq, Nq, D]``, ``k``/``v [B, Hkv, Nk, D]``; with ``cu_seqlens_q`` ``B == 1`` and
-    the ``N`` axis holds ``S`` packed sequences.
-    """
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    pattern: Pattern
-    scale: float
-    valid_keys: torch.Tensor | None
-    cu_seqlens_q: torch.Tensor | None
-    cu_seqlens_k: torch.Tensor | None
-    max_seqlen_q: int | None
-    max_seqlen_k: int | None
-    return_lse: bool
-
-    @property
-    def head_dim(self) -> int:
-        return self.q.shape[-1]
-
-    @property
-    def needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
 
 
 #: Why ``key_padding_mask`` is refused: the same name means the opposite in PyTorch.
@@ -211,22 +182,24 @@ def validate(
     elif max_seqlen is not None:
         raise ValueError("max_seqlen is only meaningful together with cu_seqlens")
 
-    if isinstance(pattern, BlockSparse):
-        if cu_q is not None:
-            if pattern.causal and raw_k is not raw_q:
-                raise ValueError(
-                    "BlockSparse(causal=True) with cu_seqlens needs one packing for queries and "
-                    "keys (pass a single cu_seqlens tensor)"
-                )
-            pattern.check_call(cu_q.numel() - 1, Hq, max_q, max_k)
-        else:
-            pattern.check_call(B, Hq, Nq, Nk)
+    if cu_q is not None:
+        pattern.check_call(cu_q.numel() - 1, Hq, max_q, max_k, same_packing=raw_k is raw_q)
+    else:
+        pattern.check_call(B, Hq, Nq, Nk, same_packing=True)
 
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
 
+    nq, nk = (max_q, max_k) if cu_q is not None else (Nq, Nk)
+    spec = pattern.compile(nq, nk, q.device)  # TypeError for a pattern that cannot compile
+    if getattr(spec, "kind", None) not in SPEC_KINDS:
+        raise TypeError(
+            f"pattern {pattern!r} compiled to {type(spec).__name__}, which is not a kernel spec "
+            "(a Band or BlockLists from attnkit.kernels.flash.spec)"
+        )
+
     return AttentionCall(
-        q=q, k=k, v=v, pattern=pattern, scale=scale, valid_keys=valid_keys,
+        q=q, k=k, v=v, pattern=pattern, spec=spec, scale=scale, valid_keys=valid_keys,
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
         return_lse=return_lse,
     )

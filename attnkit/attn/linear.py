@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from .backends import Backend, grid_reason, select_backend, triton_reasons
+from ..kernels.linear.backends import LinearAttentionCall, run_linear_attention
 from .feature_maps import resolve_feature_map
 
 __all__ = ["LinearAttentionState", "linear_attention", "linear_attention_step"]
@@ -35,81 +34,6 @@ class LinearAttentionState(NamedTuple):
 
     s: torch.Tensor
     z: torch.Tensor
-
-
-@dataclass(frozen=True)
-class LinearAttentionCall:
-    """A validated call, as the backends see it. ``q``/``k`` are raw inputs when ``feature`` names
-    a fused map, else already-mapped features (``feature == "identity"``, ``scale == 1``)."""
-
-    q: torch.Tensor  # [B, Hq, N, F] (or [B, Hq, N, Dk] for fused maps, F == Dk)
-    k: torch.Tensor  # [B, Hkv, N, F]
-    v: torch.Tensor  # [B, Hkv, N, Dv]
-    s0: torch.Tensor | None  # [B, Hkv, F, Dv]
-    z0: torch.Tensor | None  # [B, Hkv, F]
-    feature: str
-    causal: bool
-    normalize: bool
-    eps: float
-    scale: float
-
-
-class _TritonLinear(Backend):
-    """The chunked Triton kernels (``attnkit/kernels/linear.py``)."""
-
-    name = "triton"
-    max_dim = 256  # the forward holds all of F in one tile, the backward all of Dv
-
-    def not_supported_reasons(self, call: LinearAttentionCall) -> list[str]:
-        reasons = triton_reasons(call.q, _TRITON_DTYPES)
-        n_feat, dv = call.q.shape[-1], call.v.shape[-1]
-        if n_feat > self.max_dim:
-            reasons.append(f"feature dim {n_feat} is above the maximum of {self.max_dim}")
-        if dv > self.max_dim:
-            reasons.append(f"value head dim {dv} is above the maximum of {self.max_dim}")
-        grid = grid_reason(call.q.shape[0], call.q.shape[1])
-        if grid:
-            reasons.append(grid)
-        return reasons
-
-    def run(self, call: LinearAttentionCall):
-        from ..kernels.linear import linear_attention_triton
-
-        return linear_attention_triton(
-            call.q, call.k, call.v, call.s0, call.z0, call.feature, call.causal, call.normalize,
-            call.eps, call.scale,
-        )
-
-
-class _TorchLinear(Backend):
-    """Chunked PyTorch (``attnkit/kernels/linear_reference.py``): any device, dtype and size."""
-
-    name = "torch"
-
-    def not_supported_reasons(self, call: LinearAttentionCall) -> list[str]:
-        return []
-
-    def run(self, call: LinearAttentionCall):
-        from ..kernels.linear_reference import compute_dtype, linear_attention_torch
-        from .feature_maps import FEATURE_MAPS
-
-        q, k = call.q, call.k
-        if call.feature != "identity" or call.scale != 1.0:
-            phi = FEATURE_MAPS[call.feature]
-            cdt = compute_dtype(q.dtype)  # map in fp32, as the kernels do
-            q, k = phi(q.to(cdt) * call.scale), phi(k.to(cdt))
-        return linear_attention_torch(
-            q, k, call.v, call.s0, call.z0, call.causal, call.normalize, call.eps,
-        )
-
-
-BACKENDS: dict[str, Backend] = {b.name: b for b in (_TritonLinear(), _TorchLinear())}
-
-
-def _priority(call: LinearAttentionCall) -> tuple[str, ...]:
-    # "auto": Triton for CUDA tensors; the torch backend on the CPU even under TRITON_INTERPRET
-    # (the interpreter is for tests, and far slower than torch).
-    return ("triton", "torch") if call.q.is_cuda else ("torch", "triton")
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,10 +233,7 @@ def linear_attention(
         # state must be materialised, or the backward would read past it.
         s0, z0 = s0.to(sdt).contiguous(), z0.to(sdt).contiguous()
     call = LinearAttentionCall(fq, fk, v, s0, z0, name, causal, normalize, eps, kscale)
-    chosen = select_backend(
-        call, backend, backends=BACKENDS, priority=_priority(call), op="linear_attention"
-    )
-    o, s, z = chosen.run(call)
+    o, s, z = run_linear_attention(call, backend)
     return (o, LinearAttentionState(s, z)) if return_state else o
 
 
@@ -335,7 +256,7 @@ def linear_attention_step(
 
     PyTorch (a handful of ``[F, Dv]`` products; any device, differentiable), except that a
     no-grad CUDA call with a built-in feature map runs attnkit's CUDA kernel for the whole batch
-    in one launch when the extension is available (:mod:`attnkit.attn.cuda_backend`).
+    in one launch when the extension is available (:mod:`attnkit.kernels.linear.cuda`).
 
     Args:
         q_t: ``[B, Hq, Dk]`` or ``[B, Hq, 1, Dk]``; k_t: ``[B, Hkv, Dk]`` / ``[B, Hkv, 1, Dk]``;
@@ -359,7 +280,7 @@ def linear_attention_step(
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
     if isinstance(feature_map, str) and q.is_cuda:
         # One CUDA launch for the whole batch when the extension is usable (attnkit/csrc).
-        from .cuda_backend import linear_attention_step_cuda, linear_step_reasons
+        from ..kernels.linear.cuda import linear_attention_step_cuda, linear_step_reasons
 
         if not linear_step_reasons(q, k, v, feature_map, state):
             s0 = z0 = None

@@ -16,9 +16,11 @@ pattern                left          right
 ``SlidingWindow(l, r)``  l           r
 =====================  ============  =============
 
-Every pattern can say which keys a contiguous block of queries touches (:meth:`key_range`) and how
-many (query, key) pairs it visits (:meth:`visited_pairs`). The Triton kernel, the torch backend and
-the benchmarks' FLOP counts all derive from that one idea.
+Every pattern compiles to one kernel spec (:meth:`Pattern.compile`: a ``Band`` here, block lists
+for :class:`~attnkit.BlockSparse`), which says which keys a block of queries touches and how many
+(query, key) pairs it visits. The Triton kernels, the torch backend, the decode kernels, the
+benchmarks' FLOP counts and the tests' oracle all consume that spec
+(``attnkit/kernels/flash/spec.py``).
 """
 
 from __future__ import annotations
@@ -26,50 +28,62 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-__all__ = ["Pattern", "Dense", "Causal", "SlidingWindow", "as_pattern"]
+import torch
+
+from ..kernels.flash.spec import Band, KernelSpec
+
+__all__ = ["Pattern", "BandPattern", "Dense", "Causal", "SlidingWindow", "as_pattern"]
 
 
 class Pattern:
-    """Base class of attention patterns. Subclasses are frozen dataclasses."""
+    """Base class of attention patterns: anything that compiles to a kernel spec.
+
+    A pattern is a frozen dataclass whose :meth:`compile` returns the spec the kernels walk
+    (:class:`~attnkit.kernels.flash.spec.Band` or
+    :class:`~attnkit.kernels.flash.spec.BlockLists`). A subclass that does not say how it
+    compiles is refused (``TypeError``) by :func:`attnkit.attention`, never run as Dense.
+    """
+
+    @property
+    def kind(self) -> str:
+        """A short name for logs, ids and autotuning keys: ``dense``, ``causal``, ``window``..."""
+        return type(self).__name__.lower()
+
+    def compile(self, nq: int, nk: int, device: torch.device | str = "cpu") -> KernelSpec:
+        """The kernel spec of this pattern for ``nq`` queries and ``nk`` keys."""
+        raise TypeError(
+            f"{type(self).__name__} is a Pattern subclass attnkit cannot compile to a kernel spec: "
+            "subclass Dense, Causal, SlidingWindow or BlockSparse (or build one with "
+            "from_mask_fn), or implement compile(nq, nk, device) returning a Band or BlockLists"
+        )
+
+    def check_call(self, batch: int, q_heads: int, nq: int, nk: int, same_packing: bool) -> None:
+        """Raise ``ValueError`` if the pattern cannot serve a call of this shape (``nq``/``nk``
+        per sequence; ``same_packing``: queries and keys share one ``cu_seqlens``)."""
+
+    def key_range(self, q_start: int, q_end: int, nq: int, nk: int) -> tuple[int, int]:
+        """Keys ``[lo, hi)`` touched by queries ``[q_start, q_end)`` (may be empty)."""
+        return self.compile(nq, nk).key_range(q_start, q_end, nq, nk)
+
+    def visited_pairs(self, nq: int, nk: int) -> float:
+        """Visible (query, key) pairs per (batch row, head); drives FLOP counts."""
+        return self.compile(nq, nk).visited_pairs(nq, nk)
+
+
+class BandPattern(Pattern):
+    """A band around each query's aligned position (Dense, Causal, SlidingWindow)."""
 
     #: Visible keys to the left of a query's aligned position (``None`` = unbounded).
     left: int | None = None
     #: Visible keys to the right of a query's aligned position (``None`` = unbounded).
     right: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """A short name for logs, ids and autotuning keys: ``dense``, ``causal`` or ``window``."""
-        return type(self).__name__.lower()
-
-    def key_range(self, q_start: int, q_end: int, nq: int, nk: int) -> tuple[int, int]:
-        """Keys ``[lo, hi)`` touched by queries ``[q_start, q_end)`` (``q_end > q_start``).
-
-        The range may be empty (``lo >= hi``) when every query in the block sees no key.
-        """
-        shift = nk - nq
-        lo = 0 if self.left is None else max(q_start + shift - self.left, 0)
-        hi = nk if self.right is None else min(q_end - 1 + shift + self.right + 1, nk)
-        return lo, max(hi, lo)
-
-    def visited_pairs(self, nq: int, nk: int) -> int:
-        """Number of (query, key) pairs the pattern allows; drives FLOP counts."""
-        total = 0
-        shift = nk - nq
-        for i in range(nq):  # closed form is easy to get wrong at the clipped edges
-            p = i + shift
-            lo = 0 if self.left is None else max(p - self.left, 0)
-            hi = nk - 1 if self.right is None else min(p + self.right, nk - 1)
-            total += max(hi - lo + 1, 0)
-        return total
-
-    def window(self) -> tuple[int, int]:
-        """``(left, right)`` with ``-1`` for "unbounded": the encoding the kernels take."""
-        return (-1 if self.left is None else self.left, -1 if self.right is None else self.right)
+    def compile(self, nq: int = 0, nk: int = 0, device: torch.device | str = "cpu") -> Band:
+        return Band(self.left, self.right)
 
 
 @dataclass(frozen=True)
-class Dense(Pattern):
+class Dense(BandPattern):
     """Every query sees every key (the default)."""
 
     left = None
@@ -77,7 +91,7 @@ class Dense(Pattern):
 
 
 @dataclass(frozen=True)
-class Causal(Pattern):
+class Causal(BandPattern):
     """Query ``i`` sees keys ``j <= i + Nk - Nq`` (bottom-right aligned when ``Nq != Nk``)."""
 
     left = None
@@ -92,7 +106,7 @@ def _check_offset(name: str, value: object) -> None:
 
 
 @dataclass(frozen=True)
-class SlidingWindow(Pattern):
+class SlidingWindow(BandPattern):
     """Query ``i`` sees keys ``p - left <= j <= p + right`` with ``p = i + Nk - Nq``.
 
     This is flash-attention's ``window_size=(left, right)``. ``SlidingWindow(w - 1, 0)`` is the

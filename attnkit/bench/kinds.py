@@ -70,20 +70,11 @@ def _tensor_bytes(point: Point, count: int) -> float:
 
 
 def _band_mask(pattern: Pattern, n: int, device) -> torch.Tensor:
-    """Bool mask (True = attend) of a pattern, broadcastable to ``[B, H, n, n]``, for baselines
-    that take an explicit mask."""
-    dense_mask = getattr(pattern, "dense_mask", None)
-    if callable(dense_mask):  # block-sparse patterns know their mask: [lb * lh, n, n]
-        lb, lh = pattern.layout.shape[:2]
-        return dense_mask(n, n).reshape(lb, lh, n, n).to(device)
-    i = torch.arange(n, device=device)[:, None]
-    j = torch.arange(n, device=device)[None, :]
-    ok = torch.ones(n, n, dtype=torch.bool, device=device)
-    if pattern.left is not None:
-        ok &= j >= i - pattern.left
-    if pattern.right is not None:
-        ok &= j <= i + pattern.right
-    return ok
+    """Bool mask (True = attend) of a pattern, ``[Lb or 1, Lh or 1, n, n]``, for baselines that
+    take an explicit mask: the pattern's kernel spec, as every attnkit backend reads it."""
+    from ..kernels.flash.naive import visible_mask_4d
+
+    return visible_mask_4d(pattern, n, n, device)
 
 
 def _build_attnkit(pattern_fn, point: Point, requires_grad: bool) -> Workload:
@@ -159,15 +150,16 @@ def _build_flex(pattern_fn, point: Point, requires_grad: bool) -> Workload:
     pattern = pattern_fn(point)
     mask_mod = None
     mask_b = mask_h = None  # None: one mask for every batch row / head
-    if hasattr(pattern, "dense_mask"):  # block-sparse: look the element mask up (N x N bytes)
+    spec = pattern.compile(point.n, point.n)
+    if spec.kind == "block_sparse":  # look the element mask up (N x N bytes)
         dense = _band_mask(pattern, point.n, point.device)
         hb, hh = dense.shape[0] > 1, dense.shape[1] > 1
         mask_b, mask_h = (dense.shape[0] if hb else None), (dense.shape[1] if hh else None)
 
         def mask_mod(b, h, qi, ki):
             return dense[b if hb else 0, h if hh else 0, qi, ki]
-    elif not isinstance(pattern, Dense):
-        left, right = pattern.left, pattern.right
+    elif not spec.is_dense:
+        left, right = spec.left, spec.right
 
         def mask_mod(b, h, qi, ki):
             ok = qi >= 0  # all-true of the right shape
@@ -201,11 +193,12 @@ def _build_flash_attn(pattern_fn, point: Point, requires_grad: bool) -> Workload
         raise Unavailable(f"flash-attn is installed but does not import: {e}") from None
 
     pattern = pattern_fn(point)
-    if not isinstance(pattern, (Dense, Causal, SlidingWindow)):
+    spec = pattern.compile(point.n, point.n)
+    if spec.kind != "band":
         raise Unavailable(f"flash-attn has no {pattern.kind} pattern")
-    window = pattern.window()
+    causal = spec.right == 0 and spec.left is None
+    window = (-1 if spec.left is None else spec.left, -1 if spec.right is None else spec.right)
     q, k, v = _qkv(point, requires_grad, layout="bnhd")
-    causal = isinstance(pattern, Causal)
     return Workload(lambda: flash_attn_func(q, k, v, causal=causal, window_size=window), [q, k, v])
 
 

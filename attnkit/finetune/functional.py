@@ -11,66 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from ..attn.backends import Backend, interpreter_reasons, select_backend, triton_reasons
-from ..attn.cuda_backend import CudaLoRA
+from ..kernels.lora.backends import LoRACall, select_lora_backend
 
-__all__ = ["lora_linear", "lora_batched", "LORA_BACKENDS", "MAX_TRITON_RANK"]
-
-#: Largest rank the Triton kernels are built and tested for.
-MAX_TRITON_RANK = 256
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@dataclass(frozen=True)
-class LoRACall:
-    """What a backend needs to know to accept or reject a call."""
-
-    x: torch.Tensor
-    rank: int
-    needs_grad: bool
-    batched: bool
-
-
-class _TritonLoRA(Backend):
-    name = "triton"
-
-    def auto_reasons(self, call: LoRACall) -> list[str]:
-        return self.not_supported_reasons(call) + interpreter_reasons(call.x)
-
-    def not_supported_reasons(self, call: LoRACall) -> list[str]:
-        reasons = triton_reasons(call.x, _DTYPES)
-        if call.rank > MAX_TRITON_RANK:
-            reasons.append(f"rank {call.rank} is above the maximum of {MAX_TRITON_RANK}")
-        if call.batched and call.needs_grad:
-            reasons.append("lora_batched's Triton kernels are inference-only (no autograd)")
-        return reasons
-
-    def run(self, call):  # pragma: no cover - dispatch calls the kernels directly
-        raise NotImplementedError
-
-
-class _TorchLoRA(Backend):
-    name = "torch"
-
-    def not_supported_reasons(self, call: LoRACall) -> list[str]:
-        return []
-
-    def run(self, call):  # pragma: no cover
-        raise NotImplementedError
-
-
-LORA_BACKENDS: dict[str, Backend] = {b.name: b for b in (CudaLoRA(), _TritonLoRA(), _TorchLoRA())}
-#: "cuda" (attnkit/csrc BGMV kernels) takes only no-grad lora_batched decode batches.
-_PRIORITY = ("cuda", "triton", "torch")
-
-
-def _prefers(call: LoRACall) -> str | None:
-    return "triton" if call.x.is_cuda else None
-
+__all__ = ["lora_linear", "lora_batched"]
 
 def _check_tensor(name: str, t, dim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
@@ -176,10 +122,10 @@ def lora_linear(
         t is not None and t.requires_grad for t in (x, weight, lora_A, lora_B, bias)
     )
     call = LoRACall(x=x2, rank=r, needs_grad=needs_grad, batched=False)
-    chosen = select_backend(call, backend, LORA_BACKENDS, _PRIORITY, "lora_linear", _prefers)
+    chosen = select_lora_backend(call, backend, "lora_linear")
     p = float(dropout_p) if training else 0.0
     if chosen.name == "triton":
-        from ..kernels.lora import lora_linear_triton
+        from ..kernels.lora.op import lora_linear_triton
 
         seed_t = None
         if p > 0.0:
@@ -187,7 +133,7 @@ def lora_linear(
                       else torch.tensor([int(seed)], device=x.device, dtype=torch.int64))
         y = lora_linear_triton(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed_t)
     else:
-        from ..kernels.lora_reference import lora_linear_torch
+        from ..kernels.lora.torch_impl import lora_linear_torch
 
         seed_i = None
         if p > 0.0:
@@ -274,17 +220,17 @@ def lora_batched(
         t is not None and t.requires_grad for t in (x, weight, lora_As, lora_Bs, bias)
     )
     call = LoRACall(x=x2, rank=r, needs_grad=needs_grad, batched=True)
-    chosen = select_backend(call, backend, LORA_BACKENDS, _PRIORITY, "lora_batched", _prefers)
+    chosen = select_lora_backend(call, backend, "lora_batched")
     if chosen.name == "cuda":
-        from ..attn.cuda_backend import lora_batched_cuda
+        from ..kernels.lora.cuda import lora_batched_cuda
 
         y = lora_batched_cuda(x2, weight, bias, lora_As, lora_Bs, scal, idx)
     elif chosen.name == "triton":
-        from ..kernels.lora import lora_batched_triton
+        from ..kernels.lora.op import lora_batched_triton
 
         y = lora_batched_triton(x2, weight, bias, lora_As, lora_Bs, scal, idx)
     else:
-        from ..kernels.lora_reference import lora_batched_torch
+        from ..kernels.lora.torch_impl import lora_batched_torch
 
         y = lora_batched_torch(x2, weight, bias, lora_As, lora_Bs, scal, idx)
     return y.reshape(*lead, out_f)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import triton
 
-from . import flash_triton as kt
+from .flash import kernels as kt
 
 #: Largest dynamic shared memory per block (bytes): A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -129,7 +129,7 @@ def compile_kernel(kernel: str, tile: tuple, head_dim: int, arch: int = 90, dtyp
 def first_tiles(head_dim: int, sparse_block: int = 0) -> dict[str, tuple]:
     """The first tile each kernel's autotuner is offered at ``head_dim`` (the one that must not
     spill); with ``sparse_block``, the first one dividing that layout block size."""
-    from .flash import _BWD_DKDV_TILES, _BWD_DQ_TILES, _FWD_TILES, _SPARSE_SMALL_TILES
+    from .flash.op import _BWD_DKDV_TILES, _BWD_DQ_TILES, _FWD_TILES, _SPARSE_SMALL_TILES
 
     block_d = max(16, triton.next_power_of_2(head_dim))
     lists = {"fwd": _FWD_TILES, "dkdv": _BWD_DKDV_TILES, "dq": _BWD_DQ_TILES}
@@ -244,7 +244,7 @@ def linear_variants(head_dim: int = 128, dtype: str = "bf16", all_tiles: bool = 
                     causal: bool = True, feature: str = "elu1", seq: int = 4096) -> list[Launch]:
     """The launches of ``linear.py`` (forward, dq, dk/dv) at ``F = Dv = head_dim`` for B = 2,
     H = 16: the first config each autotuner is offered, or every one with ``all_tiles``."""
-    from . import linear as lk
+    from .linear import op as lk
 
     B, H, N, F, Dv = 2, 16, seq, head_dim, head_dim
     ptr, f32 = f"*{dtype}", "*fp32"
@@ -288,7 +288,7 @@ def decode_variants(head_dim: int = 128, dtype: str = "bf16", group: int = 4,
                     nq: int = 1) -> list[Launch]:
     """The split-KV decode launches (``decode.py``) for ``group`` query heads per KV head and
     ``nq`` new tokens, with the tiles its launcher picks on a GPU (B = 8, Hkv = 8, 32k cache)."""
-    from . import decode as dk
+    from .flash import decode as dk
 
     B, Hkv, Nk, D = 8, 8, 32768, head_dim
     Hq, rows = Hkv * group, group * nq
@@ -335,7 +335,7 @@ def lora_variants(dtype: str = "bf16", rank: int = 16, in_features: int = 4096,
     """The launches of ``lora.py`` for one LoRA linear layer (forward: shrink + fused GEMM;
     backward: shrink, fused dx GEMM, two weight-gradient reductions; multi-adapter batches) at
     the first config each autotuner is offered, or every one with ``all_tiles``."""
-    from . import lora as lo
+    from .lora import op as lo
 
     if lo.INTERPRET:
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset (the interpreter is active)")
@@ -409,7 +409,7 @@ def lora_variants(dtype: str = "bf16", rank: int = 16, in_features: int = 4096,
 
 
 def main(argv=None) -> int:
-    from .flash import _BWD_DKDV_TILES, _BWD_DQ_TILES, _FWD_TILES
+    from .flash.op import _BWD_DKDV_TILES, _BWD_DQ_TILES, _FWD_TILES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)

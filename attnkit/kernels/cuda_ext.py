@@ -230,6 +230,29 @@ def ops():
     return torch.ops.attnkit_cuda
 
 
+# --------------------------------------------------------------------------------------------
+# What the "cuda" backends of every op ask before they take a call
+# --------------------------------------------------------------------------------------------
+
+#: Why the CUDA backends step aside inside ``torch.compile``: their checks (building the extension
+#: under a lock, K/V pointer alignment via ``data_ptr``) cannot be traced, and a graph break
+#: would undo ``fullgraph=True``. The Triton kernels, which are traceable custom ops, take these
+#: calls there; eager calls still reach the CUDA kernels.
+COMPILING_REASON = (
+    "inside torch.compile (the CUDA kernels' eager-only checks cannot be traced; the Triton "
+    "kernels take the call)"
+)
+
+
+def extension_reason() -> str | None:
+    """``None`` when the CUDA extension is loaded (building it on first use), else why not.
+    Inside ``torch.compile`` always a reason (:data:`COMPILING_REASON`), without touching it."""
+    if torch.compiler.is_compiling():
+        return COMPILING_REASON
+    reason = available()
+    return None if reason is None else f"the CUDA extension is unavailable: {reason}"
+
+
 def _reset_for_tests() -> None:
     _state.clear()
 

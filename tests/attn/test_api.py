@@ -9,8 +9,9 @@ import torch
 
 import attnkit
 from attnkit import Causal, SlidingWindow
-from attnkit.attn import backends as bk
 from attnkit.attn.inputs import validate
+from attnkit.kernels import dispatch as bk
+from attnkit.kernels.flash.backends import BACKENDS, TritonDecode, TritonFlash
 from tests.conftest import DEVICE
 
 
@@ -150,11 +151,12 @@ def test_more_sequences_than_the_grid_takes_is_refused_by_triton(monkeypatch):
         attnkit.attention(q, k, v, backend="triton")
     cu = torch.tensor([0, 5, 12, 20], dtype=torch.int32, device=q.device)  # 3 sequences: fits
     call = validate(q[:1], k[:1], v[:1], None, None, None, cu, None, False)
-    assert not any("grid limit" in r for r in bk.BACKENDS["triton"].not_supported_reasons(call))
+    assert not any("grid limit" in r for r in TritonFlash().not_supported_reasons(call))
     with torch.no_grad():
         decode_call = validate(q[:, :, :1], k, v, Causal(), None, None, None, None, False)
-        assert not any("grid limit" in r
-                       for r in bk.BACKENDS["triton"].not_supported_reasons(decode_call))
+        assert TritonDecode().not_supported_reasons(decode_call) == []
+        assert isinstance(bk.select_backend(decode_call, "triton", BACKENDS, "attention"),
+                          TritonDecode)
     ql, kl, vl = qkv(B=2, Hq=4, Hkv=2, N=20)
     with pytest.raises(ValueError, match="4 heads is above CUDA's grid limit"):
         attnkit.linear_attention(ql, kl, vl, backend="triton")
@@ -164,35 +166,38 @@ def test_auto_uses_torch_on_cpu_and_env_override(monkeypatch):
     q, k, v = qkv()
     call = validate(q, k, v, None, None, None, None, None, False)
     expected = "triton" if q.is_cuda else "torch"
-    assert bk.select_backend(call, "auto").name == expected
+    assert bk.select_backend(call, "auto", BACKENDS, "attention").name == expected
     monkeypatch.setenv("ATTNKIT_BACKEND", "torch")
-    assert bk.select_backend(call, "auto").name == "torch"
+    assert bk.select_backend(call, "auto", BACKENDS, "attention").name == "torch"
     monkeypatch.setenv("ATTNKIT_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="got 'nonsense'"):
-        bk.select_backend(call, "auto")
+        bk.select_backend(call, "auto", BACKENDS, "attention")
 
 
 def test_auto_fallback_warns_once():
+    """A CUDA tensor that lands on the torch backend is said once, with the Triton reasons."""
+
     class Picky(bk.Backend):
-        name = "fast"
+        name = "triton"
+        kind = "triton"
 
         def not_supported_reasons(self, call):
             return ["it is Tuesday"]
 
     class Slow(bk.Backend):
-        name = "slow"
+        name = "torch"
+        kind = "torch"
 
-        def not_supported_reasons(self, call):
-            return []
+    class FakeCall:  # what the dispatch reads: a tensor that says it is on a GPU
+        tensor = type("CudaLike", (), {"is_cuda": True, "device": torch.device("cuda")})()
 
-    backends = {"fast": Picky(), "slow": Slow()}
-    kw = dict(backends=backends, priority=("fast", "slow"), op="unit_test",
-              prefers=lambda call: "fast")
-    with pytest.warns(UserWarning, match=r"slower 'slow' backend because the 'fast' backend .*Tuesday"):
-        assert bk.select_backend(None, "auto", **kw).name == "slow"
+    call = FakeCall()
+    backends = (Picky(), Slow())
+    with pytest.warns(UserWarning, match=r"slower 'torch' backend because the 'triton' backend .*Tuesday"):
+        assert bk.select_backend(call, "auto", backends, "unit_test").name == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second time is silent
-        assert bk.select_backend(None, "auto", **kw).name == "slow"
+        assert bk.select_backend(call, "auto", backends, "unit_test").name == "torch"
 
 
 def test_return_lse_flag():
@@ -233,7 +238,7 @@ def test_env_backend_an_op_lacks_is_ignored_for_that_op(monkeypatch):
     monkeypatch.setenv("ATTNKIT_BACKEND", "cuda")
     call = validate(q, k, v, None, None, None, None, None, False)
     with pytest.raises(ValueError, match=r"'cuda' backend cannot run"):
-        bk.select_backend(call, "auto")
+        bk.select_backend(call, "auto", BACKENDS, "attention")
     assert linear_attention(q, k, v).shape == q.shape
     monkeypatch.setenv("ATTNKIT_BACKEND", "trition")
     with pytest.raises(ValueError, match=r"got 'trition'"):

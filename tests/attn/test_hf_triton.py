@@ -40,22 +40,18 @@ def test_qwen2_generate_on_triton():
 
 
 def test_generate_through_the_decode_kernel(monkeypatch):
-    """Decoding steps routed to the split-KV kernel (the routing backends.py does for no-grad,
-    small-Nq calls, patched in here so this test does not depend on it) give the same tokens."""
-    from attnkit.attn import backends
-    from attnkit.kernels import decode
+    """Decoding steps (no grad, a few query rows) go to the Triton split-KV decode backend, which
+    is its own entry in the dispatch, and give the same tokens."""
+    from attnkit.kernels.flash.backends import TritonDecode
 
     calls = []
-    flash_run = backends.TritonBackend.run
+    decode_run = TritonDecode.run
 
     def run(self, call):
-        if call.q.shape[2] <= 16 and not call.needs_grad and call.cu_seqlens_q is None:
-            calls.append(call.q.shape)
-            return decode.decode_attention(call.q, call.k, call.v, call.pattern, call.scale,
-                                           call.valid_keys)
-        return flash_run(self, call)
+        calls.append(call.q.shape)
+        return decode_run(self, call)
 
-    monkeypatch.setattr(backends.TritonBackend, "run", run)
+    monkeypatch.setattr(TritonDecode, "run", run)
     model = build("mistral")
     ids, mask = batch("left", B=2, N=20)
     kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)

@@ -155,7 +155,9 @@ def test_auto_uses_torch_on_cpu_and_tuple_state(monkeypatch):
     def refuse(call):
         raise AssertionError("auto picked the Triton backend for CPU tensors")
 
-    monkeypatch.setattr(linear_api.BACKENDS["triton"], "run", refuse)
+    from attnkit.kernels.linear.backends import TritonLinear
+
+    monkeypatch.setattr(TritonLinear, "run", refuse)
     monkeypatch.delenv("ATTNKIT_BACKEND", raising=False)
     q, k, v = _qkv()
     o, st = linear_attention(q, k, v, return_state=True)

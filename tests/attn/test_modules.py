@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from attnkit import MultiheadSelfAttention, RotaryEmbedding, SlidingWindow
+from attnkit.kernels.flash.naive import attention_naive as attention_oracle
 from tests.conftest import DEVICE
-from tests.oracle import attention_oracle
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -297,11 +297,10 @@ def test_torch_compile_fullgraph(p, device):
 def test_auto_never_sends_cpu_tensors_to_the_interpreter(device):
     """Under TRITON_INTERPRET=1 an explicit backend="triton" runs the kernels on the CPU, but
     "auto" takes the torch backend for CPU tensors, as attention does."""
-    from attnkit.attn.backends import select_backend
-    from attnkit.finetune import functional as F
+    from attnkit.kernels.lora.backends import LoRACall, select_lora_backend
 
     x = torch.randn(4, 8, device=device)
-    call = F.LoRACall(x=x, rank=2, needs_grad=True, batched=False)
+    call = LoRACall(x=x, rank=2, needs_grad=True, batched=False)
     expected = "triton" if x.is_cuda else "torch"
-    assert select_backend(call, "auto", F.LORA_BACKENDS, F._PRIORITY).name == expected
-    assert select_backend(call, "triton", F.LORA_BACKENDS, F._PRIORITY).name == "triton"
+    assert select_lora_backend(call, "auto", "lora_linear").name == expected
+    assert select_lora_backend(call, "triton", "lora_linear").name == "triton"

@@ -10,7 +10,7 @@ import torch
 import attnkit
 from attnkit import BlockSparse, Causal, SlidingWindow, from_mask_fn
 from tests.conftest import DEVICE
-from tests.oracle import max_err, tolerance
+from tests.harness import max_err, tolerance
 
 BACKENDS = ["triton", "torch"]
 

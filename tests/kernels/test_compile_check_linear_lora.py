@@ -60,7 +60,8 @@ def test_tile_selection_is_the_compiled_one():
     """The launchers pick the tiles the compile check above measured (pure Python, CPU)."""
     import triton
 
-    from attnkit.kernels import linear, lora
+    from attnkit.kernels.linear import op as linear
+    from attnkit.kernels.lora import op as lora
 
     assert linear._fwd_tiles(128, 128)[0] == (64, 32, 8, 2, 128)
     assert linear._fwd_tiles(64, 64)[0] == (64, 64, 4, 2, 64)

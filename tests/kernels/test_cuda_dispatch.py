@@ -14,10 +14,14 @@ import pytest
 import torch
 
 from attnkit import Causal, Dense, SlidingWindow
-from attnkit.attn import cuda_backend as cb
-from attnkit.attn.backends import BACKENDS, PRIORITY, select_backend
 from attnkit.attn.inputs import validate
 from attnkit.kernels import cuda_ext
+from attnkit.kernels.dispatch import select_backend
+from attnkit.kernels.flash import cuda as cb
+from attnkit.kernels.flash.backends import BACKENDS
+from attnkit.kernels.linear.cuda import linear_step_reasons
+from attnkit.kernels.lora.backends import LoRACall
+from attnkit.kernels.lora.cuda import CudaLoRA
 
 
 @pytest.fixture(autouse=True)
@@ -88,24 +92,17 @@ def test_packed_sequences_rejected(no_build):
     assert "cu_seqlens" in _reasons(call)
 
 
-def test_unknown_pattern_rejected(no_build):
-    from dataclasses import dataclass
+def test_block_sparse_spec_rejected(no_build):
+    from attnkit import BlockSparse
 
-    from attnkit.attn.patterns import Pattern
-
-    @dataclass(frozen=True)
-    class Other(Pattern):
-        pass
-
-    call = _call()
-    call = type(call)(**{**call.__dict__, "pattern": Other()})
-    assert "pattern 'other' is not supported" in _reasons(call)
+    sparse = BlockSparse(torch.ones(1, 1, 3, dtype=torch.bool), 16)
+    assert "block_sparse patterns are not supported (band are)" in _reasons(_call(pattern=sparse))
 
 
 @pytest.mark.parametrize("pattern", [Dense(), Causal(), SlidingWindow(8), SlidingWindow(3, 2)], ids=str)
 def test_supported_call_only_waits_on_the_extension(monkeypatch, pattern):
     """A decode call that fits is refused only because of the device / extension."""
-    monkeypatch.setattr(cb, "_device_reason", lambda t: None)  # pretend the tensors are on a GPU
+    monkeypatch.setattr(cb.CudaDecodeBackend, "device_reason", lambda self, t: None)  # "on a GPU"
     monkeypatch.setattr(cuda_ext, "available", lambda: "no CUDA GPU is available")
     kpm = torch.ones(2, 37, dtype=torch.bool)
     for call in (_call(pattern=pattern), _call(pattern=pattern, kpm=kpm), _call(D=128, Nq=16, Nk=40),
@@ -116,7 +113,7 @@ def test_supported_call_only_waits_on_the_extension(monkeypatch, pattern):
 
 
 def test_misaligned_cache_rejected(monkeypatch, no_build):
-    monkeypatch.setattr(cb, "_device_reason", lambda t: None)
+    monkeypatch.setattr(cb.CudaDecodeBackend, "device_reason", lambda self, t: None)
     q = torch.randn(1, 2, 1, 64, dtype=torch.float16)
     big = torch.randn(1, 2, 10, 65, dtype=torch.float16)
     k = big[..., 1:]  # row stride 65: not a multiple of 8 elements
@@ -128,9 +125,11 @@ def test_cuda_backends_step_aside_inside_torch_compile(monkeypatch, no_build):
     """Inside torch.compile the CUDA backends refuse before data_ptr() or the extension build
     (neither can be traced): ``no_build`` fails the test if the loader is reached, and a
     misaligned cache must not even be looked at."""
-    from attnkit.finetune.functional import LoRACall
+    import attnkit.kernels.linear.cuda as lc
 
-    monkeypatch.setattr(cb, "_device_reason", lambda t: None)
+    monkeypatch.setattr(cb.CudaDecodeBackend, "device_reason", lambda self, t: None)
+    monkeypatch.setattr(CudaLoRA, "device_reason", lambda self, t: None)
+    monkeypatch.setattr(lc, "_device_reason", lambda t: None)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
 
     def no_pointer(*a):
@@ -139,25 +138,23 @@ def test_cuda_backends_step_aside_inside_torch_compile(monkeypatch, no_build):
     monkeypatch.setattr(cb, "_kv_layout_reasons", no_pointer)
     assert cb.CudaDecodeBackend().not_supported_reasons(_call()) == [cb.COMPILING_REASON]
     q, k, v = torch.randn(2, 4, 64), torch.randn(2, 2, 64), torch.randn(2, 2, 32)
-    assert cb.linear_step_reasons(q, k, v, "elu1") == [cb.COMPILING_REASON]
+    assert linear_step_reasons(q, k, v, "elu1") == [cb.COMPILING_REASON]
     call = LoRACall(x=torch.randn(8, 64, dtype=torch.float16), rank=8, needs_grad=False, batched=True)
-    assert cb.CudaLoRA().not_supported_reasons(call) == [cb.COMPILING_REASON]
+    assert CudaLoRA().not_supported_reasons(call) == [cb.COMPILING_REASON]
 
 
 def test_explicit_cuda_backend_explains_every_reason(no_build):
-    backends = {"cuda": cb.CudaDecodeBackend(), **BACKENDS}
     call = _call(D=80, dtype=torch.float32)
     with pytest.raises(ValueError, match="the 'cuda' backend cannot run this attention call") as e:
-        select_backend(call, "cuda", backends=backends, priority=("cuda", *PRIORITY))
+        select_backend(call, "cuda", BACKENDS, "attention")
     msg = str(e.value)
     assert "need CUDA tensors" in msg and "head dim 80" in msg and "float32" in msg
 
 
 def test_auto_skips_cuda_on_cpu(no_build):
-    backends = {"cuda": cb.CudaDecodeBackend(), **BACKENDS}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        chosen = select_backend(_call(), "auto", backends=backends, priority=("cuda", *PRIORITY))
+        chosen = select_backend(_call(), "auto", BACKENDS, "attention")
     assert chosen.name == "torch"
 
 
@@ -169,21 +166,19 @@ def test_auto_skips_cuda_on_cpu(no_build):
 def test_linear_step_reasons(no_build):
     q = torch.randn(2, 4, 64)
     k, v = torch.randn(2, 2, 64), torch.randn(2, 2, 30)
-    r = " | ".join(cb.linear_step_reasons(q, k, v, lambda x: x))
+    r = " | ".join(linear_step_reasons(q, k, v, lambda x: x))
     assert "need CUDA tensors" in r and "built-in feature maps" in r and "Dv = 30" in r
-    r = " | ".join(cb.linear_step_reasons(q.double(), k.double(), v.double(), "elu1"))
+    r = " | ".join(linear_step_reasons(q.double(), k.double(), v.double(), "elu1"))
     assert "torch.float64 is not supported" in r
     with torch.enable_grad():
-        r = " | ".join(cb.linear_step_reasons(q.requires_grad_(), k, torch.randn(2, 2, 32), "relu"))
+        r = " | ".join(linear_step_reasons(q.requires_grad_(), k, torch.randn(2, 2, 32), "relu"))
     assert "no backward" in r
 
 
 def test_lora_reasons(no_build):
-    from attnkit.finetune.functional import LoRACall
-
     x = torch.randn(300, 64, dtype=torch.float16)
     call = LoRACall(x=x, rank=600, needs_grad=True, batched=False)
-    r = " | ".join(cb.CudaLoRA().not_supported_reasons(call))
+    r = " | ".join(CudaLoRA().not_supported_reasons(call))
     for part in ("only lora_batched", "need CUDA tensors", "rank 600", "300 rows", "no backward"):
         assert part in r
 

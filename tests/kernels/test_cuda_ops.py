@@ -12,8 +12,9 @@ import torch
 
 import attnkit
 from attnkit import Causal, Dense, SlidingWindow
-from attnkit.kernels.reference import attention_torch
-from tests.oracle import attention_oracle, max_err
+from attnkit.kernels.flash.naive import attention_naive as attention_oracle
+from attnkit.kernels.flash.torch_band import attention_torch
+from tests.harness import max_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -152,8 +153,8 @@ def test_decode_cache_100k(ext, pattern):
 
 
 def test_decode_backend_and_compile(ext):
-    from attnkit.attn.cuda_backend import CudaDecodeBackend
     from attnkit.attn.inputs import validate
+    from attnkit.kernels.flash.cuda import CudaDecodeBackend
 
     q = torch.randn(2, 8, 1, 128, device="cuda", dtype=torch.float16)
     k = torch.randn(2, 2, 64, 128, device="cuda", dtype=torch.float16)
@@ -197,8 +198,8 @@ def test_compiled_decode_through_attention_matches_eager(ext):
     ids=lambda s: "B{}-Hq{}-Hkv{}-Dk{}-Dv{}".format(*s),
 )
 def test_linear_step(ext, shape, feature, dtype):
-    from attnkit.attn.cuda_backend import linear_attention_step_cuda
     from attnkit.attn.linear import linear_attention_step
+    from attnkit.kernels.linear.cuda import linear_attention_step_cuda
 
     B, Hq, Hkv, Dk, Dv = shape
     normalize = feature != "identity"  # identity's denominator can cross zero
@@ -233,8 +234,8 @@ def test_linear_step(ext, shape, feature, dtype):
                                              (33, 512, 1000, 64)],
                          ids=lambda x: str(x))
 def test_lora_batched(ext, T, fin, fout, r, dtype):
-    from attnkit.attn.cuda_backend import lora_batched_cuda
-    from attnkit.kernels.lora_reference import lora_batched_torch
+    from attnkit.kernels.lora.cuda import lora_batched_cuda
+    from attnkit.kernels.lora.torch_impl import lora_batched_torch
 
     n = 4
     x = torch.randn(T, fin, device="cuda", dtype=dtype)

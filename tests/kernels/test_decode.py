@@ -15,8 +15,9 @@ import torch
 
 import attnkit
 from attnkit import Causal, Dense, SlidingWindow
+from attnkit.kernels.flash.naive import attention_naive as attention_oracle
 from tests.conftest import DEVICE, ON_GPU
-from tests.oracle import attention_oracle, max_err
+from tests.harness import max_err
 
 SLACK = {torch.float32: 2e-3 if ON_GPU else 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -78,11 +79,11 @@ def _inputs(c: Case):
 
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
 def test_decode_matches_oracle(c: Case):
-    from attnkit.kernels.decode import decode_attention
+    from attnkit.kernels.flash.decode import decode_attention
 
     q, k, v, kpm = _inputs(c)
     scale = c.D**-0.5
-    o, lse = decode_attention(q, k, v, c.pattern, scale, kpm, num_splits=c.splits)
+    o, lse = decode_attention(q, k, v, c.pattern.compile(), scale, kpm, num_splits=c.splits)
     assert o.shape == q.shape and o.dtype == q.dtype
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
     assert not o.isnan().any() and not lse.isnan().any(), "an output element was never written"
@@ -99,29 +100,36 @@ def test_decode_matches_oracle(c: Case):
 
 def test_decode_matches_flash_kernel():
     """Same numbers as the flash forward on the same call (both fp32 accumulators)."""
-    from attnkit.kernels.decode import decode_attention
+    from attnkit.kernels.flash.decode import decode_attention
 
     c = Case("x", 2, 4, 2, 2, 50, 64, SlidingWindow(11), padding=False)
     q, k, v, _ = _inputs(c)
-    o, lse = decode_attention(q, k, v, c.pattern, 0.3)
-    o2, lse2 = attnkit.attention(q, k, v, c.pattern, scale=0.3, backend="triton", return_lse=True)
+    from attnkit.attn.inputs import validate
+    from attnkit.kernels.flash.backends import TritonFlash
+
+    o, lse = decode_attention(q, k, v, c.pattern.compile(), 0.3)
+    o2, lse2 = TritonFlash().run(validate(q, k, v, c.pattern, 0.3, None, None, None, True))
     assert max_err(o, o2) <= 1e-5 and max_err(lse, lse2) <= 1e-5
 
 
-def test_decode_rejects_what_it_cannot_run():
-    from attnkit.kernels.decode import decode_attention, decode_not_supported_reasons
+def test_decode_backend_declares_what_it_cannot_run():
+    from attnkit.attn.inputs import validate
+    from attnkit.kernels.flash.backends import TritonDecode
+    from attnkit.kernels.flash.decode import decode_attention
 
     q = torch.randn(1, 2, 1, 16, device=DEVICE, dtype=torch.float64)
     k = torch.randn(1, 2, 5, 16, device=DEVICE, dtype=torch.float64)
-    assert decode_not_supported_reasons(q, k, Causal())
-    with pytest.raises(ValueError, match="float64"):
-        decode_attention(q, k, k, Causal(), 0.25)
+    with torch.no_grad():
+        reasons = TritonDecode().not_supported_reasons(validate(q, k, k, Causal(), None, None, None,
+                                                                None, False))
+    assert any("float64" in r for r in reasons)
     q32, k32 = q.float(), k.float()
     with pytest.raises(ValueError, match="num_splits"):
-        decode_attention(q32, k32, k32, Causal(), 0.25, num_splits=0)
-
-    class Odd(attnkit.Pattern):
-        pass
-
-    with pytest.raises(ValueError, match="band patterns"):
-        decode_attention(q32, k32, k32, Odd(), 0.25)
+        decode_attention(q32, k32, k32, Causal().compile(), 0.25, num_splits=0)
+    sparse = attnkit.BlockSparse(torch.ones(1, 1, 1, dtype=torch.bool), 16)
+    with pytest.raises(TypeError, match="takes a Band spec, got BlockLists"):
+        decode_attention(q32, k32, k32, sparse.compile(1, 5), 0.25)
+    with torch.no_grad():
+        call = validate(q32, k32, k32, sparse, None, None, None, None, False)
+    assert any("block_sparse patterns are not supported" in r
+               for r in TritonDecode().not_supported_reasons(call))

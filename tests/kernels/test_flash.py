@@ -15,8 +15,9 @@ import torch
 
 import attnkit
 from attnkit import Causal, Dense, SlidingWindow
+from attnkit.kernels.flash.naive import attention_naive as attention_oracle
 from tests.conftest import DEVICE, ON_GPU
-from tests.oracle import attention_oracle, max_err, tolerance
+from tests.harness import max_err, tolerance
 
 BACKENDS = ["triton", "torch"]
 
@@ -265,7 +266,7 @@ def test_autotuner_offers_sparse_calls_only_tiles_that_divide_the_block(block_si
     own tile, so this checks the GPU configuration directly)."""
     import triton
 
-    from attnkit.kernels import flash
+    from attnkit.kernels.flash import op as flash
 
     for tiles in (flash._FWD_TILES, flash._BWD_DKDV_TILES, flash._BWD_DQ_TILES):
         configs = []

@@ -56,8 +56,8 @@ def check(fn, name, args, kwargs, grid, config_kwargs):
     launches.append(name)
 
 
-def label(jit):  # "module:kernel" (flash and linear attention both have a _fwd_kernel)
-    return jit.fn.__module__.rsplit(".", 1)[-1] + ":" + jit.fn.__name__
+def label(jit):  # "op.module:kernel" (flash and linear attention both have a _fwd_kernel)
+    return ".".join(jit.fn.__module__.split(".")[-2:]) + ":" + jit.fn.__name__
 
 
 def jit_run(self, *args, grid, warmup, **kwargs):
@@ -80,7 +80,17 @@ JITFunction.run = jit_run
 Autotuner.run = tuned_run
 
 from attnkit import BlockSparse, Causal, Dense, SlidingWindow
-from attnkit.kernels import decode, flash, linear, lora
+from attnkit.attn.inputs import validate
+from attnkit.kernels.flash import decode
+from attnkit.kernels.flash import op as flash
+from attnkit.kernels.linear import op as linear
+from attnkit.kernels.lora import op as lora
+
+
+def flash_call(q, k, v, pattern, scale, kpm=None, cu_q=None, cu_k=None, max_q=None, max_k=None):
+    call = validate(q, k, v, pattern, scale, kpm, cu_q, (max_q, max_k) if cu_q is not None else None,
+                    True)
+    return flash.flash_attention(call)
 
 
 def grad_inputs(*shapes, dtype=torch.bfloat16):
@@ -94,15 +104,15 @@ for dtype in (torch.bfloat16, torch.float32):
             q, k, v = grad_inputs((2, 4, 300, D), (2, 2, 300, D), (2, 2, 300, D), dtype=dtype)
             kpm = torch.ones(2, 300, dtype=torch.bool)
             kpm[1, 250:] = False
-            o, lse = flash.flash_attention(q, k, v, pattern, D ** -0.5, kpm)
+            o, lse = flash_call(q, k, v, pattern, D ** -0.5, kpm)
             torch.autograd.grad((o.float().sum(), lse.sum()), (q, k, v), allow_unused=True)
     q, k, v = grad_inputs((1, 4, 300, 128), (1, 2, 300, 128), (1, 2, 300, 128), dtype=dtype)
     cu = torch.tensor([0, 100, 300], dtype=torch.int32)
-    o, _ = flash.flash_attention(q, k, v, Causal(), 0.1, None, cu, cu, 200, 200)
+    o, _ = flash_call(q, k, v, Causal(), 0.1, None, cu, cu, 200, 200)
     torch.autograd.grad(o.float().sum(), (q, k, v))
     # more (batch, head) pairs than one grid axis holds: heads go on y, batch rows on z
     q, k, v = grad_inputs(*[(33000, 2, 2, 16)] * 3, dtype=dtype)
-    o, _ = flash.flash_attention(q, k, v, Causal(), 0.25)
+    o, _ = flash_call(q, k, v, Causal(), 0.25)
     torch.autograd.grad(o.float().sum(), (q, k, v))
     fq, fk, lv = grad_inputs(*[(33000, 2, 2, 16)] * 3, dtype=dtype)
     o, _, _ = linear.linear_attention_triton(fq, fk, lv, None, None, "elu1", True, True, 1e-6, 1.0)
@@ -110,7 +120,7 @@ for dtype in (torch.bfloat16, torch.float32):
     with torch.no_grad():
         q = torch.randn(3, 8, 1, 128, dtype=dtype)
         kv = torch.randn(3, 2, 500, 128, dtype=dtype)
-        decode.decode_attention(q, kv, kv, SlidingWindow(300), 0.1, None)
+        decode.decode_attention(q, kv, kv, SlidingWindow(300).compile(), 0.1, None)
     for F, Dv in ((128, 128), (64, 64), (256, 32)):
         fq, fk, lv = grad_inputs((2, 4, 300, F), (2, 2, 300, F), (2, 2, 300, Dv), dtype=dtype)
         for causal in (True, False):
@@ -144,11 +154,11 @@ def test_gpu_launch_paths_pass_every_parameter_once():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not result["problems"], "\n".join(result["problems"])
     launched = set(result["launches"])
-    for kernel in ("flash_triton:_fwd_kernel[tuned]", "flash_triton:_bwd_dkdv_kernel[tuned]",
-                   "flash_triton:_bwd_dq_kernel[tuned]", "flash_triton:_bwd_preprocess",
-                   "decode:_decode_split_kernel", "decode:_decode_merge_kernel",
-                   "linear:_fwd_kernel[tuned]", "linear:_bwd_dq_kernel[tuned]",
-                   "linear:_bwd_dkdv_kernel[tuned]", "lora:_fused_kernel[tuned]",
-                   "lora:_shrink_kernel[tuned]", "lora:_wgrad_kernel[tuned]", "lora:_fused_kernel",
-                   "lora:_shrink_kernel"):
+    for kernel in ("flash.kernels:_fwd_kernel[tuned]", "flash.kernels:_bwd_dkdv_kernel[tuned]",
+                   "flash.kernels:_bwd_dq_kernel[tuned]", "flash.kernels:_bwd_preprocess",
+                   "flash.decode:_decode_split_kernel", "flash.decode:_decode_merge_kernel",
+                   "linear.op:_fwd_kernel[tuned]", "linear.op:_bwd_dq_kernel[tuned]",
+                   "linear.op:_bwd_dkdv_kernel[tuned]", "lora.op:_fused_kernel[tuned]",
+                   "lora.op:_shrink_kernel[tuned]", "lora.op:_wgrad_kernel[tuned]", "lora.op:_fused_kernel",
+                   "lora.op:_shrink_kernel"):
         assert kernel in launched, f"{kernel} was never launched: {sorted(launched)}"

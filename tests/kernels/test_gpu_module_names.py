@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-MODULES = ("flash", "flash_triton", "decode", "linear", "lora")
+MODULES = ("flash.op", "flash.kernels", "flash.decode", "linear.op", "lora.op")
 
 SCRIPT = f"""
 import importlib, json

@@ -231,7 +231,7 @@ def test_backends_agree_on_unused_state_gradient(fp32_highest):
 
 def test_custom_op_registration():
     """The forward op passes torch.library's checks (schema, fake tensor, autograd wiring)."""
-    from attnkit.kernels import linear
+    from attnkit.kernels.linear import op as linear
 
     q, k, v = (torch.randn(1, 2, 5, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     s0 = torch.rand(1, 2, 16, 16, device=DEVICE, requires_grad=True)

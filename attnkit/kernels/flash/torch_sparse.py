@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..attn.block_sparse import BlockLists
-from .reference import _segments
+from .spec import BlockLists
+from .torch_band import _segments
 
 __all__ = ["block_sparse_attention_torch"]
 

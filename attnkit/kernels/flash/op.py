@@ -13,8 +13,8 @@ import os
 import torch
 import triton
 
-from . import flash_triton as kt
-from .autotune import first_only_if_asked
+from ..autotune import first_only_if_asked
+from . import kernels as kt
 
 __all__ = ["flash_attention", "INTERPRET"]
 
@@ -318,25 +318,21 @@ def _backward(ctx, do, dlse):
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def flash_attention(q, k, v, pattern, scale, key_padding_mask=None, cu_seqlens_q=None,
-                    cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
-    """Triton flash attention. Shapes as :func:`attnkit.attention`; returns ``(o, lse)``.
-
-    A :class:`~attnkit.BlockSparse` pattern is compiled (once, cached on the pattern) into the
-    block lists the kernels walk; band patterns pass their two offsets.
-    """
-    from ..attn.block_sparse import BlockSparse
-
-    left, right = pattern.window()
-    if isinstance(pattern, BlockSparse):
-        nq = max_seqlen_q if cu_seqlens_q is not None else q.shape[2]
-        nk = max_seqlen_k if cu_seqlens_q is not None else k.shape[2]
-        b = pattern.compile(nq, nk, q.device)
+def flash_attention(call):
+    """Triton flash attention of a validated :class:`~attnkit.kernels.flash.call.AttentionCall`:
+    ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``. Band specs pass their two offsets; block lists
+    pass their index tensors."""
+    spec = call.spec
+    if spec.kind == "block_sparse":
+        b = spec
+        left = right = -1
         sparse = (b.kv_num, b.kv_idx, b.kv_part, b.q_num, b.q_idx, b.q_part, b.masks,
                   b.block_size, b.layout_batch, b.layout_heads)
     else:
+        left = -1 if spec.left is None else spec.left
+        right = -1 if spec.right is None else spec.right
         sparse = (None,) * 7 + (0, 0, 0)
     return torch.ops.attnkit.flash_attn_fwd(
-        q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, *sparse,
-        int(max_seqlen_q or 0), int(max_seqlen_k or 0), float(scale), left, right,
+        call.q, call.k, call.v, call.valid_keys, call.cu_seqlens_q, call.cu_seqlens_k, *sparse,
+        int(call.max_seqlen_q or 0), int(call.max_seqlen_k or 0), float(call.scale), left, right,
     )

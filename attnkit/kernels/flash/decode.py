@@ -27,19 +27,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attn.patterns import Causal, Dense, Pattern, SlidingWindow
-from .flash import _kv_span, _precision
-from .flash_triton import _dot  # the interpreter's bf16 workaround lives there
+from .kernels import _dot  # the interpreter's bf16 workaround lives there
+from .op import _kv_span, _precision
+from .spec import Band
 
-__all__ = ["decode_attention", "decode_not_supported_reasons", "num_splits"]
+__all__ = ["decode_attention", "num_splits"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 #: Tests set this to fill every buffer with NaN before the kernels run (see flash.POISON_OUTPUTS).
 POISON_OUTPUTS = False
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256
 _MAX_SPLITS = 64
 
 
@@ -272,26 +270,13 @@ def _(q, k, v, key_padding_mask, scale, window_left, window_right, n_split):
 # --------------------------------------------------------------------------------------------
 
 
-def decode_not_supported_reasons(q: torch.Tensor, k: torch.Tensor, pattern: Pattern) -> list[str]:
-    """Why :func:`decode_attention` cannot take a (validated) call; empty if it can."""
-    reasons = []
-    if type(pattern) not in (Dense, Causal, SlidingWindow):
-        reasons.append(f"the decode kernel takes band patterns (Dense, Causal, SlidingWindow), "
-                       f"not {type(pattern).__name__}")
-    if q.dtype not in _DTYPES:
-        reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32 are)")
-    if q.shape[-1] > _MAX_HEAD_DIM:
-        reasons.append(f"head dim {q.shape[-1]} is above the maximum of {_MAX_HEAD_DIM}")
-    return reasons
-
-
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    pattern: Pattern,
+    spec: Band,
     scale: float,
-    key_padding_mask: torch.Tensor | None = None,
+    valid_keys: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a few queries against a long cache, forward only (no autograd).
@@ -300,26 +285,26 @@ def decode_attention(
         q: ``[B, Hq, Nq, D]`` (small ``Nq``: decoding steps, speculative verification); any strides.
         k, v: ``[B, Hkv, Nk, D]``, ``Hq % Hkv == 0``; any strides (a ``[B, N, H, D]`` cache view
             is read in place).
-        pattern: ``Dense()``, ``Causal()`` or ``SlidingWindow(left, right)``; query ``i`` sits at
-            key position ``i + Nk - Nq``.
+        spec: a :class:`~attnkit.kernels.flash.spec.Band` (what Dense, Causal and SlidingWindow
+            compile to); query ``i`` sits at key position ``i + Nk - Nq``.
         scale: multiplies ``q k^T``.
-        key_padding_mask: ``[B, Nk]`` bool, True = attend.
+        valid_keys: ``[B, Nk]`` bool, True = attend.
         num_splits: key chunks per KV head (``None``: from the device's SM count).
 
     Returns:
         ``o [B, Hq, Nq, D]`` in q's dtype and ``lse [B, Hq, Nq]`` float32 (natural log); a row
         that sees no key gets ``o = 0``, ``lse = -inf``.
 
-    The arguments are assumed validated by :func:`attnkit.attention`'s checks; this raises
-    ``ValueError`` only for what the kernel itself cannot do.
+    The arguments are assumed validated by :func:`attnkit.attention`'s checks and by the
+    ``TritonDecodeBackend`` declarations (band specs, dtypes, ``D <= 256``).
     """
-    reasons = decode_not_supported_reasons(q, k, pattern)
-    if reasons:
-        raise ValueError("decode_attention cannot run this call: " + "; ".join(reasons))
+    if not isinstance(spec, Band):
+        raise TypeError(f"decode_attention takes a Band spec, got {type(spec).__name__}")
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
-    left, right = pattern.window()
+    left = -1 if spec.left is None else spec.left
+    right = -1 if spec.right is None else spec.right
     return torch.ops.attnkit.decode_attn_fwd(
-        q, k, v, key_padding_mask, float(scale), left, right, int(num_splits or 0)
+        q, k, v, valid_keys, float(scale), left, right, int(num_splits or 0)
     )

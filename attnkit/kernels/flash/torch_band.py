@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from ..attn.patterns import Pattern
+from .spec import Band
 
 __all__ = ["attention_torch", "default_chunk_size"]
 
@@ -44,7 +44,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _band_mask(pattern: Pattern, c0: int, c1: int, lo: int, hi: int, nq: int, nk: int, device):
+def _band_mask(pattern: Band, c0: int, c1: int, lo: int, hi: int, nq: int, nk: int, device):
     """Bool ``[c1 - c0, hi - lo]``: which keys of ``[lo, hi)`` each query of ``[c0, c1)`` sees,
     or ``None`` when the whole rectangle is visible."""
     shift = nk - nq
@@ -70,7 +70,7 @@ def _segments(n_q: int, n_k: int, cu_q: torch.Tensor | None, cu_k: torch.Tensor 
     return [(bq[s], bq[s + 1], bk[s], bk[s + 1]) for s in range(len(bq) - 1)]
 
 
-def _chunks(pattern: Pattern, nq: int, nk: int, bh: int):
+def _chunks(pattern: Band, nq: int, nk: int, bh: int):
     """Yield ``(c0, c1, lo, hi)`` query chunks with the key range each touches."""
     band = nk
     if pattern.left is not None and pattern.right is not None:
@@ -177,7 +177,7 @@ def attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    pattern: Pattern,
+    pattern: Band,
     scale: float,
     key_padding_mask: torch.Tensor | None = None,
     cu_seqlens_q: torch.Tensor | None = None,

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import first_only_if_asked
+from ..autotune import first_only_if_asked
 
 __all__ = ["lora_linear_triton", "lora_batched_triton", "INTERPRET"]
 

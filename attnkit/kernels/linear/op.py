@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import first_only_if_asked
+from ..autotune import first_only_if_asked
 
 __all__ = ["linear_attention_triton", "FEATURES", "INTERPRET", "MAX_DIM"]
 

@@ -1,0 +1,253 @@
+"""Backends declare what they support; one dispatch rule for every op.
+
+A backend is a class with **declared capabilities** (:class:`Backend`'s class attributes: the
+kind of kernel, dtypes, head dims, autograd, query length, packing, the kernel specs it walks) and
+a ``run(call)``. :meth:`Backend.not_supported_reasons` derives plain-English reasons from those
+declarations for a validated call (empty = it can run the call); only what cannot be declared
+(pointer alignment, building the CUDA extension) stays in :meth:`Backend.extra_reasons`.
+
+Every op (attention, linear attention, LoRA) dispatches through :func:`select_backend` with its
+own priority tuple, under one rule for ``"auto"``:
+
+* take the first backend, in priority order, with no reasons;
+* a Triton backend never takes CPU tensors under ``"auto"`` (the CPU interpreter is for tests and
+  far slower than torch): only an explicit ``backend="triton"`` runs it there;
+* when a CUDA tensor lands on the torch backend, say so once through :mod:`warnings`.
+
+An explicit backend that cannot run the call raises one ``ValueError`` listing every reason.
+``ATTNKIT_BACKEND``, when set, replaces ``"auto"`` (for an op that lacks the named backend it
+keeps ``"auto"``).
+
+What a call must offer (each op's call dataclass has these attributes; ``None`` = not
+applicable): ``tensor`` (the main input: its device and dtype decide), ``head_dim``,
+``needs_grad``, ``queries`` (query rows per sequence), ``packed`` (``cu_seqlens`` given),
+``spec_kind`` (``"band"`` or ``"block_sparse"``), ``grid`` (``(sequences, heads)`` a kernel puts
+on its grid's z and y axes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import torch
+
+__all__ = [
+    "Backend", "select_backend", "triton_available", "interpreting", "tensor_device_reason",
+    "TRITON_DTYPES", "GRID_AXIS_MAX", "grid_reason", "dtype_names",
+]
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Looked up once, at import (a path lookup; triton itself is not imported): torch 2.11's dynamo
+# refuses to trace ``importlib.util.find_spec``, so a per-call lookup broke
+# ``torch.compile(fullgraph=True)`` there.
+_TRITON_MISSING = (
+    "triton is not installed (it ships for Linux: pip install triton)"
+    if importlib.util.find_spec("triton") is None else None
+)
+
+
+def triton_available() -> str | None:
+    """``None`` if Triton can be used here, else the reason it cannot."""
+    return _TRITON_MISSING
+
+
+def tensor_device_reason(t: torch.Tensor) -> str | None:
+    """Why a Triton kernel cannot take a tensor on this device, or ``None`` if it can."""
+    if t.is_cuda:
+        return None
+    if t.device.type == "cpu" and interpreting():
+        return None
+    return (
+        f"tensors are on {t.device}; Triton kernels need CUDA tensors "
+        "(or TRITON_INTERPRET=1 to run them slowly on the CPU)"
+    )
+
+
+#: What every Triton kernel in attnkit computes in.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: CUDA caps a grid's y and z extents at 65535; the flash and linear-attention kernels put the
+#: heads on y and the batch rows (or packed sequences) on z.
+GRID_AXIS_MAX = 65535
+
+
+def grid_reason(sequences: int, heads: int) -> str | None:
+    """Why the kernels' grid cannot hold ``sequences`` x ``heads`` (``None``: it can)."""
+    over = [f"{n} {what}" for n, what in ((sequences, "sequences"), (heads, "heads"))
+            if n > GRID_AXIS_MAX]
+    if not over:
+        return None
+    return (f"{' and '.join(over)} is above CUDA's grid limit of {GRID_AXIS_MAX} per axis; "
+            "split the batch")
+
+
+def dtype_names(dtypes: tuple) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+class Backend:
+    """A way to compute an op: declared capabilities plus :meth:`run`.
+
+    Subclasses set the class attributes below; ``None`` means "no limit". The reasons are derived
+    in :meth:`not_supported_reasons`, in a fixed order, from these declarations only.
+    """
+
+    #: The name users pass as ``backend=``.
+    name: str = ""
+    #: ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``"cuda"``
+    #: (attnkit's CUDA C++ kernels: CUDA tensors, eager mode) or ``"torch"`` (any device).
+    kind: str = "torch"
+    #: Dtypes computed in; ``None`` = any floating dtype.
+    dtypes: tuple | None = None
+    #: Head dims (or ranks, for LoRA) accepted: an exact set, or an upper bound.
+    head_dims: tuple | None = None
+    max_head_dim: int | None = None
+    #: What :attr:`max_head_dim` bounds, for the message ("head dim", "rank", ...).
+    head_dim_name: str = "head dim"
+    #: Whether calls that need gradients can run here.
+    supports_grad: bool = True
+    #: Most query rows per sequence (decode kernels); ``None`` = any.
+    max_queries: int | None = None
+    #: Whether packed sequences (``cu_seqlens``) are accepted.
+    packed: bool = True
+    #: Kernel spec kinds walked (``"band"``, ``"block_sparse"``); ``None`` = the op has no specs.
+    spec_kinds: tuple | None = None
+    #: Whether the kernel's grid puts (sequences, heads) on y/z (65535 each).
+    grid_limited: bool = False
+
+    def device_reason(self, t: torch.Tensor) -> str | None:
+        """Why this kind of kernel cannot take a tensor on ``t``'s device (``None``: it can)."""
+        if self.kind == "triton":
+            return triton_available() or tensor_device_reason(t)
+        if self.kind == "cuda" and not t.is_cuda:
+            return f"tensors are on {t.device}; the CUDA kernels need CUDA tensors"
+        return None
+
+    def special_reasons(self, call) -> list[str]:
+        """Cheap reasons that cannot be declared as attributes (checked with the declared ones)."""
+        return []
+
+    def extra_reasons(self, call) -> list[str]:
+        """Costly or untraceable checks (pointer alignment, building the CUDA extension): run
+        only once every declared and special reason passed."""
+        return []
+
+    def not_supported_reasons(self, call) -> list[str]:
+        reasons = self.declared_reasons(call) + self.special_reasons(call)
+        if not reasons:
+            reasons += self.extra_reasons(call)
+        return reasons
+
+    def declared_reasons(self, call) -> list[str]:
+        """The reasons the class attributes give, in a fixed order."""
+        reasons: list[str] = []
+        t = call.tensor
+        where = self.device_reason(t)
+        if where:
+            reasons.append(where)
+        if self.dtypes is not None and t.dtype not in self.dtypes:
+            reasons.append(f"dtype {t.dtype} is not supported ({dtype_names(self.dtypes)} are)")
+        dim = getattr(call, "head_dim", None)
+        if dim is not None and self.head_dims is not None and dim not in self.head_dims:
+            reasons.append(f"{self.head_dim_name} {dim} is not supported "
+                           f"({', '.join(map(str, self.head_dims))} are)")
+        if dim is not None and self.max_head_dim is not None and dim > self.max_head_dim:
+            reasons.append(f"{self.head_dim_name} {dim} is above the maximum of {self.max_head_dim}")
+        if getattr(call, "packed", False) and not self.packed:
+            reasons.append(f"packed sequences (cu_seqlens) are not supported by the {self.name!r} "
+                           "backend; pass a padded batch with a valid_keys mask")
+        queries = getattr(call, "queries", None)
+        if (queries is not None and self.max_queries is not None and queries > self.max_queries
+                and not getattr(call, "packed", False)):
+            reasons.append(f"{queries} query tokens per sequence is not decoding (the {self.name!r} "
+                           f"{type(self).__name__} backend takes at most {self.max_queries}; prefill "
+                           "goes to a flash kernel)")
+        if getattr(call, "needs_grad", False) and not self.supports_grad:
+            reasons.append(f"the {self.name!r} backend has no backward (inference only)")
+        kind = getattr(call, "spec_kind", None)
+        if kind is not None and self.spec_kinds is not None and kind not in self.spec_kinds:
+            reasons.append(f"{kind} patterns are not supported ({', '.join(self.spec_kinds)} are)")
+        grid = getattr(call, "grid", None)
+        if self.grid_limited and grid is not None:
+            over = grid_reason(*grid)
+            if over:
+                reasons.append(over)
+        return reasons
+
+    def auto_reasons(self, call) -> list[str]:
+        """Reasons to pass this backend over under ``"auto"``: the above, and for Triton, CPU
+        tensors (the interpreter only runs when asked for by name)."""
+        reasons = self.not_supported_reasons(call)
+        if self.kind == "triton" and call.tensor.device.type == "cpu":
+            reasons.append("CPU tensors go to the torch backend under 'auto' (ask for 'triton' "
+                           "explicitly to run the kernels in the interpreter)")
+        return reasons
+
+    def run(self, call):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def select_backend(call, requested: str, backends: tuple[Backend, ...], op: str) -> Backend:
+    """Pick the backend for ``call`` among ``backends`` (in ``"auto"``'s priority order).
+
+    ``requested`` is ``"auto"`` or a backend name (several backends may share a name, e.g. the
+    Triton flash and Triton decode kernels are both ``"triton"``: the first that fits is taken).
+    """
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a str, got {type(requested).__name__}")
+    names = tuple(dict.fromkeys(b.name for b in backends))
+    choices = ("auto", *names)
+    if requested == "auto":
+        requested = os.environ.get("ATTNKIT_BACKEND", "auto") or "auto"
+        if requested not in choices and requested in ("cuda", "triton", "torch"):
+            # ATTNKIT_BACKEND is global; an op without that backend (linear attention has no
+            # "cuda" for prefill) keeps its own "auto" rather than failing a call that named none.
+            requested = "auto"
+    if requested not in choices:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, choices))}, got {requested!r}")
+    if requested != "auto":
+        named = [b for b in backends if b.name == requested]
+        for backend in named:
+            reasons = backend.not_supported_reasons(call)
+            if not reasons:
+                return backend
+        # Same-name entries go from special (decode shapes) to general: the last one's reasons
+        # are the ones that matter to the caller.
+        raise ValueError(
+            f"the {requested!r} backend cannot run this {op} call: " + "; ".join(reasons)
+        )
+    rejected: dict[str, list[str]] = {}
+    for backend in backends:
+        reasons = backend.auto_reasons(call)
+        if not reasons:
+            if backend.kind == "torch" and call.tensor.is_cuda:
+                _warn_slow_path(op, backend, rejected)
+            return backend
+        rejected.setdefault(backend.name, [])
+        rejected[backend.name] += [r for r in reasons if r not in rejected[backend.name]]
+    detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in rejected.items())
+    raise ValueError(f"no attnkit backend can run this {op} call ({detail})")
+
+
+def _warn_slow_path(op: str, backend: Backend, rejected: dict[str, list[str]]) -> None:
+    """A CUDA tensor on the torch backend: say once (per op and reason) why Triton was passed."""
+    why = "; ".join(rejected.get("triton", [])) or "; ".join(
+        f"{n}: {', '.join(r)}" for n, r in rejected.items())
+    key = (op, why)
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(
+        f"attnkit.{op}: using the slower {backend.name!r} backend because the 'triton' backend "
+        f"cannot run this call: {why}",
+        stacklevel=4,
+    )

@@ -1,0 +1,74 @@
+"""One validated attention call, as the flash family's backends see it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .spec import KernelSpec
+
+__all__ = ["AttentionCall"]
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What :func:`attnkit.attention` hands its backends after validation.
+
+    Shapes: ``q [B, Hq, Nq, D]``, ``k``/``v [B, Hkv, Nk, D]``; ``valid_keys [B, Nk]`` bool
+    (True = attend). With ``cu_seqlens_q`` ``B == 1`` and the ``N`` axis holds ``S`` packed
+    sequences, ``max_seqlen_q/k`` the longest of them. ``spec`` is the pattern compiled for the
+    call's per-sequence lengths; ``pattern`` is kept for messages only.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    pattern: object
+    spec: KernelSpec
+    scale: float
+    valid_keys: torch.Tensor | None
+    cu_seqlens_q: torch.Tensor | None
+    cu_seqlens_k: torch.Tensor | None
+    max_seqlen_q: int | None
+    max_seqlen_k: int | None
+    return_lse: bool
+
+    # What the dispatch reads (attnkit/kernels/dispatch.py) -------------------------------------
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.q
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[-1]
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+
+    @property
+    def queries(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    @property
+    def spec_kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(sequences, query heads): the flash kernels' grid z and y extents."""
+        cu = self.cu_seqlens_q
+        return (self.q.shape[0] if cu is None else cu.numel() - 1, self.q.shape[1])
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """Query and key rows per sequence (the longest packed one with ``cu_seqlens``)."""
+        if self.packed:
+            return self.max_seqlen_q, self.max_seqlen_k
+        return self.q.shape[2], self.k.shape[2]

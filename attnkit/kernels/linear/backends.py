@@ -1,0 +1,100 @@
+"""The linear-attention backends, in ``"auto"``'s priority order, and the op's one dispatch.
+
+* :class:`TritonLinear` — the chunked Triton kernels (``op.py``): CUDA tensors, fp16/bf16/fp32,
+  feature and value dims up to 256;
+* :class:`TorchLinear` — chunked PyTorch (``torch_impl.py``): any device, dtype and size.
+
+(The CUDA decode step, ``cuda.py``, serves :func:`attnkit.linear_attention_step` only.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..dispatch import TRITON_DTYPES, Backend, select_backend
+
+__all__ = ["LinearAttentionCall", "BACKENDS", "run_linear_attention", "MAX_DIM"]
+
+#: The Triton forward holds all of F in one tile, the backward all of Dv.
+MAX_DIM = 256
+
+
+@dataclass(frozen=True)
+class LinearAttentionCall:
+    """A validated call, as the backends see it. ``q``/``k`` are raw inputs when ``feature`` names
+    a fused map, else already-mapped features (``feature == "identity"``, ``scale == 1``)."""
+
+    q: torch.Tensor  # [B, Hq, N, F] (or [B, Hq, N, Dk] for fused maps, F == Dk)
+    k: torch.Tensor  # [B, Hkv, N, F]
+    v: torch.Tensor  # [B, Hkv, N, Dv]
+    s0: torch.Tensor | None  # [B, Hkv, F, Dv]
+    z0: torch.Tensor | None  # [B, Hkv, F]
+    feature: str
+    causal: bool
+    normalize: bool
+    eps: float
+    scale: float
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.q
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.q.shape[0], self.q.shape[1]
+
+
+class TritonLinear(Backend):
+    """The chunked Triton kernels."""
+
+    name = "triton"
+    kind = "triton"
+    dtypes = TRITON_DTYPES
+    grid_limited = True
+
+    def special_reasons(self, call: LinearAttentionCall) -> list[str]:
+        reasons = []
+        n_feat, dv = call.q.shape[-1], call.v.shape[-1]
+        if n_feat > MAX_DIM:
+            reasons.append(f"feature dim {n_feat} is above the maximum of {MAX_DIM}")
+        if dv > MAX_DIM:
+            reasons.append(f"value head dim {dv} is above the maximum of {MAX_DIM}")
+        return reasons
+
+    def run(self, call: LinearAttentionCall):
+        from .op import linear_attention_triton
+
+        return linear_attention_triton(
+            call.q, call.k, call.v, call.s0, call.z0, call.feature, call.causal, call.normalize,
+            call.eps, call.scale,
+        )
+
+
+class TorchLinear(Backend):
+    """Chunked PyTorch: any device, dtype and size."""
+
+    name = "torch"
+    kind = "torch"
+
+    def run(self, call: LinearAttentionCall):
+        from ...attn.feature_maps import FEATURE_MAPS
+        from .torch_impl import compute_dtype, linear_attention_torch
+
+        q, k = call.q, call.k
+        if call.feature != "identity" or call.scale != 1.0:
+            phi = FEATURE_MAPS[call.feature]
+            cdt = compute_dtype(q.dtype)  # map in fp32, as the kernels do
+            q, k = phi(q.to(cdt) * call.scale), phi(k.to(cdt))
+        return linear_attention_torch(
+            q, k, call.v, call.s0, call.z0, call.causal, call.normalize, call.eps,
+        )
+
+
+BACKENDS: tuple[Backend, ...] = (TritonLinear(), TorchLinear())
+
+
+def run_linear_attention(call: LinearAttentionCall, backend: str):
+    """Dispatch a validated call: ``(o, s, z)``."""
+    return select_backend(call, backend, BACKENDS, op="linear_attention").run(call)
