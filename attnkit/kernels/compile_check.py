@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import triton
 
-from .flash import kernels as kt
+from .flash import kernels_bwd, kernels_fwd
 
 #: Largest dynamic shared memory per block (bytes): A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -43,9 +43,9 @@ _I32_POINTERS = {"KV_LO", "KV_HI", "CU_Q", "CU_K", "KV_NUM", "KV_IDX", "KV_PART"
 
 
 KERNELS = {
-    "fwd": kt._fwd_kernel,
-    "dkdv": kt._bwd_dkdv_kernel,
-    "dq": kt._bwd_dq_kernel,
+    "fwd": kernels_fwd._fwd_kernel,
+    "dkdv": kernels_bwd._bwd_dkdv_kernel,
+    "dq": kernels_bwd._bwd_dq_kernel,
 }
 
 

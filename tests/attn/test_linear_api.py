@@ -9,7 +9,6 @@ import warnings
 import pytest
 import torch
 
-from attnkit.attn import linear as linear_api
 from attnkit.attn.feature_maps import FEATURE_MAPS, HedgehogFeatureMap
 from attnkit.attn.linear import LinearAttentionState, linear_attention, linear_attention_step
 from tests.conftest import DEVICE

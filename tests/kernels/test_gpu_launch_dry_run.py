@@ -154,8 +154,8 @@ def test_gpu_launch_paths_pass_every_parameter_once():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not result["problems"], "\n".join(result["problems"])
     launched = set(result["launches"])
-    for kernel in ("flash.kernels:_fwd_kernel[tuned]", "flash.kernels:_bwd_dkdv_kernel[tuned]",
-                   "flash.kernels:_bwd_dq_kernel[tuned]", "flash.kernels:_bwd_preprocess",
+    for kernel in ("flash.kernels_fwd:_fwd_kernel[tuned]", "flash.kernels_bwd:_bwd_dkdv_kernel[tuned]",
+                   "flash.kernels_bwd:_bwd_dq_kernel[tuned]", "flash.kernels_bwd:_bwd_preprocess",
                    "flash.decode:_decode_split_kernel", "flash.decode:_decode_merge_kernel",
                    "linear.op:_fwd_kernel[tuned]", "linear.op:_bwd_dq_kernel[tuned]",
                    "linear.op:_bwd_dkdv_kernel[tuned]", "lora.op:_fused_kernel[tuned]",

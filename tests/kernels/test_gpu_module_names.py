@@ -11,7 +11,8 @@ import os
 import subprocess
 import sys
 
-MODULES = ("flash.op", "flash.kernels", "flash.decode", "linear.op", "lora.op")
+MODULES = ("flash.op", "flash.kernels_common", "flash.kernels_fwd", "flash.kernels_bwd", "flash.decode",
+           "linear.op", "lora.op")
 
 SCRIPT = f"""
 import importlib, json

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import _dot  # the interpreter's bf16 workaround lives there
+from .kernels_common import _dot  # the interpreter's bf16 workaround lives there
 from .op import _kv_span, _precision
 from .spec import Band
 

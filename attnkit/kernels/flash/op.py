@@ -9,14 +9,16 @@ flash-attention's own ops do).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 
 from ..autotune import first_only_if_asked
-from . import kernels as kt
+from .kernels_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess
+from .kernels_fwd import _fwd_kernel
 
-__all__ = ["flash_attention", "INTERPRET"]
+__all__ = ["flash_attention", "FlashArgs", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -99,8 +101,9 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _make(kernel, tiles):
+    """The kernel under the autotuner (on a GPU) or as it is (the interpreter: one fixed tile)."""
     if INTERPRET:
-        return kernel, True
+        return kernel
     configs = []
     for i, (bm, bn, w, s, max_d) in enumerate(tiles + _SPARSE_SMALL_TILES):
         config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -109,12 +112,12 @@ def _make(kernel, tiles):
         configs.append(config)
     tuned = triton.autotune(configs, key=_AUTOTUNE_KEY,
                             prune_configs_by={"early_config_prune": first_only_if_asked(_prune)})
-    return tuned(kernel), False
+    return tuned(kernel)
 
 
-_fwd, _ = _make(kt._fwd_kernel, _FWD_TILES)
-_dkdv, _ = _make(kt._bwd_dkdv_kernel, _BWD_DKDV_TILES)
-_dq, _ = _make(kt._bwd_dq_kernel, _BWD_DQ_TILES)
+_fwd = _make(_fwd_kernel, _FWD_TILES)
+_dkdv = _make(_bwd_dkdv_kernel, _BWD_DKDV_TILES)
+_dq = _make(_bwd_dq_kernel, _BWD_DQ_TILES)
 
 
 def _tile_meta(block_size: int) -> dict:
@@ -153,95 +156,169 @@ def _kv_span(kpm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
+# One call's arguments, from the kernel spec to the custom op and back
+# --------------------------------------------------------------------------------------------
+
+_Opt = torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class FlashArgs:
+    """Everything the flash kernels take for one call, in one place.
+
+    ``q [B, Hq, Nq, D]``, ``k``/``v [B, Hkv, Nk, D]``; ``kpm [B, Nk]`` bool (True = attend);
+    ``cu_q``/``cu_k [S + 1]`` int32 with ``max_q``/``max_k`` (packed sequences); ``lists`` the
+    block-sparse tensors ``(kv_num, kv_idx, kv_part, q_num, q_idx, q_part, masks)`` with
+    ``block_size``/``layout_batch``/``layout_heads``; ``left``/``right`` the band (``-1`` =
+    unbounded; ignored with lists). :meth:`op_args` / :meth:`from_op_args` are the only place
+    that knows the custom ops' flat schema; every kernel flag derives from which fields are set.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    kpm: _Opt = None
+    cu_q: _Opt = None
+    cu_k: _Opt = None
+    lists: tuple[_Opt, ...] = (None,) * 7
+    block_size: int = 0
+    layout_batch: int = 0
+    layout_heads: int = 0
+    max_q: int = 0
+    max_k: int = 0
+    scale: float = 1.0
+    left: int = -1
+    right: int = -1
+
+    #: The tensors, in schema order (autograd returns a gradient for the first three).
+    TENSORS = ("q", "k", "v", "kpm", "cu_q", "cu_k")
+
+    @classmethod
+    def from_call(cls, call) -> FlashArgs:
+        """From a validated :class:`~attnkit.kernels.flash.call.AttentionCall`."""
+        spec = call.spec
+        band = {}
+        if spec.kind == "block_sparse":
+            band = dict(lists=(spec.kv_num, spec.kv_idx, spec.kv_part, spec.q_num, spec.q_idx,
+                               spec.q_part, spec.masks), block_size=spec.block_size,
+                        layout_batch=spec.layout_batch, layout_heads=spec.layout_heads)
+        else:
+            band = dict(left=-1 if spec.left is None else spec.left,
+                        right=-1 if spec.right is None else spec.right)
+        return cls(q=call.q, k=call.k, v=call.v, kpm=call.valid_keys, cu_q=call.cu_seqlens_q,
+                   cu_k=call.cu_seqlens_k, max_q=int(call.max_seqlen_q or 0),
+                   max_k=int(call.max_seqlen_k or 0), scale=float(call.scale), **band)
+
+    def op_args(self) -> tuple:
+        return (*(getattr(self, n) for n in self.TENSORS), *self.lists, self.block_size,
+                self.layout_batch, self.layout_heads, self.max_q, self.max_k, self.scale,
+                self.left, self.right)
+
+    @classmethod
+    def from_op_args(cls, args) -> FlashArgs:
+        t = len(cls.TENSORS)
+        tensors = dict(zip(cls.TENSORS, args[:t], strict=True))
+        lists = tuple(args[t:t + 7])
+        bs, lb, lh, max_q, max_k, scale, left, right = args[t + 7:]
+        return cls(**tensors, lists=lists, block_size=bs, layout_batch=lb, layout_heads=lh,
+                   max_q=max_q, max_k=max_k, scale=scale, left=left, right=right)
+
+    @property
+    def n_tensor_inputs(self) -> int:
+        return len(self.TENSORS) + len(self.lists)
+
+    @property
+    def sparse(self) -> bool:
+        return self.lists[0] is not None
+
+
+class _Launch:
+    """What the three kernels share for one call: grid extents, pointers, ints and flags, as
+    keyword arguments named like the kernels' parameters."""
+
+    def __init__(self, a: FlashArgs):
+        q, k = a.q, a.k
+        B, Hq, Nq, D = q.shape
+        self.a = a
+        self.Hq, self.Hkv, self.Nq, self.Nk, self.D = Hq, k.shape[1], Nq, k.shape[2], D
+        self.varlen = a.cu_q is not None
+        self.n_prog_b = (a.cu_q.numel() - 1) if self.varlen else B
+        self.rows_q = a.max_q if self.varlen else Nq
+        self.rows_k = a.max_k if self.varlen else self.Nk
+        kpm = a.kpm
+        kv_lo, kv_hi = _kv_span(kpm) if kpm is not None else (None, None)
+        kv_num, kv_idx, kv_part, q_num, q_idx, q_part, masks = a.lists
+        lb, lh = a.layout_batch, a.layout_heads
+        self.common = dict(
+            KPM=kpm.view(torch.uint8) if kpm is not None else None, CU_Q=a.cu_q, CU_K=a.cu_k,
+            PMASK=masks, sm_scale=a.scale,
+            smb=kpm.stride(0) if kpm is not None else 0, smn=kpm.stride(1) if kpm is not None else 0,
+            GROUP=Hq // self.Hkv, NQ=Nq, NK=self.Nk,
+            WIN_L=max(a.left, 0), WIN_R=max(a.right, 0), N_BUCKET=_n_bucket(self.rows_q),
+            LB_STRIDE=lh if lb > 1 else 0, LH_STRIDE=1 if lh > 1 else 0,
+            # flags: each derives from which inputs are present
+            HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_LEFT=a.left >= 0 and not a.sparse,
+            HAS_RIGHT=a.right >= 0 and not a.sparse, HAS_KPM=kpm is not None, VARLEN=self.varlen,
+            PRECISION=_precision(q.dtype), UPCAST=INTERPRET and q.dtype == torch.bfloat16,
+            SPARSE=a.sparse, BS=a.block_size if a.sparse else 0,
+            **_tile_meta(a.block_size if a.sparse else 0),
+        )
+        self.rows_lists = dict(KV_LO=kv_lo, KV_HI=kv_hi, KV_NUM=kv_num, KV_IDX=kv_idx,
+                               KV_PART=kv_part, NROWB=kv_num.shape[1] if a.sparse else 0,
+                               MAXK=kv_idx.shape[2] if a.sparse else 0)
+        self.cols_lists = dict(Q_NUM=q_num, Q_IDX=q_idx, Q_PART=q_part,
+                               NCOLB=q_num.shape[1] if a.sparse else 0,
+                               MAXQ=q_idx.shape[2] if a.sparse else 0)
+
+
+def _strides(prefix: str, t: torch.Tensor) -> dict:
+    """``{prefix}b, {prefix}h, {prefix}n, {prefix}d`` (or the first three) strides of ``t``."""
+    return dict(zip((prefix + s for s in "bhnd"), t.stride(), strict=False))
+
+
+# --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
 
 
-class _Launch:
-    """Everything the three kernels share for one call: grid extents, masks, sparse lists."""
-
-    def __init__(self, q, k, kpm, cu_q, cu_k, max_q, max_k, window_left, window_right, sparse):
-        B, Hq, Nq, D = q.shape
-        self.Hq, self.Hkv, self.Nq, self.Nk, self.D = Hq, k.shape[1], Nq, k.shape[2], D
-        self.group = Hq // self.Hkv
-        self.varlen = cu_q is not None
-        self.n_prog_b = (cu_q.numel() - 1) if self.varlen else B
-        self.rows_q = max_q if self.varlen else Nq
-        self.rows_k = max_k if self.varlen else self.Nk
-        self.cu = (cu_q, cu_k) if self.varlen else (q, q)  # unused pointers must still be tensors
-        if kpm is not None:
-            self.kv_lo, self.kv_hi = _kv_span(kpm)
-            self.kpm, self.kpm_strides = kpm.view(torch.uint8), kpm.stride()
-        else:
-            self.kv_lo = self.kv_hi = self.kpm = q
-            self.kpm_strides = (0, 0)
-        kv_num, kv_idx, kv_part, q_num, q_idx, q_part, masks, bs, lb, lh = sparse
-        self.sparse = kv_num is not None
-        if self.sparse:
-            self.kv_lists = (kv_num, kv_idx, kv_part, masks)
-            self.q_lists = (q_num, q_idx, q_part, masks)
-            self.layout_ints = (lh if lb > 1 else 0, 1 if lh > 1 else 0)
-            self.rows_cols = (kv_num.shape[1], kv_idx.shape[2], q_num.shape[1], q_idx.shape[2])
-        else:
-            self.kv_lists = self.q_lists = (q, q, q, q)
-            self.layout_ints = (0, 0)
-            self.rows_cols = (0, 0, 0, 0)
-        self.meta = dict(
-            HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_LEFT=window_left >= 0,
-            HAS_RIGHT=window_right >= 0, HAS_KPM=kpm is not None, VARLEN=self.varlen,
-            PRECISION=_precision(q.dtype), UPCAST=INTERPRET and q.dtype == torch.bfloat16,
-            SPARSE=self.sparse, BS=bs if self.sparse else 0,
-            **_tile_meta(bs if self.sparse else 0),
-        )
-        self.window = (max(window_left, 0), max(window_right, 0))
-        self.bucket = _n_bucket(self.rows_q)
-
-    def ints(self, rows_cols: tuple[int, int]) -> tuple:
-        return (*self.window, self.bucket, *self.layout_ints, *rows_cols)
-
-
-def _fwd_impl(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, window_left, window_right, sparse):
-    c = _Launch(q, k, kpm, cu_q, cu_k, max_q, max_k, window_left, window_right, sparse)
+def _fwd_impl(a: FlashArgs):
+    c = _Launch(a)
+    q = a.q
     # Packed rows past the last sequence get 0 / -inf instead of uninitialised memory.
-    o = _alloc(q, tail=(cu_q, 0.0) if c.varlen else None)
+    o = _alloc(q, tail=(a.cu_q, 0.0) if c.varlen else None)
     lse = _alloc(q, shape=(q.shape[0], c.Hq, c.Nq), dtype=torch.float32,
-                 tail=(cu_q, float("-inf")) if c.varlen else None)
+                 tail=(a.cu_q, float("-inf")) if c.varlen else None)
     grid = lambda meta: (triton.cdiv(c.rows_q, meta["BLOCK_M"]), c.Hq, c.n_prog_b)
     _fwd[grid](
-        q, k, v, o, lse, c.kpm, c.kv_lo, c.kv_hi, *c.cu, *c.kv_lists, scale,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(), *c.kpm_strides,
-        c.Hq, c.group, c.Nq, c.Nk, *c.ints(c.rows_cols[:2]), **c.meta,
+        Q=q, K=a.k, V=a.v, O=o, LSE=lse, **c.common, **c.rows_lists,
+        **_strides("sq", q), **_strides("sk", a.k), **_strides("sv", a.v), **_strides("so", o),
+        **_strides("sl", lse), H=c.Hq,
     )
     return o, lse
 
 
-def _bwd_impl(do, q, k, v, o, lse, dlse, kpm, cu_q, cu_k, max_q, max_k, scale, window_left,
-              window_right, sparse):
-    c = _Launch(q, k, kpm, cu_q, cu_k, max_q, max_k, window_left, window_right, sparse)
+def _bwd_impl(do, o, lse, dlse, a: FlashArgs):
+    c = _Launch(a)
+    q, k, v = a.q, a.k, a.v
     B = q.shape[0]
     delta = _alloc(q, shape=(B, c.Hq, c.Nq), dtype=torch.float32)
     pre_block = 16 if INTERPRET else 64
-    dlse_ = dlse if dlse is not None else lse
-    kt._bwd_preprocess[(triton.cdiv(c.Nq, pre_block), c.Hq, B)](
-        o, do, dlse_, delta, *o.stride(), *do.stride(), *dlse_.stride(), c.Hq, c.Nq,
-        HEAD_DIM=c.D, BLOCK_D=c.meta["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
+    _bwd_preprocess[(triton.cdiv(c.Nq, pre_block), c.Hq, B)](
+        O=o, DO=do, DLSE=dlse, DELTA=delta, **_strides("so", o), **_strides("sd", do),
+        **(_strides("sg", dlse) if dlse is not None else dict(sgb=0, sgh=0, sgn=0)), H=c.Hq, N=c.Nq,
+        HEAD_DIM=c.D, BLOCK_D=c.common["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
     )
-    dq = _alloc(q, tail=(cu_q, 0.0) if c.varlen else None)
-    dk = _alloc(k, tail=(cu_k, 0.0) if c.varlen else None)
-    dv = _alloc(v, tail=(cu_k, 0.0) if c.varlen else None)
+    dq = _alloc(q, tail=(a.cu_q, 0.0) if c.varlen else None)
+    dk = _alloc(k, tail=(a.cu_k, 0.0) if c.varlen else None)
+    dv = _alloc(v, tail=(a.cu_k, 0.0) if c.varlen else None)
+    shared = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, **c.common, **_strides("sq", q),
+                  **_strides("sk", k), **_strides("sv", v), **_strides("sd", do),
+                  **_strides("sl", lse), H=c.Hq)
     grid_kv = lambda m: (triton.cdiv(c.rows_k, m["BLOCK_N"]), c.Hkv, c.n_prog_b)
-    _dkdv[grid_kv](
-        q, k, v, do, lse, delta, dk, dv, c.kpm, *c.cu, *c.q_lists, scale,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dk.stride(),
-        *dv.stride(), *c.kpm_strides,
-        c.Hq, c.Hkv, c.group, c.Nq, c.Nk, *c.ints(c.rows_cols[2:]), **c.meta,
-    )
+    _dkdv[grid_kv](DK=dk, DV=dv, **shared, **c.cols_lists, **_strides("sdk", dk),
+                   **_strides("sdv", dv), HKV=c.Hkv)
     grid_q = lambda m: (triton.cdiv(c.rows_q, m["BLOCK_M"]), c.Hq, c.n_prog_b)
-    _dq[grid_q](
-        q, k, v, do, lse, delta, dq, c.kpm, c.kv_lo, c.kv_hi, *c.cu, *c.kv_lists, scale,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dq.stride(),
-        *c.kpm_strides, c.Hq, c.group, c.Nq, c.Nk, *c.ints(c.rows_cols[:2]), **c.meta,
-    )
+    _dq[grid_q](DQ=dq, **shared, **c.rows_lists, **_strides("sdq", dq))
     return dq, dk, dv
 
 
@@ -250,25 +327,20 @@ def _bwd_impl(do, q, k, v, o, lse, dlse, kpm, cu_q, cu_k, max_q, max_k, scale, w
 # --------------------------------------------------------------------------------------------
 
 
-# The block-sparse lists travel as seven optional tensors plus three ints (see BlockLists):
-# kv_num, kv_idx, kv_part, q_num, q_idx, q_part, block_masks, block_size, layout_batch,
-# layout_heads. All None / 0 for band patterns.
-_Opt = torch.Tensor | None
-
-
 @torch.library.custom_op("attnkit::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    key_padding_mask: _Opt, cu_seqlens_q: _Opt, cu_seqlens_k: _Opt,
+    key_mask: _Opt, cu_seqlens_q: _Opt, cu_seqlens_k: _Opt,
     kv_num: _Opt, kv_idx: _Opt, kv_part: _Opt, q_num: _Opt, q_idx: _Opt, q_part: _Opt,
     block_masks: _Opt, block_size: int, layout_batch: int, layout_heads: int,
     max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int, window_right: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flash attention forward. Returns ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``."""
-    sparse = (kv_num, kv_idx, kv_part, q_num, q_idx, q_part, block_masks, block_size,
-              layout_batch, layout_heads)
-    return _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                     max_seqlen_k, scale, window_left, window_right, sparse)
+    """Flash attention forward (the flat schema of :class:`FlashArgs`). Returns
+    ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``."""
+    return _fwd_impl(FlashArgs.from_op_args((
+        q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k, kv_num, kv_idx, kv_part, q_num, q_idx,
+        q_part, block_masks, block_size, layout_batch, layout_heads, max_seqlen_q, max_seqlen_k,
+        scale, window_left, window_right)))
 
 
 @flash_attn_fwd.register_fake
@@ -279,40 +351,40 @@ def _(q, k, v, *args):
 
 @torch.library.custom_op("attnkit::flash_attn_bwd", mutates_args=())
 def flash_attn_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-    lse: torch.Tensor, dlse: _Opt, key_padding_mask: _Opt, cu_seqlens_q: _Opt, cu_seqlens_k: _Opt,
+    do: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, dlse: _Opt,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    key_mask: _Opt, cu_seqlens_q: _Opt, cu_seqlens_k: _Opt,
     kv_num: _Opt, kv_idx: _Opt, kv_part: _Opt, q_num: _Opt, q_idx: _Opt, q_part: _Opt,
     block_masks: _Opt, block_size: int, layout_batch: int, layout_heads: int,
     max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int, window_right: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flash attention backward: ``(dq, dk, dv)``; ``dlse`` is the gradient on the LSE output."""
-    sparse = (kv_num, kv_idx, kv_part, q_num, q_idx, q_part, block_masks, block_size,
-              layout_batch, layout_heads)
-    return _bwd_impl(do, q, k, v, o, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                     max_seqlen_q, max_seqlen_k, scale, window_left, window_right, sparse)
+    return _bwd_impl(do, o, lse, dlse, FlashArgs.from_op_args((
+        q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k, kv_num, kv_idx, kv_part, q_num, q_idx,
+        q_part, block_masks, block_size, layout_batch, layout_heads, max_seqlen_q, max_seqlen_k,
+        scale, window_left, window_right)))
 
 
 @flash_attn_bwd.register_fake
-def _(do, q, k, v, *args):
+def _(do, o, lse, dlse, q, k, v, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-_N_TENSOR_INPUTS = 13  # q, k, v, kpm, cu_q, cu_k and the seven block-sparse tensors
 
 
 def _setup_context(ctx, inputs, output):
     o, lse = output
-    ctx.save_for_backward(*inputs[:_N_TENSOR_INPUTS], o, lse)
-    ctx.rest = inputs[_N_TENSOR_INPUTS:]
+    a = FlashArgs.from_op_args(inputs)
+    n = a.n_tensor_inputs
+    ctx.save_for_backward(*inputs[:n], o, lse)
+    ctx.rest = inputs[n:]
     ctx.set_materialize_grads(False)  # an unused LSE output then costs nothing in backward
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, *masks, o, lse = ctx.saved_tensors
+    *tensors, o, lse = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv = torch.ops.attnkit.flash_attn_bwd(do, q, k, v, o, lse, dlse, *masks, *ctx.rest)
-    return (dq, dk, dv) + (None,) * (_N_TENSOR_INPUTS - 3 + len(ctx.rest))
+    dq, dk, dv = torch.ops.attnkit.flash_attn_bwd(do, o, lse, dlse, *tensors, *ctx.rest)
+    return (dq, dk, dv) + (None,) * (len(tensors) - 3 + len(ctx.rest))
 
 
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -320,19 +392,5 @@ flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def flash_attention(call):
     """Triton flash attention of a validated :class:`~attnkit.kernels.flash.call.AttentionCall`:
-    ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``. Band specs pass their two offsets; block lists
-    pass their index tensors."""
-    spec = call.spec
-    if spec.kind == "block_sparse":
-        b = spec
-        left = right = -1
-        sparse = (b.kv_num, b.kv_idx, b.kv_part, b.q_num, b.q_idx, b.q_part, b.masks,
-                  b.block_size, b.layout_batch, b.layout_heads)
-    else:
-        left = -1 if spec.left is None else spec.left
-        right = -1 if spec.right is None else spec.right
-        sparse = (None,) * 7 + (0, 0, 0)
-    return torch.ops.attnkit.flash_attn_fwd(
-        call.q, call.k, call.v, call.valid_keys, call.cu_seqlens_q, call.cu_seqlens_k, *sparse,
-        int(call.max_seqlen_q or 0), int(call.max_seqlen_k or 0), float(call.scale), left, right,
-    )
+    ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``."""
+    return torch.ops.attnkit.flash_attn_fwd(*FlashArgs.from_call(call).op_args())

@@ -1,0 +1,305 @@
+"""Triton helpers shared by the flash kernels: bounds, masks, tile loads, the score slot, and the
+one key walker that the forward and the dQ kernels both run.
+
+The flash family serves dense, causal, sliding-window and block-sparse attention. A query block
+never loops over all keys. Band specs visit only the key blocks ``[lo, hi)`` the band touches, in
+three phases
+
+    [lo, full_lo)       partial blocks on the band's left edge   -> element mask
+    [full_lo, full_hi)  blocks every query of the block fully sees -> no mask at all
+    [full_hi, hi)       partial blocks on the right edge / tail   -> element mask
+
+so the masking cost is paid only on the diagonal blocks (FlexAttention's full/partial split);
+block lists visit only the listed layout blocks, reading an element mask only for partial ones.
+:func:`_walk_keys` writes that walk once; ``MODE`` picks what each tile does (forward: online
+softmax; dQ: the dQ update), so the forward and the backward can never disagree on which keys a
+query sees. The dK/dV kernel walks the transpose (``kernels_bwd.py``).
+
+Conventions (all kernels):
+* positions are bottom-right aligned: query ``i`` sits at key position ``i + nk - nq`` of its own
+  sequence; ``HAS_LEFT``/``HAS_RIGHT`` switch the two band limits ``WIN_L``/``WIN_R`` on;
+* scores live in the log2 domain (``qk_scale = scale * log2(e)``) so the softmax uses ``exp2``;
+  the LSE the kernels read and write is in natural-log units;
+* a row that sees no key keeps ``m = -inf`` and ``l = 0``: it writes ``o = 0`` and ``lse = -inf``,
+  and the backward maps ``lse = -inf`` to ``+inf`` so its probabilities are exactly 0;
+* base offsets are int64 (``B*H*N*D`` may pass 2^31); offsets inside a tile stay int32;
+* optional inputs are ``None`` pointers with a flag derived from them by the launcher
+  (``VARLEN``: ``CU_Q``/``CU_K``; ``HAS_KPM``: the ``[B, Nk]`` uint8 key mask ``KPM`` and its
+  span ``KV_LO``/``KV_HI``, which shrinks the loop to the unpadded keys; ``SPARSE``: the lists).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+#: ``MODE`` of :func:`_walk_keys`.
+MODE_FWD = tl.constexpr(0)
+MODE_DQ = tl.constexpr(1)
+
+
+@triton.jit
+def _seq_bounds(b, CU_Q, CU_K, NQ, NK, VARLEN: tl.constexpr):
+    """(q_start, nq, k_start, nk) of batch row / packed sequence ``b``."""
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        nq = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        nk = tl.load(CU_K + b + 1) - k_start
+    else:
+        # keep these tensors, not Python ints (NQ == 1 is specialised to a constant)
+        zero = tl.program_id(0) * 0
+        q_start = zero
+        nq = zero + NQ
+        k_start = zero
+        nk = zero + NK
+    return q_start, nq, k_start, nk
+
+
+@triton.jit
+def _key_blocks(start_m, nq, nk, WIN_L, WIN_R, kv_lo, kv_hi,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key phases ``lo <= full_lo <= full_hi <= hi`` of the query block at ``start_m``."""
+    shift = nk - nq
+    m_last = tl.minimum(start_m + BLOCK_M, nq) - 1
+    lo = kv_lo
+    hi = kv_hi
+    full_lo = 0
+    full_hi = nk
+    if HAS_LEFT:
+        lo = tl.maximum(lo, start_m + shift - WIN_L)
+        # every row of the block sees key j iff j >= m_last + shift - WIN_L
+        full_lo = tl.maximum(m_last + shift - WIN_L, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, m_last + shift + WIN_R + 1)
+        full_hi = tl.minimum(tl.maximum(start_m + shift + WIN_R + 1, 0), nk)
+    lo = tl.maximum(lo, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _visible(q_idx, k_idx, shift, nk, WIN_L, WIN_R,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Band and sequence-end mask; ``q_idx``/``k_idx`` come pre-shaped for broadcasting
+    (``[BM, 1]`` and ``[1, BN]``, or transposed)."""
+    pos = q_idx + shift
+    # `q_idx >= 0` is always true: it gives the mask the tile's full 2-D shape even without a band
+    # (a branch that refines the mask must not change its shape).
+    ok = (k_idx < nk) & (q_idx >= 0)
+    if HAS_LEFT:
+        ok = ok & (k_idx >= pos - WIN_L)
+    if HAS_RIGHT:
+        ok = ok & (k_idx <= pos + WIN_R)
+    return ok
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b (+ acc)``. ``UPCAST`` (set only under the CPU interpreter for bf16) multiplies in
+    fp32: triton's interpreter computes bf16 dots wrongly (numpy has no bf16), while the operands'
+    bf16 rounding, which is what the GPU sees, is kept."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_rows(base, offs_r, n_rows, stride_r, offs_d, stride_d,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_MASK: tl.constexpr):
+    """Load a ``[R, BLOCK_D]`` tile of rows ``offs_r`` (zero past ``n_rows`` / ``HEAD_DIM``)."""
+    ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+    if ROW_MASK:
+        mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+        return tl.load(ptrs, mask=mask, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _block_mask(PMASK, part, rows_in, cols_in, BS: tl.constexpr):
+    """Element mask of a partial layout block, indexed ``[rows_in, cols_in]`` (pre-shaped)."""
+    return tl.load(PMASK + part.to(tl.int64) * (BS * BS) + rows_in * BS + cols_in) != 0
+
+
+# --------------------------------------------------------------------------------------------
+# The score slot: the one place where a score modification enters each kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _score(s):
+    """Scaled scores ``s = scale * log2(e) * q.k`` (``[BM, BN]`` or its transpose) -> the scores
+    the softmax sees. The identity today; soft-capping, ALiBi and friends go here (and their
+    derivative in :func:`_dscore`), so the forward, dK/dV and dQ kernels all change together."""
+    return s
+
+
+@triton.jit
+def _dscore(ds, s):
+    """Chain rule through :func:`_score`: the gradient on the raw score ``s`` from the gradient
+    ``ds`` on the modified one."""
+    return ds
+
+
+# --------------------------------------------------------------------------------------------
+# One key tile, and the walk over a query block's key tiles (forward and dQ)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _key_tile(k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn, start_n, q_idx, shift, nk,
+              WIN_L, WIN_R, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_N: tl.constexpr, ROW_MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
+              HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr):
+    """``k``, ``v [BN, BD]`` of the key tile at ``start_n`` and its mask ``[BM, BN]`` for query
+    rows ``q_idx [BM]``: band, sequence end and key padding (the caller applies it or not)."""
+    arange_n = tl.arange(0, BLOCK_N)
+    offs_n = start_n + arange_n
+    n64 = tl.cast(start_n, tl.int64)
+    k = _load_rows(k_base + n64 * skn, arange_n, nk - start_n, skn, offs_d, skd,
+                   HEAD_DIM, BLOCK_D, ROW_MASK)
+    v = _load_rows(v_base + n64 * svn, arange_n, nk - start_n, svn, offs_d, svd,
+                   HEAD_DIM, BLOCK_D, ROW_MASK)
+    ok = _visible(q_idx[:, None], offs_n[None, :], shift, nk, WIN_L, WIN_R, HAS_LEFT, HAS_RIGHT)
+    if HAS_KPM:
+        keep = tl.load(KPM + kpm_off + offs_n * smn, mask=offs_n < nk, other=0)
+        ok = ok & (keep[None, :] != 0)
+    return k, v, ok
+
+
+@triton.jit
+def _fwd_update(acc, l_i, m_i, qk, v, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Online-softmax update of one tile: ``qk [BM, BN]`` masked scores (log2 units)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # A row with nothing visible so far has m = -inf; subtract 0 instead (no inf - inf).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = _dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)  # [BM, BN] @ [BN, BD]
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _tile_step(MODE: tl.constexpr, acc, a, b, q, do, k, v, ok, qk_scale, USE_MASK: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of a query block. Forward: ``(acc, a, b) = (o accumulator, l, m)``; dQ:
+    ``(acc, a, b) = (dq accumulator, lse in log2 units, delta)`` with ``a``, ``b`` read only."""
+    s = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale  # [BM, BD] @ [BD, BN]
+    if MODE == 0:
+        qk = _score(s)
+        if USE_MASK:
+            qk = tl.where(ok, qk, float("-inf"))
+        acc, a, b = _fwd_update(acc, a, b, qk, v, PRECISION, UPCAST)
+    else:
+        p = tl.exp2(_score(s) - a[:, None])
+        if USE_MASK:
+            p = tl.where(ok, p, 0.0)
+        dp = _dot(do, tl.trans(v), None, PRECISION, UPCAST)  # [BM, BD] @ [BD, BN]
+        ds = _dscore(p * (dp - b[:, None]), s)
+        acc = _dot(ds.to(k.dtype), k, acc, PRECISION, UPCAST)  # [BM, BN] @ [BN, BD]
+    return acc, a, b
+
+
+@triton.jit
+def _band_tiles(MODE: tl.constexpr, acc, a, b, q, do, k_base, v_base, KPM, kpm_off,
+                skn, skd, svn, svd, smn, lo, hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Key tiles ``[lo, hi)`` of one band phase; ``MASKED`` only on the band's edge tiles."""
+    for start_n in range(lo, hi, BLOCK_N):
+        k, v, ok = _key_tile(k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn, start_n, offs_m,
+                             shift, nk, WIN_L, WIN_R, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASKED,
+                             HAS_LEFT, HAS_RIGHT, HAS_KPM)  # [BN, BD] x2, [BM, BN]
+        acc, a, b = _tile_step(MODE, acc, a, b, q, do, k, v, ok, qk_scale, MASKED or HAS_KPM,
+                               PRECISION, UPCAST)
+    return acc, a, b
+
+
+@triton.jit
+def _walk_keys(MODE: tl.constexpr, acc, a, b, q, do, k_base, v_base, KPM, kpm_off,
+               skn, skd, svn, svd, smn, start_m, nq, nk, kv_lo, kv_hi, WIN_L, WIN_R,
+               KV_NUM, KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK, offs_d, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               HAS_KPM: tl.constexpr, SPARSE: tl.constexpr, BS: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Every key tile the query block at ``start_m`` sees, in order: the band's three phases, or
+    the layout blocks listed for its block row (``lay``: the layout slice of this batch row and
+    head; an element mask is read only for partial blocks, ``part >= 0``)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    if SPARSE:
+        arange_n = tl.arange(0, BLOCK_N)
+        row = start_m // BS
+        r_in = start_m - row * BS + tl.arange(0, BLOCK_M)  # rows inside the layout block
+        entry = (lay * NROWB + row).to(tl.int64) * MAXK
+        num = tl.load(KV_NUM + lay * NROWB + row)
+        for i in range(num):
+            kb = tl.load(KV_IDX + entry + i)
+            part = tl.load(KV_PART + entry + i)
+            for t in range(BS // BLOCK_N):
+                start_n = kb * BS + t * BLOCK_N
+                if start_n < nk:  # the last layout block may hang past the sequence end
+                    k, v, ok = _key_tile(k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn,
+                                         start_n, r_in, 0, nk, 0, 0, offs_d, HEAD_DIM, BLOCK_D,
+                                         BLOCK_N, True, False, False, HAS_KPM)
+                    if part >= 0:
+                        ok = ok & _block_mask(PMASK, part, r_in[:, None],
+                                              (t * BLOCK_N + arange_n)[None, :], BS)
+                    acc, a, b = _tile_step(MODE, acc, a, b, q, do, k, v, ok, qk_scale, True,
+                                           PRECISION, UPCAST)
+    else:
+        lo, full_lo, full_hi, hi = _key_blocks(start_m, nq, nk, WIN_L, WIN_R, kv_lo, kv_hi,
+                                               BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        shift = nk - nq
+        # the three phases: left edge (masked), interior (no mask), right edge / tail (masked)
+        acc, a, b = _band_tiles(MODE, acc, a, b, q, do, k_base, v_base, KPM, kpm_off, skn, skd, svn,
+                                svd, smn, lo, full_lo, offs_m, offs_d, shift, nk, WIN_L, WIN_R,
+                                qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
+                                HAS_KPM, PRECISION, UPCAST)
+        acc, a, b = _band_tiles(MODE, acc, a, b, q, do, k_base, v_base, KPM, kpm_off, skn, skd, svn,
+                                svd, smn, full_lo, full_hi, offs_m, offs_d, shift, nk, WIN_L,
+                                WIN_R, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_LEFT,
+                                HAS_RIGHT, HAS_KPM, PRECISION, UPCAST)
+        acc, a, b = _band_tiles(MODE, acc, a, b, q, do, k_base, v_base, KPM, kpm_off, skn, skd, svn,
+                                svd, smn, full_hi, hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R,
+                                qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
+                                HAS_KPM, PRECISION, UPCAST)
+    return acc, a, b
+
+
+@triton.jit
+def _query_block(b, h, pid_m, Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, skb, skh,
+                 skn, svb, svh, svn, smb, GROUP, NQ, NK,
+                 HAS_KPM: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """What the forward and dQ programs share before they walk: the sequence bounds, this query
+    block's start, int64 base pointers of its sequence's q rows and of K/V, the key mask's row
+    offset, and the unpadded key span.
+    ``bb`` is 0 when packed (one batch row; ``b`` then indexes the sequence)."""
+    q_start, nq, k_start, nk = _seq_bounds(b, CU_Q, CU_K, NQ, NK, VARLEN)
+    start_m = pid_m * BLOCK_M
+    bb = b.to(tl.int64)
+    if VARLEN:
+        bb = bb * 0
+    hk = h // GROUP
+    q_base = Q + bb * sqb + h.to(tl.int64) * sqh + q_start.to(tl.int64) * sqn
+    k_base = K + bb * skb + hk.to(tl.int64) * skh + k_start.to(tl.int64) * skn
+    v_base = V + bb * svb + hk.to(tl.int64) * svh + k_start.to(tl.int64) * svn
+    kv_lo = nk * 0
+    kv_hi = nk
+    if HAS_KPM:
+        kv_lo = tl.load(KV_LO + b)
+        kv_hi = tl.load(KV_HI + b)
+    return q_start, nq, nk, start_m, bb, q_base, k_base, v_base, bb * smb, kv_lo, kv_hi
