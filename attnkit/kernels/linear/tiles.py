@@ -110,10 +110,12 @@ def _config_tile(c) -> tuple:
 
 
 def _pruner(offered):
-    """An ``early_config_prune`` keeping the configs whose tile ``offered(named_args)`` lists."""
+    """An ``early_config_prune`` keeping the configs whose tile ``offered(args)`` lists. Triton
+    passes the positional arguments as ``named_args`` and the keyword ones as ``kwargs``; the
+    launchers pass everything by keyword, so both are read."""
 
     def prune(configs, named_args, **kwargs):
-        keep = {t[:-1] for t in offered(named_args)}
+        keep = {t[:-1] for t in offered({**named_args, **kwargs})}
         return [c for c in configs if _config_tile(c) in keep] or configs[-1:]
 
     return prune
