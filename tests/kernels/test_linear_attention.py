@@ -209,3 +209,21 @@ def test_broadcast_initial_state(backend):
     for a, b in zip(torch.autograd.grad(o_e, (q, k, v), do), torch.autograd.grad(o_c, (q, k, v), do),
                     strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.usefixtures("fp32_highest")
+def test_op_takes_a_broadcast_state_directly():
+    """The op itself (not only the API, which copies) reads a stride-0 initial state as the dense
+    block it stands for, in the forward and in the backward's dq walk."""
+    from attnkit.kernels.linear.op import linear_attention_triton
+
+    B, H, N, D = 2, 2, 18, 16
+    s = torch.randn(1, H, D, D, device=DEVICE).abs()
+    z = torch.randn(1, H, D, device=DEVICE).abs() + 1
+    q, k, v = (torch.randn(B, H, N, D, device=DEVICE, requires_grad=True) for _ in range(3))
+    runs = []
+    for s0, z0 in ((s.expand(B, H, D, D), z.expand(B, H, D)), (s.repeat(B, 1, 1, 1), z.repeat(B, 1, 1))):
+        o, _, _ = linear_attention_triton(q, k, v, s0, z0, "elu1", True, True, 1e-6, 1.0)
+        runs.append((o, *torch.autograd.grad(o.sum(), (q, k, v))))
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b)

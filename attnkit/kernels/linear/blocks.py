@@ -13,7 +13,7 @@ import triton.language as tl
 
 __all__ = [
     "phi", "dphi", "dot", "features", "key_chunk", "query_chunk", "start_state", "query_program",
-    "state_offsets",
+    "state_offsets", "block_offsets", "chunk_rows", "load_state",
 ]
 
 
@@ -119,24 +119,46 @@ def query_program(Q, K, V, OUT, DEN, sqb, sqh, skb, skh, svb, svh, sob, soh, HQ,
 
 
 @triton.jit
+def block_offsets(first_f, first_v, F, DV, BK: tl.constexpr, BV: tl.constexpr):
+    """``(offs_f [BK], mask_f, offs_v [BV], mask_v)``: this program's feature and value columns."""
+    offs_f = first_f + tl.arange(0, BK)
+    offs_v = first_v + tl.arange(0, BV)
+    return offs_f, offs_f < F, offs_v, offs_v < DV
+
+
+@triton.jit
+def chunk_rows(start, arange_t, N):
+    """``(offs_t [BT], mask_t, rows)`` of the chunk at token ``start`` (``rows``: int64 offsets)."""
+    offs_t = start + arange_t
+    return offs_t, offs_t < N, offs_t.to(tl.int64)
+
+
+@triton.jit
+def load_state(S, Z, st_off, zt_off, offs_f, mask_f, offs_v, mask_v, DV, PRESENT: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr):
+    """The ``[BK, BV]`` / ``[BK]`` fp32 block of a dense ``[B, HKV, F, DV]`` state and its
+    ``[B, HKV, F]`` normaliser, or zeros when they are absent (``PRESENT`` False: ``None``)."""
+    if PRESENT:
+        s = tl.load(S + st_off + offs_f[:, None] * DV + offs_v[None, :],
+                    mask=mask_f[:, None] & mask_v[None, :], other=0.0)
+        z = tl.load(Z + zt_off + offs_f, mask=mask_f, other=0.0)
+    else:
+        s = tl.zeros([BK, BV], dtype=tl.float32)
+        z = tl.zeros([BK], dtype=tl.float32)
+    return s, z
+
+
+@triton.jit
 def start_state(S0, Z0, st_off, zt_off, k_base, v_base, skn, skd, svn, svd, N, DV,
                 offs_f, mask_f, offs_v, mask_v, arange_t, FEATURE: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_S0: tl.constexpr, PRECISION: tl.constexpr,
                 UPCAST: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     """The state ``[BK, BV]`` / normaliser ``[BK]`` (fp32) a chunk walk starts from: the initial
     state (or zeros) and, non-causal, plus the whole sequence's ``phi(k)^T v`` (a first pass)."""
-    if HAS_S0:
-        s = tl.load(S0 + st_off + offs_f[:, None] * DV + offs_v[None, :],
-                    mask=mask_f[:, None] & mask_v[None, :], other=0.0)  # [BK, BV] fp32
-        z = tl.load(Z0 + zt_off + offs_f, mask=mask_f, other=0.0)  # [BK] fp32
-    else:
-        s = tl.zeros([BK, BV], dtype=tl.float32)
-        z = tl.zeros([BK], dtype=tl.float32)
+    s, z = load_state(S0, Z0, st_off, zt_off, offs_f, mask_f, offs_v, mask_v, DV, HAS_S0, BK, BV)
     if not CAUSAL:
         for start in range(0, N, BT):
-            offs_t = start + arange_t
-            mask_t = offs_t < N
-            rows = offs_t.to(tl.int64)
+            _, mask_t, rows = chunk_rows(start, arange_t, N)
             _, fk, v = key_chunk(k_base, v_base, rows, mask_t, skn, skd, svn, svd, offs_f, mask_f,
                                  offs_v, mask_v, FEATURE)
             s += dot(tl.trans(fk.to(v.dtype)), v, PRECISION, UPCAST)  # [BK, BT] @ [BT, BV]

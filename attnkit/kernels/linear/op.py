@@ -63,7 +63,19 @@ import triton
 import triton.language as tl
 
 from . import tiles
-from .blocks import dot, dphi, features, key_chunk, query_chunk, query_program, start_state, state_offsets
+from .blocks import (
+    block_offsets,
+    chunk_rows,
+    dot,
+    dphi,
+    features,
+    key_chunk,
+    load_state,
+    query_chunk,
+    query_program,
+    start_state,
+    state_offsets,
+)
 from .feature_maps import FEATURES
 from .tiles import INTERPRET, MAX_DIM, pow2
 
@@ -98,10 +110,7 @@ def _fwd_kernel(
     h, b64, q_base, k_base, v_base, o_base, den_base, st_off, zt_off = query_program(
         Q, K, V, OUT, DEN, sqb, sqh, skb, skh, svb, svh, sob, soh, HQ, HKV, GROUP, N, F, DV)
 
-    offs_f = tl.arange(0, BK)
-    mask_f = offs_f < F
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mask_v = offs_v < DV
+    offs_f, mask_f, offs_v, mask_v = block_offsets(0, i_v * BV, F, DV, BK, BV)
     mask_fv = mask_f[:, None] & mask_v[None, :]
     s_ptrs = offs_f[:, None] * DV + offs_v[None, :]
     arange_t = tl.arange(0, BT)
@@ -112,9 +121,7 @@ def _fwd_kernel(
                        PRECISION, UPCAST, BK, BT, BV)
 
     for start in range(0, N, BT):
-        offs_t = start + arange_t
-        mask_t = offs_t < N
-        rows = offs_t.to(tl.int64)
+        offs_t, mask_t, rows = chunk_rows(start, arange_t, N)
         _, fq = features(q_base, rows, mask_t, sqn, offs_f, mask_f, sqd, scale, FEATURE)
         # inter-chunk term with the fp32 state: [BT, BK] @ [BK, BV] -> [BT, BV]
         num = dot(fq, s, PRECISION, False)
@@ -167,10 +174,7 @@ def _bwd_dq_kernel(
     do_base = DO + b64 * sdob + h.to(tl.int64) * sdoh
     dq_base = DQ + b64 * sdqb + h.to(tl.int64) * sdqh
 
-    offs_f = i_k * BK + tl.arange(0, BK)
-    mask_f = offs_f < F
-    offs_v = tl.arange(0, BV)
-    mask_v = offs_v < DV
+    offs_f, mask_f, offs_v, mask_v = block_offsets(i_k * BK, 0, F, DV, BK, BV)
     arange_t = tl.arange(0, BT)
 
     s, z = start_state(S0, Z0, st_off, zt_off, k_base, v_base, skn, skd, svn, svd, N, DV,
@@ -178,9 +182,7 @@ def _bwd_dq_kernel(
                        PRECISION, UPCAST, BK, BT, BV)
 
     for start in range(0, N, BT):
-        offs_t = start + arange_t
-        mask_t = offs_t < N
-        rows = offs_t.to(tl.int64)
+        _, mask_t, rows = chunk_rows(start, arange_t, N)
         xq, _, g, c = query_chunk(q_base, do_base, o_base, den_base, rows, mask_t, offs_f, mask_f,
                                   offs_v, mask_v, sqn, sqd, sdon, sdod, son, sod, scale, eps,
                                   FEATURE, NORMALIZE)
@@ -224,28 +226,20 @@ def _bwd_dkdv_kernel(
     dv_base = DV_ + i_k.to(tl.int64) * sdvk + b64 * sdvb + hk.to(tl.int64) * sdvh
     st_off, zt_off = state_offsets(b64, hk.to(tl.int64), HKV, F, DV)
 
-    offs_f = i_k * BK + tl.arange(0, BK)
-    mask_f = offs_f < F
-    offs_v = tl.arange(0, BV)
-    mask_v = offs_v < DV
+    offs_f, mask_f, offs_v, mask_v = block_offsets(i_k * BK, 0, F, DV, BK, BV)
     mask_fv = mask_f[:, None] & mask_v[None, :]
     s_ptrs = offs_f[:, None] * DV + offs_v[None, :]
     arange_t = tl.arange(0, BT)
     n_chunks = tl.cdiv(N, BT)
 
-    if HAS_DST:  # gradient on the returned final state seeds the reverse walk
-        ds = tl.load(DST + st_off + s_ptrs, mask=mask_fv, other=0.0)  # [BK, BV] fp32
-        dz = tl.load(DZT + zt_off + offs_f, mask=mask_f, other=0.0)  # [BK] fp32
-    else:
-        ds = tl.zeros([BK, BV], dtype=tl.float32)
-        dz = tl.zeros([BK], dtype=tl.float32)
+    # the gradient on the returned final state (zeros when unused) seeds the reverse walk
+    ds, dz = load_state(DST, DZT, st_off, zt_off, offs_f, mask_f, offs_v, mask_v, DV, HAS_DST, BK,
+                        BV)
 
     if not CAUSAL:
         # Pass 1: every key sees every query, so dS is the same total for all of them.
         for start in range(0, N, BT):
-            offs_t = start + arange_t
-            mask_t = offs_t < N
-            rows = offs_t.to(tl.int64)
+            _, mask_t, rows = chunk_rows(start, arange_t, N)
             for hh in range(0, GROUP):
                 h = (hk * GROUP + hh).to(tl.int64)
                 _, fq, g, c = query_chunk(
@@ -257,9 +251,7 @@ def _bwd_dkdv_kernel(
 
     for i in range(0, n_chunks):
         start = (n_chunks - 1 - i) * BT  # reverse: dS must hold the chunks after this one
-        offs_t = start + arange_t
-        mask_t = offs_t < N
-        rows = offs_t.to(tl.int64)
+        _, mask_t, rows = chunk_rows(start, arange_t, N)
         xk, fk, v = key_chunk(k_base, v_base, rows, mask_t, skn, skd, svn, svd, offs_f, mask_f,
                               offs_v, mask_v, FEATURE)
         # inter-chunk: [BT, BV] @ [BV, BK] -> [BT, BK] and [BT, BK] @ [BK, BV] -> [BT, BV]
@@ -326,8 +318,13 @@ def _sizes(q, k, v) -> dict:
 
 
 def _flags(q, feature, causal, normalize) -> dict:
-    return dict(FEATURE=feature, CAUSAL=causal, NORMALIZE=normalize, PRECISION=tiles.precision(q.dtype),
-                UPCAST=tiles.upcast(q.dtype))
+    return dict(FEATURE=feature, CAUSAL=causal, NORMALIZE=normalize,
+                PRECISION=tiles.precision(q.dtype), UPCAST=tiles.upcast(q.dtype))
+
+
+def _dense(s0, z0):
+    """The kernels index a state as a dense ``[B, HKV, F, DV]`` block (``None`` stays None)."""
+    return (None, None) if s0 is None else (s0.contiguous(), z0.contiguous())
 
 
 def _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale):
@@ -339,6 +336,7 @@ def _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale):
            else q.new_zeros((B, Hq, N), dtype=torch.float32))
     st = _empty((B, Hkv, F, Dv), q, torch.float32)
     zt = _empty((B, Hkv, F), q, torch.float32)
+    s0, z0 = _dense(s0, z0)
     grid = lambda meta: (triton.cdiv(Dv, meta["BV"]), Hq, B)
     _fwd[grid](
         Q=q, K=k, V=v, OUT=o, DEN=den, S0=s0, Z0=z0, ST=st, ZT=zt,
@@ -355,6 +353,7 @@ def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize,
     common = dict(scale=float(scale), eps=float(eps), **_sizes(q, k, v), BV=pow2(Dv),
                   **_flags(q, feature, causal, normalize))
     do = do if do.stride(-1) == 1 else do.contiguous()
+    s0, z0 = _dense(s0, z0)
     dq = _empty(q.shape, q)
     dk = _empty(k.shape, k)
     block = tiles.feature_block(tiles.dq_block, F, Dv)
