@@ -184,6 +184,9 @@ def test_triton_refuses_feature_dim_above_limit():
     with pytest.raises(ValueError, match=r"feature dim 260 is above the maximum of 256"):
         linear_attention(q, k, v, feature_map=wide, backend="triton")
     assert linear_attention(q, k, v, feature_map=wide, backend="torch").shape == (2, 4, 3, 24)
+    wide_v = v.repeat(1, 1, 1, 11)[..., :260]  # Dv = 260
+    with pytest.raises(ValueError, match=r"value head dim 260 is above the maximum of 256"):
+        linear_attention(q, k, wide_v, backend="triton")
 
 
 # --------------------------------------------------------------------------------------------

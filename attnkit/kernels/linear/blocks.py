@@ -158,8 +158,8 @@ def start_state(S0, Z0, st_off, zt_off, k_base, v_base, skn, skd, svn, svd, N, D
     s, z = load_state(S0, Z0, st_off, zt_off, offs_f, mask_f, offs_v, mask_v, DV, HAS_S0, BK, BV)
     if not CAUSAL:
         for start in range(0, N, BT):
-            _, mask_t, rows = chunk_rows(start, arange_t, N)
-            _, fk, v = key_chunk(k_base, v_base, rows, mask_t, skn, skd, svn, svd, offs_f, mask_f,
+            offs_t, mask_t, rows = chunk_rows(start, arange_t, N)
+            xk, fk, v = key_chunk(k_base, v_base, rows, mask_t, skn, skd, svn, svd, offs_f, mask_f,
                                  offs_v, mask_v, FEATURE)
             s += dot(tl.trans(fk.to(v.dtype)), v, PRECISION, UPCAST)  # [BK, BT] @ [BT, BV]
             z += tl.sum(fk, 0)

@@ -122,13 +122,13 @@ def _fwd_kernel(
 
     for start in range(0, N, BT):
         offs_t, mask_t, rows = chunk_rows(start, arange_t, N)
-        _, fq = features(q_base, rows, mask_t, sqn, offs_f, mask_f, sqd, scale, FEATURE)
+        xq, fq = features(q_base, rows, mask_t, sqn, offs_f, mask_f, sqd, scale, FEATURE)
         # inter-chunk term with the fp32 state: [BT, BK] @ [BK, BV] -> [BT, BV]
         num = dot(fq, s, PRECISION, False)
         if NORMALIZE:
             den = tl.sum(fq * z[None, :], 1)  # [BT]
         if CAUSAL:
-            _, fk, v = key_chunk(k_base, v_base, rows, mask_t, skn, skd, svn, svd, offs_f, mask_f,
+            xk, fk, v = key_chunk(k_base, v_base, rows, mask_t, skn, skd, svn, svd, offs_f, mask_f,
                                  offs_v, mask_v, FEATURE)
             # intra-chunk term: [BT, BK] @ [BK, BT] -> [BT, BT], lower triangle (j <= i)
             a = dot(fq.to(v.dtype), tl.trans(fk.to(v.dtype)), PRECISION, UPCAST)
@@ -182,14 +182,14 @@ def _bwd_dq_kernel(
                        PRECISION, UPCAST, BK, BT, BV)
 
     for start in range(0, N, BT):
-        _, mask_t, rows = chunk_rows(start, arange_t, N)
-        xq, _, g, c = query_chunk(q_base, do_base, o_base, den_base, rows, mask_t, offs_f, mask_f,
+        offs_t, mask_t, rows = chunk_rows(start, arange_t, N)
+        xq, fq, g, c = query_chunk(q_base, do_base, o_base, den_base, rows, mask_t, offs_f, mask_f,
                                   offs_v, mask_v, sqn, sqd, sdon, sdod, son, sod, scale, eps,
                                   FEATURE, NORMALIZE)
         # inter-chunk: [BT, BV] @ [BV, BK] -> [BT, BK]
         dfq = dot(g, tl.trans(s), PRECISION, False) + c[:, None] * z[None, :]
         if CAUSAL:
-            _, fk, v = key_chunk(k_base, v_base, rows, mask_t, skn, skd, svn, svd, offs_f, mask_f,
+            xk, fk, v = key_chunk(k_base, v_base, rows, mask_t, skn, skd, svn, svd, offs_f, mask_f,
                                  offs_v, mask_v, FEATURE)
             # dA_ij = g_i . v_j + c_i: [BT, BV] @ [BV, BT] -> [BT, BT], lower triangle
             da = dot(g.to(v.dtype), tl.trans(v), PRECISION, UPCAST) + c[:, None]
@@ -239,10 +239,10 @@ def _bwd_dkdv_kernel(
     if not CAUSAL:
         # Pass 1: every key sees every query, so dS is the same total for all of them.
         for start in range(0, N, BT):
-            _, mask_t, rows = chunk_rows(start, arange_t, N)
+            offs_t, mask_t, rows = chunk_rows(start, arange_t, N)
             for hh in range(0, GROUP):
                 h = (hk * GROUP + hh).to(tl.int64)
-                _, fq, g, c = query_chunk(
+                xq, fq, g, c = query_chunk(
                     Q + b64 * sqb + h * sqh, DO + b64 * sdob + h * sdoh, OUT + b64 * sob + h * soh,
                     DEN + (b64 * HQ + h) * N, rows, mask_t, offs_f, mask_f, offs_v, mask_v,
                     sqn, sqd, sdon, sdod, son, sod, scale, eps, FEATURE, NORMALIZE)
@@ -251,7 +251,7 @@ def _bwd_dkdv_kernel(
 
     for i in range(0, n_chunks):
         start = (n_chunks - 1 - i) * BT  # reverse: dS must hold the chunks after this one
-        _, mask_t, rows = chunk_rows(start, arange_t, N)
+        offs_t, mask_t, rows = chunk_rows(start, arange_t, N)
         xk, fk, v = key_chunk(k_base, v_base, rows, mask_t, skn, skd, svn, svd, offs_f, mask_f,
                               offs_v, mask_v, FEATURE)
         # inter-chunk: [BT, BV] @ [BV, BK] -> [BT, BK] and [BT, BK] @ [BK, BV] -> [BT, BV]
@@ -261,7 +261,7 @@ def _bwd_dkdv_kernel(
             upper = arange_t[:, None] <= arange_t[None, :]  # key j (row) seen by query i (col)
             for hh in range(0, GROUP):
                 h = (hk * GROUP + hh).to(tl.int64)
-                _, fq, g, c = query_chunk(
+                xq, fq, g, c = query_chunk(
                     Q + b64 * sqb + h * sqh, DO + b64 * sdob + h * sdoh, OUT + b64 * sob + h * soh,
                     DEN + (b64 * HQ + h) * N, rows, mask_t, offs_f, mask_f, offs_v, mask_v,
                     sqn, sqd, sdon, sdod, son, sod, scale, eps, FEATURE, NORMALIZE)
