@@ -11,22 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as nnf
 from torch import nn
 
+# The built-in maps are the kernels' (they fuse them); re-exported here for the API's users.
+from ..kernels.linear.feature_maps import FEATURE_MAPS
+
 __all__ = ["FEATURE_MAPS", "HedgehogFeatureMap", "resolve_feature_map"]
-
-
-def _elu1(x: torch.Tensor) -> torch.Tensor:
-    return nnf.elu(x) + 1.0
-
-
-#: The built-in maps by name (all elementwise, so ``F = D``).
-FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "elu1": _elu1,  # elu(x) + 1 > 0: Katharopoulos et al. 2020, "Transformers are RNNs"
-    "relu": torch.relu,
-    "identity": lambda x: x,
-}
 
 
 def resolve_feature_map(feature_map: object) -> tuple[str | None, Callable]:

@@ -14,13 +14,14 @@ from typing import NamedTuple
 
 import torch
 
+from ..kernels.dispatch import TRITON_DTYPES
 from ..kernels.linear.backends import LinearAttentionCall, run_linear_attention
+from ..kernels.linear.torch_impl import compute_dtype
 from .feature_maps import resolve_feature_map
 
 __all__ = ["LinearAttentionState", "linear_attention", "linear_attention_step"]
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_DTYPES = (*_TRITON_DTYPES, torch.float64)
+_DTYPES = (*TRITON_DTYPES, torch.float64)
 
 
 class LinearAttentionState(NamedTuple):
@@ -228,7 +229,7 @@ def linear_attention(
     s0 = z0 = None
     if initial_state is not None:
         s0, z0 = _check_state(initial_state, B, Hkv, F, Dv, q.device, "initial_state")
-        sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        sdt = compute_dtype(q.dtype)
         # The kernels index the state as a dense [B, Hkv, F, Dv] block: an expanded (broadcast)
         # state must be materialised, or the backward would read past it.
         s0, z0 = s0.to(sdt).contiguous(), z0.to(sdt).contiguous()
@@ -289,7 +290,7 @@ def linear_attention_step(
                                       q.device, "state")
             o, s, z = linear_attention_step_cuda(q, k, v, s0, z0, feature_map, normalize, eps, scale)
             return (o.unsqueeze(2) if squeeze else o), LinearAttentionState(s, z)
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(q.dtype)
     if isinstance(feature_map, str):  # built-in maps run in fp32, as the kernels do
         fq, fk = phi(q.to(cdt) * scale), phi(k.to(cdt))
     else:

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from ..dispatch import TRITON_DTYPES, Backend, select_backend
+from .feature_maps import FEATURE_MAPS
+from .tiles import MAX_DIM
 
 __all__ = ["LinearAttentionCall", "BACKENDS", "run_linear_attention", "MAX_DIM"]
-
-#: The Triton forward holds all of F in one tile, the backward all of Dv.
-MAX_DIM = 256
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,11 @@ class LinearAttentionCall:
         return self.q
 
     @property
+    def head_dim(self) -> int:
+        """``F``, the feature dim after the map: what :attr:`Backend.max_head_dim` bounds."""
+        return self.q.shape[-1]
+
+    @property
     def grid(self) -> tuple[int, int]:
         return self.q.shape[0], self.q.shape[1]
 
@@ -53,15 +57,16 @@ class TritonLinear(Backend):
     kind = "triton"
     dtypes = TRITON_DTYPES
     grid_limited = True
+    # The forward holds all of F in one tile (declared: the call's head_dim is F) ...
+    max_head_dim = MAX_DIM
+    head_dim_name = "feature dim"
 
     def special_reasons(self, call: LinearAttentionCall) -> list[str]:
-        reasons = []
-        n_feat, dv = call.q.shape[-1], call.v.shape[-1]
-        if n_feat > MAX_DIM:
-            reasons.append(f"feature dim {n_feat} is above the maximum of {MAX_DIM}")
+        # ... and the backward all of Dv, the same cap: the dispatch declares one dim per call.
+        dv = call.v.shape[-1]
         if dv > MAX_DIM:
-            reasons.append(f"value head dim {dv} is above the maximum of {MAX_DIM}")
-        return reasons
+            return [f"value head dim {dv} is above the maximum of {MAX_DIM}"]
+        return []
 
     def run(self, call: LinearAttentionCall):
         from .op import linear_attention_triton
@@ -79,7 +84,6 @@ class TorchLinear(Backend):
     kind = "torch"
 
     def run(self, call: LinearAttentionCall):
-        from ...attn.feature_maps import FEATURE_MAPS
         from .torch_impl import compute_dtype, linear_attention_torch
 
         q, k = call.q, call.k

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 
 from ..cuda_ext import extension_reason
+from .feature_maps import FEATURES
 
-__all__ = ["linear_step_reasons", "linear_attention_step_cuda", "LINEAR_FEATURES"]
+__all__ = ["linear_step_reasons", "linear_attention_step_cuda"]
 
 LINEAR_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-LINEAR_FEATURES = {"identity": 0, "elu1": 1, "relu": 2}  # codes of attnkit_cuda.h FeatureMap
 LINEAR_MAX_DIM = 512
 
 
@@ -33,7 +33,7 @@ def linear_step_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, featu
         reasons.append(where)
     if q.dtype not in LINEAR_DTYPES:
         reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32 are)")
-    if not (isinstance(feature_map, str) and feature_map in LINEAR_FEATURES):
+    if not (isinstance(feature_map, str) and feature_map in FEATURES):
         reasons.append("only the built-in feature maps (elu1, relu, identity) are fused into the kernel")
     dk, dv = q.shape[-1], v.shape[-1]
     if dk > LINEAR_MAX_DIM:
@@ -60,6 +60,6 @@ def linear_attention_step_cuda(q, k, v, s, z, feature_map: str, normalize: bool,
         s = q.new_zeros((B, Hkv, dk, v.shape[-1]), dtype=torch.float32)
         z = q.new_zeros((B, Hkv, dk), dtype=torch.float32)
     return torch.ops.attnkit_cuda.linear_decode_step(
-        q, k, v, s.float(), z.float(), LINEAR_FEATURES[feature_map], bool(normalize), float(eps),
+        q, k, v, s.float(), z.float(), FEATURES[feature_map], bool(normalize), float(eps),
         float(scale),
     )
