@@ -42,12 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
-# The private names are re-exported for compile_check and its tests, which read the tiles and
-# the launch geometry through this module.
-from .tiles import (  # noqa: F401
+from . import tiles
+from .tiles import (
     _BATCHED_FUSED,
     _BATCHED_SHRINK,
-    _FUSED_TILES,
     FUSED,
     INTERPRET,
     SHRINK,
@@ -56,13 +54,16 @@ from .tiles import (  # noqa: F401
     _block_r,
     _bucket,
     _n_splits,
-    _prune_fused,
     autotuned,
     block_table,
     kernel_flags,
 )
 
 __all__ = ["lora_linear_triton", "lora_batched_triton", "INTERPRET"]
+
+# Re-exported: compile_check and tests/kernels/test_compile_check_linear_lora.py read the fused
+# tile list and its prune (with the launch geometry above) through this module.
+_FUSED_TILES, _prune_fused = tiles._FUSED_TILES, tiles._prune_fused
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import triton
 
 from ..autotune import first_only_if_asked
 
-__all__ = ["INTERPRET", "Tuning", "autotuned", "kernel_flags", "block_table"]
+__all__ = ["INTERPRET", "Tuning", "FUSED", "SHRINK", "WGRAD", "autotuned", "kernel_flags", "block_table"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
