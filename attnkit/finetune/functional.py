@@ -1,10 +1,13 @@
-"""Functional fused LoRA: input validation and backend dispatch.
+"""Functional fused LoRA: input validation, then one dispatch to a backend.
 
 :func:`lora_linear` is one LoRA linear layer, ``y = x W^T + bias + s drop(x) A^T B^T``, and
 :func:`lora_batched` the multi-adapter inference form where each row picks its own adapter.
-Backends: ``"triton"`` (``attnkit/kernels/lora.py``; CUDA tensors, or CPU tensors under
-``TRITON_INTERPRET=1``) and ``"torch"`` (``attnkit/kernels/lora_reference.py``; any device).
-``backend="auto"`` takes Triton where it can and says once when a CUDA call cannot.
+Both validate their arguments, build one :class:`~attnkit.kernels.lora.backends.LoRACall` and
+hand it to :func:`~attnkit.kernels.lora.backends.run_lora`. Backends
+(``attnkit/kernels/lora/``): ``"cuda"`` (BGMV kernels, no-grad ``lora_batched`` decode batches),
+``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``"torch"`` (any
+device). ``backend="auto"`` takes the first that can run the call and says once when a CUDA call
+lands on torch.
 """
 
 from __future__ import annotations
@@ -14,15 +17,49 @@ from collections.abc import Sequence
 
 import torch
 
-from ..kernels.lora.backends import LoRACall, select_lora_backend
+from ..kernels.lora.backends import LoRACall, run_lora
 
 __all__ = ["lora_linear", "lora_batched"]
+
 
 def _check_tensor(name: str, t, dim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dim is not None and t.dim() != dim:
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_base(x, weight, bias) -> tuple[int, int]:
+    """The base layer both ops share: ``x [..., in]``, ``weight [out, in]``, ``bias [out] | None``.
+    Returns ``(out, in)``."""
+    _check_tensor("x", x)
+    _check_tensor("weight", weight, 2)
+    out_f, in_f = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(
+            f"x must have shape [..., {in_f}] (in_features of weight {tuple(weight.shape)}), "
+            f"got {tuple(x.shape)}"
+        )
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        if bias.shape[0] != out_f:
+            raise ValueError(f"bias must have shape [{out_f}], got {tuple(bias.shape)}")
+    return out_f, in_f
+
+
+def _check_rank(name: str, t: torch.Tensor, r: int) -> None:
+    if r < 1:
+        raise ValueError(f"{name} has rank 0 (shape {tuple(t.shape)}); the rank must be >= 1")
+
+
+def _check_devices(x: torch.Tensor, tensors: dict) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must match")
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -87,59 +124,28 @@ def lora_linear(
     Returns:
         ``[..., out]`` in the compute dtype (the input's, or autocast's).
     """
-    _check_tensor("x", x)
-    _check_tensor("weight", weight, 2)
+    out_f, in_f = _check_base(x, weight, bias)
     _check_tensor("lora_A", lora_A, 2)
     _check_tensor("lora_B", lora_B, 2)
-    out_f, in_f = weight.shape
     r = lora_A.shape[0]
-    if x.dim() < 1 or x.shape[-1] != in_f:
-        raise ValueError(
-            f"x must have shape [..., {in_f}] (in_features of weight {tuple(weight.shape)}), "
-            f"got {tuple(x.shape)}"
-        )
-    if r < 1:
-        raise ValueError(f"lora_A has rank 0 (shape {tuple(lora_A.shape)}); the rank must be >= 1")
+    _check_rank("lora_A", lora_A, r)
     if lora_A.shape[1] != in_f:
         raise ValueError(f"lora_A must have shape [r, {in_f}], got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (out_f, r):
         raise ValueError(f"lora_B must have shape [{out_f}, {r}] ([out, r]), got {tuple(lora_B.shape)}")
-    if bias is not None:
-        _check_tensor("bias", bias, 1)
-        if bias.shape[0] != out_f:
-            raise ValueError(f"bias must have shape [{out_f}], got {tuple(bias.shape)}")
     _check_scalars(scaling, dropout_p)
-    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must match")
+    _check_devices(x, dict(weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias))
     dtype = _compute_dtype(x, weight)
+    needs_grad = _needs_grad(x, weight, lora_A, lora_B, bias)
     x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
     bias = bias.to(dtype) if bias is not None else None
-
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_f)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, lora_A, lora_B, bias)
-    )
-    call = LoRACall(x=x2, rank=r, needs_grad=needs_grad, batched=False)
-    chosen = select_lora_backend(call, backend, "lora_linear")
     p = float(dropout_p) if training else 0.0
-    if chosen.name == "triton":
-        from ..kernels.lora.op import lora_linear_triton
-
-        seed_t = None
-        if p > 0.0:
-            seed_t = (torch.randint(0, 2**31 - 1, (1,), device=x.device) if seed is None
-                      else torch.tensor([int(seed)], device=x.device, dtype=torch.int64))
-        y = lora_linear_triton(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed_t)
-    else:
-        from ..kernels.lora.torch_impl import lora_linear_torch
-
-        seed_i = None
-        if p > 0.0:
-            seed_i = int(torch.randint(0, 2**31 - 1, ())) if seed is None else int(seed)
-        y = lora_linear_torch(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed_i)
-    return y.reshape(*lead, out_f)
+    call = LoRACall(
+        x=x.reshape(-1, in_f), rank=r, needs_grad=needs_grad, batched=False, weight=weight,
+        bias=bias, lora_a=lora_A, lora_b=lora_B, scaling=float(scaling), dropout_p=p,
+        seed=None if seed is None or p == 0.0 else int(seed),
+    )
+    return run_lora(call, backend).reshape(*x.shape[:-1], out_f)
 
 
 def lora_batched(
@@ -164,32 +170,24 @@ def lora_batched(
         lora_As: ``[n, r, in]``; lora_Bs: ``[n, out, r]`` (adapters of smaller rank: zero-pad).
         scalings: ``[n]`` floats (a sequence or a tensor).
         adapter_index: integer tensor of shape ``x.shape[:-1]``, values in ``[-1, n)``.
-        backend: ``"auto"``, ``"triton"`` (inference only: no autograd) or ``"torch"``.
+        backend: ``"auto"``, ``"cuda"`` (decode batches, no autograd), ``"triton"`` (inference
+            only: no autograd) or ``"torch"``.
 
     Returns:
         ``[..., out]`` in x's dtype.
     """
-    _check_tensor("x", x)
-    _check_tensor("weight", weight, 2)
+    out_f, in_f = _check_base(x, weight, bias)
     _check_tensor("lora_As", lora_As, 3)
     _check_tensor("lora_Bs", lora_Bs, 3)
     _check_tensor("adapter_index", adapter_index)
-    out_f, in_f = weight.shape
     n, r = lora_As.shape[:2]
-    if x.dim() < 1 or x.shape[-1] != in_f:
-        raise ValueError(f"x must have shape [..., {in_f}], got {tuple(x.shape)}")
     if n < 1:
         raise ValueError(f"lora_As must hold at least one adapter, got shape {tuple(lora_As.shape)}")
-    if r < 1:
-        raise ValueError(f"lora_As has rank 0 (shape {tuple(lora_As.shape)}); the rank must be >= 1")
+    _check_rank("lora_As", lora_As, r)
     if lora_As.shape[2] != in_f:
         raise ValueError(f"lora_As must have shape [n, r, {in_f}], got {tuple(lora_As.shape)}")
     if tuple(lora_Bs.shape) != (n, out_f, r):
         raise ValueError(f"lora_Bs must have shape [{n}, {out_f}, {r}], got {tuple(lora_Bs.shape)}")
-    if bias is not None:
-        _check_tensor("bias", bias, 1)
-        if bias.shape[0] != out_f:
-            raise ValueError(f"bias must have shape [{out_f}], got {tuple(bias.shape)}")
     scal = torch.as_tensor(scalings, dtype=torch.float32, device=x.device).reshape(-1)
     if scal.numel() != n:
         raise ValueError(f"scalings must hold {n} values (one per adapter), got {scal.numel()}")
@@ -209,28 +207,14 @@ def lora_batched(
                 f"adapter_index holds {bad}, outside [-1, {n - 1}] (-1 = no adapter, "
                 f"0..{n - 1} = one of the {n} adapters)"
             )
-    for name, t in (("weight", weight), ("lora_As", lora_As), ("lora_Bs", lora_Bs), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; use one device")
+    operands = dict(weight=weight, lora_As=lora_As, lora_Bs=lora_Bs, bias=bias)
+    _check_devices(x, operands)
+    for name, t in operands.items():
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_f)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, lora_As, lora_Bs, bias)
+    call = LoRACall(
+        x=x.reshape(-1, in_f), rank=r, needs_grad=_needs_grad(x, *operands.values()),
+        batched=True, weight=weight, bias=bias, lora_a=lora_As, lora_b=lora_Bs, scalings=scal,
+        index=idx,
     )
-    call = LoRACall(x=x2, rank=r, needs_grad=needs_grad, batched=True)
-    chosen = select_lora_backend(call, backend, "lora_batched")
-    if chosen.name == "cuda":
-        from ..kernels.lora.cuda import lora_batched_cuda
-
-        y = lora_batched_cuda(x2, weight, bias, lora_As, lora_Bs, scal, idx)
-    elif chosen.name == "triton":
-        from ..kernels.lora.op import lora_batched_triton
-
-        y = lora_batched_triton(x2, weight, bias, lora_As, lora_Bs, scal, idx)
-    else:
-        from ..kernels.lora.torch_impl import lora_batched_torch
-
-        y = lora_batched_torch(x2, weight, bias, lora_As, lora_Bs, scal, idx)
-    return y.reshape(*lead, out_f)
+    return run_lora(call, backend).reshape(*x.shape[:-1], out_f)

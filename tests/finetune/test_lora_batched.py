@@ -1,4 +1,5 @@
-"""``lora_batched`` (each row its own adapter) against a per-row loop, and its input checks."""
+"""``lora_batched`` (each row its own adapter) against a per-row loop in float64
+(``attnkit.kernels.lora.naive``), and its input checks."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import pytest
 import torch
 
 from attnkit.finetune import lora_batched
+from attnkit.kernels.lora.naive import lora_batched_naive
+from tests.harness import K_OUT, assert_close_to_oracle, max_err
 
 BACKENDS = ["triton", "torch"]
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# This file's former bound, max |error| / max |oracle|, kept on top of the harness's rule: it is
+# the stricter of the two for these outputs (the harness adds 4 ulps of the magnitude).
+REL_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def _inputs(t, n_in, n_out, r, n, dtype, device):
@@ -22,21 +27,8 @@ def _inputs(t, n_in, n_out, r, n, dtype, device):
     return [v.to(dtype) for v in (x, w, b, a, bb)]
 
 
-def _per_row(x, w, b, a, bb, scalings, index):
-    """The oracle: one row at a time, in float64."""
-    x, w, b, a, bb = (v.double() for v in (x, w, b, a, bb))
-    rows = []
-    for t in range(x.shape[0]):
-        y = w @ x[t] + b
-        i = int(index[t])
-        if i >= 0:
-            y = y + scalings[i] * (bb[i] @ (a[i] @ x[t]))
-        rows.append(y)
-    return torch.stack(rows)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", list(TOL), ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("dtype", list(REL_TOL), ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("t, n_in, n_out, r, n", [(37, 40, 24, 3, 3), (9, 72, 56, 8, 1)],
                          ids=["T37-in40-out24-r3-n3", "T9-in72-out56-r8-n1"])
 def test_matches_per_row_loop(backend, dtype, t, n_in, n_out, r, n, device):
@@ -46,10 +38,12 @@ def test_matches_per_row_loop(backend, dtype, t, n_in, n_out, r, n, device):
     index = torch.randint(-1, n, (t,), device=device)
     index[:n + 1] = torch.arange(-1, n, device=device)
     y = lora_batched(x, w, a, bb, scalings, index, b, backend=backend)
-    want = _per_row(x, w, b, a, bb, scalings, index)
+    want = lora_batched_naive(x, w, b, a, bb, scalings, index)
     assert torch.isfinite(y).all()
-    err = ((y.double() - want).abs().max() / want.abs().max()).item()
-    assert err <= TOL[dtype], f"relative error {err:.2e}"
+    lowp = lora_batched_naive(x, w, b, a, bb, scalings, index, dtype=dtype)
+    assert_close_to_oracle("y", y, want, lowp, dtype, K_OUT)
+    err = max_err(y, want) / float(want.abs().max())
+    assert err <= REL_TOL[dtype], f"relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -58,7 +52,7 @@ def test_leading_dims_and_tensor_scalings(backend, device):
     scalings = torch.tensor([2.0, -0.5])
     index = torch.randint(0, 2, (2, 11), device=device)
     y = lora_batched(x.reshape(2, 11, 40), w, a, bb, scalings, index, None, backend=backend)
-    want = _per_row(x, w, torch.zeros_like(b), a, bb, scalings.tolist(), index.reshape(-1))
+    want = lora_batched_naive(x, w, None, a, bb, scalings, index.reshape(-1))
     assert y.shape == (2, 11, 24)
     torch.testing.assert_close(y.reshape(-1, 24).double(), want, rtol=1e-5, atol=1e-5)
 
@@ -121,5 +115,5 @@ def test_many_rows_per_adapter_span_several_row_blocks(backend, device):
     index[::7] = 1
     index[5] = -1
     y = lora_batched(x, w, a, bb, [0.5, 2.0], index, b, backend=backend)
-    want = _per_row(x, w, b, a, bb, [0.5, 2.0], index)
+    want = lora_batched_naive(x, w, b, a, bb, [0.5, 2.0], index)
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)

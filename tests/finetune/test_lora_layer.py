@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from attnkit.finetune import LoRALinear
+from attnkit.kernels.lora.naive import lora_linear_naive
 
 
-def _layer(backend, dtype=torch.float32, **kw):
+def _layer(backend, device, dtype=torch.float32, **kw):
     torch.manual_seed(0)
-    base = nn.Linear(40, 24).to(dtype)
+    base = nn.Linear(40, 24).to(device=device, dtype=dtype)
     layer = LoRALinear(base, kw.pop("r", 4), kw.pop("alpha", 8.0), backend=backend, **kw)
     with torch.no_grad():
         layer.lora_B.normal_()  # zero-initialised; make the LoRA path count
@@ -22,16 +23,16 @@ def _layer(backend, dtype=torch.float32, **kw):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
-def test_forward_and_grads_vs_formula(backend, rslora):
-    layer = _layer(backend, use_rslora=rslora)
+def test_forward_and_grads_vs_formula(backend, rslora, device):
+    layer = _layer(backend, device, use_rslora=rslora)
     assert not layer.base.weight.requires_grad and not layer.base.bias.requires_grad
     scaling = 8.0 / (math.sqrt(4) if rslora else 4)
     assert layer.scaling == pytest.approx(scaling)
-    x = torch.randn(3, 5, 40)
+    x = torch.randn(3, 5, 40, device=device)
     y = layer(x)
-    w, b = layer.base.weight.double(), layer.base.bias.double()
     a, bb = (p.detach().double().requires_grad_() for p in (layer.lora_A, layer.lora_B))
-    want = x.double() @ w.t() + b + scaling * (x.double() @ a.t()) @ bb.t()
+    want = lora_linear_naive(x, layer.base.weight, a, bb, scaling, layer.base.bias)  # float64
+    # fp32 (IEEE on the CPU): a tighter bound than the harness's 2e-5 x factor x max(1, |y|)
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -49,9 +50,9 @@ def test_fresh_layer_equals_base():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_merge_unmerge(dtype):
-    layer = _layer("triton", dtype).eval()
-    x = torch.randn(6, 40, dtype=dtype)
+def test_merge_unmerge(dtype, device):
+    layer = _layer("triton", device, dtype).eval()
+    x = torch.randn(6, 40, dtype=dtype, device=device)
     w0 = layer.base.weight.clone()
     y = layer(x)
     layer.merge()
@@ -66,9 +67,9 @@ def test_merge_unmerge(dtype):
     torch.testing.assert_close(layer(x), y, **tol)
 
 
-def test_dropout_only_in_train_mode():
-    layer = _layer("triton", dropout=0.5)
-    x = torch.randn(8, 40)
+def test_dropout_only_in_train_mode(device):
+    layer = _layer("triton", device, dropout=0.5)
+    x = torch.randn(8, 40, device=device)
     layer.train()
     assert not torch.equal(layer(x), layer(x))
     layer.eval()

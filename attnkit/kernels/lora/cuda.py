@@ -19,8 +19,8 @@ MAX_LORA_RANK = 512
 class CudaLoRA(Backend):
     """BGMV shrink/expand (``attnkit/csrc/lora_bgmv.cu``) for ``lora_batched`` decode batches.
 
-    Takes an ``attnkit.kernels.lora.backends.LoRACall`` (``x [T, in]``, ``rank``, ``needs_grad``,
-    ``batched``).
+    Takes an ``attnkit.kernels.lora.backends.LoRACall``; its reasons read ``x [T, in]``,
+    ``rank``, ``needs_grad`` and ``batched``, and only ``lora_batched`` calls reach ``run``.
     """
 
     name = "cuda"
@@ -43,8 +43,8 @@ class CudaLoRA(Backend):
         ext = extension_reason()  # only now: this may compile the extension (first use)
         return [ext] if ext else []
 
-    def run(self, call):  # pragma: no cover - dispatch calls lora_batched_cuda directly
-        raise NotImplementedError
+    def run(self, call) -> torch.Tensor:
+        return lora_batched_cuda(*call.batched_args)
 
 
 def lora_batched_cuda(x, weight, bias, lora_as, lora_bs, scalings, index):

@@ -29,21 +29,41 @@ scaling is taken as 0). The adapter selects ``M``/``M2`` through ``stride_ma`` a
 ``SCALES``.
 
 Base offsets are int64 (``T * in`` may pass 2**31); offsets inside a tile stay int32.
+
+Launches pass every argument by keyword. An absent input is passed as ``None`` (no bias, no
+dropout seed, no block table) and its constexpr flag (``HAS_BIAS``, ``DROPOUT``, ``BATCHED``) is
+derived from that in the launcher; the kernels never touch a ``None`` pointer. Tiles, autotuning
+and launch geometry live in ``tiles.py``.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ..autotune import first_only_if_asked
+from . import tiles
+from .tiles import (
+    _BATCHED_FUSED,
+    _BATCHED_SHRINK,
+    FUSED,
+    INTERPRET,
+    SHRINK,
+    WGRAD,
+    _block_k2,
+    _block_r,
+    _bucket,
+    _n_splits,
+    autotuned,
+    block_table,
+    kernel_flags,
+)
 
 __all__ = ["lora_linear_triton", "lora_batched_triton", "INTERPRET"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Re-exported: compile_check and tests/kernels/test_compile_check_linear_lora.py read the fused
+# tile list and its prune (with the launch geometry above) through this module.
+_FUSED_TILES, _prune_fused = tiles._FUSED_TILES, tiles._prune_fused
 
 
 @triton.jit
@@ -236,127 +256,15 @@ def _wgrad_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Tile configurations
-# --------------------------------------------------------------------------------------------
-
-# Fused GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the usual H100/A100 GEMM shapes
-# (128x128 and 128x64 with K 32/64). Not yet measured by us on a GPU (benchmarks/NOTES.md).
-_FUSED_TILES = [
-    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4),
-]
-# With dropout (the dx GEMM) the epilogue regenerates the keep mask (Philox) over the whole tile
-# next to two fp32 accumulators: ahead-of-time sm_90 compiles (python -m
-# attnkit.kernels.compile_check --module lora --dropout --all-tiles) spill 576-688 B per thread
-# at 128x128/128x64/64x128 (4.6 KB at 128x128 with 4 warps); 64x64 takes 216 registers, no spill.
-_DROPOUT_MAX_TILE = 64 * 64
-# Shrink (BLOCK_M, BLOCK_K, warps, stages): memory-bound on x, so long K tiles; BLOCK_R from r.
-_SHRINK_TILES = [(64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (32, 128, 4, 4)]
-# Weight grads (BLOCK_M, BLOCK_N, BLOCK_T, warps, stages); pruned to the output's shape.
-_WGRAD_TILES = [
-    (bm, bn, bt, 4, 3) for bm in (16, 32, 64, 128) for bn in (16, 32, 64, 128) for bt in (32, 64)
-]
-# Under TRITON_INTERPRET (CPU tests) one small tile, so that in=40 / out=24 / T=17 already span
-# several row, column and K blocks with partial edges.
-_INTERPRET_FUSED = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
-_INTERPRET_SHRINK = dict(BLOCK_M=16, BLOCK_K=16)
-_INTERPRET_WGRAD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_T=16)
-# The batched path builds its row-block table for one BLOCK_M, so it is not autotuned.
-_BATCHED_FUSED = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)
-_BATCHED_SHRINK = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3)
-if INTERPRET:
-    _BATCHED_FUSED = dict(_INTERPRET_FUSED)
-    _BATCHED_SHRINK = dict(_INTERPRET_SHRINK)
-
-
-def _fits_smem(bm, bn, bk, stages, elem):
-    return (bm + bn) * bk * elem * max(stages - 1, 1) <= 160 * 1024
-
-
-def _prune_fused(configs, named_args, **kwargs):
-    elem = named_args["X1"].element_size()
-    dropout = kwargs.get("DROPOUT", named_args.get("DROPOUT", False))
-    keep = [c for c in configs if _fits_smem(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
-                                             c.kwargs["BLOCK_K"], c.num_stages, elem)
-            and (not dropout or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= _DROPOUT_MAX_TILE)]
-    return keep or configs[-1:]
-
-
-def _prune_wgrad(configs, named_args, **kwargs):
-    m, n = named_args["M"], named_args["N"]
-    elem = named_args["X"].element_size()
-    keep = [
-        c for c in configs
-        if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))
-        and c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(n))
-        and _fits_smem(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_T"],
-                       c.num_stages, elem)
-    ]
-    return keep or configs[:1]
-
-
-def _tuned(kernel, configs, key, prune):
-    return triton.autotune(configs, key=key,
-                           prune_configs_by={"early_config_prune": first_only_if_asked(prune)})(kernel)
-
-
-if INTERPRET:
-    _fused_tuned, _shrink_tuned, _wgrad_tuned = _fused_kernel, _shrink_kernel, _wgrad_kernel
-    _FUSED_META, _SHRINK_META, _WGRAD_META = _INTERPRET_FUSED, _INTERPRET_SHRINK, _INTERPRET_WGRAD
-else:  # pragma: no cover - GPU only
-    # The autotuner picks the tiles; nothing extra to pass (tests/kernels/test_gpu_module_names.py
-    # checks that both branches define the same names).
-    _FUSED_META, _SHRINK_META, _WGRAD_META = {}, {}, {}
-    _fused_tuned = _tuned(
-        _fused_kernel,
-        [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w,
-                       num_stages=s) for m, n, k, w, s in _FUSED_TILES],
-        ["T_BUCKET", "N", "K1", "K2", "DROPOUT", "HAS_BIAS"], _prune_fused,
-    )
-    _shrink_tuned = _tuned(
-        _shrink_kernel,
-        [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s)
-         for m, k, w, s in _SHRINK_TILES],
-        ["T_BUCKET", "K", "R", "DROPOUT"], None,
-    )
-    _wgrad_tuned = _tuned(
-        _wgrad_kernel,
-        [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_T": t}, num_warps=w, num_stages=s)
-         for m, n, t, w, s in _WGRAD_TILES],
-        ["T_BUCKET", "M", "N", "DROPOUT"], _prune_wgrad,
-    )
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 follows PyTorch's matmul precision (TF32 unless "highest"), like torch.matmul."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
-def _flags(dtype: torch.dtype) -> dict:
-    return dict(PRECISION=_precision(dtype), UPCAST=INTERPRET and dtype == torch.bfloat16)
-
-
-def _bucket(t: int) -> int:
-    """Token-count bucket for the autotune key: training batches vary T, tiles need not."""
-    return min(max(triton.next_power_of_2(max(t, 1)), 256), 1 << 16)
-
-
-def _block_k2(r: int) -> int:
-    return min(max(16, triton.next_power_of_2(r)), 64)
-
-
-def _block_r(r: int) -> int:
-    return min(max(16, triton.next_power_of_2(r)), 64)
-
-
-# --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
 
+_shrink_tuned, _SHRINK_META = autotuned(_shrink_kernel, SHRINK)
+_fused_tuned, _FUSED_META = autotuned(_fused_kernel, FUSED)
+_wgrad_tuned, _WGRAD_META = autotuned(_wgrad_kernel, WGRAD)
 
-#: Tests set this to fill every kernel output with NaN before the kernel runs (see flash.py).
+#: Tests set this to fill every kernel output with NaN before the kernel runs, so that an element
+#: a kernel forgets to write shows up as NaN instead of as stale memory that happens to look right.
 POISON_OUTPUTS = False
 
 
@@ -367,92 +275,96 @@ def _alloc(shape, device, dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _shrink(x, m, scale, p=0.0, seed=None, table=None, scales=None, stride_ma=0):
+def _table_args(table) -> dict:
+    """The block-table pointers of a batched launch (``None`` each when not batched)."""
+    row_idx, row0, blen, badapter = table if table is not None else (None,) * 4
+    return dict(ROW_IDX=row_idx, BLK_ROW0=row0, BLK_LEN=blen, BLK_ADAPTER=badapter)
+
+
+def _shrink(x, m, scale, seed=None, p=0.0, table=None, scales=None):
     """``scale * drop?(x [T, K]) @ m [K, R]`` -> ``[T, R]`` in x's dtype.
 
-    ``table`` (batched): ``(row_idx, blk_row0, blk_len, blk_adapter)``; then ``m`` is
-    ``[n, K, R]`` addressed through ``stride_ma`` and ``scales [n]`` replaces ``scale``.
+    Dropout applies when ``seed`` (a one-element int64 tensor) is given. ``table`` (batched):
+    the :func:`~.tiles.block_table` of the rows; then ``m`` is ``[n, K, R]`` and ``scales [n]``
+    fp32 replaces ``scale``.
     """
     T, K = x.shape
     R = m.shape[-1]
     out = _alloc((T, R), x.device, x.dtype)
     if T == 0:
         return out
-    dropout = p > 0.0
     block_r = _block_r(R)
-    common = dict(DROPOUT=dropout, OFF64=T * K >= 2**31, BATCHED=table is not None,
-                  BLOCK_R=block_r, **_flags(x.dtype))
-    sm_k, sm_r = m.stride(-2), m.stride(-1)
-    if table is None:
-        args = (x, m, out, seed if dropout else x, x, x, x, x, x,
-                T, K, R, float(scale), float(p), _bucket(T),
-                x.stride(0), x.stride(1), sm_k, sm_r, 0, out.stride(0), out.stride(1))
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), triton.cdiv(R, block_r))
-        _shrink_tuned[grid](*args, **common, **_SHRINK_META)
+    batched = table is not None
+    args = dict(
+        X=x, M=m, OUT=out, SEED=seed, SCALES=scales, **_table_args(table),
+        T=T, K=K, R=R, scale=float(scale), p=float(p), T_BUCKET=_bucket(T),
+        stride_xt=x.stride(0), stride_xk=x.stride(1), stride_mk=m.stride(-2),
+        stride_mr=m.stride(-1), stride_ma=m.stride(0) if batched else 0,
+        stride_ot=out.stride(0), stride_or=out.stride(1),
+        DROPOUT=seed is not None, OFF64=T * K >= 2**31, BATCHED=batched, BLOCK_R=block_r,
+        **kernel_flags(x.dtype),
+    )
+    if batched:
+        grid = (table[2].numel(), triton.cdiv(R, block_r))
+        _shrink_kernel[grid](**args, **_BATCHED_SHRINK)
     else:
-        row_idx, row0, blen, badapter = table
-        args = (x, m, out, x, scales, row_idx, row0, blen, badapter,
-                T, K, R, 0.0, 0.0, _bucket(T),
-                x.stride(0), x.stride(1), sm_k, sm_r, stride_ma, out.stride(0), out.stride(1))
-        _shrink_kernel[(blen.numel(), triton.cdiv(R, block_r))](*args, **common, **_BATCHED_SHRINK)
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), triton.cdiv(R, block_r))
+        _shrink_tuned[grid](**args, **_SHRINK_META)
     return out
 
 
-def _fused(x1, m1, x2, m2, bias, p=0.0, seed=None, table=None, stride_m2a=0):
-    """``x1 [T, K1] @ m1 [K1, N] + mask? * (x2 [T, K2] @ m2 [K2, N]) / (1-p) (+ bias)``."""
+def _fused(x1, m1, x2, m2, bias, seed=None, p=0.0, table=None):
+    """``x1 [T, K1] @ m1 [K1, N] + mask? * (x2 [T, K2] @ m2 [K2, N]) / (1-p) (+ bias [N])``.
+
+    Dropout (the dx GEMM) applies when ``seed`` is given; with ``table`` (batched), ``m2`` is
+    ``[n, K2, N]``, one per adapter.
+    """
     T, K1 = x1.shape
     N = m1.shape[1]
     K2 = x2.shape[1]
     out = _alloc((T, N), x1.device, x1.dtype)
     if T == 0:
         return out
-    dropout = p > 0.0
-    dummy = x1
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads BIAS + n (a strided view would be misread)
-    sm2k, sm2n = m2.stride(-2), m2.stride(-1)
-    common = dict(HAS_BIAS=bias is not None, DROPOUT=dropout, OFF64=T * N >= 2**31,
-                  BATCHED=table is not None, BLOCK_K2=_block_k2(K2), **_flags(x1.dtype))
-    row_idx, row0, blen, badapter = table if table is not None else (dummy,) * 4
-    args = (x1, m1, x2, m2, bias if bias is not None else dummy, out,
-            seed if dropout else dummy, row_idx, row0, blen, badapter,
-            T, N, K1, K2, float(p), 1.0 / (1.0 - p), _bucket(T),
-            x1.stride(0), x1.stride(1), m1.stride(0), m1.stride(1),
-            x2.stride(0), x2.stride(1), sm2k, sm2n, stride_m2a, out.stride(0), out.stride(1))
-    if table is None:
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _fused_tuned[grid](*args, **common, **_FUSED_META)
+    batched = table is not None
+    args = dict(
+        X1=x1, M1=m1, X2=x2, M2=m2, BIAS=bias, OUT=out, SEED=seed, **_table_args(table),
+        T=T, N=N, K1=K1, K2=K2, p=float(p), inv_keep=1.0 / (1.0 - p), T_BUCKET=_bucket(T),
+        stride_x1t=x1.stride(0), stride_x1k=x1.stride(1),
+        stride_m1k=m1.stride(0), stride_m1n=m1.stride(1),
+        stride_x2t=x2.stride(0), stride_x2k=x2.stride(1),
+        stride_m2k=m2.stride(-2), stride_m2n=m2.stride(-1),
+        stride_m2a=m2.stride(0) if batched else 0,
+        stride_ot=out.stride(0), stride_on=out.stride(1),
+        HAS_BIAS=bias is not None, DROPOUT=seed is not None, OFF64=T * N >= 2**31,
+        BATCHED=batched, BLOCK_K2=_block_k2(K2), **kernel_flags(x1.dtype),
+    )
+    if batched:
+        grid = (table[2].numel(), triton.cdiv(N, _BATCHED_FUSED["BLOCK_N"]))
+        _fused_kernel[grid](**args, **_BATCHED_FUSED)
     else:
-        grid = (blen.numel(), triton.cdiv(N, _BATCHED_FUSED["BLOCK_N"]))
-        _fused_kernel[grid](*args, **common, **_BATCHED_FUSED)
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        _fused_tuned[grid](**args, **_FUSED_META)
     return out
 
 
-def _n_splits(T: int, M: int, N: int) -> tuple[int, int]:
-    """(splits, rows per split) of the T reduction: enough programs to fill the GPU."""
-    if INTERPRET:
-        rows = 16  # several splits already at T = 17
-    else:  # pragma: no cover - GPU only
-        tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
-        want = max(1, min(triton.cdiv(2 * 132, tiles), triton.cdiv(T, 512), 64))
-        rows = triton.cdiv(triton.cdiv(T, want), 64) * 64
-    return triton.cdiv(T, rows), rows
-
-
-def _wgrad(x, y, out_dtype, scale=1.0, p=0.0, seed=None):
-    """``scale * x [T, M]^T @ drop?(y [T, N])`` -> ``[M, N]`` in ``out_dtype`` (fp32 partials)."""
+def _wgrad(x, y, out_dtype, scale=1.0, seed=None, p=0.0):
+    """``scale * x [T, M]^T @ drop?(y [T, N])`` -> ``[M, N]`` in ``out_dtype`` (fp32 partials);
+    dropout on ``y`` when ``seed`` is given."""
     T, M = x.shape
     N = y.shape[1]
     if T == 0:
         return torch.zeros((M, N), device=x.device, dtype=out_dtype)
     splits, rows = _n_splits(T, M, N)
     part = _alloc((splits, M, N), x.device, torch.float32)
-    dropout = p > 0.0
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)
     _wgrad_tuned[grid](
-        x, y, part, seed if dropout else x, T, M, N, rows, float(p), _bucket(T),
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), *part.stride(),
-        DROPOUT=dropout, OFF64=T * N >= 2**31, **_flags(x.dtype), **_WGRAD_META,
+        X=x, Y=y, OUT=part, SEED=seed, T=T, M=M, N=N, rows_per_split=rows, p=float(p),
+        T_BUCKET=_bucket(T), stride_xt=x.stride(0), stride_xm=x.stride(1),
+        stride_yt=y.stride(0), stride_yn=y.stride(1), stride_os=part.stride(0),
+        stride_om=part.stride(1), stride_on=part.stride(2),
+        DROPOUT=seed is not None, OFF64=T * N >= 2**31, **kernel_flags(x.dtype), **_WGRAD_META,
     )
     total = part[0] if splits == 1 else part.sum(0)
     if scale != 1.0:
@@ -465,6 +377,11 @@ def _wgrad(x, y, out_dtype, scale=1.0, p=0.0, seed=None):
 # --------------------------------------------------------------------------------------------
 
 
+def _dropout_seed(seed, dropout_p):
+    """The seed tensor when dropout applies (``seed`` given and ``p > 0``), else ``None``."""
+    return seed if seed is not None and dropout_p > 0.0 else None
+
+
 @torch.library.custom_op("attnkit::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -474,8 +391,9 @@ def lora_linear_fwd(
 
     Dropout applies when ``seed`` (a one-element int64 tensor) is given and ``dropout_p > 0``.
     """
+    seed = _dropout_seed(seed, dropout_p)
     p = dropout_p if seed is not None else 0.0
-    su = _shrink(x, lora_a.t(), scaling / (1.0 - p), p, seed)  # [T, in] @ [in, r]
+    su = _shrink(x, lora_a.t(), scaling / (1.0 - p), seed, p)  # [T, in] @ [in, r]
     y = _fused(x, weight.t(), su, lora_b.t(), bias)  # [x | su] @ [W | B]^T -> [T, out]
     return y, su
 
@@ -492,14 +410,15 @@ def lora_linear_bwd(
     seed: torch.Tensor | None, need_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused LoRA backward: ``(dx [T, in] (empty if not need_dx), dA [r, in], dB [out, r])``."""
+    seed = _dropout_seed(seed, dropout_p)
     p = dropout_p if seed is not None else 0.0
     gs = _shrink(dy, lora_b, scaling)  # s * dy B: [T, out] @ [out, r] -> [T, r]
     if need_dx:
-        dx = _fused(dy, weight, gs, lora_a, None, p, seed)  # [dy | gs] @ [W ; A] -> [T, in]
+        dx = _fused(dy, weight, gs, lora_a, None, seed, p)  # [dy | gs] @ [W ; A] -> [T, in]
     else:
         dx = dy.new_empty((0,))
     db = _wgrad(dy, su, lora_b.dtype)  # dy^T su: [out, T] @ [T, r]
-    da = _wgrad(gs, x, lora_a.dtype, 1.0 / (1.0 - p), p, seed)  # gs^T drop(x): [r, T] @ [T, in]
+    da = _wgrad(gs, x, lora_a.dtype, 1.0 / (1.0 - p), seed, p)  # gs^T drop(x): [r, T] @ [T, in]
     return dx, da, db
 
 
@@ -534,7 +453,11 @@ lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, seed=None):
-    """``y [T, out] = x W^T + bias + s drop(x) A^T B^T`` for ``x [T, in]`` (validated inputs)."""
+    """``y [T, out] = x W^T + bias + s drop(x) A^T B^T`` for ``x [T, in]`` (validated inputs).
+
+    ``weight [out, in]``, ``bias [out] | None``, ``lora_a [r, in]``, ``lora_b [out, r]``;
+    ``seed``: one-element int64 tensor on x's device, or ``None`` (no dropout).
+    """
     y, _ = torch.ops.attnkit.lora_linear_fwd(
         x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed
     )
@@ -546,26 +469,6 @@ def lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, 
 # --------------------------------------------------------------------------------------------
 
 
-def _block_table(index: torch.Tensor, n_adapters: int, block_m: int):
-    """Group rows by adapter into blocks of at most ``block_m`` rows of one adapter.
-
-    Returns ``(row_idx [T] int32, blk_row0, blk_len, blk_adapter)`` (int32 per block); adapter
-    ``-1`` (no adapter) is a group of its own. One host sync (the group sizes), as Punica's SGMV.
-    """
-    order = torch.argsort(index, stable=True).to(torch.int32)
-    counts = torch.bincount(index.long() + 1, minlength=n_adapters + 1).tolist()
-    row0, blen, badapter = [], [], []
-    start = 0
-    for slot, count in enumerate(counts):
-        for off in range(0, count, block_m):
-            row0.append(start + off)
-            blen.append(min(block_m, count - off))
-            badapter.append(slot - 1)
-        start += count
-    mk = lambda v: torch.tensor(v, dtype=torch.int32, device=index.device)
-    return order, mk(row0), mk(blen), mk(badapter)
-
-
 def lora_batched_triton(x, weight, bias, lora_as, lora_bs, scalings, index):
     """Each row its own adapter: ``y[t] = W x[t] + bias + s[i] B[i] A[i] x[t]``, ``i = index[t]``.
 
@@ -575,8 +478,6 @@ def lora_batched_triton(x, weight, bias, lora_as, lora_bs, scalings, index):
     T = x.shape[0]
     if T == 0:
         return x.new_empty((0, weight.shape[0]))
-    table = _block_table(index, lora_as.shape[0], _BATCHED_FUSED["BLOCK_M"])
-    m_a = lora_as.transpose(1, 2)  # [n, in, r]
-    su = _shrink(x, m_a, 1.0, table=table, scales=scalings, stride_ma=m_a.stride(0))
-    m_b = lora_bs.transpose(1, 2)  # [n, r, out]
-    return _fused(x, weight.t(), su, m_b, bias, table=table, stride_m2a=m_b.stride(0))
+    table = block_table(index, lora_as.shape[0], _BATCHED_FUSED["BLOCK_M"])
+    su = _shrink(x, lora_as.transpose(1, 2), 1.0, table=table, scales=scalings)  # A^T: [n, in, r]
+    return _fused(x, weight.t(), su, lora_bs.transpose(1, 2), bias, table=table)  # B^T: [n, r, out]

@@ -73,7 +73,7 @@ def lora_linear_torch(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, s
 
 
 def lora_batched_torch(x, weight, bias, lora_as, lora_bs, scalings, index):
-    """Per-adapter loop of :func:`attnkit.kernels.lora.lora_batched_triton` (same shapes)."""
+    """Per-adapter loop of :func:`attnkit.kernels.lora.op.lora_batched_triton` (same shapes)."""
     y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
     for i in torch.unique(index).tolist():
         if i < 0:

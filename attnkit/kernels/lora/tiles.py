@@ -1,0 +1,180 @@
+"""Tiles, autotuning and launch geometry of the fused LoRA kernels (``op.py``).
+
+Everything here is plain Python (no ``@triton.jit``): which tiles each kernel is offered, how
+the autotuner prunes them, the one place that decides between the interpreter's fixed tile and
+the GPU's autotuned ones (:func:`autotuned`), the per-dtype kernel flags, and the launch
+geometry (token buckets, rank tiles, weight-gradient splits, the multi-adapter block table).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+from ..autotune import first_only_if_asked
+
+__all__ = ["INTERPRET", "Tuning", "FUSED", "SHRINK", "WGRAD", "autotuned", "kernel_flags", "block_table"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Fused GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the usual H100/A100 GEMM shapes
+# (128x128 and 128x64 with K 32/64). Not yet measured by us on a GPU (benchmarks/NOTES.md).
+_FUSED_TILES = [
+    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4),
+]
+# With dropout (the dx GEMM) the epilogue regenerates the keep mask (Philox) over the whole tile
+# next to two fp32 accumulators: ahead-of-time sm_90 compiles (python -m
+# attnkit.kernels.compile_check --module lora --dropout --all-tiles) spill 576-688 B per thread
+# at 128x128/128x64/64x128 (4.6 KB at 128x128 with 4 warps); 64x64 takes 216 registers, no spill.
+_DROPOUT_MAX_TILE = 64 * 64
+# Shrink (BLOCK_M, BLOCK_K, warps, stages): memory-bound on x, so long K tiles; BLOCK_R from r.
+_SHRINK_TILES = [(64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (32, 128, 4, 4)]
+# Weight grads (BLOCK_M, BLOCK_N, BLOCK_T, warps, stages); pruned to the output's shape.
+_WGRAD_TILES = [
+    (bm, bn, bt, 4, 3) for bm in (16, 32, 64, 128) for bn in (16, 32, 64, 128) for bt in (32, 64)
+]
+# Under TRITON_INTERPRET (CPU tests) one small tile, so that in=40 / out=24 / T=17 already span
+# several row, column and K blocks with partial edges.
+_INTERPRET_FUSED = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+_INTERPRET_SHRINK = dict(BLOCK_M=16, BLOCK_K=16)
+_INTERPRET_WGRAD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_T=16)
+# The batched path builds its row-block table for one BLOCK_M, so it is not autotuned.
+_BATCHED_FUSED = (dict(_INTERPRET_FUSED) if INTERPRET else
+                  dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3))
+_BATCHED_SHRINK = (dict(_INTERPRET_SHRINK) if INTERPRET else
+                   dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3))
+
+
+def _fits_smem(bm, bn, bk, stages, elem):
+    return (bm + bn) * bk * elem * max(stages - 1, 1) <= 160 * 1024
+
+
+def _prune_fused(configs, named_args, **kwargs):
+    # The launchers pass every argument by keyword, and Triton hands positional ones in
+    # ``named_args`` and keyword ones in ``kwargs``: read both.
+    args = {**named_args, **kwargs}
+    elem = args["X1"].element_size()
+    dropout = args.get("DROPOUT", False)
+    keep = [c for c in configs if _fits_smem(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                             c.kwargs["BLOCK_K"], c.num_stages, elem)
+            and (not dropout or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= _DROPOUT_MAX_TILE)]
+    return keep or configs[-1:]
+
+
+def _prune_wgrad(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    m, n = args["M"], args["N"]
+    elem = args["X"].element_size()
+    keep = [
+        c for c in configs
+        if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))
+        and c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(n))
+        and _fits_smem(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_T"],
+                       c.num_stages, elem)
+    ]
+    return keep or configs[:1]
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How one kernel is tuned: GPU ``configs`` keyed by ``key`` and pruned by ``prune``
+    (``None``: keep all), or, under the interpreter, the one fixed tile ``interpret``."""
+
+    configs: list = field(repr=False)
+    key: list[str]
+    prune: Callable | None
+    interpret: dict
+
+
+FUSED = Tuning(
+    [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w,
+                   num_stages=s) for m, n, k, w, s in _FUSED_TILES],
+    ["T_BUCKET", "N", "K1", "K2", "DROPOUT", "HAS_BIAS"], _prune_fused, _INTERPRET_FUSED,
+)
+SHRINK = Tuning(
+    [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s)
+     for m, k, w, s in _SHRINK_TILES],
+    ["T_BUCKET", "K", "R", "DROPOUT"], None, _INTERPRET_SHRINK,
+)
+WGRAD = Tuning(
+    [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_T": t}, num_warps=w, num_stages=s)
+     for m, n, t, w, s in _WGRAD_TILES],
+    ["T_BUCKET", "M", "N", "DROPOUT"], _prune_wgrad, _INTERPRET_WGRAD,
+)
+
+
+def autotuned(kernel, tuning: Tuning) -> tuple[object, dict]:
+    """``(launchable, meta)``: the kernel wrapped in Triton's autotuner on a GPU (``meta`` empty:
+    the autotuner picks the tiles), the bare kernel and its fixed tile under the interpreter,
+    which has no autotuner worth running. The one ``if INTERPRET`` of the autotuned launches, so
+    that both branches always define the same names."""
+    if INTERPRET:
+        return kernel, dict(tuning.interpret)
+    prune = {"early_config_prune": first_only_if_asked(tuning.prune)}
+    return triton.autotune(tuning.configs, key=tuning.key, prune_configs_by=prune)(kernel), {}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 follows PyTorch's matmul precision (TF32 unless "highest"), like torch.matmul."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def kernel_flags(dtype: torch.dtype) -> dict:
+    """``PRECISION``/``UPCAST`` of ``_dot`` for operands of ``dtype`` (``UPCAST``: bf16 under
+    the interpreter, which has no bf16 dot)."""
+    return dict(PRECISION=_precision(dtype), UPCAST=INTERPRET and dtype == torch.bfloat16)
+
+
+def _bucket(t: int) -> int:
+    """Token-count bucket for the autotune key: training batches vary T, tiles need not."""
+    return min(max(triton.next_power_of_2(max(t, 1)), 256), 1 << 16)
+
+
+def _block_k2(r: int) -> int:
+    """K tile of the fused GEMM's rank loop."""
+    return min(max(16, triton.next_power_of_2(r)), 64)
+
+
+def _block_r(r: int) -> int:
+    """Rank tile of the shrink's output."""
+    return min(max(16, triton.next_power_of_2(r)), 64)
+
+
+def _n_splits(T: int, M: int, N: int) -> tuple[int, int]:
+    """(splits, rows per split) of the weight gradients' T reduction: enough programs to fill
+    the GPU."""
+    if INTERPRET:
+        rows = 16  # several splits already at T = 17
+    else:  # pragma: no cover - GPU only
+        tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+        want = max(1, min(triton.cdiv(2 * 132, tiles), triton.cdiv(T, 512), 64))
+        rows = triton.cdiv(triton.cdiv(T, want), 64) * 64
+    return triton.cdiv(T, rows), rows
+
+
+def block_table(index: torch.Tensor, n_adapters: int, block_m: int):
+    """Group rows by adapter into blocks of at most ``block_m`` rows of one adapter.
+
+    ``index [T]`` int64 in ``[-1, n_adapters)``. Returns ``(row_idx [T] int32, blk_row0,
+    blk_len, blk_adapter)`` (int32, one entry per block); adapter ``-1`` (no adapter) is a group
+    of its own. One host sync (the group sizes), as Punica's SGMV.
+    """
+    order = torch.argsort(index, stable=True).to(torch.int32)
+    counts = torch.bincount(index.long() + 1, minlength=n_adapters + 1).tolist()
+    row0, blen, badapter = [], [], []
+    start = 0
+    for slot, count in enumerate(counts):
+        for off in range(0, count, block_m):
+            row0.append(start + off)
+            blen.append(min(block_m, count - off))
+            badapter.append(slot - 1)
+        start += count
+    mk = lambda v: torch.tensor(v, dtype=torch.int32, device=index.device)
+    return order, mk(row0), mk(blen), mk(badapter)
