@@ -9,7 +9,7 @@ import torch.nn.functional as nnf
 pytest.importorskip("transformers")
 
 from attnkit.attn import hf  # noqa: E402
-from attnkit.attn.hf_linear import hf_linear_attention  # noqa: E402
+from attnkit.attn.hf.linear import hf_linear_attention  # noqa: E402
 from tests.attn.hf_models import batch, build  # noqa: E402
 
 
