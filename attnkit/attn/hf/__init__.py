@@ -28,24 +28,20 @@ try:
 except ImportError:  # pragma: no cover - transformers < 4.53 builds 4-D masks itself
     AttentionMaskInterface = None
 
+# the private names are for attnkit.finetune (train.py imports _base_model from here) and tests
 from .interface import attnkit_attention_forward, attnkit_mask
+from .linear import hf_linear_attention
 from .loading import from_pretrained, load_learned_feature_maps
-from .persist import CONFIG_KEY, SPEC_TYPES
-from .runtime import NAME, get_backend, set_backend
-from .specs import LinearAttention
-from .surgery import restore_attention, swap_attention
-
-# not in __all__; here for code written against the single-module attnkit.attn.hf
-from .linear import hf_linear_attention  # noqa: F401
-from .persist import spec_from_json, spec_to_json  # noqa: F401
-from .runtime import _warned  # noqa: F401
-from .specs import FEATURE_MAP_ATTR, Spec, check_spec, model_pattern  # noqa: F401
-from .surgery import _attention_modules, _base_model  # noqa: F401
+from .persist import CONFIG_KEY, SPEC_TYPES, spec_from_json, spec_to_json
+from .runtime import NAME, _warned, get_backend, set_backend  # noqa: F401
+from .specs import FEATURE_MAP_ATTR, LinearAttention, Spec, check_spec, model_pattern
+from .surgery import _attention_modules, _base_model, restore_attention, swap_attention  # noqa: F401
 
 __all__ = [
     "NAME", "attnkit_attention_forward", "attnkit_mask", "swap_attention", "restore_attention",
     "LinearAttention", "set_backend", "get_backend", "register", "from_pretrained",
-    "load_learned_feature_maps", "SPEC_TYPES", "CONFIG_KEY",
+    "load_learned_feature_maps", "SPEC_TYPES", "CONFIG_KEY", "FEATURE_MAP_ATTR", "Spec",
+    "check_spec", "model_pattern", "spec_from_json", "spec_to_json", "hf_linear_attention",
 ]
 
 
