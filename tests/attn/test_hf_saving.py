@@ -124,6 +124,9 @@ def test_config_records_the_implementation_until_restored(tmp_path):
     again = _config(tmp_path / "again")
     assert again["attn_implementation"] == "attnkit"
     assert again["attnkit_attention"] == _config(tmp_path / "swapped")["attnkit_attention"]
+    helper = hf.from_pretrained(tmp_path / "swapped")  # no forward pass needed
+    helper.save_pretrained(tmp_path / "helper")
+    assert _config(tmp_path / "helper")["attn_implementation"] == "attnkit"
     hf.restore_attention(model)
     model.save_pretrained(tmp_path / "restored")
     restored = _config(tmp_path / "restored")

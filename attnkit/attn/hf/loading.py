@@ -17,9 +17,10 @@ import json
 import torch
 
 from ..feature_maps import HedgehogFeatureMap
-from .persist import CONFIG_KEY, clear_layer_spec, uses_learned_feature_map
+from .persist import CONFIG_KEY, clear_layer_spec, record_implementation, uses_learned_feature_map
+from .runtime import NAME
 from .specs import FEATURE_MAP_ATTR
-from .surgery import _attention_modules, _base_model
+from .surgery import _attention_modules, _base_model, _configs
 
 __all__ = ["from_pretrained", "load_learned_feature_maps"]
 
@@ -106,10 +107,16 @@ def from_pretrained(path, *model_args, model_class=None, **kwargs):
     """``model_class.from_pretrained(path, *model_args, **kwargs)`` (default
     ``transformers.AutoModelForCausalLM``), with the learned feature maps the saved config names
     (see the module docstring). Everything else, attention included, is what the plain call
-    restores. Returns what that call returns (``(model, info)`` with ``output_loading_info``)."""
+    restores; a model that runs attnkit also gets ``config.attn_implementation`` back at once
+    (transformers drops it on reading), so saving it again keeps it. Returns what that call
+    returns (``(model, info)`` with ``output_loading_info``)."""
     if model_class is None:
         from transformers import AutoModelForCausalLM as model_class
     result = model_class.from_pretrained(path, *model_args, **kwargs)
     model = result[0] if isinstance(result, tuple) else result
     load_learned_feature_maps(model, path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    base = _base_model(model)
+    if base.config._attn_implementation == NAME:
+        for cfg in _configs(base, _attention_modules(base)):
+            record_implementation(cfg)
     return result
