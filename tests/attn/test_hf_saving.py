@@ -71,13 +71,29 @@ def test_an_unknown_name_is_refused_with_the_known_ones():
         spec_from_json({"type": "sliding_window", "width": 3}, "default")
 
 
+#: What ``spec_to_json`` wrote at 907701e: ``f"{cls.__module__}.{cls.__qualname__}"``.
+OLD_PATHS = {
+    "dense": "attnkit.attn.patterns.Dense",
+    "causal": "attnkit.attn.patterns.Causal",
+    "sliding_window": "attnkit.attn.patterns.SlidingWindow",
+    "block_sparse": "attnkit.attn.block_sparse.BlockSparse",
+    "linear_attention": "attnkit.attn.hf_specs.LinearAttention",
+}
+
+
 def _legacy(entry: dict | None) -> dict | None:
     """The entry as attnkit wrote it before registry names: ``{"class": path, "fields": ...}``."""
     if entry is None:
         return None
-    paths = {name: path for path, name in LEGACY_CLASS_PATHS.items() if "hf.specs" not in path}
     fields = {k: v for k, v in entry.items() if k != "type"}
-    return {"class": paths[entry["type"]], "fields": fields}
+    return {"class": OLD_PATHS[entry["type"]], "fields": fields}
+
+
+def test_every_old_class_path_has_an_alias():
+    assert {path: LEGACY_CLASS_PATHS.get(path) for path in OLD_PATHS.values()} == \
+        {path: name for name, path in OLD_PATHS.items()}
+    assert spec_from_json({"class": OLD_PATHS["dense"], "fields": {}}, "x") == Dense()
+    assert spec_from_json({"class": OLD_PATHS["causal"], "fields": {}}, "x") == Causal()
 
 
 def test_a_config_written_with_class_paths_still_loads(tmp_path):

@@ -22,8 +22,9 @@ class's constructor fields. Tensors (a block-sparse layout) are ``{"tensor": nes
 "dtype": "bool"}``. A Hedgehog feature map's weights are not in the JSON: they are the layer's
 ``attnkit_feature_map`` submodule in the model's state dict (see :mod:`~attnkit.attn.hf.loading`).
 A spec that cannot be written (another callable feature map) is ``{"unsaved": "<repr>"}``, and
-loading it raises. Configs written before registry names, ``{"class": "attnkit.attn.patterns.
-SlidingWindow", "fields": {...}}``, still load through :data:`LEGACY_CLASS_PATHS`.
+loading it raises. Configs written before registry names (``{"class":
+"attnkit.attn.patterns.SlidingWindow", "fields": {...}}``) still load through
+:data:`LEGACY_CLASS_PATHS`.
 """
 
 from __future__ import annotations
