@@ -263,3 +263,22 @@ def test_reload_without_attnkit_fails_and_names_it(tmp_path):
     """, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert 'ERROR: Specified `attn_implementation="attnkit"` is not supported' in done.stdout
+
+
+def test_a_per_layer_edit_keeps_the_other_layers_in_process_specs():
+    """A callable feature map is not in the config; editing layer 0 must not make layer 1 read
+    its (unsaved) entry back, which would raise."""
+    softplus = torch.nn.functional.softplus
+    model = build("llama")
+    ids, mask = batch("right", N=8)
+    hf._warned.clear()
+    with pytest.warns(UserWarning, match="cannot be written to the config"):
+        hf.swap_attention(model, hf.LinearAttention(feature_map=softplus))
+    hf.swap_attention(model, SlidingWindow(2), layers=[0])
+    out = _logits(model, ids, mask)
+    ref = build("llama")
+    hf.swap_attention(ref, SlidingWindow(2), layers=[0])
+    hf._warned.clear()
+    with pytest.warns(UserWarning, match="cannot be written to the config"):
+        hf.swap_attention(ref, hf.LinearAttention(feature_map=softplus), layers=[1])
+    torch.testing.assert_close(out, _logits(ref, ids, mask), rtol=0, atol=0)
