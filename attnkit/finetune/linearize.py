@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as nnf
 
 from ..attn.feature_maps import HedgehogFeatureMap
-from ..attn.hf import _attention_modules, _base_model, attnkit_attention_forward, attnkit_mask, swap_attention
-from ..attn.hf_linear import hf_linear_attention
-from ..attn.hf_specs import LinearAttention
+from ..attn.hf.interface import attnkit_attention_forward, attnkit_mask
+from ..attn.hf.linear import hf_linear_attention
+from ..attn.hf.specs import LinearAttention
+from ..attn.hf.surgery import _attention_modules, _base_model, swap_attention
 
 __all__ = [
     "TRANSFER_NAME", "attach_feature_maps", "feature_maps_of", "swap_to_linear", "transfer_losses",

@@ -20,8 +20,8 @@ def apply_recorded_attention(model, out_dir: str):
     Returns ``model``."""
     import attnkit.hf  # noqa: F401 - registers attn_implementation="attnkit"
 
-    from ..attn.hf import swap_attention
-    from ..attn.hf_specs import spec_from_json
+    from ..attn.hf.persist import spec_from_json
+    from ..attn.hf.surgery import swap_attention
     from . import linearize
 
     with open(os.path.join(out_dir, "attention.json"), encoding="utf-8") as f:

@@ -115,7 +115,8 @@ def test_per_layer_override_and_restore():
                                rtol=1e-4)
     hf.swap_attention(model, SlidingWindow(1), layers=0)
     spec = model.config.attnkit_attention
-    assert spec["layers"]["0"]["fields"] == {"left": 1, "right": 0} and spec["layers"]["1"] is None
+    assert spec["layers"]["0"] == {"type": "sliding_window", "left": 1, "right": 0}
+    assert spec["layers"]["1"] is None
     hf.restore_attention(model)
     assert model.config._attn_implementation == "sdpa"
     assert not hasattr(model.config, "attnkit_attention")
@@ -135,7 +136,7 @@ def test_save_pretrained_round_trips_the_override(tmp_path):
     assert loaded.config.attnkit_attention == model.config.attnkit_attention
     torch.testing.assert_close(_logits(loaded, ids, mask), out)
     hf.swap_attention(loaded, Causal(), layers=[0])  # edits on top of a loaded override
-    assert loaded.config.attnkit_attention["default"]["fields"] == {"left": 2, "right": 0}
+    assert loaded.config.attnkit_attention["default"] == {"type": "sliding_window", "left": 2, "right": 0}
 
 
 def test_block_sparse_override_matches_sdpa_with_its_dense_mask(tmp_path):
@@ -292,7 +293,7 @@ def test_block_sequence_ids_overlay_is_built_dense_not_ignored():
 
 
 def test_unsaveable_pattern_warns_and_loading_it_raises():
-    from attnkit.attn.hf_specs import spec_from_json
+    from attnkit.attn.hf.persist import spec_from_json
 
     model = build("llama")
     hf._warned.clear()

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("transformers")
 
 from attnkit.attn import hf  # noqa: E402
-from attnkit.attn.hf_linear import hf_linear_attention  # noqa: E402
+from attnkit.attn.hf.linear import hf_linear_attention  # noqa: E402
 from attnkit.kernels.linear.feature_maps import FEATURE_MAPS  # noqa: E402
 from attnkit.kernels.linear.naive import linear_attention_naive  # noqa: E402
 from tests.attn.hf_models import batch, build  # noqa: E402

@@ -72,7 +72,7 @@ def test_windowed_family_matches_its_eager_attention(name):
 
 def test_bidirectional_window_reads_the_config_window_first():
     from attnkit import SlidingWindow
-    from attnkit.attn.hf_specs import model_pattern
+    from attnkit.attn.hf.specs import model_pattern
 
     # ModernBERT: passes config.sliding_window + 1 (flash-attention's convention)
     assert model_pattern(False, 4, config_window=3) == SlidingWindow(3, 3)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from .feature_maps import FEATURE_MAPS
-from .hf_specs import LinearAttention
-from .linear import linear_attention
+from ..feature_maps import FEATURE_MAPS
+from ..linear import linear_attention
+from .specs import LinearAttention
 
 __all__ = ["hf_linear_attention"]
 
