@@ -33,8 +33,6 @@ import functools
 import weakref
 from dataclasses import dataclass
 
-import torch
-
 from ..attn.block_sparse import BlockSparse
 from ..attn.patterns import Causal, Dense, Pattern, SlidingWindow
 
@@ -262,17 +260,3 @@ def plan(pattern: Pattern | None, seq_len: int, world: int, layout: str = "conti
     pattern = _check_pattern(pattern, seq_len, seq_len // nchunks, world, layout)
     return _plan(pattern, seq_len, world, layout)
 
-
-def dense_mask(pattern: Pattern, n: int) -> torch.Tensor:
-    """Bool ``[n, n]`` (or ``[L, n, n]`` for BlockSparse) mask of ``pattern`` on ``Nq = Nk = n``:
-    what the planner must reproduce (tests)."""
-    if isinstance(pattern, BlockSparse):
-        return pattern.dense_mask(n, n)
-    i = torch.arange(n)[:, None]
-    j = torch.arange(n)[None, :]
-    ok = torch.ones(n, n, dtype=torch.bool)
-    if pattern.left is not None:
-        ok &= j >= i - pattern.left
-    if pattern.right is not None:
-        ok &= j <= i + pattern.right
-    return ok

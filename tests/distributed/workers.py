@@ -76,7 +76,7 @@ def run_case(rank, world, case) -> list[str]:
     tag = f"[{name} {layout} world={world} rank={rank}]"
     _check(errors, f"{tag} o", o, sh(o_ref))
     _check(errors, f"{tag} lse", lse, sh(lse_ref))
-    for nm, mine_t, ref_t in zip(("dq", "dk", "dv"), mine, ref_in):
+    for nm, mine_t, ref_t in zip(("dq", "dk", "dv"), mine, ref_in, strict=True):
         _check(errors, f"{tag} {nm}", mine_t.grad, sh(ref_t.grad))
     _check(errors, f"{tag} unshard(o)", unshard(o.detach(), 2, layout), o_ref.detach())
     return errors
