@@ -240,16 +240,22 @@ def _check_inputs(q, k, v, valid):
                          f"this rank's keys, got {valid.dtype} {tuple(valid.shape)}")
 
 
-def _check_same_shards(group, q, k, world) -> None:
-    """Every rank must hold shards of one shape: one tiny all-reduce (max of x and of -x)."""
-    mine = torch.tensor([*q.shape, *k.shape], dtype=torch.int64, device=q.device)
+def _check_same_shards(group, q, k, valid) -> None:
+    """Every rank must hold shards of one shape, and all or none pass ``valid_keys`` (a receiver
+    expects a mask message exactly when the sender has one): one tiny all-reduce (max of x and
+    of -x). It is also the group's first collective, which NCCL wants before batched P2P."""
+    mine = torch.tensor([*q.shape, *k.shape, valid is not None], dtype=torch.int64, device=q.device)
     both = torch.cat((mine, -mine))
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     hi, lo = both[: mine.numel()], -both[mine.numel():]
+    if hi[-1] != lo[-1]:
+        raise ValueError("valid_keys: some ranks pass a key mask and others do not; pass it on every "
+                         "rank (all True where nothing is padded) or on none")
     if not torch.equal(hi, lo):
         raise ValueError(
-            f"q/k: the ranks hold shards of different shapes (per-dimension min {lo.tolist()} vs max "
-            f"{hi.tolist()} over [q shape, k shape]); every rank must pass N / world = equal-length shards"
+            f"q/k: the ranks hold shards of different shapes (per-dimension min {lo[:-1].tolist()} vs max "
+            f"{hi[:-1].tolist()} over [q shape, k shape]); every rank must pass N / world = "
+            "equal-length shards"
         )
 
 
@@ -282,7 +288,8 @@ def context_parallel_attention(
         layout: ``"contiguous"`` (rank ``r`` holds tokens ``[r n, (r + 1) n)``) or ``"zigzag"``
             (``2 * world`` chunks, rank ``r`` holds chunks ``r`` and ``2 world - 1 - r``).
         scale: multiplies ``q k^T``; defaults to ``D ** -0.5``.
-        valid_keys: ``[B, N / world]`` bool, True = attend: the padding of this rank's keys.
+        valid_keys: ``[B, N / world]`` bool, True = attend: the padding of this rank's keys. Give
+            it on every rank or on none.
         backend: passed to :func:`attnkit.attention` for every partial call.
         return_lse: also return ``lse [B, Hq, N / world]`` (fp32; fp64 for fp64 inputs).
 
@@ -294,7 +301,7 @@ def context_parallel_attention(
     _check_inputs(q, k, v, valid_keys)
     rank, world = group_info(group)
     check_backend(group, q.device)
-    _check_same_shards(group, q, k, world)
+    _check_same_shards(group, q, k, valid_keys)
     the_plan = plan(pattern, q.shape[2] * world, world, layout)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     call = _Call(the_plan, rank, group, float(scale) if scale is not None else q.shape[-1] ** -0.5,

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import attnkit
 
 from .spawn import run
-from .workers import count_sends, run_cases, unequal_shards
+from .workers import count_sends, hf_llama, run_cases, unequal_shards
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
@@ -97,3 +97,11 @@ def test_unequal_shards_are_rejected_on_every_rank():
     messages = run(unequal_shards, 2)
     for m in messages:
         assert "different shapes" in m and "equal-length shards" in m, m
+
+
+def test_tiny_llama_under_context_parallelism_matches_one_process():
+    pytest.importorskip("transformers")
+    for layout in ("contiguous", "zigzag"):
+        errors = run(hf_llama, 2, layout)
+        flat = [e for rank_errors in errors for e in rank_errors]
+        assert not flat, "\n".join(flat)
