@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..attn.block_sparse import BlockSparse
 from ..attn.patterns import Causal, Dense, Pattern, SlidingWindow
@@ -65,7 +65,8 @@ def _owner(chunk: int, world: int, layout: str) -> tuple[int, int]:
 @dataclass(frozen=True)
 class Pair:
     """One :func:`attnkit.attention` call of a rank: its queries ``q_rows`` (positions inside its
-    own shard) against ``k_cols`` of the shard of rank ``src``, under ``pattern``.
+    own shard) against ``k_cols`` of the rows of rank ``src``'s shard it receives (its own shard
+    when ``src`` is itself; else counted from ``Plan.ranges[rank][src][0]``), under ``pattern``.
 
     ``visited`` is the number of (query, key) pairs the call computes per (batch row, head).
     """
@@ -172,6 +173,9 @@ class Plan:
     * ``pairs[r]``: the :class:`Pair` calls of rank ``r`` (its own shard first);
     * ``recvs[r]`` / ``sends[r]``: the ranks whose keys/values ``r`` receives / the ranks it sends
       its own keys/values to (point-to-point, nothing for shards the pattern never touches);
+    * ``ranges[r][s]``: the rows ``[lo, hi)`` of rank ``s``'s shard that rank ``r`` needs (the
+      union of its pairs' key columns): only those rows travel, so a window shorter than a shard
+      moves just the keys within the window. ``Pair.k_cols`` of a remote pair count from ``lo``;
     * ``rounds[r]``: ``{k: (send_to or None, recv_from or None)}`` for ``k = 1 .. world - 1``
       where rank ``r`` sends to ``(r + k) % world`` and receives from ``(r - k) % world``; only
       rounds with something to do are listed. Every rank walks the rounds in increasing ``k``.
@@ -185,6 +189,7 @@ class Plan:
     pairs: tuple[tuple[Pair, ...], ...]
     recvs: tuple[tuple[int, ...], ...]
     sends: tuple[tuple[int, ...], ...]
+    ranges: tuple[dict, ...]
     rounds: tuple[dict, ...]
 
     def pairs_computed(self, rank: int) -> float:
@@ -193,19 +198,23 @@ class Plan:
 
     def bytes_sent(self, rank: int, *, batch: int, kv_heads: int, head_dim: int, element_size: int,
                    padding: bool = False, backward: bool = False, grad_element_size: int = 4) -> int:
-        """Bytes rank ``rank`` sends: its ``[2, B, Hkv, n, D]`` keys/values to each of ``sends``
-        (plus the ``[B, n]`` uint8 key mask with ``padding``). With ``backward``, the backward pass
-        on top: the same keys/values again (they are re-fetched, not kept) and the
-        ``[2, B, Hkv, n, D]`` key/value gradients (``grad_element_size``, fp32 by default) of every
-        shard it received back to its owner."""
-        kv = 2 * batch * kv_heads * self.shard_len * head_dim * element_size
-        kv += batch * self.shard_len if padding else 0
-        total = kv * len(self.sends[rank])
+        """Bytes rank ``rank`` sends: the rows ``ranges[dst][rank]`` of its ``[2, B, Hkv, n, D]``
+        keys/values to each ``dst`` of ``sends`` (plus those rows of the ``[B, n]`` uint8 key mask
+        with ``padding``). With ``backward``, the backward pass on top: the same rows again (they
+        are re-fetched, not kept) and the key/value gradients (``grad_element_size``, fp32 by
+        default) of every slice it received back to its owner."""
+        row = 2 * batch * kv_heads * head_dim
+        kv_row = row * element_size + (batch if padding else 0)
+        rows_out = sum(self._rows(dst, rank) for dst in self.sends[rank])
+        total = kv_row * rows_out
         if backward:
-            total += kv * len(self.sends[rank])
-            total += 2 * batch * kv_heads * self.shard_len * head_dim * grad_element_size * len(
-                self.recvs[rank])
+            rows_in = sum(self._rows(rank, src) for src in self.recvs[rank])
+            total += kv_row * rows_out + row * grad_element_size * rows_in
         return total
+
+    def _rows(self, dst: int, src: int) -> int:
+        lo, hi = self.ranges[dst][src]
+        return hi - lo
 
 
 @functools.lru_cache(maxsize=256)
@@ -231,6 +240,16 @@ def _plan(pattern: Pattern, seq_len: int, world: int, layout: str) -> Plan:
         pairs.append(mine)
     recvs = [tuple(sorted({p.src for p in pairs[r]} - {r})) for r in range(world)]
     sends = [tuple(d for d in range(world) if r in recvs[d]) for r in range(world)]
+    ranges = []
+    for r in range(world):
+        mine_ranges = {r: (0, n)}
+        for s in recvs[r]:
+            cols = [p.k_cols for p in pairs[r] if p.src == s]
+            lo, hi = min(a for a, _ in cols), max(b for _, b in cols)
+            mine_ranges[s] = (lo, hi)
+            pairs[r] = [p if p.src != s else replace(p, k_cols=(p.k_cols[0] - lo, p.k_cols[1] - lo))
+                        for p in pairs[r]]
+        ranges.append(mine_ranges)
     rounds = []
     for r in range(world):
         mine_rounds = {}
@@ -241,7 +260,7 @@ def _plan(pattern: Pattern, seq_len: int, world: int, layout: str) -> Plan:
                 mine_rounds[k] = step
         rounds.append(mine_rounds)
     return Plan(seq_len, world, layout, n, c, tuple(tuple(p) for p in pairs), tuple(recvs),
-                tuple(sends), tuple(rounds))
+                tuple(sends), tuple(ranges), tuple(rounds))
 
 
 def plan(pattern: Pattern | None, seq_len: int, world: int, layout: str = "contiguous") -> Plan:

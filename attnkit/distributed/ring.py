@@ -15,7 +15,8 @@ keys/values (instead of keeping every one alive from the forward), recomputes ea
 output and LSE with :func:`attnkit.attention`, and pushes the merged output's gradient into it
 (``do_i = w_i do``, ``dlse_i = w_i (rowsum(do * (o_i - o)) + dlse)``, ``w_i = exp(lse_i - lse)``).
 Gradients of remote keys/values go back to their owner in the next round's batch, in fp32 (fp64
-for fp64 inputs), and are summed there.
+for fp64 inputs), and are summed there. Only the rows of a shard that the receiver's pairs touch
+travel (``Plan.ranges``): a 128-token window over shards of 1024 moves 128 rows, not 1024.
 """
 
 from __future__ import annotations
@@ -72,25 +73,31 @@ class _Call:
     acc: torch.dtype  # accumulation dtype: fp32, or fp64 for fp64 inputs
 
 
-def _walk(call: _Call, payload, mask, compute, grad_shape=None):
-    """Walk this rank's schedule. ``compute(src, kv [2, B, Hkv, n, D], mask [B, n] or None)`` runs
-    for the local shard, then for each received one in round order. In the backward
-    (``grad_shape`` given) it returns the ``[2, B, Hkv, n, D]`` gradient of a remote ``kv``, sent
-    back to its owner; the gradients other ranks send back for our shard are summed and returned.
+def _rows(t: torch.Tensor | None, rng: tuple[int, int], dim: int) -> torch.Tensor | None:
+    if t is None:
+        return None
+    lo, hi = rng
+    return t if (lo, hi) == (0, t.shape[dim]) else t.narrow(dim, lo, hi - lo).contiguous()
+
+
+def _walk(call: _Call, payload, mask, compute, grad_into=None):
+    """Walk this rank's schedule. ``compute(src, kv [2, B, Hkv, rows, D], mask [B, rows] or None)``
+    runs for the local shard, then for each received slice in round order. In the backward
+    (``grad_into``, the ``[2, B, Hkv, n, D]`` gradient of our own keys/values) it returns the
+    gradient of a received slice, which is sent back to its owner; the gradients other ranks send
+    back for slices of our shard are added into ``grad_into``.
     """
-    rounds = call.plan.rounds[call.rank]
-    world = call.plan.world
+    rank, world = call.rank, call.plan.world
+    rounds, ranges = call.plan.rounds[rank], call.plan.ranges
     fetched: dict[int, tuple] = {}
     grads_out: dict[int, torch.Tensor] = {}
-    posted: list[tuple[P2PBatch, list[torch.Tensor]]] = []
-    grad_sum = None
+    posted: list[tuple[P2PBatch, list]] = []
 
     def absorb(upto: int) -> None:
-        nonlocal grad_sum
         for batch, bufs in posted[:upto]:
             batch.wait()
-            for g in bufs:
-                grad_sum = g if grad_sum is None else grad_sum.add_(g)
+            for g, (lo, hi) in bufs:
+                grad_into[:, :, :, lo:hi] += g
             bufs.clear()
 
     def post(step: int) -> None:
@@ -99,42 +106,43 @@ def _walk(call: _Call, payload, mask, compute, grad_shape=None):
         nxt = step + 1
         if nxt in rounds:
             to, frm = rounds[nxt]
-            if to is not None:
-                sends.append((payload, to, _tag(nxt, _KV)))
+            if to is not None:  # only the rows of our shard that ``to`` needs
+                sends.append((_rows(payload, ranges[to][rank], 3), to, _tag(nxt, _KV)))
                 if mask is not None:
-                    sends.append((mask, to, _tag(nxt, _MASK)))
+                    sends.append((_rows(mask, ranges[to][rank], 1), to, _tag(nxt, _MASK)))
             if frm is not None:
-                kv = torch.empty_like(payload)
-                m = torch.empty_like(mask) if mask is not None else None
+                lo, hi = ranges[rank][frm]
+                kv = payload.new_empty((*payload.shape[:3], hi - lo, payload.shape[4]))
+                m = mask.new_empty((mask.shape[0], hi - lo)) if mask is not None else None
                 recvs.append((kv, frm, _tag(nxt, _KV)))
                 if m is not None:
                     recvs.append((m, frm, _tag(nxt, _MASK)))
                 fetched[nxt] = (len(posted), kv, m)
         prev = step - 1
-        if grad_shape is not None and prev in rounds:
+        if grad_into is not None and prev in rounds:
             to, frm = rounds[prev]
             if frm is not None:
                 sends.append((grads_out.pop(prev), frm, _tag(prev, _GRAD)))
             if to is not None:
-                g = torch.empty(grad_shape, dtype=call.acc, device=payload.device)
+                lo, hi = ranges[to][rank]
+                g = grad_into.new_empty((*grad_into.shape[:3], hi - lo, grad_into.shape[4]))
                 recvs.append((g, to, _tag(prev, _GRAD)))
-                grad_bufs.append(g)
+                grad_bufs.append((g, (lo, hi)))
         posted.append((P2PBatch(call.group, sends, recvs), grad_bufs))
 
     post(0)
-    compute(call.rank, payload, mask)
+    compute(rank, payload, mask)
     for step in range(1, world):
         post(step)
         if step in fetched:
             index, kv, m = fetched.pop(step)
             absorb(index + 1)  # waits for this round's batch (and everything posted before it)
             g = compute(rounds[step][1], kv, m)
-            if grad_shape is not None:
+            if grad_into is not None:
                 grads_out[step] = g.contiguous()
-    if grad_shape is not None:
+    if grad_into is not None:
         post(world)
     absorb(len(posted))
-    return grad_sum
 
 
 def _by_src(call: _Call) -> dict[int, list]:
@@ -179,7 +187,7 @@ def _backward(call: _Call, q, k, v, valid, o, lse, do, dlse):
     by_src = _by_src(call)
 
     def compute(src, kv, m):
-        dkv = dkv_local if src == call.rank else torch.zeros(payload.shape, dtype=acc, device=q.device)
+        dkv = dkv_local if src == call.rank else torch.zeros(kv.shape, dtype=acc, device=q.device)
         for p in by_src.get(src, ()):
             (q0, q1), (k0, k1) = p.q_rows, p.k_cols
             qi = q[:, :, q0:q1].detach().requires_grad_()
@@ -199,9 +207,7 @@ def _backward(call: _Call, q, k, v, valid, o, lse, do, dlse):
             dkv[1, :, :, k0:k1] += gv
         return dkv
 
-    returned = _walk(call, payload, mask, compute, grad_shape=payload.shape)
-    if returned is not None:
-        dkv_local += returned
+    _walk(call, payload, mask, compute, grad_into=dkv_local)
     return dq.to(q.dtype), dkv_local[0].to(k.dtype), dkv_local[1].to(v.dtype)
 
 

@@ -81,7 +81,8 @@ def test_short_window_sends_to_its_neighbour_only():
     # A 2-token causal window over shards of 16: rank r needs the keys of rank r - 1 only.
     world, N = 4, 64
     results = run(count_sends, world, attnkit.SlidingWindow(2, 0), "contiguous", (1, 2, 1, N, 4), 3)
-    kv_bytes = 2 * 1 * 1 * (N // world) * 4 * 8 + 1 * (N // world)  # k, v fp64 + uint8 key mask
+    # Only the 2 rows the window reaches travel: k, v fp64 [B = 1, Hkv = 1, 2, D = 4] + uint8 mask.
+    kv_bytes = 2 * 1 * 1 * 2 * 4 * 8 + 1 * 2
     for rank, r in enumerate(results):
         want_peers = {rank + 1} if rank + 1 < world else set()
         assert r["plan_sends"] == want_peers
@@ -89,7 +90,7 @@ def test_short_window_sends_to_its_neighbour_only():
         # backward: the keys/values again to rank + 1, their gradients back from rank to rank - 1
         assert r["peers_bwd"] == want_peers | ({rank - 1} if rank > 0 else set()), (rank, r)
         assert r["counted_fwd"] == r["plan_fwd"] == kv_bytes * len(want_peers), (rank, r)
-        grad_back = 2 * 1 * 1 * (N // world) * 4 * 8 if rank > 0 else 0  # dk, dv to rank - 1
+        grad_back = 2 * 1 * 1 * 2 * 4 * 8 if rank > 0 else 0  # dk, dv of those rows to rank - 1
         assert r["counted_bwd"] == r["plan_bwd"] == kv_bytes * len(want_peers) + grad_back, (rank, r)
 
 

@@ -21,9 +21,11 @@ def _simulate(q, k, v, pattern, world, layout, valid=None):
         o = torch.zeros_like(qs)
         lse = torch.full(qs.shape[:3], float("-inf"), dtype=torch.float64)
         for pair in p.pairs[r]:
-            ks, vs = (shard(t, 2, layout, rank=pair.src, world_size=world) for t in (k, v))
+            lo, hi = p.ranges[r][pair.src]  # the rows of the source shard that travel
+            ks, vs = (shard(t, 2, layout, rank=pair.src, world_size=world)[:, :, lo:hi] for t in (k, v))
             (q0, q1), (k0, k1) = pair.q_rows, pair.k_cols
-            m = None if valid is None else shard(valid, 1, layout, rank=pair.src, world_size=world)[:, k0:k1]
+            m = None if valid is None else shard(valid, 1, layout, rank=pair.src, world_size=world)[:, lo:hi]
+            m = None if m is None else m[:, k0:k1]
             o_i, lse_i = attend_pair(qs[:, :, q0:q1], ks[:, :, k0:k1], vs[:, :, k0:k1], pair.pattern,
                                      None, m, "torch")
             merge_partial(o[:, :, q0:q1], lse[:, :, q0:q1], o_i, lse_i)
@@ -100,11 +102,14 @@ def test_short_window_plans_neighbour_sends_only():
     assert p.sends == ((1,), (2,), (3,), ())
     assert p.recvs == ((), (0,), (1,), (2,))
     assert p.rounds[1] == {1: (2, 0)} and p.rounds[0] == {1: (1, None)}
+    # queries of rank r reach only the last 2 keys of rank r - 1, and only those travel
+    assert p.ranges[1] == {1: (0, 16), 0: (14, 16)}
+    assert [(x.src, x.q_rows, x.k_cols) for x in p.pairs[1]] == [(1, (0, 16), (0, 16)), (0, (0, 2), (0, 2))]
     kw = dict(batch=2, kv_heads=4, head_dim=8, element_size=2)
-    assert p.bytes_sent(0, **kw) == 2 * 2 * 4 * 16 * 8 * 2
+    assert p.bytes_sent(0, **kw) == 2 * 2 * 4 * 2 * 8 * 2  # k and v, B = 2, Hkv = 4, 2 rows, D = 8, bf16
     assert p.bytes_sent(3, **kw) == 0
-    # queries of rank r reach only the last 2 keys of rank r - 1
-    assert [(x.src, x.q_rows, x.k_cols) for x in p.pairs[1]] == [(1, (0, 16), (0, 16)), (0, (0, 2), (14, 16))]
+    # backward: the 2 rows again, plus rank 1's fp32 gradients of rank 0's 2 rows back to rank 0
+    assert p.bytes_sent(1, backward=True, **kw) == 2 * (2 * 2 * 4 * 2 * 8 * 2) + 2 * 2 * 4 * 2 * 8 * 4
     two_sided = plan(attnkit.SlidingWindow(2, 2), N, world, "contiguous")
     assert two_sided.sends == ((1,), (0, 2), (1, 3), (2,))
 
