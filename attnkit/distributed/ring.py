@@ -218,7 +218,7 @@ class _ContextParallel(torch.autograd.Function):
         out = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, valid, out, lse)
         ctx.call = call
-        return out, lse.to(torch.float32) if call.acc != torch.float64 else lse
+        return out, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
