@@ -78,15 +78,16 @@ class Pair:
     visited: float
 
 
-def _band(lo: int | None, hi: int | None) -> Pattern:
-    """The attnkit pattern for ``lo <= j - i <= hi`` on an ``Nq = Nk`` block (``lo <= 0 <= hi``)."""
+def _band(lo: int | None, hi: int | None, c: int) -> Pattern:
+    """The attnkit pattern for ``lo <= j - i <= hi`` on an ``Nq = Nk <= c`` block
+    (``lo <= 0 <= hi``; ``None`` = unbounded)."""
     if lo is None and hi is None:
         return Dense()
     if lo is None and hi == 0:
         return Causal()
-    # An unbounded side becomes a window wider than any chunk (the kernels clip it).
-    big = 1 << 40
-    return SlidingWindow(big if lo is None else -lo, big if hi is None else hi)
+    # An unbounded side becomes a window of the chunk length: wide enough, and a small int for
+    # the kernels' window arguments.
+    return SlidingWindow(c if lo is None else -lo, c if hi is None else hi)
 
 
 def _band_pair(pattern: Pattern, a: int, b: int, c: int):
@@ -102,10 +103,10 @@ def _band_pair(pattern: Pattern, a: int, b: int, c: int):
     if hi is not None and hi >= c - 1:
         hi = None
     if lo is not None and lo > 0:  # strictly right of the diagonal: drop keys < lo, queries >= c - lo
-        return 0, c - lo, lo, c, _band(0, None if hi is None else hi - lo)
+        return 0, c - lo, lo, c, _band(0, None if hi is None else hi - lo, c)
     if hi is not None and hi < 0:  # strictly left: drop queries < -hi, keys >= c + hi
-        return -hi, c, 0, c + hi, _band(None if lo is None else lo - hi, 0)
-    return 0, c, 0, c, _band(lo, hi)
+        return -hi, c, 0, c + hi, _band(None if lo is None else lo - hi, 0, c)
+    return 0, c, 0, c, _band(lo, hi, c)
 
 
 # Sub-patterns of a BlockSparse pattern, per (chunk size, a, b): built once per pattern object so

@@ -146,10 +146,10 @@ def _tiny_llama():
     return LlamaForCausalLM(cfg).to(torch.float64).eval()
 
 
-def hf_llama(rank, world, layout) -> list[str]:
-    """A tiny Llama whose attention runs context-parallel: each rank's logits rows and the
-    all-reduced parameter gradients must match the one-process model with transformers' own
-    eager attention."""
+def hf_llama(rank, world) -> list[str]:
+    """A tiny Llama whose attention runs context-parallel, in both layouts: each rank's logits rows
+    and the all-reduced parameter gradients must match the one-process model with transformers'
+    own eager attention."""
     import attnkit.distributed.hf as cp_hf
 
     B, N = 2, 8 * world
@@ -165,20 +165,19 @@ def hf_llama(rank, world, layout) -> list[str]:
     logits_ref = ref(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
     (logits_ref * weights).sum().backward()
 
-    model = _tiny_llama()
-    cp_hf.configure(layout=layout)
-    model.set_attn_implementation(cp_hf.NAME)
-    logits = model(input_ids=shard(ids, 1, layout), attention_mask=shard(mask, 1, layout),
-                   position_ids=shard(pos, 1, layout), use_cache=False).logits
-    (logits * shard(weights, 1, layout)).sum().backward()
-
     errors: list[str] = []
-    tag = f"[llama {layout} world={world} rank={rank}]"
-    logits, weights = logits.detach(), weights.detach()
-    _check(errors, f"{tag} logits", logits, shard(logits_ref, 1, layout))
-    for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
-        grad = p.grad.clone()
-        dist.all_reduce(grad)  # data-parallel-style: the sequence's gradient is the sum over shards
-        # Two layers of fp32-LSE merges (see TOL) on gradients of size ~50: 1e-7 relative.
-        _check(errors, f"{tag} grad {name}", grad, p_ref.grad, tol=dict(rtol=1e-5, atol=2e-5))
+    for layout in ("contiguous", "zigzag"):
+        model = _tiny_llama()
+        cp_hf.configure(layout=layout)
+        model.set_attn_implementation(cp_hf.NAME)
+        logits = model(input_ids=shard(ids, 1, layout), attention_mask=shard(mask, 1, layout),
+                       position_ids=shard(pos, 1, layout), use_cache=False).logits
+        (logits * shard(weights, 1, layout)).sum().backward()
+        tag = f"[llama {layout} world={world} rank={rank}]"
+        _check(errors, f"{tag} logits", logits.detach(), shard(logits_ref.detach(), 1, layout))
+        for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+            grad = p.grad.clone()
+            dist.all_reduce(grad)  # data-parallel style: the sequence's gradient is the sum over shards
+            # Two layers of fp32-LSE merges (see TOL) on gradients of size ~50: 1e-7 relative.
+            _check(errors, f"{tag} grad {name}", grad, p_ref.grad, tol=dict(rtol=1e-5, atol=2e-5))
     return errors
