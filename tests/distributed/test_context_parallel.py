@@ -44,7 +44,7 @@ def _band_cases(world: int, n: int, seed: int) -> list:
     odd = n + 1 if n % 2 == 0 else n
     for name, pat in (("causal_odd", attnkit.Causal()), ("window_odd", attnkit.SlidingWindow(2, 1)),
                       ("dense_odd", attnkit.Dense())):
-        cases.append((name, pat, "contiguous", (1, 2, 1, odd * world, 3), 1, seed + 200))
+        cases.append((name, pat, "contiguous", (1, 2, 1, odd * world, 3), 1, seed + 200, 0.7))
     return cases
 
 
@@ -75,7 +75,10 @@ def test_two_ranks_every_pattern_matches_one_process():
 
 
 def test_four_ranks_every_pattern_matches_one_process():
-    errors = run(run_cases, 4, _band_cases(4, 4, 10) + _sparse_cases(4, 11))
+    # Ranks 1 and 3 also run through a group of their own (its ranks 0 and 1: peers are translated).
+    subgroup = [("sub_causal", attnkit.Causal(), "zigzag", (1, 2, 1, 16, 4), 0, 30),
+                ("sub_window", attnkit.SlidingWindow(3, 1), "contiguous", (1, 2, 2, 12, 4), 2, 31, 0.3)]
+    errors = run(run_cases, 4, _band_cases(4, 4, 10) + _sparse_cases(4, 11), subgroup)
     flat = [e for rank_errors in errors for e in rank_errors]
     assert not flat, "\n".join(flat)
 

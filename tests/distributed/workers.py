@@ -57,39 +57,51 @@ def _check(errors, name, got, want, tol=None):
         errors.append(f"{name}: max |diff| {float((g - w).abs().max()):.3e}, relative {rel:.2e}")
 
 
-def run_case(rank, world, case) -> list[str]:
-    name, pattern, layout, (B, Hq, Hkv, N, D), pad, seed = case
+def run_case(rank, world, case, group=None) -> list[str]:
+    """``case = (name, pattern, layout, (B, Hq, Hkv, N, D), pad, seed[, scale])``."""
+    name, pattern, layout, (B, Hq, Hkv, N, D), pad, seed, *rest = case
+    scale = rest[0] if rest else None
     q, k, v, go, gl, valid = _inputs(seed, B, Hq, Hkv, N, D, pad)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    o_ref, lse_ref = attnkit.attention(*ref_in, pattern, key_padding_mask=valid, backend="torch",
-                                       return_lse=True)
+    o_ref, lse_ref = attnkit.attention(*ref_in, pattern, scale=scale, key_padding_mask=valid,
+                                       backend="torch", return_lse=True)
     _loss(o_ref, lse_ref, go, gl).backward()
 
     def sh(x, dim=2):
-        return shard(x, dim, layout)
+        return shard(x, dim, layout, group=group)
 
     mine = [sh(t).requires_grad_() for t in (q, k, v)]
-    o, lse = context_parallel_attention(*mine, pattern, layout=layout,
+    o, lse = context_parallel_attention(*mine, pattern, group=group, layout=layout, scale=scale,
                                         valid_keys=None if valid is None else sh(valid, 1),
                                         backend="torch", return_lse=True)
     _loss(o, lse, sh(go), sh(gl)).backward()
     errors: list[str] = []
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     tag = f"[{name} {layout} world={world} rank={rank}]"
     _check(errors, f"{tag} o", o, sh(o_ref))
     _check(errors, f"{tag} lse", lse, sh(lse_ref))
     for nm, mine_t, ref_t in zip(("dq", "dk", "dv"), mine, ref_in, strict=True):
         _check(errors, f"{tag} {nm}", mine_t.grad, sh(ref_t.grad))
-    _check(errors, f"{tag} unshard(o)", unshard(o.detach(), 2, layout), o_ref.detach())
+    _check(errors, f"{tag} unshard(o)", unshard(o.detach(), 2, layout, group=group), o_ref.detach())
     return errors
 
 
-def run_cases(rank, world, cases) -> list[str]:
+def run_cases(rank, world, cases, subgroup_cases=()) -> list[str]:
+    """Every case on all ranks; then, if given, ``subgroup_cases`` on the odd ranks only, through
+    a process group of those ranks (group ranks differ from global ranks there)."""
     errors: list[str] = []
     for case in cases:
         try:
             errors += run_case(rank, world, case)
         except Exception as e:  # report and go on: the other ranks are in the same case
             errors.append(f"[{case[0]} {case[2]} rank={rank}] raised {type(e).__name__}: {e}")
+    if subgroup_cases:
+        odd = dist.new_group(list(range(1, world, 2)))  # every rank must take part in new_group
+        for case in subgroup_cases if rank % 2 else ():
+            try:
+                errors += run_case(rank, world, case, group=odd)
+            except Exception as e:
+                errors.append(f"[subgroup {case[0]} {case[2]} rank={rank}] raised {type(e).__name__}: {e}")
     return errors
 
 
