@@ -11,7 +11,7 @@ import torch.distributed as dist
 import attnkit
 
 from .spawn import run
-from .workers import count_sends, hf_llama, run_cases, unequal_shards
+from .workers import count_sends, hf_llama, rejected, run_cases
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
@@ -100,10 +100,11 @@ def test_short_window_sends_to_its_neighbour_only():
         assert r["counted_bwd"] == r["plan_bwd"] == kv_bytes * len(want_peers) + grad_back, (rank, r)
 
 
-def test_unequal_shards_are_rejected_on_every_rank():
-    messages = run(unequal_shards, 2)
-    for m in messages:
-        assert "different shapes" in m and "equal-length shards" in m, m
+def test_unservable_calls_are_rejected_on_every_rank():
+    for unequal, mixed_mask, device in run(rejected, 2):
+        assert "different shapes" in unequal and "equal-length shards" in unequal, unequal
+        assert "valid_keys: some ranks pass a key mask and others do not" in mixed_mask, mixed_mask
+        assert "CPU (gloo) or CUDA (nccl) tensors, got meta" in device, device
 
 
 def test_tiny_llama_under_context_parallelism_matches_one_process():

@@ -31,3 +31,18 @@ def test_no_process_group():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="torch.distributed is not initialized"):
         context_parallel_attention(q, k, v, attnkit.Causal())
+
+
+def test_hf_attention_rejects_a_cache_and_dense_masks():
+    pytest.importorskip("transformers")
+    from attnkit.distributed import hf
+
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="KV cache"):
+        hf.cp_attention_forward(torch.nn.Module(), q[:, :, :1], k, v, None)
+    with pytest.raises(ValueError, match="only a 2-D"):
+        hf.cp_attention_forward(torch.nn.Module(), q, k, v, torch.ones(1, 1, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="soft-capping"):
+        hf.cp_attention_forward(torch.nn.Module(), q, k, v, None, softcap=30.0)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        hf.configure(layout="ring")

@@ -139,14 +139,27 @@ def count_sends(rank, world, pattern, layout, shape, pad) -> dict:
             "plan_sends": set(p.sends[rank])}
 
 
-def unequal_shards(rank, world) -> str:
+def rejected(rank, world) -> list[str]:
+    """The messages of calls every rank must refuse (``"no error"`` where one went through)."""
+    out = []
+
+    def attempt(fn):
+        try:
+            fn()
+        except ValueError as e:
+            out.append(str(e))
+        else:
+            out.append("no error")
+
     n = 4 + 2 * rank  # rank 0 holds 4 rows, rank 1 holds 6
     q = torch.randn(1, 2, n, 4, dtype=torch.float64)
-    try:
-        context_parallel_attention(q, q, q, attnkit.Causal())
-    except ValueError as e:
-        return str(e)
-    return "no error"
+    attempt(lambda: context_parallel_attention(q, q, q, attnkit.Causal()))
+    q = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    mask = torch.ones(1, 4, dtype=torch.bool) if rank == 0 else None  # only rank 0 passes a mask
+    attempt(lambda: context_parallel_attention(q, q, q, attnkit.Causal(), valid_keys=mask))
+    meta = q.to("meta")  # a device no backend here serves
+    attempt(lambda: context_parallel_attention(meta, meta, meta))
+    return out
 
 
 def _tiny_llama():
