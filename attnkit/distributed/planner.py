@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from ..attn.block_sparse import BlockSparse
 from ..attn.patterns import Causal, Dense, Pattern, SlidingWindow
 
-__all__ = ["LAYOUTS", "Pair", "Plan", "plan", "chunks_of", "check_layout"]
+__all__ = ["LAYOUTS", "Pair", "Plan", "plan", "chunks_of", "check_layout", "take_rows"]
 
 #: The shard layouts :func:`plan` accepts.
 LAYOUTS = ("contiguous", "zigzag")
@@ -66,7 +66,8 @@ def _owner(chunk: int, world: int, layout: str) -> tuple[int, int]:
 class Pair:
     """One :func:`attnkit.attention` call of a rank: its queries ``q_rows`` (positions inside its
     own shard) against ``k_cols`` of the rows of rank ``src``'s shard it receives (its own shard
-    when ``src`` is itself; else counted from ``Plan.ranges[rank][src][0]``), under ``pattern``.
+    when ``src`` is itself; else positions in :func:`take_rows` of ``Plan.ranges[rank][src]``),
+    under ``pattern``.
 
     ``visited`` is the number of (query, key) pairs the call computes per (batch row, head).
     """
@@ -174,9 +175,9 @@ class Plan:
     * ``pairs[r]``: the :class:`Pair` calls of rank ``r`` (its own shard first);
     * ``recvs[r]`` / ``sends[r]``: the ranks whose keys/values ``r`` receives / the ranks it sends
       its own keys/values to (point-to-point, nothing for shards the pattern never touches);
-    * ``ranges[r][s]``: the rows ``[lo, hi)`` of rank ``s``'s shard that rank ``r`` needs (the
-      union of its pairs' key columns): only those rows travel, so a window shorter than a shard
-      moves just the keys within the window. ``Pair.k_cols`` of a remote pair count from ``lo``;
+    * ``ranges[r][s]``: the row ranges ``((lo, hi), ...)`` of rank ``s``'s shard that rank ``r``
+      needs (the union of its pairs' key columns, merged): only those rows travel, concatenated
+      (:func:`take_rows`), so a window shorter than a shard moves just the keys within the window;
     * ``rounds[r]``: ``{k: (send_to or None, recv_from or None)}`` for ``k = 1 .. world - 1``
       where rank ``r`` sends to ``(r + k) % world`` and receives from ``(r - k) % world``; only
       rounds with something to do are listed. Every rank walks the rounds in increasing ``k``.
@@ -214,8 +215,40 @@ class Plan:
         return total
 
     def _rows(self, dst: int, src: int) -> int:
-        lo, hi = self.ranges[dst][src]
-        return hi - lo
+        return sum(hi - lo for lo, hi in self.ranges[dst][src])
+
+
+def _union(cols: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Sorted, merged ``[lo, hi)`` intervals covering ``cols`` (touching ones merge)."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(cols):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in out)
+
+
+def _remap(cols: tuple[int, int], pieces) -> tuple[int, int]:
+    """Shard columns ``cols`` (inside one piece) as positions in the concatenated pieces."""
+    offset = 0
+    for lo, hi in pieces:
+        if lo <= cols[0] and cols[1] <= hi:
+            return cols[0] - lo + offset, cols[1] - lo + offset
+        offset += hi - lo
+    raise AssertionError(f"{cols} is not inside {pieces}")  # _union covers every pair
+
+
+def take_rows(x, pieces, dim: int):
+    """The rows ``pieces = ((lo, hi), ...)`` of ``x`` along ``dim``, concatenated (no copy when
+    they are all of ``x``): what a rank sends of its shard."""
+    import torch
+
+    if x is None:
+        return None
+    if len(pieces) == 1 and pieces[0] == (0, x.shape[dim]):
+        return x
+    return torch.cat([x.narrow(dim, lo, hi - lo) for lo, hi in pieces], dim).contiguous()
 
 
 @functools.lru_cache(maxsize=256)
@@ -243,13 +276,11 @@ def _plan(pattern: Pattern, seq_len: int, world: int, layout: str) -> Plan:
     sends = [tuple(d for d in range(world) if r in recvs[d]) for r in range(world)]
     ranges = []
     for r in range(world):
-        mine_ranges = {r: (0, n)}
+        mine_ranges = {r: ((0, n),)}
         for s in recvs[r]:
-            cols = [p.k_cols for p in pairs[r] if p.src == s]
-            lo, hi = min(a for a, _ in cols), max(b for _, b in cols)
-            mine_ranges[s] = (lo, hi)
-            pairs[r] = [p if p.src != s else replace(p, k_cols=(p.k_cols[0] - lo, p.k_cols[1] - lo))
-                        for p in pairs[r]]
+            pieces = _union([p.k_cols for p in pairs[r] if p.src == s])
+            mine_ranges[s] = pieces
+            pairs[r] = [p if p.src != s else replace(p, k_cols=_remap(p.k_cols, pieces)) for p in pairs[r]]
         ranges.append(mine_ranges)
     rounds = []
     for r in range(world):

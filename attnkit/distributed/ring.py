@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ..attn.functional import attention
 from ..attn.patterns import Pattern
 from .comm import P2PBatch, check_backend, group_info
-from .planner import Plan, check_layout, plan
+from .planner import Plan, check_layout, plan, take_rows
 
 __all__ = ["context_parallel_attention", "merge_partial", "attend_pair"]
 
@@ -73,13 +73,6 @@ class _Call:
     acc: torch.dtype  # accumulation dtype: fp32, or fp64 for fp64 inputs
 
 
-def _rows(t: torch.Tensor | None, rng: tuple[int, int], dim: int) -> torch.Tensor | None:
-    if t is None:
-        return None
-    lo, hi = rng
-    return t if (lo, hi) == (0, t.shape[dim]) else t.narrow(dim, lo, hi - lo).contiguous()
-
-
 def _walk(call: _Call, payload, mask, compute, grad_into=None):
     """Walk this rank's schedule. ``compute(src, kv [2, B, Hkv, rows, D], mask [B, rows] or None)``
     runs for the local shard, then for each received slice in round order. In the backward
@@ -96,8 +89,11 @@ def _walk(call: _Call, payload, mask, compute, grad_into=None):
     def absorb(upto: int) -> None:
         for batch, bufs in posted[:upto]:
             batch.wait()
-            for g, (lo, hi) in bufs:
-                grad_into[:, :, :, lo:hi] += g
+            for g, pieces in bufs:
+                offset = 0
+                for lo, hi in pieces:  # the slices of our shard the peer received, concatenated
+                    grad_into[:, :, :, lo:hi] += g[:, :, :, offset:offset + hi - lo]
+                    offset += hi - lo
             bufs.clear()
 
     def post(step: int) -> None:
@@ -107,13 +103,13 @@ def _walk(call: _Call, payload, mask, compute, grad_into=None):
         if nxt in rounds:
             to, frm = rounds[nxt]
             if to is not None:  # only the rows of our shard that ``to`` needs
-                sends.append((_rows(payload, ranges[to][rank], 3), to, _tag(nxt, _KV)))
+                sends.append((take_rows(payload, ranges[to][rank], 3), to, _tag(nxt, _KV)))
                 if mask is not None:
-                    sends.append((_rows(mask, ranges[to][rank], 1), to, _tag(nxt, _MASK)))
+                    sends.append((take_rows(mask, ranges[to][rank], 1), to, _tag(nxt, _MASK)))
             if frm is not None:
-                lo, hi = ranges[rank][frm]
-                kv = payload.new_empty((*payload.shape[:3], hi - lo, payload.shape[4]))
-                m = mask.new_empty((mask.shape[0], hi - lo)) if mask is not None else None
+                rows = sum(hi - lo for lo, hi in ranges[rank][frm])
+                kv = payload.new_empty((*payload.shape[:3], rows, payload.shape[4]))
+                m = mask.new_empty((mask.shape[0], rows)) if mask is not None else None
                 recvs.append((kv, frm, _tag(nxt, _KV)))
                 if m is not None:
                     recvs.append((m, frm, _tag(nxt, _MASK)))
@@ -124,10 +120,11 @@ def _walk(call: _Call, payload, mask, compute, grad_into=None):
             if frm is not None:
                 sends.append((grads_out.pop(prev), frm, _tag(prev, _GRAD)))
             if to is not None:
-                lo, hi = ranges[to][rank]
-                g = grad_into.new_empty((*grad_into.shape[:3], hi - lo, grad_into.shape[4]))
+                pieces = ranges[to][rank]
+                rows = sum(hi - lo for lo, hi in pieces)
+                g = grad_into.new_empty((*grad_into.shape[:3], rows, grad_into.shape[4]))
                 recvs.append((g, to, _tag(prev, _GRAD)))
-                grad_bufs.append((g, (lo, hi)))
+                grad_bufs.append((g, pieces))
         posted.append((P2PBatch(call.group, sends, recvs), grad_bufs))
 
     post(0)

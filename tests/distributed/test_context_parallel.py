@@ -9,6 +9,7 @@ import pytest
 import torch.distributed as dist
 
 import attnkit
+from attnkit.distributed import plan
 
 from .spawn import run
 from .workers import count_sends, hf_llama, rejected, run_cases
@@ -78,7 +79,11 @@ def test_four_ranks_every_pattern_matches_one_process():
     # Ranks 1 and 3 also run through a group of their own (its ranks 0 and 1: peers are translated).
     subgroup = [("sub_causal", attnkit.Causal(), "zigzag", (1, 2, 1, 16, 4), 0, 30),
                 ("sub_window", attnkit.SlidingWindow(3, 1), "contiguous", (1, 2, 2, 12, 4), 2, 31, 0.3)]
-    errors = run(run_cases, 4, _band_cases(4, 4, 10) + _sparse_cases(4, 11), subgroup)
+    # zigzag chunks of 4 under a +-1 window: rank 1 receives rank 2's rows 0 and 7 only (two
+    # pieces of its shard), and sends their gradients back into those two places
+    pieces = [("window_pieces", attnkit.SlidingWindow(1, 1), "zigzag", (1, 2, 1, 32, 4), 2, 40)]
+    assert plan(pieces[0][1], 32, 4, "zigzag").ranges[1][2] == ((0, 1), (7, 8))
+    errors = run(run_cases, 4, _band_cases(4, 4, 10) + _sparse_cases(4, 11) + pieces, subgroup)
     flat = [e for rank_errors in errors for e in rank_errors]
     assert not flat, "\n".join(flat)
 

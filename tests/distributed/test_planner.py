@@ -9,6 +9,7 @@ import torch
 
 import attnkit
 from attnkit.distributed import merge_partial, plan, shard
+from attnkit.distributed.planner import take_rows
 from attnkit.distributed.ring import attend_pair
 
 
@@ -21,11 +22,14 @@ def _simulate(q, k, v, pattern, world, layout, valid=None):
         o = torch.zeros_like(qs)
         lse = torch.full(qs.shape[:3], float("-inf"), dtype=torch.float64)
         for pair in p.pairs[r]:
-            lo, hi = p.ranges[r][pair.src]  # the rows of the source shard that travel
-            ks, vs = (shard(t, 2, layout, rank=pair.src, world_size=world)[:, :, lo:hi] for t in (k, v))
+            pieces = p.ranges[r][pair.src]  # the rows of the source shard that travel
+
+            def sent(x, dim, src=pair.src, pieces=pieces):
+                return take_rows(shard(x, dim, layout, rank=src, world_size=world), pieces, dim)
+
+            ks, vs = sent(k, 2), sent(v, 2)
             (q0, q1), (k0, k1) = pair.q_rows, pair.k_cols
-            m = None if valid is None else shard(valid, 1, layout, rank=pair.src, world_size=world)[:, lo:hi]
-            m = None if m is None else m[:, k0:k1]
+            m = None if valid is None else sent(valid, 1)[:, k0:k1]
             o_i, lse_i = attend_pair(qs[:, :, q0:q1], ks[:, :, k0:k1], vs[:, :, k0:k1], pair.pattern,
                                      None, m, "torch")
             merge_partial(o[:, :, q0:q1], lse[:, :, q0:q1], o_i, lse_i)
@@ -103,7 +107,7 @@ def test_short_window_plans_neighbour_sends_only():
     assert p.recvs == ((), (0,), (1,), (2,))
     assert p.rounds[1] == {1: (2, 0)} and p.rounds[0] == {1: (1, None)}
     # queries of rank r reach only the last 2 keys of rank r - 1, and only those travel
-    assert p.ranges[1] == {1: (0, 16), 0: (14, 16)}
+    assert p.ranges[1] == {1: ((0, 16),), 0: ((14, 16),)}
     assert [(x.src, x.q_rows, x.k_cols) for x in p.pairs[1]] == [(1, (0, 16), (0, 16)), (0, (0, 2), (0, 2))]
     kw = dict(batch=2, kv_heads=4, head_dim=8, element_size=2)
     assert p.bytes_sent(0, **kw) == 2 * 2 * 4 * 2 * 8 * 2  # k and v, B = 2, Hkv = 4, 2 rows, D = 8, bf16
@@ -112,6 +116,14 @@ def test_short_window_plans_neighbour_sends_only():
     assert p.bytes_sent(1, backward=True, **kw) == 2 * (2 * 2 * 4 * 2 * 8 * 2) + 2 * 2 * 4 * 2 * 8 * 4
     two_sided = plan(attnkit.SlidingWindow(2, 2), N, world, "contiguous")
     assert two_sided.sends == ((1,), (0, 2), (1, 3), (2,))
+    # zigzag, two-sided: rank 1 (chunks 1, 6 of 8) needs the head of chunk 2 and the tail of
+    # chunk 5, both on rank 2 (chunks 2, 5): two pieces, not the 16 rows between them
+    z = plan(attnkit.SlidingWindow(2, 2), N, world, "zigzag")
+    assert z.ranges[1][2] == ((0, 2), (14, 16))
+    # rank 3 (chunks 3, 4) needs chunk 2's tail and chunk 5's head: adjacent in rank 2's shard
+    assert z.ranges[3][2] == ((6, 10),)
+    # rank 2 sends 4 rows to rank 1 and 4 to rank 3, k and v of one byte each
+    assert z.bytes_sent(2, batch=1, kv_heads=1, head_dim=1, element_size=1) == 2 * (4 + 4)
 
 
 def test_causal_plans():
