@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attn.patterns import Causal, Dense, SlidingWindow
+from .. import Causal, Dense, SlidingWindow  # attnkit's public API only
 from .planner import check_layout
 from .ring import context_parallel_attention
 

@@ -33,8 +33,7 @@ import functools
 import weakref
 from dataclasses import dataclass, replace
 
-from ..attn.block_sparse import BlockSparse
-from ..attn.patterns import Causal, Dense, Pattern, SlidingWindow
+from .. import BlockSparse, Causal, Dense, Pattern, SlidingWindow  # attnkit's public API only
 
 __all__ = ["LAYOUTS", "Pair", "Plan", "plan", "chunks_of", "check_layout", "take_rows"]
 

@@ -19,8 +19,7 @@ import tempfile
 
 import torch
 
-from ..attn.patterns import Causal, Dense, SlidingWindow
-from ..attn.sparse_builders import bigbird, strided
+from .. import Causal, Dense, SlidingWindow, bigbird, strided  # attnkit's public API only
 from .planner import LAYOUTS, plan
 
 __all__ = ["default_patterns", "comm_table", "format_table", "measure"]

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..attn.functional import attention
-from ..attn.patterns import Pattern
+from .. import Pattern, attention  # attnkit's public API only
 from .comm import P2PBatch, check_backend, group_info
 from .planner import Plan, check_layout, plan, take_rows
 

@@ -38,8 +38,7 @@ def _simulate(q, k, v, pattern, world, layout, valid=None):
 
 
 def _compare(q, k, v, pattern, world, layout, valid=None):
-    o_ref, lse_ref = attnkit.attention(q, k, v, pattern, key_padding_mask=valid, backend="torch",
-                                       return_lse=True)
+    o_ref, lse_ref = attend_pair(q, k, v, pattern, None, valid, "torch")  # the whole sequence
     p, out = _simulate(q, k, v, pattern, world, layout, valid)
     for r, (o, lse) in enumerate(out):
         want_o = shard(o_ref, 2, layout, rank=r, world_size=world)
