@@ -197,10 +197,12 @@ def _backward(call: _Call, q, k, v, valid, o, lse, do, dlse):
             d_o = do[:, :, q0:q1]
             g_o = (w[..., None] * d_o).to(o_i.dtype)
             g_lse = w * ((d_o * o_i.detach().to(acc)).sum(-1) - do_dot_o[:, :, q0:q1] + dlse[:, :, q0:q1])
-            gq, gk, gv = torch.autograd.grad((o_i, lse_i), (qi, ki, vi), (g_o, g_lse.to(lse_i.dtype)))
-            dq[:, :, q0:q1] += gq
-            dkv[0, :, :, k0:k1] += gk
-            dkv[1, :, :, k0:k1] += gv
+            grads = torch.autograd.grad((o_i, lse_i), (qi, ki, vi), (g_o, g_lse.to(lse_i.dtype)),
+                                        allow_unused=True)  # a backend may cut a fully masked input
+            for dst, grad in ((dq[:, :, q0:q1], grads[0]), (dkv[0, :, :, k0:k1], grads[1]),
+                              (dkv[1, :, :, k0:k1], grads[2])):
+                if grad is not None:
+                    dst += grad
         return dkv
 
     _walk(call, payload, mask, compute, grad_into=dkv_local)
