@@ -44,7 +44,7 @@ def attend_pair(q, k, v, pattern, scale, valid_keys, backend):
 
     The only place that names attnkit's key mask argument (``valid_keys``: ``[B, nk]`` bool,
     True = attend)."""
-    return attention(q, k, v, pattern, scale=scale, key_padding_mask=valid_keys, backend=backend,
+    return attention(q, k, v, pattern, scale=scale, valid_keys=valid_keys, backend=backend,
                      return_lse=True)
 
 
