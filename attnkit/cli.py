@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="attnkit",
         description="Triton/CUDA kernels for long-context attention and fused LoRA fine-tuning.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"attnkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.add_parser("info", help="versions, devices and which backends are usable here (and why not)")
     bench = sub.add_parser(

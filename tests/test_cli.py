@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from attnkit.cli import main
 
 
@@ -36,3 +38,12 @@ def test_import_is_light():
     code = "import sys, attnkit; print('triton' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "False"
+
+
+def test_version_flag(capsys):
+    import attnkit
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"attnkit {attnkit.__version__}"

@@ -127,10 +127,15 @@ def _apply_map(phi: Callable, name: str, x: torch.Tensor, like: torch.Tensor) ->
 
 def _check_state(state: object, B: int, Hkv: int, F: int, Dv: int, device, arg: str):
     """``(s, z)`` from a :class:`LinearAttentionState` or tuple, in the compute dtype."""
-    if not isinstance(state, tuple) or len(state) != 2:
+    if not isinstance(state, tuple):
         raise TypeError(
             f"{arg} must be a LinearAttentionState(s, z) or a tuple (s, z), got "
             f"{type(state).__name__}"
+        )
+    if len(state) != 2:  # a tuple, but not a pair: say so ("got tuple" would contradict itself)
+        raise ValueError(
+            f"{arg} must hold two tensors (s [B, Hkv, F, Dv], z [B, Hkv, F]), got a tuple of "
+            f"{len(state)}"
         )
     s, z = state
     for name, t, shape in (("s", s, (B, Hkv, F, Dv)), ("z", z, (B, Hkv, F))):

@@ -49,7 +49,16 @@ def load_finetuned(out_dir: str, *, fused: bool = True, device=None, dtype=None)
     from .model import _dtype_kwarg
     from .peft_glue import fuse_lora
 
-    with open(os.path.join(out_dir, "adapter_config.json"), encoding="utf-8") as f:
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path (str or os.PathLike), got {type(out_dir).__name__}")
+    adapter_config = os.path.join(out_dir, "adapter_config.json")
+    if not os.path.isfile(adapter_config):
+        what = "does not exist" if not os.path.exists(out_dir) else "has no adapter_config.json"
+        raise FileNotFoundError(
+            f"load_finetuned: {os.fspath(out_dir)!r} {what}; pass the --out folder of a finished "
+            "`attnkit finetune` run (it holds adapter_config.json, attention.json and the adapter)"
+        )
+    with open(adapter_config, encoding="utf-8") as f:
         base_path = json.load(f)["base_model_name_or_path"]
     local = os.path.join(out_dir, "base_model")
     if not os.path.exists(base_path) and os.path.isfile(os.path.join(local, "config.json")):

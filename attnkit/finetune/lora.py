@@ -8,6 +8,8 @@ import warnings
 import torch
 from torch import nn
 
+from ..kernels.dispatch import check_backend_name
+from ..kernels.lora.backends import BACKENDS
 from .functional import lora_linear
 
 __all__ = ["LoRALinear"]
@@ -39,6 +41,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        self.backend = check_backend_name(backend, BACKENDS)
         self.base = base
         base.requires_grad_(False)
         w = base.weight
@@ -47,7 +50,6 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
-        self.backend = backend
         self.merged = False
 
     @property

@@ -35,7 +35,7 @@ import torch
 
 __all__ = [
     "Backend", "select_backend", "triton_available", "interpreting", "tensor_device_reason",
-    "TRITON_DTYPES", "GRID_AXIS_MAX", "grid_reason", "dtype_names",
+    "TRITON_DTYPES", "GRID_AXIS_MAX", "grid_reason", "dtype_names", "check_backend_name",
 ]
 
 
@@ -194,6 +194,18 @@ class Backend:
 
 
 _warned: set[tuple[str, str]] = set()
+
+
+def check_backend_name(requested: object, backends: tuple[Backend, ...], what: str = "backend") -> str:
+    """``requested`` if it is ``"auto"`` or one of ``backends``' names, else a ``TypeError`` /
+    ``ValueError`` naming the accepted values (so a module can refuse a bad name when it is built,
+    not at its first forward)."""
+    if not isinstance(requested, str):
+        raise TypeError(f"{what} must be a str, got {type(requested).__name__}")
+    choices = ("auto", *dict.fromkeys(b.name for b in backends))
+    if requested not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))}, got {requested!r}")
+    return requested
 
 
 def select_backend(call, requested: str, backends: tuple[Backend, ...], op: str) -> Backend:

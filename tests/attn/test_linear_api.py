@@ -213,6 +213,10 @@ def _bad_calls():
          ValueError, r"initial_state.z must have shape \[2, 2, 16\].*got \[2, 1, 16\]"),
         ("state-type", lambda: linear_attention(q, k, v, initial_state=s), TypeError,
          r"initial_state must be a LinearAttentionState\(s, z\) or a tuple \(s, z\), got Tensor"),
+        # a tuple, but of one tensor: the message must not say "must be a tuple, got tuple"
+        ("state-one-tensor", lambda: linear_attention(q, k, v, initial_state=(s,)), ValueError,
+         r"initial_state must hold two tensors \(s \[B, Hkv, F, Dv\], z \[B, Hkv, F\]\), got a "
+         r"tuple of 1"),
         ("step-state-shape", lambda: linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0],
                                                            (s[..., :3], z)),
          ValueError, r"state.s must have shape \[2, 2, 16, 24\]"),

@@ -107,3 +107,12 @@ def test_import_is_light_and_peft_names_resolve_lazily():
         "assert ft.fuse_lora is fuse_lora\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bad_backend_is_refused_when_the_layer_is_built_not_at_its_first_forward():
+    base = torch.nn.Linear(8, 6)
+    with pytest.raises(ValueError, match=r"backend must be one of 'auto', 'cuda', 'triton', 'torch', "
+                                         r"got 'bogus'"):
+        LoRALinear(base, 2, 4.0, backend="bogus")
+    with pytest.raises(TypeError, match="backend must be a str, got int"):
+        LoRALinear(base, 2, 4.0, backend=3)
