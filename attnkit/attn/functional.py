@@ -23,6 +23,9 @@ def attention(
     max_seqlen: int | tuple[int, int] | None = None,
     backend: str = "auto",
     return_lse: bool = False,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
     **removed,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Scaled dot-product attention restricted to a pattern, without an ``N x N`` matrix.
@@ -32,8 +35,10 @@ def attention(
             are read in place.
         k, v: ``[B, Hkv, Nk, D]`` keys and values, ``Hq % Hkv == 0`` (GQA/MQA: query head ``h``
             reads KV head ``h // (Hq // Hkv)``, without expanding K/V in memory).
-        pattern: :class:`~attnkit.Dense` (default), :class:`~attnkit.Causal` or
-            :class:`~attnkit.SlidingWindow`. Positions are bottom-right aligned when
+        pattern: :class:`~attnkit.Dense` (default), :class:`~attnkit.Causal`,
+            :class:`~attnkit.SlidingWindow` or :class:`~attnkit.BlockSparse` (built by
+            :func:`~attnkit.bigbird`, :func:`~attnkit.longformer`, :func:`~attnkit.strided`,
+            :func:`~attnkit.from_mask_fn`). Positions are bottom-right aligned when
             ``Nq != Nk``: query ``i`` sits at key position ``i + Nk - Nq`` (as in flash-attention).
         scale: multiplies ``q k^T``; defaults to ``D ** -0.5``.
         valid_keys: ``[B, Nk]`` bool, True = a real key that queries may attend, False = padding
@@ -48,20 +53,31 @@ def attention(
         max_seqlen: the longest packed sequence (or a ``(q, k)`` pair). Computed from
             ``cu_seqlens`` when omitted, which costs one device-to-host sync: pass it under
             ``torch.compile`` or CUDA graphs.
-        backend: ``"auto"`` (Triton for CUDA tensors, torch on the CPU), ``"triton"`` or
-            ``"torch"``. ``ATTNKIT_BACKEND`` overrides ``"auto"``.
+        backend: ``"auto"`` (CUDA decode kernel for short no-grad queries when built, else
+            Triton, for CUDA tensors; torch on the CPU), ``"cuda"``, ``"triton"`` or ``"torch"``.
+            ``ATTNKIT_BACKEND`` overrides ``"auto"``; ``attnkit info`` lists what each can run.
         return_lse: also return the log-sum-exp of each row's scores.
+        softcap: soft-capping (Gemma 2, FlashAttention's convention): scores become
+            ``softcap * tanh(s / softcap)`` with ``s = scale * q.k``, before any bias.
+        sinks: ``[Hq]`` learned per-head logits (gpt-oss) that join every row's softmax
+            denominator but carry no value: ``p_j = exp(s_j) / (exp(sink) + sum_k exp(s_k))``. Its
+            gradient is returned. A row that sees no key gets ``o = 0`` and ``lse = sink``.
+        alibi_slopes: ``[Hq]`` or ``[B, Hq]`` (ALiBi, FlashAttention's convention): adds
+            ``-slope * |i + Nk - Nq - j|`` to the score of query ``i`` and key ``j``, after
+            soft-capping. No gradient flows to the slopes.
 
     Returns:
         ``o [B, Hq, Nq, D]`` in ``q``'s dtype, and with ``return_lse=True`` also
         ``lse [B, Hq, Nq]`` in float32. A query that sees no key (all keys padded, or a window
-        outside the sequence) gets ``o = 0`` and ``lse = -inf``, never NaN.
+        outside the sequence) gets ``o = 0`` and ``lse = -inf`` (``lse = sink`` with sinks),
+        never NaN.
 
     Raises:
         TypeError / ValueError naming the offending argument for bad shapes, dtypes, devices,
         masks, patterns or backends.
     """
     refuse_unknown_kwargs("attnkit.attention", removed)
-    call = validate(q, k, v, pattern, scale, valid_keys, cu_seqlens, max_seqlen, return_lse)
+    call = validate(q, k, v, pattern, scale, valid_keys, cu_seqlens, max_seqlen, return_lse,
+                    softcap, sinks, alibi_slopes)
     o, lse = run_attention(call, backend)
     return (o, lse) if return_lse else o

@@ -88,6 +88,36 @@ def _pair(name: str, value: object) -> tuple[object, object]:
     return value, value
 
 
+def _check_score_mods(softcap, sinks, alibi_slopes, B: int, Hq: int, device):
+    """``softcap``: a finite float > 0 (or None); ``sinks``: float ``[Hq]``; ``alibi_slopes``: float
+    ``[Hq]`` or ``[B, Hq]``. Tensors come back as fp32 on the call's device (the cast keeps the
+    sinks' gradient flowing to the caller's tensor)."""
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"softcap must be a float > 0 or None, got {type(softcap).__name__}")
+        softcap = float(softcap)
+        if not (softcap > 0 and softcap != float("inf")):
+            raise ValueError(f"softcap must be a finite float > 0 (scores become "
+                             f"softcap * tanh(s / softcap)), got {softcap}")
+    out = []
+    for name, t, shapes in (("sinks", sinks, ((Hq,),)), ("alibi_slopes", alibi_slopes, ((Hq,), (B, Hq)))):
+        if t is not None:
+            t = _check_tensor(name, t)
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+            if tuple(t.shape) not in shapes:
+                want = " or ".join(str(list(sh)) for sh in shapes)
+                raise ValueError(f"{name} must have shape {want} ([Hq] = one per query head), got "
+                                 f"{list(t.shape)}")
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but q is on {device}")
+            if name == "alibi_slopes" and t.requires_grad:
+                t = t.detach()  # slopes are fixed per head (no gradient is computed for them)
+            t = t.float()
+        out.append(t)
+    return softcap, out[0], out[1]
+
+
 def validate(
     q: object,
     k: object,
@@ -98,6 +128,9 @@ def validate(
     cu_seqlens: object,
     max_seqlen: object,
     return_lse: bool,
+    softcap: object = None,
+    sinks: object = None,
+    alibi_slopes: object = None,
 ) -> AttentionCall:
     """Check every argument of :func:`attnkit.attention` and return the normalised call."""
     q, k, v = (_check_tensor(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
@@ -190,6 +223,8 @@ def validate(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
 
+    softcap, sinks, alibi_slopes = _check_score_mods(softcap, sinks, alibi_slopes, B, Hq, q.device)
+
     nq, nk = (max_q, max_k) if cu_q is not None else (Nq, Nk)
     spec = pattern.compile(nq, nk, q.device)  # TypeError for a pattern that cannot compile
     if getattr(spec, "kind", None) not in SPEC_KINDS:
@@ -201,5 +236,5 @@ def validate(
     return AttentionCall(
         q=q, k=k, v=v, pattern=pattern, spec=spec, scale=scale, valid_keys=valid_keys,
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
-        return_lse=return_lse,
+        return_lse=return_lse, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
     )

@@ -120,6 +120,9 @@ class Backend:
     spec_kinds: tuple | None = None
     #: Whether the kernel's grid puts (sequences, heads) on y/z (65535 each).
     grid_limited: bool = False
+    #: Score modifications computed (``"softcap"``, ``"sinks"``, ``"alibi"``); a call that uses
+    #: another one is refused with its name.
+    score_mods: tuple = ()
 
     def device_reason(self, t: torch.Tensor) -> str | None:
         """Why this kind of kernel cannot take a tensor on ``t``'s device (``None``: it can)."""
@@ -173,6 +176,11 @@ class Backend:
         kind = getattr(call, "spec_kind", None)
         if kind is not None and self.spec_kinds is not None and kind not in self.spec_kinds:
             reasons.append(f"{kind} patterns are not supported ({', '.join(self.spec_kinds)} are)")
+        missing = [m for m in getattr(call, "score_mods", ()) if m not in self.score_mods]
+        if missing:
+            have = ", ".join(self.score_mods) or "none"
+            reasons.append(f"score modification(s) {', '.join(missing)} not supported by the "
+                           f"{self.name!r} {type(self).__name__} backend (it has: {have})")
         grid = getattr(call, "grid", None)
         if self.grid_limited and grid is not None:
             over = grid_reason(*grid)

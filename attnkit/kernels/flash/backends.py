@@ -54,6 +54,7 @@ class TritonFlash(Backend):
     max_head_dim = 256
     spec_kinds = ("band", "block_sparse")
     grid_limited = True
+    score_mods = ("softcap", "sinks", "alibi")
 
     def run(self, call: AttentionCall):
         from .op import flash_attention

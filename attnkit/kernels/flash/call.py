@@ -33,6 +33,11 @@ class AttentionCall:
     max_seqlen_q: int | None
     max_seqlen_k: int | None
     return_lse: bool
+    #: Score modifications (``None`` = off): soft-cap value, sink logits ``[Hq]`` fp32, ALiBi
+    #: slopes ``[Hq]`` or ``[B, Hq]`` fp32.
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+    alibi_slopes: torch.Tensor | None = None
 
     # What the dispatch reads (attnkit/kernels/dispatch.py) -------------------------------------
 
@@ -46,7 +51,15 @@ class AttentionCall:
 
     @property
     def needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+        return torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (self.q, self.k, self.v, self.sinks))
+
+    @property
+    def score_mods(self) -> tuple[str, ...]:
+        """The score modifications this call uses, by name (a backend declares which it has)."""
+        return tuple(name for name, on in (("softcap", self.softcap is not None),
+                                           ("sinks", self.sinks is not None),
+                                           ("alibi", self.alibi_slopes is not None)) if on)
 
     @property
     def queries(self) -> int:

@@ -16,6 +16,7 @@ from .kernels_common import (
     _load_rows,
     _query_block,
     _score,
+    _score_mods,
     _seq_bounds,
     _visible,
     _walk_keys,
@@ -80,16 +81,19 @@ def _query_blocks(start_n, nq, nk, WIN_L, WIN_R,
 
 
 @triton.jit
-def _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, ok_t, USE_MASK: tl.constexpr,
+def _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, ok_t, q_pos, k_pos, slope, cap,
+                 USE_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dK/dV contribution of one query tile: ``q``/``do [BM, BD]``, ``lse``/``delta [BM]``."""
+    """dK/dV contribution of one query tile: ``q``/``do [BM, BD]``, ``lse``/``delta [BM]``;
+    ``q_pos [BM]`` the rows' aligned key positions, ``k_pos [BN]`` the keys'."""
     s_t = _dot(k, tl.trans(q), None, PRECISION, UPCAST) * qk_scale  # [BN, BD] @ [BD, BM]
-    p_t = tl.exp2(_score(s_t) - lse[None, :])
+    qk_t = _score(s_t, q_pos[None, :], k_pos[:, None], slope, cap, HAS_SOFTCAP, HAS_ALIBI)
+    p_t = tl.exp2(qk_t - lse[None, :])
     if USE_MASK:
         p_t = tl.where(ok_t, p_t, 0.0)
     dv = _dot(p_t.to(do.dtype), do, dv, PRECISION, UPCAST)  # [BN, BM] @ [BM, BD]
     dp_t = _dot(v, tl.trans(do), None, PRECISION, UPCAST)  # [BN, BD] @ [BD, BM]
-    ds_t = _dscore(p_t * (dp_t - delta[None, :]), s_t)
+    ds_t = _dscore(p_t * (dp_t - delta[None, :]), s_t, cap, HAS_SOFTCAP)
     dk = _dot(ds_t.to(q.dtype), q, dk, PRECISION, UPCAST)  # [BN, BM] @ [BM, BD]
     return dk, dv
 
@@ -114,9 +118,10 @@ def _load_query_tile(q_base, do_base, lse_base, delta_base, start_m, nq, sqn, sq
 
 @triton.jit
 def _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd, sln,
-                 lo, hi, offs_n, offs_d, shift, nq, nk, WIN_L, WIN_R, qk_scale,
+                 lo, hi, offs_n, offs_d, shift, nq, nk, WIN_L, WIN_R, qk_scale, slope, cap,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Query tiles ``[lo, hi)`` of one band phase that see this key tile."""
     arange_m = tl.arange(0, BLOCK_M)
@@ -126,21 +131,24 @@ def _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, 
                                              BLOCK_M)
         ok_t = _visible((start_m + arange_m)[None, :], offs_n[:, None], shift, nk, WIN_L, WIN_R,
                         HAS_LEFT, HAS_RIGHT)
-        dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, ok_t, MASKED,
-                              PRECISION, UPCAST)
+        dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, ok_t,
+                              start_m + arange_m + shift, offs_n, slope, cap, MASKED, HAS_SOFTCAP,
+                              HAS_ALIBI, PRECISION, UPCAST)
     return dk, dv
 
 
 @triton.jit
 def _walk_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd, sln,
                   start_n, nq, nk, WIN_L, WIN_R, Q_NUM, Q_IDX, Q_PART, PMASK, lay, NCOLB, MAXQ,
-                  offs_d, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  offs_d, qk_scale, slope, cap, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
                   HAS_RIGHT: tl.constexpr, SPARSE: tl.constexpr, BS: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Every query tile that sees the key block at ``start_n``: the band's three phases, or the
     layout blocks listed for its block column (the transpose of :func:`_walk_keys`)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    shift = nk - nq
     if SPARSE:
         col = start_n // BS
         c_in = start_n - col * BS + tl.arange(0, BLOCK_N)  # keys inside the layout block
@@ -160,32 +168,36 @@ def _walk_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd,
                                            (t * BLOCK_M + tl.arange(0, BLOCK_M))[None, :],
                                            c_in[:, None], BS)  # [BN, BM]
                         dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, em_t,
-                                              True, PRECISION, UPCAST)
+                                              start_m + tl.arange(0, BLOCK_M) + shift, offs_n,
+                                              slope, cap, True, HAS_SOFTCAP, HAS_ALIBI,
+                                              PRECISION, UPCAST)
                     else:
                         dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, None,
-                                              False, PRECISION, UPCAST)
+                                              start_m + tl.arange(0, BLOCK_M) + shift, offs_n,
+                                              slope, cap, False, HAS_SOFTCAP, HAS_ALIBI,
+                                              PRECISION, UPCAST)
     else:
         lo, full_lo, full_hi, hi = _query_blocks(start_n, nq, nk, WIN_L, WIN_R, BLOCK_M, BLOCK_N,
                                                  HAS_LEFT, HAS_RIGHT)
-        shift = nk - nq
         dk, dv = _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn,
                               sdd, sln, lo, full_lo, offs_n, offs_d, shift, nq, nk, WIN_L, WIN_R,
-                              qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_LEFT, HAS_RIGHT,
-                              PRECISION, UPCAST)
+                              qk_scale, slope, cap, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_LEFT,
+                              HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
         dk, dv = _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn,
                               sdd, sln, full_lo, full_hi, offs_n, offs_d, shift, nq, nk, WIN_L,
-                              WIN_R, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_LEFT,
-                              HAS_RIGHT, PRECISION, UPCAST)
+                              WIN_R, qk_scale, slope, cap, HEAD_DIM, BLOCK_D, BLOCK_M, False,
+                              HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
         dk, dv = _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn,
                               sdd, sln, full_hi, hi, offs_n, offs_d, shift, nq, nk, WIN_L, WIN_R,
-                              qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_LEFT, HAS_RIGHT,
-                              PRECISION, UPCAST)
+                              qk_scale, slope, cap, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_LEFT,
+                              HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, Q_NUM, Q_IDX, Q_PART, PMASK, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, Q_NUM, Q_IDX, Q_PART, PMASK, ALIBI, sm_scale,
+    softcap, sab, sah,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     slb, slh, sln, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smn,
     H, HKV, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET, LB_STRIDE, LH_STRIDE, NCOLB, MAXQ,
@@ -193,6 +205,7 @@ def _bwd_dkdv_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
     VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SPARSE: tl.constexpr, BS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the ``GROUP`` query heads sharing it.
@@ -227,10 +240,12 @@ def _bwd_dkdv_kernel(
         # DELTA is contiguous [B, Hq, N] (or [1, Hq, N] packed)
         delta_base = DELTA + (bb * H + h) * NQ + q_start
         lay = b * LB_STRIDE + (hk * GROUP + g) * LH_STRIDE
+        slope, cap = _score_mods(bb, h, ALIBI, sab, sah, softcap, HAS_SOFTCAP, HAS_ALIBI)
         dk, dv = _walk_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn,
                                sdd, sln, start_n, nq, nk, WIN_L, WIN_R, Q_NUM, Q_IDX, Q_PART, PMASK,
-                               lay, NCOLB, MAXQ, offs_d, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
-                               BLOCK_N, HAS_LEFT, HAS_RIGHT, SPARSE, BS, PRECISION, UPCAST)
+                               lay, NCOLB, MAXQ, offs_d, qk_scale, slope, cap, HEAD_DIM, BLOCK_D,
+                               BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, SPARSE, BS, HAS_SOFTCAP,
+                               HAS_ALIBI, PRECISION, UPCAST)
     dk = dk * sm_scale
     row_ok = rows < nk - start_n
     if HAS_KPM:
@@ -250,7 +265,7 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KPM, KV_LO, KV_HI, CU_Q, CU_K, KV_NUM, KV_IDX, KV_PART, PMASK,
-    sm_scale,
+    ALIBI, sm_scale, softcap, sab, sah,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     slb, slh, sln, sdqb, sdqh, sdqn, sdqd, smb, smn,
     H, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET, LB_STRIDE, LH_STRIDE, NROWB, MAXK,
@@ -258,6 +273,7 @@ def _bwd_dq_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
     VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SPARSE: tl.constexpr, BS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block of one head. Grid: ``(cdiv(max Nq, BLOCK_M), Hq, B or sequences)``."""
@@ -281,11 +297,13 @@ def _bwd_dq_kernel(
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lay = b * LB_STRIDE + h * LH_STRIDE
-    dq, lse, delta = _walk_keys(MODE_DQ, dq, lse, delta, q, do, k_base, v_base, KPM, kpm_off, skn, skd,
-                                svn, svd, smn, start_m, nq, nk, kv_lo, kv_hi, WIN_L, WIN_R, KV_NUM,
-                                KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK, offs_d, qk_scale,
-                                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_KPM,
-                                SPARSE, BS, PRECISION, UPCAST)
+    slope, cap = _score_mods(bb, h, ALIBI, sab, sah, softcap, HAS_SOFTCAP, HAS_ALIBI)
+    dq, lse, delta = _walk_keys(MODE_DQ, dq, lse, delta, q, do, k_base, v_base, KPM, kpm_off, skn,
+                                skd, svn, svd, smn, start_m, nq, nk, kv_lo, kv_hi, WIN_L, WIN_R,
+                                KV_NUM, KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK, offs_d, qk_scale,
+                                slope, cap, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_LEFT,
+                                HAS_RIGHT, HAS_KPM, SPARSE, BS, HAS_SOFTCAP, HAS_ALIBI, PRECISION,
+                                UPCAST)
     dq = dq * sm_scale
     q_off = (q_start + start_m).to(tl.int64)
     dq_ptrs = (DQ + bb * sdqb + h64 * sdqh + q_off * sdqn

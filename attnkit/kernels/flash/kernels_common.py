@@ -137,17 +137,39 @@ def _block_mask(PMASK, part, rows_in, cols_in, BS: tl.constexpr):
 
 
 @triton.jit
-def _score(s):
-    """Scaled scores ``s = scale * log2(e) * q.k`` (``[BM, BN]`` or its transpose) -> the scores
-    the softmax sees. The identity today; soft-capping, ALiBi and friends go here (and their
-    derivative in :func:`_dscore`), so the forward, dK/dV and dQ kernels all change together."""
+def _tanh(x):
+    """tanh from exp2 (the interpreter and every Triton version have exp2), through
+    ``e^(-2|x|)`` so that nothing overflows at large |x|."""
+    t = tl.exp2(tl.abs(x) * -2.8853900817779268)  # e^(-2|x|): 2 * log2(e)
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _score(s, q_pos, k_pos, slope, cap, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Scaled scores ``s = scale * log2(e) * q.k`` (a ``[BM, BN]`` tile or its transpose) -> the
+    scores the softmax sees, in the same log2 units:
+
+    * soft-capping (Gemma 2): ``cap * tanh(s / cap)`` with ``cap = softcap * log2(e)``;
+    * ALiBi, after it: ``- slope * |q_pos - k_pos|`` with ``slope`` in log2 units and ``q_pos`` the
+      query's aligned key position (``i + nk - nq``), pre-shaped against ``k_pos`` like ``s``.
+
+    Every kernel (forward, dQ, dK/dV) calls this one function, and :func:`_dscore` for the chain
+    rule, so a new modification is added here and nowhere else in the kernels."""
+    if HAS_SOFTCAP:
+        s = cap * _tanh(s / cap)
+    if HAS_ALIBI:
+        s = s - slope * tl.abs(q_pos - k_pos).to(tl.float32)
     return s
 
 
 @triton.jit
-def _dscore(ds, s):
+def _dscore(ds, s, cap, HAS_SOFTCAP: tl.constexpr):
     """Chain rule through :func:`_score`: the gradient on the raw score ``s`` from the gradient
-    ``ds`` on the modified one."""
+    ``ds`` on the modified one (ALiBi is additive: nothing to do)."""
+    if HAS_SOFTCAP:
+        t = _tanh(s / cap)
+        ds = ds * (1.0 - t * t)
     return ds
 
 
@@ -192,22 +214,26 @@ def _fwd_update(acc, l_i, m_i, qk, v, PRECISION: tl.constexpr, UPCAST: tl.conste
 
 
 @triton.jit
-def _tile_step(MODE: tl.constexpr, acc, a, b, q, do, k, v, ok, qk_scale, USE_MASK: tl.constexpr,
+def _tile_step(MODE: tl.constexpr, acc, a, b, q, do, k, v, ok, qk_scale, q_pos, start_n,
+               slope, cap, USE_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """One key tile of a query block. Forward: ``(acc, a, b) = (o accumulator, l, m)``; dQ:
-    ``(acc, a, b) = (dq accumulator, lse in log2 units, delta)`` with ``a``, ``b`` read only."""
+    ``(acc, a, b) = (dq accumulator, lse in log2 units, delta)`` with ``a``, ``b`` read only.
+    ``q_pos [BM]``: the rows' aligned key positions; the tile's keys start at ``start_n``."""
     s = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale  # [BM, BD] @ [BD, BN]
+    qk = _score(s, q_pos[:, None], (start_n + tl.arange(0, BLOCK_N))[None, :], slope, cap,
+                HAS_SOFTCAP, HAS_ALIBI)
     if MODE == 0:
-        qk = _score(s)
         if USE_MASK:
             qk = tl.where(ok, qk, float("-inf"))
         acc, a, b = _fwd_update(acc, a, b, qk, v, PRECISION, UPCAST)
     else:
-        p = tl.exp2(_score(s) - a[:, None])
+        p = tl.exp2(qk - a[:, None])
         if USE_MASK:
             p = tl.where(ok, p, 0.0)
         dp = _dot(do, tl.trans(v), None, PRECISION, UPCAST)  # [BM, BD] @ [BD, BN]
-        ds = _dscore(p * (dp - b[:, None]), s)
+        ds = _dscore(p * (dp - b[:, None]), s, cap, HAS_SOFTCAP)
         acc = _dot(ds.to(k.dtype), k, acc, PRECISION, UPCAST)  # [BM, BN] @ [BN, BD]
     return acc, a, b
 
@@ -215,31 +241,35 @@ def _tile_step(MODE: tl.constexpr, acc, a, b, q, do, k, v, ok, qk_scale, USE_MAS
 @triton.jit
 def _band_tiles(MODE: tl.constexpr, acc, a, b, q, do, k_base, v_base, KPM, kpm_off,
                 skn, skd, svn, svd, smn, lo, hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                slope, cap, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Key tiles ``[lo, hi)`` of one band phase; ``MASKED`` only on the band's edge tiles."""
     for start_n in range(lo, hi, BLOCK_N):
         k, v, ok = _key_tile(k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn, start_n, offs_m,
                              shift, nk, WIN_L, WIN_R, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASKED,
                              HAS_LEFT, HAS_RIGHT, HAS_KPM)  # [BN, BD] x2, [BM, BN]
-        acc, a, b = _tile_step(MODE, acc, a, b, q, do, k, v, ok, qk_scale, MASKED or HAS_KPM,
-                               PRECISION, UPCAST)
+        acc, a, b = _tile_step(MODE, acc, a, b, q, do, k, v, ok, qk_scale, offs_m + shift,
+                               start_n, slope, cap, MASKED or HAS_KPM, BLOCK_N, HAS_SOFTCAP,
+                               HAS_ALIBI, PRECISION, UPCAST)
     return acc, a, b
 
 
 @triton.jit
 def _walk_keys(MODE: tl.constexpr, acc, a, b, q, do, k_base, v_base, KPM, kpm_off,
                skn, skd, svn, svd, smn, start_m, nq, nk, kv_lo, kv_hi, WIN_L, WIN_R,
-               KV_NUM, KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK, offs_d, qk_scale,
+               KV_NUM, KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK, offs_d, qk_scale, slope, cap,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                HAS_KPM: tl.constexpr, SPARSE: tl.constexpr, BS: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Every key tile the query block at ``start_m`` sees, in order: the band's three phases, or
     the layout blocks listed for its block row (``lay``: the layout slice of this batch row and
     head; an element mask is read only for partial blocks, ``part >= 0``)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    shift = nk - nq
     if SPARSE:
         arange_n = tl.arange(0, BLOCK_N)
         row = start_m // BS
@@ -258,25 +288,26 @@ def _walk_keys(MODE: tl.constexpr, acc, a, b, q, do, k_base, v_base, KPM, kpm_of
                     if part >= 0:
                         ok = ok & _block_mask(PMASK, part, r_in[:, None],
                                               (t * BLOCK_N + arange_n)[None, :], BS)
-                    acc, a, b = _tile_step(MODE, acc, a, b, q, do, k, v, ok, qk_scale, True,
-                                           PRECISION, UPCAST)
+                    acc, a, b = _tile_step(MODE, acc, a, b, q, do, k, v, ok, qk_scale,
+                                           offs_m + shift, start_n, slope, cap, True, BLOCK_N,
+                                           HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
     else:
         lo, full_lo, full_hi, hi = _key_blocks(start_m, nq, nk, WIN_L, WIN_R, kv_lo, kv_hi,
                                                BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-        shift = nk - nq
         # the three phases: left edge (masked), interior (no mask), right edge / tail (masked)
         acc, a, b = _band_tiles(MODE, acc, a, b, q, do, k_base, v_base, KPM, kpm_off, skn, skd, svn,
                                 svd, smn, lo, full_lo, offs_m, offs_d, shift, nk, WIN_L, WIN_R,
-                                qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
-                                HAS_KPM, PRECISION, UPCAST)
+                                qk_scale, slope, cap, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT,
+                                HAS_RIGHT, HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
         acc, a, b = _band_tiles(MODE, acc, a, b, q, do, k_base, v_base, KPM, kpm_off, skn, skd, svn,
                                 svd, smn, full_lo, full_hi, offs_m, offs_d, shift, nk, WIN_L,
-                                WIN_R, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_LEFT,
-                                HAS_RIGHT, HAS_KPM, PRECISION, UPCAST)
+                                WIN_R, qk_scale, slope, cap, HEAD_DIM, BLOCK_D, BLOCK_N, False,
+                                HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, PRECISION,
+                                UPCAST)
         acc, a, b = _band_tiles(MODE, acc, a, b, q, do, k_base, v_base, KPM, kpm_off, skn, skd, svn,
                                 svd, smn, full_hi, hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R,
-                                qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
-                                HAS_KPM, PRECISION, UPCAST)
+                                qk_scale, slope, cap, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT,
+                                HAS_RIGHT, HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
     return acc, a, b
 
 
@@ -303,3 +334,16 @@ def _query_block(b, h, pid_m, Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, 
         kv_lo = tl.load(KV_LO + b)
         kv_hi = tl.load(KV_HI + b)
     return q_start, nq, nk, start_m, bb, q_base, k_base, v_base, bb * smb, kv_lo, kv_hi
+
+
+@triton.jit
+def _score_mods(bb, h, ALIBI, sab, sah, softcap, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """``(slope, cap)`` of this batch row and query head in log2 units (0 when unused): the ALiBi
+    slope from ``ALIBI [B or 1, Hq]`` fp32 and the soft-cap ``softcap * log2(e)``."""
+    slope = 0.0
+    cap = 1.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + bb * sab + h.to(tl.int64) * sah) * 1.4426950408889634
+    if HAS_SOFTCAP:
+        cap = softcap * 1.4426950408889634
+    return slope, cap

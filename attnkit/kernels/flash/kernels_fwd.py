@@ -7,12 +7,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels_common import MODE_FWD, _load_rows, _query_block, _walk_keys
+from .kernels_common import MODE_FWD, _load_rows, _query_block, _score_mods, _walk_keys
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KPM, KV_LO, KV_HI, CU_Q, CU_K, KV_NUM, KV_IDX, KV_PART, PMASK, sm_scale,
+    Q, K, V, O, LSE, KPM, KV_LO, KV_HI, CU_Q, CU_K, KV_NUM, KV_IDX, KV_PART, PMASK, SINKS, ALIBI,
+    sm_scale, softcap, sab, sah,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     slb, slh, sln, smb, smn,
     H, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET, LB_STRIDE, LH_STRIDE, NROWB, MAXK,
@@ -20,12 +21,16 @@ def _fwd_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
     VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SPARSE: tl.constexpr, BS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O[b, h, i] = softmax(q_i K^T * scale, masked) V; LSE[b, h, i] = logsumexp of the scores.
 
     ``Q``/``O [B, Hq, Nq, D]``, ``K``/``V [B, Hkv, Nk, D]`` (any strides), ``LSE [B, Hq, Nq]``
-    fp32. ``N_BUCKET`` only keys the autotuner (the next power of two of the query rows).
+    fp32. ``N_BUCKET`` only keys the autotuner (the next power of two of the query rows). Score
+    modifications: ``softcap``, ``ALIBI [B or 1, Hq]`` slopes, ``SINKS [Hq]`` logits (fp32) that
+    join every row's softmax denominator without a value (a row that sees no key then gets
+    ``o = 0``, ``lse = sink``).
     Grid: ``(cdiv(max Nq, BLOCK_M), Hq, B or sequences)``: heads on y, batch rows on z.
     """
     pid_m = tl.program_id(0)
@@ -43,15 +48,20 @@ def _fwd_kernel(
                    True)  # [BM, BD]
 
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): the softmax runs on exp2
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:  # the sink starts the online softmax: m = sink, l = exp2(sink - m) = 1
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(SINKS + h) * 1.4426950408889634
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    slope, cap = _score_mods(bb, h, ALIBI, sab, sah, softcap, HAS_SOFTCAP, HAS_ALIBI)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lay = b * LB_STRIDE + h * LH_STRIDE
     acc, l_i, m_i = _walk_keys(MODE_FWD, acc, l_i, m_i, q, q, k_base, v_base, KPM, kpm_off, skn, skd,
                                svn, svd, smn, start_m, nq, nk, kv_lo, kv_hi, WIN_L, WIN_R, KV_NUM,
-                               KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK, offs_d, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_KPM,
-                               SPARSE, BS, PRECISION, UPCAST)
+                               KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK, offs_d, qk_scale, slope,
+                               cap, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                               HAS_KPM, SPARSE, BS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]

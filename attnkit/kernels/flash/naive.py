@@ -38,14 +38,18 @@ def _as_4d(mask: torch.Tensor, spec_like) -> torch.Tensor:
 
 
 def attention_naive(q, k, v, pattern=None, scale=None, valid_keys=None, cu_seqlens=None,
-                    dtype=torch.float64, mask=None):
+                    dtype=torch.float64, mask=None, softcap=None, sinks=None, alibi_slopes=None):
     """``(o [B, Hq, Nq, D], lse [B, Hq, Nq])`` in ``dtype``, differentiable.
 
     ``pattern`` (or an explicit bool ``mask [.., Nq, Nk]``) decides visibility; ``valid_keys``
     ``[B, Nk]`` (True = attend) removes padded keys. A row that sees no key gives ``o = 0`` and
     ``lse = -inf``. With ``cu_seqlens`` (``B == 1``; a tensor or a ``(q, k)`` pair) each packed
     sequence is attended on its own; packed rows past the last sequence are 0 / -inf.
+    Score modifications, in this order: ``softcap * tanh(s / softcap)``, then
+    ``- slope * |i + Nk - Nq - j|`` (``alibi_slopes [Hq]`` or ``[B, Hq]``); ``sinks [Hq]`` join
+    every row's denominator (a row that sees no key then has ``o = 0``, ``lse = sink``).
     """
+    mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
     if cu_seqlens is not None:
         cu_q, cu_k = cu_seqlens if isinstance(cu_seqlens, tuple) else (cu_seqlens, cu_seqlens)
         outs, lses = [], []
@@ -53,7 +57,7 @@ def attention_naive(q, k, v, pattern=None, scale=None, valid_keys=None, cu_seqle
         for s in range(len(bq) - 1):
             o, lse = attention_naive(
                 q[:, :, bq[s]:bq[s + 1]], k[:, :, bk[s]:bk[s + 1]], v[:, :, bk[s]:bk[s + 1]],
-                pattern, scale, dtype=dtype,
+                pattern, scale, dtype=dtype, **mods,
             )
             outs.append(o)
             lses.append(lse)
@@ -70,6 +74,13 @@ def attention_naive(q, k, v, pattern=None, scale=None, valid_keys=None, cu_seqle
     k = k.repeat_interleave(Hq // Hkv, 1)
     v = v.repeat_interleave(Hq // Hkv, 1)
     s = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(dtype).reshape(-1 if alibi_slopes.dim() == 2 else 1, Hq)
+        dist = (torch.arange(Nq, device=q.device)[:, None] + (Nk - Nq)
+                - torch.arange(Nk, device=q.device)[None, :]).abs().to(dtype)
+        s = s - slopes[:, :, None, None] * dist
     if mask is None:
         from ...attn.patterns import as_pattern
 
@@ -83,6 +94,12 @@ def attention_naive(q, k, v, pattern=None, scale=None, valid_keys=None, cu_seqle
     # Rows that see no key are scored as all-zero and then zeroed, so that autograd through the
     # oracle stays finite there (a logsumexp over only -inf has a NaN gradient).
     any_ok = ok.any(-1, keepdim=True)
+    if sinks is not None:  # one more logit per row, always visible, with no value
+        sink = sinks.to(dtype)[None, :, None, None].expand(B, Hq, Nq, 1)
+        s_all = torch.cat((s.masked_fill(~ok, float("-inf")), sink), -1)
+        lse = torch.logsumexp(s_all, -1)
+        p = torch.exp(s - lse[..., None]) * ok
+        return p @ v, lse
     s = torch.where(any_ok, s.masked_fill(~ok, float("-inf")), torch.zeros_like(s))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse[..., None]) * ok

@@ -78,6 +78,7 @@ _INTERPRET_TILE = (32, 16, 4, 1)
 
 _AUTOTUNE_KEY = [
     "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "VARLEN", "N_BUCKET", "PRECISION", "SPARSE", "BS",
+    "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS",
 ]
 
 
@@ -110,7 +111,8 @@ def _make(kernel, tiles):
         config.max_block_d = max_d
         config.sparse_only = i >= len(tiles)
         configs.append(config)
-    tuned = triton.autotune(configs, key=_AUTOTUNE_KEY,
+    key = [k for k in _AUTOTUNE_KEY if k in kernel.arg_names]  # HAS_SINKS: forward only
+    tuned = triton.autotune(configs, key=key,
                             prune_configs_by={"early_config_prune": first_only_if_asked(_prune)})
     return tuned(kernel)
 
@@ -189,9 +191,12 @@ class FlashArgs:
     scale: float = 1.0
     left: int = -1
     right: int = -1
+    sinks: _Opt = None
+    alibi: _Opt = None
+    softcap: float = 0.0
 
-    #: The tensors, in schema order (autograd returns a gradient for the first three).
-    TENSORS = ("q", "k", "v", "kpm", "cu_q", "cu_k")
+    #: The tensors, in schema order (autograd returns gradients for q, k, v and sinks).
+    TENSORS = ("q", "k", "v", "sinks", "kpm", "cu_q", "cu_k", "alibi")
 
     @classmethod
     def from_call(cls, call) -> FlashArgs:
@@ -207,21 +212,22 @@ class FlashArgs:
                         right=-1 if spec.right is None else spec.right)
         return cls(q=call.q, k=call.k, v=call.v, kpm=call.valid_keys, cu_q=call.cu_seqlens_q,
                    cu_k=call.cu_seqlens_k, max_q=int(call.max_seqlen_q or 0),
-                   max_k=int(call.max_seqlen_k or 0), scale=float(call.scale), **band)
+                   max_k=int(call.max_seqlen_k or 0), scale=float(call.scale), sinks=call.sinks,
+                   alibi=call.alibi_slopes, softcap=float(call.softcap or 0.0), **band)
 
     def op_args(self) -> tuple:
         return (*(getattr(self, n) for n in self.TENSORS), *self.lists, self.block_size,
                 self.layout_batch, self.layout_heads, self.max_q, self.max_k, self.scale,
-                self.left, self.right)
+                self.left, self.right, self.softcap)
 
     @classmethod
     def from_op_args(cls, args) -> FlashArgs:
         t = len(cls.TENSORS)
         tensors = dict(zip(cls.TENSORS, args[:t], strict=True))
         lists = tuple(args[t:t + 7])
-        bs, lb, lh, max_q, max_k, scale, left, right = args[t + 7:]
+        bs, lb, lh, max_q, max_k, scale, left, right, softcap = args[t + 7:]
         return cls(**tensors, lists=lists, block_size=bs, layout_batch=lb, layout_heads=lh,
-                   max_q=max_q, max_k=max_k, scale=scale, left=left, right=right)
+                   max_q=max_q, max_k=max_k, scale=scale, left=left, right=right, softcap=softcap)
 
     @property
     def n_tensor_inputs(self) -> int:
@@ -251,7 +257,10 @@ class _Launch:
         lb, lh = a.layout_batch, a.layout_heads
         self.common = dict(
             KPM=kpm.view(torch.uint8) if kpm is not None else None, CU_Q=a.cu_q, CU_K=a.cu_k,
-            PMASK=masks, sm_scale=a.scale,
+            PMASK=masks, sm_scale=a.scale, ALIBI=a.alibi, softcap=a.softcap,
+            sab=(a.alibi.stride(0) if a.alibi.dim() == 2 else 0) if a.alibi is not None else 0,
+            sah=a.alibi.stride(-1) if a.alibi is not None else 0,
+            HAS_SOFTCAP=a.softcap > 0, HAS_ALIBI=a.alibi is not None,
             smb=kpm.stride(0) if kpm is not None else 0, smn=kpm.stride(1) if kpm is not None else 0,
             GROUP=Hq // self.Hkv, NQ=Nq, NK=self.Nk,
             WIN_L=max(a.left, 0), WIN_R=max(a.right, 0), N_BUCKET=_n_bucket(self.rows_q),
@@ -290,7 +299,8 @@ def _fwd_impl(a: FlashArgs):
                  tail=(a.cu_q, float("-inf")) if c.varlen else None)
     grid = lambda meta: (triton.cdiv(c.rows_q, meta["BLOCK_M"]), c.Hq, c.n_prog_b)
     _fwd[grid](
-        Q=q, K=a.k, V=a.v, O=o, LSE=lse, **c.common, **c.rows_lists,
+        Q=q, K=a.k, V=a.v, O=o, LSE=lse, SINKS=a.sinks, HAS_SINKS=a.sinks is not None,
+        **c.common, **c.rows_lists,
         **_strides("sq", q), **_strides("sk", a.k), **_strides("sv", a.v), **_strides("so", o),
         **_strides("sl", lse), H=c.Hq,
     )
@@ -319,7 +329,12 @@ def _bwd_impl(do, o, lse, dlse, a: FlashArgs):
                    **_strides("sdv", dv), HKV=c.Hkv)
     grid_q = lambda m: (triton.cdiv(c.rows_q, m["BLOCK_M"]), c.Hq, c.n_prog_b)
     _dq[grid_q](DQ=dq, **shared, **c.rows_lists, **_strides("sdq", dq))
-    return dq, dk, dv
+    if a.sinks is None:
+        return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
+    # d sink_h = -sum_{b, i} p_sink * delta with p_sink = exp(sink - lse): the sink's probability
+    # in each row (rows that saw nothing but the sink have lse = sink, p_sink = 1).
+    p_sink = torch.exp(a.sinks.float()[None, :, None] - lse)  # [B, Hq, Nq]
+    return dq, dk, dv, -(p_sink * delta).sum((0, 2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,18 +344,19 @@ def _bwd_impl(do, o, lse, dlse, a: FlashArgs):
 
 @torch.library.custom_op("attnkit::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    key_mask: _Opt, cu_seqlens_q: _Opt, cu_seqlens_k: _Opt,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: _Opt,
+    key_mask: _Opt, cu_seqlens_q: _Opt, cu_seqlens_k: _Opt, alibi_slopes: _Opt,
     kv_num: _Opt, kv_idx: _Opt, kv_part: _Opt, q_num: _Opt, q_idx: _Opt, q_part: _Opt,
     block_masks: _Opt, block_size: int, layout_batch: int, layout_heads: int,
     max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int, window_right: int,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash attention forward (the flat schema of :class:`FlashArgs`). Returns
     ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``."""
     return _fwd_impl(FlashArgs.from_op_args((
-        q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k, kv_num, kv_idx, kv_part, q_num, q_idx,
-        q_part, block_masks, block_size, layout_batch, layout_heads, max_seqlen_q, max_seqlen_k,
-        scale, window_left, window_right)))
+        q, k, v, sinks, key_mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes, kv_num, kv_idx,
+        kv_part, q_num, q_idx, q_part, block_masks, block_size, layout_batch, layout_heads,
+        max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap)))
 
 
 @flash_attn_fwd.register_fake
@@ -352,22 +368,25 @@ def _(q, k, v, *args):
 @torch.library.custom_op("attnkit::flash_attn_bwd", mutates_args=())
 def flash_attn_bwd(
     do: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, dlse: _Opt,
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    key_mask: _Opt, cu_seqlens_q: _Opt, cu_seqlens_k: _Opt,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: _Opt,
+    key_mask: _Opt, cu_seqlens_q: _Opt, cu_seqlens_k: _Opt, alibi_slopes: _Opt,
     kv_num: _Opt, kv_idx: _Opt, kv_part: _Opt, q_num: _Opt, q_idx: _Opt, q_part: _Opt,
     block_masks: _Opt, block_size: int, layout_batch: int, layout_heads: int,
     max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int, window_right: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flash attention backward: ``(dq, dk, dv)``; ``dlse`` is the gradient on the LSE output."""
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flash attention backward: ``(dq, dk, dv, dsinks)`` (``dsinks`` fp32 ``[Hq]``, empty without
+    sinks); ``dlse`` is the gradient on the LSE output."""
     return _bwd_impl(do, o, lse, dlse, FlashArgs.from_op_args((
-        q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k, kv_num, kv_idx, kv_part, q_num, q_idx,
-        q_part, block_masks, block_size, layout_batch, layout_heads, max_seqlen_q, max_seqlen_k,
-        scale, window_left, window_right)))
+        q, k, v, sinks, key_mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes, kv_num, kv_idx,
+        kv_part, q_num, q_idx, q_part, block_masks, block_size, layout_batch, layout_heads,
+        max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap)))
 
 
 @flash_attn_bwd.register_fake
-def _(do, o, lse, dlse, q, k, v, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(do, o, lse, dlse, q, k, v, sinks, *args):
+    ds = q.new_empty(0 if sinks is None else sinks.shape[0], dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), ds
 
 
 def _setup_context(ctx, inputs, output):
@@ -383,8 +402,10 @@ def _backward(ctx, do, dlse):
     *tensors, o, lse = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv = torch.ops.attnkit.flash_attn_bwd(do, o, lse, dlse, *tensors, *ctx.rest)
-    return (dq, dk, dv) + (None,) * (len(tensors) - 3 + len(ctx.rest))
+    dq, dk, dv, dsinks = torch.ops.attnkit.flash_attn_bwd(do, o, lse, dlse, *tensors, *ctx.rest)
+    sinks = tensors[3]
+    dsinks = dsinks.to(sinks.dtype) if sinks is not None else None
+    return (dq, dk, dv, dsinks) + (None,) * (len(tensors) - 4 + len(ctx.rest))
 
 
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
