@@ -211,12 +211,25 @@ def test_set_attn_implementation_and_from_config():
 # --------------------------------------------------------------------------------------------
 
 
-def test_output_attentions_raises():
-    model = build("llama")
+def test_output_attentions_warns_once_and_returns_the_eager_weights():
+    """attnkit never forms attention weights: output_attentions=True runs those calls the eager
+    way (with one warning) and returns the same logits and weights as the model's own eager."""
+    model = build("mistral")  # a sliding window, GQA
+    ids, mask = batch("left", N=14)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, output_attentions=True)
     hf.swap_attention(model)
-    ids, mask = batch("right", N=6)
-    with pytest.raises(ValueError, match="output_attentions"):
-        model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    with pytest.warns(UserWarning, match="output_attentions=True.*eager attention"):
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    real = mask.bool()
+    torch.testing.assert_close(out.logits[real], ref.logits[real], atol=ATOL, rtol=1e-4)
+    assert len(out.attentions) == len(ref.attentions) == 2
+    for w, rw in zip(out.attentions, ref.attentions, strict=True):
+        # weights of real query rows (padded query rows are unspecified)
+        torch.testing.assert_close(w.transpose(1, 2)[real], rw.transpose(1, 2)[real], atol=1e-5,
+                                   rtol=1e-4)
 
 
 def test_head_dim_the_kernels_cannot_take_raises():

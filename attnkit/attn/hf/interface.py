@@ -126,17 +126,7 @@ def _has_or_overlay(fn, depth: int = 0) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _reject_unsupported(kwargs: dict, softcap, dropout: float) -> None:
-    if kwargs.get("output_attentions"):
-        raise ValueError(
-            "attn_implementation='attnkit' never forms attention weights, so output_attentions=True "
-            "cannot be served; load the model with attn_implementation='eager' to inspect weights"
-        )
-    if softcap is not None:
-        raise ValueError(f"attnkit does not support attention logit soft-capping (softcap={softcap}); "
-                         "use attn_implementation='eager' or a flash-attention build that does")
-    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        raise ValueError("attnkit does not support attention sinks (s_aux); use 'eager' or 'sdpa'")
+def _reject_unsupported(kwargs: dict, dropout: float) -> None:
     if kwargs.get("position_bias") is not None:
         raise ValueError("attnkit does not support additive position biases (position_bias, as in "
                          "T5); use attn_implementation='sdpa'")
@@ -200,13 +190,28 @@ def attnkit_attention_forward(
     Returns:
         ``(out [B, Nq, Hq, Dv], None)``.
     """
-    _reject_unsupported(kwargs, softcap, dropout)
+    _reject_unsupported(kwargs, dropout)
     _reject_chunked(module)
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     if sliding_window is None:
         sliding_window = getattr(module, "sliding_window", None)
     spec = layer_spec(module)
+    # gpt-oss passes its learned per-head sink logits as s_aux
+    sinks = kwargs.pop("s_aux", None)
+    if sinks is None:
+        sinks = kwargs.pop("sinks", None)
+    if kwargs.get("output_attentions"):
+        from .eager import eager_with_weights
+
+        _warn_once("output-attentions", "output_attentions=True: attnkit never forms attention "
+                   "weights, so these calls run the model's eager attention (slower, O(N^2) "
+                   "memory) to return them")
+        config_window = getattr(getattr(module, "config", None), "sliding_window", None)
+        pattern = spec if spec is not None else model_pattern(bool(is_causal), sliding_window,
+                                                              config_window)
+        return eager_with_weights(module, query, key, value, attention_mask, pattern, scaling,
+                                  softcap, sinks, kwargs)
 
     if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
         if spec is not None:
@@ -231,20 +236,27 @@ def attnkit_attention_forward(
         query, key, value = flatten(query), flatten(key), flatten(value)
 
     if isinstance(spec, LinearAttention):
+        if softcap is not None or sinks is not None:
+            raise ValueError(
+                f"this layer runs the attnkit override {spec!r}, which has no soft-capping or "
+                "attention sinks; the model uses them (softcap / s_aux), so restore_attention(model) "
+                "or swap to a softmax pattern"
+            )
         parts = segments(packed, query.shape[2], key.shape[2]) if packed is not None else None
         out = hf_linear_attention(query, key, value, kpm, spec, bool(is_causal), parts)
     else:
         config_window = getattr(getattr(module, "config", None), "sliding_window", None)
         pattern = spec if spec is not None else model_pattern(bool(is_causal), sliding_window,
                                                               config_window)
-        out = _softmax_attention(query, key, value, pattern, scaling, kpm, packed)
+        out = _softmax_attention(query, key, value, pattern, scaling, kpm, packed,
+                                 softcap=softcap, sinks=sinks)
 
     if packed is not None and B > 1:
         out = unflatten(out, B)
     return out.transpose(1, 2), None
 
 
-def _softmax_attention(q, k, v, pattern, scaling, kpm, packed):
+def _softmax_attention(q, k, v, pattern, scaling, kpm, packed, softcap=None, sinks=None):
     """Softmax attention under ``pattern`` (:func:`attnkit.attention`): ``q [B, Hq, Nq, D]``,
     ``k [B, Hkv, Nk, D]``, ``v [B, Hkv, Nk, Dv]`` -> ``[B, Hq, Nq, Dv]``; a value head dim unequal
     to the query's is zero-padded to match (the kernels take one head dim)."""
@@ -259,5 +271,9 @@ def _softmax_attention(q, k, v, pattern, scaling, kpm, packed):
     if packed is not None:
         cu_q, cu_k, max_q, max_k = packed
         kw = dict(cu_seqlens=(cu_q, cu_k), max_seqlen=(max_q, max_k))
+    if softcap is not None:
+        kw["softcap"] = float(softcap)
+    if sinks is not None:
+        kw["sinks"] = sinks
     out = attention(q, k, v, pattern, scale=scale, valid_keys=kpm, backend=runtime.get_backend(), **kw)
     return out[..., :dv] if out.shape[-1] != dv else out

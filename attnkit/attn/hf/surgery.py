@@ -20,7 +20,7 @@ from .persist import (
 from .runtime import NAME, _warn_once
 from .specs import FEATURE_MAP_ATTR, Spec, check_spec
 
-__all__ = ["swap_attention", "restore_attention"]
+__all__ = ["swap_attention", "restore_attention", "check_attention_backend_support"]
 
 
 def _base_model(model):
@@ -96,6 +96,21 @@ def _entry(spec: Spec | None, modules: list) -> dict | None:
     return raw
 
 
+def check_attention_backend_support(model) -> None:
+    """Raise ``ValueError`` for a model that does not route attention through transformers'
+    ``AttentionInterface`` (``_supports_attention_backend = False``, e.g. Falcon, which calls
+    torch's SDPA itself): asking it for "attnkit" would silently run its own attention (or, through
+    ``from_config(attn_implementation="attnkit")``, fail with a bare ``KeyError``)."""
+    if not getattr(type(model), "_supports_attention_backend", False):
+        name = type(model).__name__
+        raise ValueError(
+            f"{name} does not route its attention through transformers' AttentionInterface "
+            f"({name}._supports_attention_backend is False: it calls its own attention code), so "
+            "attnkit cannot run it; keep attn_implementation='sdpa' or 'eager' for this model "
+            "(the README lists the families known to route through the interface)"
+        )
+
+
 def swap_attention(model, pattern: Spec | None = None, *, layers: int | Iterable[int] | None = None):
     """Run ``model``'s attention on attnkit, optionally with another pattern.
 
@@ -121,6 +136,7 @@ def swap_attention(model, pattern: Spec | None = None, *, layers: int | Iterable
         ``model``.
     """
     base = _base_model(model)
+    check_attention_backend_support(base)
     spec = None if pattern is None else check_spec(pattern)
     modules = _attention_modules(base)
     available = {m.layer_idx for m in modules}
