@@ -220,9 +220,8 @@ def test_output_attentions_warns_once_and_returns_the_eager_weights():
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, output_attentions=True)
     hf.swap_attention(model)
-    with pytest.warns(UserWarning, match="output_attentions=True.*eager attention"):
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    with pytest.warns(UserWarning, match="output_attentions=True.*eager attention"), torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
     real = mask.bool()
     torch.testing.assert_close(out.logits[real], ref.logits[real], atol=ATOL, rtol=1e-4)
     assert len(out.attentions) == len(ref.attentions) == 2
