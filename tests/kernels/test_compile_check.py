@@ -95,3 +95,32 @@ def test_decode_kernels_compile_without_spills(records):
     assert len(decode) == 3 * 2 * 2 * 2  # D, arch, (group, tokens), split + merge
     bad = [_name(r) for r in decode if r["spill_bytes"] or not r["fits"]]
     assert not bad, "spilling or oversized kernels:\n" + "\n".join(bad)
+
+
+def test_compile_report_cli_filters_and_writes_json(tmp_path):
+    """``compile-report`` through the parser its top-level CLI adds: the filters reach the
+    records (one kernel, one head dim, one dtype, first configs only) and --json holds them."""
+    import argparse
+
+    from attnkit.kernels.compile_check.cli import add_compile_report_parser
+
+    top = argparse.ArgumentParser(prog="attnkit")
+    add_compile_report_parser(top.add_subparsers(dest="command"))
+    out = tmp_path / "report.json"
+    argv = ["--arch", "90", "--kernel", "_bwd_preprocess", "--head-dim", "64", "--dtype", "bf16",
+            "--op", "attention", "--first-only", "--json", str(out)]
+    args = top.parse_args(["compile-report", *argv])
+    assert (args.arch, args.kernel, args.head_dim, args.first_only) == (
+        90, ["_bwd_preprocess"], [64], True)
+    assert args.func.__name__ == "run_compile_report"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import sys; from attnkit.kernels.compile_check.cli import main; "
+            f"sys.exit(main({argv!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "_bwd_preprocess" in proc.stdout and "regs" in proc.stdout
+    records = json.loads(out.read_text())
+    assert records and {(r["kernel"], r["head_dim"], r["dtype"], r["first"]) for r in records} == {
+        ("flash.kernels:_bwd_preprocess", 64, "bf16", True)}
+    assert all(r["registers"] > 0 and r["arch"] == 90 for r in records)

@@ -124,7 +124,16 @@ class Recorder:
         opts = {"num_warps": 4, "num_stages": 3, **{k: kwargs[k] for k in LAUNCH_OPTIONS
                                                     if k in kwargs}}
         if config is not None:
-            opts.update(num_warps=config.num_warps, num_stages=config.num_stages)
+            opts.update(num_warps=config.num_warps, num_stages=config.num_stages,
+                        maxnreg=getattr(config, "maxnreg", None),
+                        num_ctas=getattr(config, "num_ctas", 1))
+        # the compile jobs carry num_warps/num_stages only: say so if a launch sets more
+        unsupported = {k: v for k, v in opts.items()
+                       if k not in ("num_warps", "num_stages", "debug")
+                       and v not in (None, 1 if k == "num_ctas" else None)}
+        if unsupported:
+            self.problems.append(f"{name}: launch options {unsupported} are not compiled by "
+                                 "compile_check (accepted: num_warps, num_stages)")
         g = grid(bound) if callable(grid) else grid
         raw = None
         if self.keep_raw:

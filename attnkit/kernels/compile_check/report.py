@@ -23,6 +23,12 @@ def _flags(launch: Launch) -> list[str]:
                   if p.is_constexpr and launch.args.get(p.name) is True)
 
 
+def _modes(launch: Launch) -> dict:
+    """The launch's string constexprs (``PRECISION``: ``"tf32"`` or ``"ieee"`` for fp32 dots)."""
+    return {p.name: launch.args[p.name] for p in launch.fn.params
+            if p.is_constexpr and isinstance(launch.args.get(p.name), str)}
+
+
 def _tile(launch: Launch) -> dict:
     """The autotuner config's values; for a plain launch its int ``BLOCK*`` constexprs."""
     if launch.tuned:
@@ -41,7 +47,7 @@ def record(launch: Launch, arch: int) -> dict:
         block_m=tile.get("BLOCK_M"), block_n=tile.get("BLOCK_N"), num_warps=launch.num_warps,
         num_stages=launch.num_stages, head_dim=launch.case.get("head_dim"),
         dtype=launch.case.get("dtype"), op=launch.case.get("op"), case=launch.case.get("case"),
-        flags=_flags(launch), first=launch.first)
+        flags=_flags(launch), modes=_modes(launch), first=launch.first)
 
 
 def _compile_all(jobs: list[Job], workers: int) -> dict:
@@ -85,7 +91,7 @@ def collect(arch: int = 90, ops=None, kernels=None, head_dims=None, dtypes=None,
             continue
         job = job_for(launch, arch)
         key = (job, row["kernel"], str(row["tile"]), row["head_dim"], row["dtype"],
-               tuple(row["flags"]))
+               tuple(row["flags"]), str(row["modes"]))
         if key in seen:  # the same config from another case (e.g. the causal part of a window)
             continue
         seen.add(key)
@@ -101,13 +107,15 @@ def collect(arch: int = 90, ops=None, kernels=None, head_dims=None, dtypes=None,
 
 def table(records: list[dict]) -> str:
     """A fixed-width table of ``records`` (one line each)."""
-    head = ("kernel", "tile", "w", "s", "D", "dtype", "flags", "1st", "regs", "spill", "smem",
-            "hgmma", "hmma", "tma", "cp.async")
+    head = ("kernel", "tile", "w", "s", "D", "dtype", "flags", "modes", "1st", "regs", "spill",
+            "smem", "hgmma", "hmma", "tma", "cp.async")
     lines = []
     for r in records:
         tile = "x".join(str(v) for v in r["tile"].values()) or "-"
         lines.append((r["kernel"], tile, r["num_warps"], r["num_stages"], r["head_dim"],
-                      r["dtype"], ",".join(r["flags"]) or "-", "*" if r["first"] else "",
+                      r["dtype"], ",".join(r["flags"]) or "-",
+                      ",".join(f"{k}={v}" for k, v in r["modes"].items()) or "-",
+                      "*" if r["first"] else "",
                       r["registers"], r["spill_bytes"], f"{r['shared_bytes'] / 1024:.0f}K",
                       r["hgmma"], r["hmma"], r["tma_loads"], r["cp_async"]))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)]

@@ -170,9 +170,26 @@ def _grid_cases(dt: str) -> Iterator[Case]:
     yield Case("grid", "33000 sequences", 16, dt, run)
 
 
+def _tf32(case: Case) -> Case:
+    """``case`` under ``torch.set_float32_matmul_precision("high")``: fp32 launches follow
+    PyTorch's matmul precision, so the default ("highest") compiles IEEE fp32 dots and this one
+    TF32 (what training usually sets)."""
+
+    def run():
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            case.run()
+        finally:
+            torch.set_float32_matmul_precision(saved)
+
+    return Case(case.op, case.name + " tf32", case.head_dim, case.dtype, run)
+
+
 def cases(ops=None, head_dims=None, dtypes=None) -> list[Case]:
     """Every case, or those of ``ops`` / ``head_dims`` (ranks for LoRA) / ``dtypes``. ``"grid"``
-    (the grid-limit calls, for the dry run) only when asked for by name."""
+    (the grid-limit calls, for the dry run) only when asked for by name. fp32 cases come twice:
+    at PyTorch's default matmul precision and, named ``"... tf32"``, at TF32."""
     dtypes = dtypes or ("bf16", "fp32")
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
@@ -184,6 +201,7 @@ def cases(ops=None, head_dims=None, dtypes=None) -> list[Case]:
         for r in RANKS:
             out += list(_lora_cases(r, dt))
         out += list(_grid_cases(dt))
+    out += [_tf32(c) for c in out if c.dtype == "fp32"]
     keep = [c for c in out if (ops is None and c.op != "grid") or (ops and c.op in ops)]
     if head_dims:
         keep = [c for c in keep if c.head_dim in head_dims]
