@@ -107,12 +107,12 @@ def collect(arch: int = 90, ops=None, kernels=None, head_dims=None, dtypes=None,
 
 def table(records: list[dict]) -> str:
     """A fixed-width table of ``records`` (one line each)."""
-    head = ("kernel", "tile", "w", "s", "D", "dtype", "flags", "modes", "1st", "regs", "spill",
+    head = ("kernel", "case", "tile", "w", "s", "D", "dtype", "flags", "modes", "1st", "regs", "spill",
             "smem", "hgmma", "hmma", "tma", "cp.async")
     lines = []
     for r in records:
         tile = "x".join(str(v) for v in r["tile"].values()) or "-"
-        lines.append((r["kernel"], tile, r["num_warps"], r["num_stages"], r["head_dim"],
+        lines.append((r["kernel"], r["case"], tile, r["num_warps"], r["num_stages"], r["head_dim"],
                       r["dtype"], ",".join(r["flags"]) or "-",
                       ",".join(f"{k}={v}" for k, v in r["modes"].items()) or "-",
                       "*" if r["first"] else "",
