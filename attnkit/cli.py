@@ -94,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     from .bench.command import add_arguments
     from .finetune.cli import add_finetune_parser, run_finetune
+    from .kernels.compile_check.cli import add_compile_report_parser
 
     add_arguments(bench)
     add_finetune_parser(sub)
+    add_compile_report_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.error(str(e))  # exits with status 2 and the usage line
     if args.command == "finetune":
         return run_finetune(args)
+    if args.command == "compile-report":
+        return args.func(args)
     parser.print_help()
     return 0
 

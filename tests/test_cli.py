@@ -47,3 +47,12 @@ def test_version_flag(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"attnkit {attnkit.__version__}"
+
+
+def test_compile_report_is_a_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compile-report", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--arch", "--json", "--first-only", "--kernel", "--head-dim", "--dtype"):
+        assert flag in out, flag
