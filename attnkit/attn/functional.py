@@ -33,8 +33,9 @@ def attention(
     Args:
         q: ``[B, Hq, Nq, D]`` queries. Any strides: ``x.view(B, N, H, D).transpose(1, 2)`` views
             are read in place.
-        k, v: ``[B, Hkv, Nk, D]`` keys and values, ``Hq % Hkv == 0`` (GQA/MQA: query head ``h``
-            reads KV head ``h // (Hq // Hkv)``, without expanding K/V in memory).
+        k, v: ``[B, Hkv, Nk, D]`` keys and ``[B, Hkv, Nk, Dv]`` values (``Dv`` may differ from
+            ``D``, e.g. 128 against 192; both up to 256 on Triton), ``Hq % Hkv == 0`` (GQA/MQA:
+            query head ``h`` reads KV head ``h // (Hq // Hkv)``, without expanding K/V in memory).
         pattern: :class:`~attnkit.Dense` (default), :class:`~attnkit.Causal`,
             :class:`~attnkit.SlidingWindow` or :class:`~attnkit.BlockSparse` (built by
             :func:`~attnkit.bigbird`, :func:`~attnkit.longformer`, :func:`~attnkit.strided`,
@@ -67,7 +68,7 @@ def attention(
             soft-capping. No gradient flows to the slopes.
 
     Returns:
-        ``o [B, Hq, Nq, D]`` in ``q``'s dtype, and with ``return_lse=True`` also
+        ``o [B, Hq, Nq, Dv]`` in ``q``'s dtype, and with ``return_lse=True`` also
         ``lse [B, Hq, Nq]`` in float32. A query that sees no key (all keys padded, or a window
         outside the sequence) gets ``o = 0`` and ``lse = -inf`` (``lse = sink`` with sinks),
         never NaN.

@@ -150,11 +150,13 @@ def validate(
             f"q, k, v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}"
         )
     B, Hq, Nq, D = q.shape
-    if k.shape != v.shape:
+    if k.shape[:3] != v.shape[:3]:
         raise ValueError(
-            f"k and v must have the same shape [B, Hkv, Nk, D], got k {tuple(k.shape)}, "
-            f"v {tuple(v.shape)}"
+            f"k and v must share [B, Hkv, Nk] (k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv]), got k "
+            f"{tuple(k.shape)}, v {tuple(v.shape)}"
         )
+    if v.shape[3] < 1:
+        raise ValueError(f"v has head dim {v.shape[3]}; it must be >= 1")
     if k.shape[0] != B:
         raise ValueError(f"k has batch size {k.shape[0]} but q has {B}")
     if k.shape[3] != D:

@@ -120,6 +120,8 @@ class Backend:
     spec_kinds: tuple | None = None
     #: Whether the kernel's grid puts (sequences, heads) on y/z (65535 each).
     grid_limited: bool = False
+    #: Whether values may have their own head dim (``Dv != D``); :attr:`max_head_dim` bounds both.
+    value_head_dims: bool = False
     #: Score modifications computed (``"softcap"``, ``"sinks"``, ``"alibi"``); a call that uses
     #: another one is refused with its name.
     score_mods: tuple = ()
@@ -162,6 +164,13 @@ class Backend:
                            f"({', '.join(map(str, self.head_dims))} are)")
         if dim is not None and self.max_head_dim is not None and dim > self.max_head_dim:
             reasons.append(f"{self.head_dim_name} {dim} is above the maximum of {self.max_head_dim}")
+        dv = getattr(call, "value_dim", None)
+        if dv is not None and dim is not None and dv != dim:
+            if not self.value_head_dims:
+                reasons.append(f"values with their own head dim (Dv = {dv}, D = {dim}) are not "
+                               f"supported by the {self.name!r} {type(self).__name__} backend")
+            elif self.max_head_dim is not None and dv > self.max_head_dim:
+                reasons.append(f"value head dim {dv} is above the maximum of {self.max_head_dim}")
         if getattr(call, "packed", False) and not self.packed:
             reasons.append(f"packed sequences (cu_seqlens) are not supported by the {self.name!r} "
                            "backend; pass a padded batch with a valid_keys mask")

@@ -156,3 +156,52 @@ def test_backends_without_a_score_mod_say_so():
     assert any("softcap not supported by the 'triton' TritonDecode backend" in r
                for r in TritonDecode().not_supported_reasons(call))
     assert not any("softcap" in r for r in TritonFlash().not_supported_reasons(call))
+
+
+DV_CASES = [
+    ("B2-H4kv2-N37-D32-Dv16-causal", 2, 4, 2, 37, 37, 32, 16, Causal(), False),
+    ("B3-H2-N40-D16-Dv40-window5-padded", 3, 2, 2, 40, 40, 16, 40, SlidingWindow(5), True),
+    ("B1-H2-Nq17-Nk45-D48-Dv32-sparse", 1, 2, 1, 17, 45, 48, 32, None, False),
+]
+
+
+@pytest.mark.parametrize("case", DV_CASES, ids=[c[0] for c in DV_CASES])
+def test_values_with_their_own_head_dim(case):
+    """``v [B, Hkv, Nk, Dv]`` with ``Dv != D`` (DeepSeek-style 192/128 head dims): o is ``Dv``
+    wide; forward, lse and every gradient against the oracle, with a softcap on top."""
+    _, B, Hq, Hkv, Nq, Nk, D, Dv, pattern, padded = case
+    pattern = pattern if pattern is not None else _sparse(Nq, Nk, heads=Hq)
+    q = torch.randn(B, Hq, Nq, D, device=DEVICE, requires_grad=True)
+    k = torch.randn(B, Hkv, Nk, D, device=DEVICE, requires_grad=True)
+    v = torch.randn(B, Hkv, Nk, Dv, device=DEVICE, requires_grad=True)
+    vk = padding_mask(B, Nk, DEVICE) if padded else None
+    o, lse = attnkit.attention(q, k, v, pattern, valid_keys=vk, softcap=5.0, backend="triton",
+                               return_lse=True)
+    assert o.shape == (B, Hq, Nq, Dv)
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_o, ref_lse = attention_naive(*x64, pattern, valid_keys=vk, softcap=5.0)
+    xl = [t.detach().requires_grad_() for t in (q, k, v)]
+    low_o, _ = attention_naive(*xl, pattern, valid_keys=vk, softcap=5.0, dtype=torch.float32)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    ref_grads = torch.autograd.grad(ref_o, x64, do.double())
+    low_grads = torch.autograd.grad(low_o, xl, do)
+    assert max_err(o, ref_o) <= tolerance(torch.float32, max_err(low_o, ref_o),
+                                          float(ref_o.abs().max()), K_OUT)
+    assert max_err(lse, ref_lse) <= 1e-4 * (1 + float(ref_lse[torch.isfinite(ref_lse)].abs().max()))
+    for name, g, rg, lg in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads, strict=True):
+        assert g.shape == rg.shape, name
+        tol = tolerance(torch.float32, max_err(lg, rg), float(rg.abs().max()), K_GRAD)
+        assert max_err(g, rg) <= tol, f"{name}: {max_err(g, rg):.3g} > {tol:.3g}"
+
+
+def test_backends_without_their_own_value_head_dim_decline_by_name():
+    from attnkit.attn.inputs import validate
+    from attnkit.kernels.flash.backends import TritonDecode
+
+    q, k, v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 8)
+    with torch.no_grad():
+        call = validate(q, k, v, Causal(), None, None, None, None, False)
+    assert any("Dv = 8, D = 16" in r for r in TritonDecode().not_supported_reasons(call))
+    with pytest.raises(ValueError, match=r"k and v must share \[B, Hkv, Nk\]"):
+        attnkit.attention(q, k, v[:, :, :5])

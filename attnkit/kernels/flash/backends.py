@@ -55,6 +55,7 @@ class TritonFlash(Backend):
     spec_kinds = ("band", "block_sparse")
     grid_limited = True
     score_mods = ("softcap", "sinks", "alibi")
+    value_head_dims = True
 
     def run(self, call: AttentionCall):
         from .op import flash_attention

@@ -15,7 +15,7 @@ __all__ = ["AttentionCall"]
 class AttentionCall:
     """What :func:`attnkit.attention` hands its backends after validation.
 
-    Shapes: ``q [B, Hq, Nq, D]``, ``k``/``v [B, Hkv, Nk, D]``; ``valid_keys [B, Nk]`` bool
+    Shapes: ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]``, ``v [B, Hkv, Nk, Dv]``; ``valid_keys [B, Nk]`` bool
     (True = attend). With ``cu_seqlens_q`` ``B == 1`` and the ``N`` axis holds ``S`` packed
     sequences, ``max_seqlen_q/k`` the longest of them. ``spec`` is the pattern compiled for the
     call's per-sequence lengths; ``pattern`` is kept for messages only.
@@ -48,6 +48,11 @@ class AttentionCall:
     @property
     def head_dim(self) -> int:
         return self.q.shape[-1]
+
+    @property
+    def value_dim(self) -> int:
+        """``Dv``: the values' (and the output's) head dim; it may differ from ``D``."""
+        return self.v.shape[-1]
 
     @property
     def needs_grad(self) -> bool:

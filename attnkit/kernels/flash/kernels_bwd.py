@@ -100,7 +100,8 @@ def _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, ok_t, q_pos, k_pos, 
 
 @triton.jit
 def _load_query_tile(q_base, do_base, lse_base, delta_base, start_m, nq, sqn, sqd, sdn, sdd, sln,
-                     offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                     offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
     """q, dO, LSE (log2 units; rows that saw nothing -> +inf so P = 0) and delta of a query tile."""
     arange_m = tl.arange(0, BLOCK_M)
     offs_m = start_m + arange_m
@@ -108,8 +109,8 @@ def _load_query_tile(q_base, do_base, lse_base, delta_base, start_m, nq, sqn, sq
     m64 = tl.cast(start_m, tl.int64)
     q = _load_rows(q_base + m64 * sqn, arange_m, nq - start_m, sqn, offs_d, sqd,
                    HEAD_DIM, BLOCK_D, True)  # [BM, BD]
-    do = _load_rows(do_base + m64 * sdn, arange_m, nq - start_m, sdn, offs_d, sdd,
-                    HEAD_DIM, BLOCK_D, True)  # [BM, BD]
+    do = _load_rows(do_base + m64 * sdn, arange_m, nq - start_m, sdn, tl.arange(0, BLOCK_DV), sdd,
+                    HEAD_DV, BLOCK_DV, True)  # [BM, BDV]
     lse = tl.load(lse_base + offs_m * sln, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
@@ -119,21 +120,21 @@ def _load_query_tile(q_base, do_base, lse_base, delta_base, start_m, nq, sqn, sq
 @triton.jit
 def _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd, sln,
                  lo, hi, offs_n, offs_d, shift, nq, nk, WIN_L, WIN_R, qk_scale, slope, cap,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Query tiles ``[lo, hi)`` of one band phase that see this key tile."""
     arange_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
-        q, do, lse, delta = _load_query_tile(q_base, do_base, lse_base, delta_base, start_m, nq,
-                                             sqn, sqd, sdn, sdd, sln, offs_d, HEAD_DIM, BLOCK_D,
+        q, do, lse, delta = _load_query_tile(q_base, do_base, lse_base, delta_base, start_m, nq, sqn, sqd,
+                                             sdn, sdd, sln, offs_d, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV,
                                              BLOCK_M)
         ok_t = _visible((start_m + arange_m)[None, :], offs_n[:, None], shift, nk, WIN_L, WIN_R,
                         HAS_LEFT, HAS_RIGHT)
-        dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, ok_t,
-                              start_m + arange_m + shift, offs_n, slope, cap, MASKED, HAS_SOFTCAP,
-                              HAS_ALIBI, PRECISION, UPCAST)
+        dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, ok_t, start_m + arange_m + shift,
+                              offs_n, slope, cap, MASKED, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
     return dk, dv
 
 
@@ -141,6 +142,7 @@ def _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, 
 def _walk_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd, sln,
                   start_n, nq, nk, WIN_L, WIN_R, Q_NUM, Q_IDX, Q_PART, PMASK, lay, NCOLB, MAXQ,
                   offs_d, qk_scale, slope, cap, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
                   HAS_RIGHT: tl.constexpr, SPARSE: tl.constexpr, BS: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -160,37 +162,35 @@ def _walk_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd,
             for t in range(BS // BLOCK_M):
                 start_m = qb * BS + t * BLOCK_M
                 if start_m < nq:
-                    q, do, lse, delta = _load_query_tile(q_base, do_base, lse_base, delta_base,
-                                                         start_m, nq, sqn, sqd, sdn, sdd, sln,
-                                                         offs_d, HEAD_DIM, BLOCK_D, BLOCK_M)
+                    q, do, lse, delta = _load_query_tile(q_base, do_base, lse_base, delta_base, start_m, nq,
+                                                         sqn, sqd, sdn, sdd, sln, offs_d, HEAD_DIM, BLOCK_D,
+                                                         HEAD_DV, BLOCK_DV, BLOCK_M)
                     if part >= 0:
                         em_t = _block_mask(PMASK, part,
                                            (t * BLOCK_M + tl.arange(0, BLOCK_M))[None, :],
                                            c_in[:, None], BS)  # [BN, BM]
                         dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, em_t,
-                                              start_m + tl.arange(0, BLOCK_M) + shift, offs_n,
-                                              slope, cap, True, HAS_SOFTCAP, HAS_ALIBI,
-                                              PRECISION, UPCAST)
+                                              start_m + tl.arange(0, BLOCK_M) + shift, offs_n, slope, cap,
+                                              True, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
                     else:
                         dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, None,
-                                              start_m + tl.arange(0, BLOCK_M) + shift, offs_n,
-                                              slope, cap, False, HAS_SOFTCAP, HAS_ALIBI,
-                                              PRECISION, UPCAST)
+                                              start_m + tl.arange(0, BLOCK_M) + shift, offs_n, slope, cap,
+                                              False, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
     else:
         lo, full_lo, full_hi, hi = _query_blocks(start_n, nq, nk, WIN_L, WIN_R, BLOCK_M, BLOCK_N,
                                                  HAS_LEFT, HAS_RIGHT)
-        dk, dv = _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn,
-                              sdd, sln, lo, full_lo, offs_n, offs_d, shift, nq, nk, WIN_L, WIN_R,
-                              qk_scale, slope, cap, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_LEFT,
-                              HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
-        dk, dv = _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn,
-                              sdd, sln, full_lo, full_hi, offs_n, offs_d, shift, nq, nk, WIN_L,
-                              WIN_R, qk_scale, slope, cap, HEAD_DIM, BLOCK_D, BLOCK_M, False,
-                              HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
-        dk, dv = _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn,
-                              sdd, sln, full_hi, hi, offs_n, offs_d, shift, nq, nk, WIN_L, WIN_R,
-                              qk_scale, slope, cap, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_LEFT,
-                              HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+        dk, dv = _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd, sln,
+                              lo, full_lo, offs_n, offs_d, shift, nq, nk, WIN_L, WIN_R, qk_scale, slope, cap,
+                              HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, HAS_LEFT, HAS_RIGHT,
+                              HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+        dk, dv = _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd, sln,
+                              full_lo, full_hi, offs_n, offs_d, shift, nq, nk, WIN_L, WIN_R, qk_scale, slope,
+                              cap, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, False, HAS_LEFT, HAS_RIGHT,
+                              HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+        dk, dv = _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd, sln,
+                              full_hi, hi, offs_n, offs_d, shift, nq, nk, WIN_L, WIN_R, qk_scale, slope, cap,
+                              HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, HAS_LEFT, HAS_RIGHT,
+                              HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
     return dk, dv
 
 
@@ -201,7 +201,7 @@ def _bwd_dkdv_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     slb, slh, sln, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smn,
     H, HKV, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET, LB_STRIDE, LH_STRIDE, NCOLB, MAXQ,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
     VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SPARSE: tl.constexpr, BS: tl.constexpr,
@@ -227,10 +227,11 @@ def _bwd_dkdv_kernel(
     k_off = (k_start + start_n).to(tl.int64)
     k = _load_rows(K + bb * skb + hk.to(tl.int64) * skh + k_off * skn, rows, nk - start_n, skn,
                    offs_d, skd, HEAD_DIM, BLOCK_D, True)
+    offs_dv = tl.arange(0, BLOCK_DV)
     v = _load_rows(V + bb * svb + hk.to(tl.int64) * svh + k_off * svn, rows, nk - start_n, svn,
-                   offs_d, svd, HEAD_DIM, BLOCK_D, True)
+                   offs_dv, svd, HEAD_DV, BLOCK_DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     for g in range(GROUP):
         h = (hk * GROUP + g).to(tl.int64)
@@ -241,11 +242,11 @@ def _bwd_dkdv_kernel(
         delta_base = DELTA + (bb * H + h) * NQ + q_start
         lay = b * LB_STRIDE + (hk * GROUP + g) * LH_STRIDE
         slope, cap = _score_mods(bb, h, ALIBI, sab, sah, softcap, HAS_SOFTCAP, HAS_ALIBI)
-        dk, dv = _walk_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn,
-                               sdd, sln, start_n, nq, nk, WIN_L, WIN_R, Q_NUM, Q_IDX, Q_PART, PMASK,
-                               lay, NCOLB, MAXQ, offs_d, qk_scale, slope, cap, HEAD_DIM, BLOCK_D,
-                               BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, SPARSE, BS, HAS_SOFTCAP,
-                               HAS_ALIBI, PRECISION, UPCAST)
+        dk, dv = _walk_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd, sln,
+                               start_n, nq, nk, WIN_L, WIN_R, Q_NUM, Q_IDX, Q_PART, PMASK, lay, NCOLB, MAXQ,
+                               offs_d, qk_scale, slope, cap, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M,
+                               BLOCK_N, HAS_LEFT, HAS_RIGHT, SPARSE, BS, HAS_SOFTCAP, HAS_ALIBI, PRECISION,
+                               UPCAST)
     dk = dk * sm_scale
     row_ok = rows < nk - start_n
     if HAS_KPM:
@@ -254,12 +255,13 @@ def _bwd_dkdv_kernel(
         dk = tl.where(keep[:, None], dk, 0.0)
         dv = tl.where(keep[:, None], dv, 0.0)
     st_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    st_mask_v = row_ok[:, None] & (offs_dv[None, :] < HEAD_DV)
     dk_ptrs = (DK + bb * sdkb + hk.to(tl.int64) * sdkh + k_off * sdkn
                + rows[:, None] * sdkn + offs_d[None, :] * sdkd)
     dv_ptrs = (DV + bb * sdvb + hk.to(tl.int64) * sdvh + k_off * sdvn
-               + rows[:, None] * sdvn + offs_d[None, :] * sdvd)
+               + rows[:, None] * sdvn + offs_dv[None, :] * sdvd)
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=st_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=st_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=st_mask_v)
 
 
 @triton.jit
@@ -269,7 +271,7 @@ def _bwd_dq_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     slb, slh, sln, sdqb, sdqh, sdqn, sdqd, smb, smn,
     H, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET, LB_STRIDE, LH_STRIDE, NROWB, MAXK,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
     VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SPARSE: tl.constexpr, BS: tl.constexpr,
@@ -289,21 +291,19 @@ def _bwd_dq_kernel(
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < nq - start_m
-    q, do, lse, delta = _load_query_tile(
-        q_base, DO + bb * sdb + h64 * sdh + q_start.to(tl.int64) * sdn,
-        LSE + bb * slb + h64 * slh + q_start.to(tl.int64) * sln,
-        DELTA + (bb * H + h64) * NQ + q_start,
-        start_m, nq, sqn, sqd, sdn, sdd, sln, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M)
+    q, do, lse, delta = _load_query_tile(q_base, DO + bb * sdb + h64 * sdh + q_start.to(tl.int64) * sdn,
+                                         LSE + bb * slb + h64 * slh + q_start.to(tl.int64) * sln,
+                                         DELTA + (bb * H + h64) * NQ + q_start, start_m, nq, sqn, sqd, sdn,
+                                         sdd, sln, offs_d, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M)
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lay = b * LB_STRIDE + h * LH_STRIDE
     slope, cap = _score_mods(bb, h, ALIBI, sab, sah, softcap, HAS_SOFTCAP, HAS_ALIBI)
-    dq, lse, delta = _walk_keys(MODE_DQ, dq, lse, delta, q, do, k_base, v_base, KPM, kpm_off, skn,
-                                skd, svn, svd, smn, start_m, nq, nk, kv_lo, kv_hi, WIN_L, WIN_R,
-                                KV_NUM, KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK, offs_d, qk_scale,
-                                slope, cap, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_LEFT,
-                                HAS_RIGHT, HAS_KPM, SPARSE, BS, HAS_SOFTCAP, HAS_ALIBI, PRECISION,
-                                UPCAST)
+    dq, lse, delta = _walk_keys(MODE_DQ, dq, lse, delta, q, do, k_base, v_base, KPM, kpm_off, skn, skd, svn,
+                                svd, smn, start_m, nq, nk, kv_lo, kv_hi, WIN_L, WIN_R, KV_NUM, KV_IDX,
+                                KV_PART, PMASK, lay, NROWB, MAXK, offs_d, qk_scale, slope, cap, HEAD_DIM,
+                                BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_KPM,
+                                SPARSE, BS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
     dq = dq * sm_scale
     q_off = (q_start + start_m).to(tl.int64)
     dq_ptrs = (DQ + bb * sdqb + h64 * sdqh + q_off * sdqn

@@ -181,17 +181,18 @@ def _dscore(ds, s, cap, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _key_tile(k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn, start_n, q_idx, shift, nk,
               WIN_L, WIN_R, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, ROW_MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
               HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr):
-    """``k``, ``v [BN, BD]`` of the key tile at ``start_n`` and its mask ``[BM, BN]`` for query
+    """``k [BN, BD]``, ``v [BN, BDV]`` of the key tile at ``start_n`` and its mask ``[BM, BN]`` for
     rows ``q_idx [BM]``: band, sequence end and key padding (the caller applies it or not)."""
     arange_n = tl.arange(0, BLOCK_N)
     offs_n = start_n + arange_n
     n64 = tl.cast(start_n, tl.int64)
     k = _load_rows(k_base + n64 * skn, arange_n, nk - start_n, skn, offs_d, skd,
                    HEAD_DIM, BLOCK_D, ROW_MASK)
-    v = _load_rows(v_base + n64 * svn, arange_n, nk - start_n, svn, offs_d, svd,
-                   HEAD_DIM, BLOCK_D, ROW_MASK)
+    v = _load_rows(v_base + n64 * svn, arange_n, nk - start_n, svn, tl.arange(0, BLOCK_DV), svd,
+                   HEAD_DV, BLOCK_DV, ROW_MASK)  # values have their own head dim Dv
     ok = _visible(q_idx[:, None], offs_n[None, :], shift, nk, WIN_L, WIN_R, HAS_LEFT, HAS_RIGHT)
     if HAS_KPM:
         keep = tl.load(KPM + kpm_off + offs_n * smn, mask=offs_n < nk, other=0)
@@ -241,18 +242,18 @@ def _tile_step(MODE: tl.constexpr, acc, a, b, q, do, k, v, ok, qk_scale, q_pos, 
 @triton.jit
 def _band_tiles(MODE: tl.constexpr, acc, a, b, q, do, k_base, v_base, KPM, kpm_off,
                 skn, skd, svn, svd, smn, lo, hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
-                slope, cap, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                slope, cap, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Key tiles ``[lo, hi)`` of one band phase; ``MASKED`` only on the band's edge tiles."""
     for start_n in range(lo, hi, BLOCK_N):
-        k, v, ok = _key_tile(k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn, start_n, offs_m,
-                             shift, nk, WIN_L, WIN_R, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASKED,
-                             HAS_LEFT, HAS_RIGHT, HAS_KPM)  # [BN, BD] x2, [BM, BN]
-        acc, a, b = _tile_step(MODE, acc, a, b, q, do, k, v, ok, qk_scale, offs_m + shift,
-                               start_n, slope, cap, MASKED or HAS_KPM, BLOCK_N, HAS_SOFTCAP,
-                               HAS_ALIBI, PRECISION, UPCAST)
+        k, v, ok = _key_tile(k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn, start_n, offs_m, shift,
+                             nk, WIN_L, WIN_R, offs_d, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, MASKED,
+                             HAS_LEFT, HAS_RIGHT, HAS_KPM)  # [BN, BD|BDV], [BM, BN]
+        acc, a, b = _tile_step(MODE, acc, a, b, q, do, k, v, ok, qk_scale, offs_m + shift, start_n, slope,
+                               cap, MASKED or HAS_KPM, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
     return acc, a, b
 
 
@@ -260,7 +261,8 @@ def _band_tiles(MODE: tl.constexpr, acc, a, b, q, do, k_base, v_base, KPM, kpm_o
 def _walk_keys(MODE: tl.constexpr, acc, a, b, q, do, k_base, v_base, KPM, kpm_off,
                skn, skd, svn, svd, smn, start_m, nq, nk, kv_lo, kv_hi, WIN_L, WIN_R,
                KV_NUM, KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK, offs_d, qk_scale, slope, cap,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                HAS_KPM: tl.constexpr, SPARSE: tl.constexpr, BS: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -282,32 +284,31 @@ def _walk_keys(MODE: tl.constexpr, acc, a, b, q, do, k_base, v_base, KPM, kpm_of
             for t in range(BS // BLOCK_N):
                 start_n = kb * BS + t * BLOCK_N
                 if start_n < nk:  # the last layout block may hang past the sequence end
-                    k, v, ok = _key_tile(k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn,
-                                         start_n, r_in, 0, nk, 0, 0, offs_d, HEAD_DIM, BLOCK_D,
-                                         BLOCK_N, True, False, False, HAS_KPM)
+                    k, v, ok = _key_tile(k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn, start_n, r_in,
+                                         0, nk, 0, 0, offs_d, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N,
+                                         True, False, False, HAS_KPM)
                     if part >= 0:
                         ok = ok & _block_mask(PMASK, part, r_in[:, None],
                                               (t * BLOCK_N + arange_n)[None, :], BS)
-                    acc, a, b = _tile_step(MODE, acc, a, b, q, do, k, v, ok, qk_scale,
-                                           offs_m + shift, start_n, slope, cap, True, BLOCK_N,
-                                           HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+                    acc, a, b = _tile_step(MODE, acc, a, b, q, do, k, v, ok, qk_scale, offs_m + shift,
+                                           start_n, slope, cap, True, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
+                                           PRECISION, UPCAST)
     else:
         lo, full_lo, full_hi, hi = _key_blocks(start_m, nq, nk, WIN_L, WIN_R, kv_lo, kv_hi,
                                                BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
         # the three phases: left edge (masked), interior (no mask), right edge / tail (masked)
-        acc, a, b = _band_tiles(MODE, acc, a, b, q, do, k_base, v_base, KPM, kpm_off, skn, skd, svn,
-                                svd, smn, lo, full_lo, offs_m, offs_d, shift, nk, WIN_L, WIN_R,
-                                qk_scale, slope, cap, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT,
+        acc, a, b = _band_tiles(MODE, acc, a, b, q, do, k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn,
+                                lo, full_lo, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale, slope, cap,
+                                HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
+                                HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+        acc, a, b = _band_tiles(MODE, acc, a, b, q, do, k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn,
+                                full_lo, full_hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale, slope,
+                                cap, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, HAS_LEFT,
                                 HAS_RIGHT, HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
-        acc, a, b = _band_tiles(MODE, acc, a, b, q, do, k_base, v_base, KPM, kpm_off, skn, skd, svn,
-                                svd, smn, full_lo, full_hi, offs_m, offs_d, shift, nk, WIN_L,
-                                WIN_R, qk_scale, slope, cap, HEAD_DIM, BLOCK_D, BLOCK_N, False,
-                                HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, PRECISION,
-                                UPCAST)
-        acc, a, b = _band_tiles(MODE, acc, a, b, q, do, k_base, v_base, KPM, kpm_off, skn, skd, svn,
-                                svd, smn, full_hi, hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R,
-                                qk_scale, slope, cap, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT,
-                                HAS_RIGHT, HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+        acc, a, b = _band_tiles(MODE, acc, a, b, q, do, k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn,
+                                full_hi, hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale, slope, cap,
+                                HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
+                                HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
     return acc, a, b
 
 

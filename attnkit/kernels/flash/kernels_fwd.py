@@ -17,7 +17,7 @@ def _fwd_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     slb, slh, sln, smb, smn,
     H, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET, LB_STRIDE, LH_STRIDE, NROWB, MAXK,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
     VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SPARSE: tl.constexpr, BS: tl.constexpr,
@@ -26,7 +26,8 @@ def _fwd_kernel(
 ):
     """O[b, h, i] = softmax(q_i K^T * scale, masked) V; LSE[b, h, i] = logsumexp of the scores.
 
-    ``Q``/``O [B, Hq, Nq, D]``, ``K``/``V [B, Hkv, Nk, D]`` (any strides), ``LSE [B, Hq, Nq]``
+    ``Q [B, Hq, Nq, D]``, ``K [B, Hkv, Nk, D]``, ``V [B, Hkv, Nk, Dv]``, ``O [B, Hq, Nq, Dv]``
+    (any strides; ``HEAD_DV`` = Dv may differ from ``HEAD_DIM`` = D), ``LSE [B, Hq, Nq]``
     fp32. ``N_BUCKET`` only keys the autotuner (the next power of two of the query rows). Score
     modifications: ``softcap``, ``ALIBI [B or 1, Hq]`` slopes, ``SINKS [Hq]`` logits (fp32) that
     join every row's softmax denominator without a value (a row that sees no key then gets
@@ -55,21 +56,22 @@ def _fwd_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     slope, cap = _score_mods(bb, h, ALIBI, sab, sah, softcap, HAS_SOFTCAP, HAS_ALIBI)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     lay = b * LB_STRIDE + h * LH_STRIDE
-    acc, l_i, m_i = _walk_keys(MODE_FWD, acc, l_i, m_i, q, q, k_base, v_base, KPM, kpm_off, skn, skd,
-                               svn, svd, smn, start_m, nq, nk, kv_lo, kv_hi, WIN_L, WIN_R, KV_NUM,
-                               KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK, offs_d, qk_scale, slope,
-                               cap, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-                               HAS_KPM, SPARSE, BS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+    acc, l_i, m_i = _walk_keys(MODE_FWD, acc, l_i, m_i, q, q, k_base, v_base, KPM, kpm_off, skn, skd, svn,
+                               svd, smn, start_m, nq, nk, kv_lo, kv_hi, WIN_L, WIN_R, KV_NUM, KV_IDX, KV_PART,
+                               PMASK, lay, NROWB, MAXK, offs_d, qk_scale, slope, cap, HEAD_DIM, BLOCK_D,
+                               HEAD_DV, BLOCK_DV, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_KPM, SPARSE, BS,
+                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     row_ok = rows < nq - start_m
     row64 = (q_start + start_m).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV)
     o_ptrs = (O + bb * sob + h.to(tl.int64) * soh + row64 * son
-              + rows[:, None] * son + offs_d[None, :] * sod)
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+              + rows[:, None] * son + offs_dv[None, :] * sod)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
     lse_ptrs = LSE + bb * slb + h.to(tl.int64) * slh + row64 * sln + rows * sln
     tl.store(lse_ptrs, lse, mask=row_ok)

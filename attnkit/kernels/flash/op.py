@@ -86,7 +86,9 @@ def _prune(configs, named_args, **kwargs):
     """Offer each tile only up to its head dim (bigger head dims overflow registers/shared memory;
     fp32 operands take twice the shared memory, so they get the tiles of twice the head dim), and
     to a block-sparse call only tiles that divide its layout block size."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    # the wider of the two head dims (values may have their own) decides the tile
+    block_d = max(kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64)),
+                  kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", 0)))
     q = named_args.get("Q")
     if q is not None and q.element_size() == 4:
         block_d *= 2
@@ -266,7 +268,8 @@ class _Launch:
             WIN_L=max(a.left, 0), WIN_R=max(a.right, 0), N_BUCKET=_n_bucket(self.rows_q),
             LB_STRIDE=lh if lb > 1 else 0, LH_STRIDE=1 if lh > 1 else 0,
             # flags: each derives from which inputs are present
-            HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_LEFT=a.left >= 0 and not a.sparse,
+            HEAD_DIM=D, BLOCK_D=_block_d(D), HEAD_DV=a.v.shape[-1], BLOCK_DV=_block_d(a.v.shape[-1]),
+            HAS_LEFT=a.left >= 0 and not a.sparse,
             HAS_RIGHT=a.right >= 0 and not a.sparse, HAS_KPM=kpm is not None, VARLEN=self.varlen,
             PRECISION=_precision(q.dtype), UPCAST=INTERPRET and q.dtype == torch.bfloat16,
             SPARSE=a.sparse, BS=a.block_size if a.sparse else 0,
@@ -293,8 +296,11 @@ def _strides(prefix: str, t: torch.Tensor) -> dict:
 def _fwd_impl(a: FlashArgs):
     c = _Launch(a)
     q = a.q
-    # Packed rows past the last sequence get 0 / -inf instead of uninitialised memory.
-    o = _alloc(q, tail=(a.cu_q, 0.0) if c.varlen else None)
+    # Packed rows past the last sequence get 0 / -inf instead of uninitialised memory. The output
+    # has q's layout (a [B, N, H, D] view stays one), or is contiguous when Dv differs from D.
+    dv = a.v.shape[-1]
+    o = _alloc(q, shape=None if dv == c.D else (*q.shape[:3], dv),
+               tail=(a.cu_q, 0.0) if c.varlen else None)
     lse = _alloc(q, shape=(q.shape[0], c.Hq, c.Nq), dtype=torch.float32,
                  tail=(a.cu_q, float("-inf")) if c.varlen else None)
     grid = lambda meta: (triton.cdiv(c.rows_q, meta["BLOCK_M"]), c.Hq, c.n_prog_b)
@@ -316,7 +322,8 @@ def _bwd_impl(do, o, lse, dlse, a: FlashArgs):
     _bwd_preprocess[(triton.cdiv(c.Nq, pre_block), c.Hq, B)](
         O=o, DO=do, DLSE=dlse, DELTA=delta, **_strides("so", o), **_strides("sd", do),
         **(_strides("sg", dlse) if dlse is not None else dict(sgb=0, sgh=0, sgn=0)), H=c.Hq, N=c.Nq,
-        HEAD_DIM=c.D, BLOCK_D=c.common["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
+        HEAD_DIM=o.shape[-1], BLOCK_D=c.common["BLOCK_DV"], HAS_DLSE=dlse is not None,
+        BLOCK_M=pre_block,
     )
     dq = _alloc(q, tail=(a.cu_q, 0.0) if c.varlen else None)
     dk = _alloc(k, tail=(a.cu_k, 0.0) if c.varlen else None)
@@ -362,7 +369,8 @@ def flash_attn_fwd(
 @flash_attn_fwd.register_fake
 def _(q, k, v, *args):
     lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
-    return torch.empty_like(q), lse
+    o = torch.empty_like(q) if v.shape[-1] == q.shape[-1] else q.new_empty((*q.shape[:3], v.shape[-1]))
+    return o, lse
 
 
 @torch.library.custom_op("attnkit::flash_attn_bwd", mutates_args=())
