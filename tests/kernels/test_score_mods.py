@@ -1,4 +1,5 @@
-"""Score modifications — soft-capping, attention sinks, ALiBi — against the float64 oracle.
+"""Score modifications — soft-capping, attention sinks, ALiBi — and values with their own head
+dim, on the Triton kernels and the torch path, against the float64 oracle.
 
 Forward (o, lse) and every gradient (q, k, v and the sinks), alone and combined, on band and
 block-sparse patterns, GQA, ``Nq != Nk``, key padding (a fully padded row too) and packed
@@ -60,9 +61,10 @@ def _inputs(B, Hq, Hkv, Nq, Nk, D, mods, dtype):
     return q, k, v, kw
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("mod", list(MODS))
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_score_mods_match_the_oracle_forward_and_every_gradient(case, mod):
+def test_score_mods_match_the_oracle_forward_and_every_gradient(case, mod, backend):
     _, B, Hq, Hkv, Nq, Nk, D, make, padded, seqlens = case
     dtype = torch.float32
     q, k, v, kw = _inputs(B, Hq, Hkv, Nq, Nk, D, MODS[mod], dtype)
@@ -75,7 +77,7 @@ def test_score_mods_match_the_oracle_forward_and_every_gradient(case, mod):
                           device=DEVICE)
         call_kw.update(cu_seqlens=cu, max_seqlen=max(seqlens))
         kw["alibi_slopes"] = kw.get("alibi_slopes")
-    o, lse = attnkit.attention(q, k, v, pattern, backend="triton", return_lse=True, **call_kw)
+    o, lse = attnkit.attention(q, k, v, pattern, backend=backend, return_lse=True, **call_kw)
     assert torch.isfinite(o).all() and not torch.isnan(lse).any()
 
     leaves = [q, k, v] + ([kw["sinks"]] if "sinks" in kw else [])
@@ -165,8 +167,9 @@ DV_CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("case", DV_CASES, ids=[c[0] for c in DV_CASES])
-def test_values_with_their_own_head_dim(case):
+def test_values_with_their_own_head_dim(case, backend):
     """``v [B, Hkv, Nk, Dv]`` with ``Dv != D`` (DeepSeek-style 192/128 head dims): o is ``Dv``
     wide; forward, lse and every gradient against the oracle, with a softcap on top."""
     _, B, Hq, Hkv, Nq, Nk, D, Dv, pattern, padded = case
@@ -175,7 +178,7 @@ def test_values_with_their_own_head_dim(case):
     k = torch.randn(B, Hkv, Nk, D, device=DEVICE, requires_grad=True)
     v = torch.randn(B, Hkv, Nk, Dv, device=DEVICE, requires_grad=True)
     vk = padding_mask(B, Nk, DEVICE) if padded else None
-    o, lse = attnkit.attention(q, k, v, pattern, valid_keys=vk, softcap=5.0, backend="triton",
+    o, lse = attnkit.attention(q, k, v, pattern, valid_keys=vk, softcap=5.0, backend=backend,
                                return_lse=True)
     assert o.shape == (B, Hq, Nq, Dv)
     x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]

@@ -69,8 +69,14 @@ class TorchAttention(Backend):
     name = "torch"
     kind = "torch"
     spec_kinds = ("band", "block_sparse")
+    score_mods = ("softcap", "sinks", "alibi")
+    value_head_dims = True
 
     def run(self, call: AttentionCall):
+        if call.score_mods or call.value_dim != call.head_dim:
+            from .torch_scored import scored_attention_torch
+
+            return scored_attention_torch(call)
         if call.spec.kind == "block_sparse":
             from .torch_sparse import block_sparse_attention_torch
 
