@@ -24,9 +24,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Fused GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the usual H100/A100 GEMM shapes
 # (128x128 and 128x64 with K 32/64). Not yet measured by us on a GPU (benchmarks/NOTES.md).
+# 128x256 (last, so ATTNKIT_AUTOTUNE=0 keeps 128x128): ahead-of-time sm_90 bf16/fp16 compiles
+# take 188 (fwd) / 178 (dx) registers at r = 16, 213 / 193 at r = 64, no spill, 144 KiB shared
+# memory; sm_80 240 / 252, no spill. fp32 (shared memory) and dropout prune it.
 _FUSED_TILES = [
     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4),
+    (128, 256, 64, 8, 3),
 ]
 # With dropout (the dx GEMM) the epilogue regenerates the keep mask (Philox) over the whole tile
 # next to two fp32 accumulators: ahead-of-time sm_90 compiles (python -m
