@@ -165,3 +165,18 @@ def test_tensor_scalings_reach_the_kernel_uncopied(monkeypatch):
     monkeypatch.setattr(functional, "run_lora", spy)
     lora_batched(x, w, a, bb, scalings, torch.zeros(6, dtype=torch.long), b)
     assert seen["scalings"].data_ptr() == scalings.data_ptr()  # a view, not a copy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync detector needs a GPU")
+def test_cuda_sync_debug_mode_sees_no_sync():
+    x, w, b, a, bb = (t.cuda().half() for t in _inputs(40, 64, 48, 8, 3))
+    scalings = torch.tensor([0.5, 2.0, -1.0], device="cuda")
+    index = torch.randint(-1, 3, (40,), device="cuda")
+    run = lambda: lora_batched(x, w, a, bb, scalings, index, b, backend="triton")
+    want = run()  # compiles the kernels first
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(y, want)

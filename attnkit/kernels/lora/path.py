@@ -91,6 +91,7 @@ class PathCache:
     def __init__(self, file: Path | None = None):
         self.file = file
         self._mem: dict[str, dict] | None = None
+        self._warned = False  # an unwritable file is reported once
 
     def _load(self) -> dict[str, dict]:
         if self._mem is None:
@@ -124,8 +125,11 @@ class PathCache:
                 json.dump(on_disk, f, indent=1, sort_keys=True)
             os.replace(tmp, file)
         except OSError as err:  # a read-only home must not fail a forward pass
+            if self._warned:
+                return
+            self._warned = True
             log.warning("attnkit.lora_linear: could not write the dispatch cache %s (%s); the "
-                        "choice is kept in memory only", file, err)
+                        "choices are kept in memory only", file, err)
 
     def clear(self) -> None:
         self._mem = None
