@@ -21,6 +21,7 @@ measure), ``fused`` or ``cublas`` (force one, no timing). Nothing is timed on CP
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -64,6 +65,7 @@ def _pow2(v: int) -> int:
     return 1 << max(int(v) - 1, 0).bit_length()
 
 
+@functools.cache
 def _versions() -> str:
     import triton
 
@@ -72,12 +74,17 @@ def _versions() -> str:
     return f"attnkit{__version__}-triton{triton.__version__}"
 
 
+@functools.cache
+def _device_name(index: int | None) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def dispatch_key(call, device_name: str | None = None) -> str:
     """The cache key of a ``lora_linear`` call (a :class:`~.backends.LoRACall`)."""
     x = call.x
     T, n_in = x.shape
     if device_name is None:
-        device_name = torch.cuda.get_device_name(x.device) if x.is_cuda else str(x.device)
+        device_name = _device_name(x.device.index) if x.is_cuda else str(x.device)
     mode = "train" if call.needs_grad else "infer"
     dtype = str(x.dtype).replace("torch.", "")
     return (f"{device_name}|{dtype}|{mode}|T{_pow2(T)}|in{n_in}|out{call.weight.shape[0]}|"
@@ -185,7 +192,8 @@ def _default_fns():
     from .torch_impl import lora_linear_torch
 
     def fused(x, w, bias, a, b, s, p, seed):
-        seed_t = torch.tensor([seed], device=x.device, dtype=torch.int64) if p > 0 else None
+        # the seed drawn on the device, as TritonLoRA.run does (no host-to-device copy timed)
+        seed_t = torch.randint(0, 2**31 - 1, (1,), device=x.device) if p > 0 else None
         return lora_linear_triton(x, w, bias, a, b, s, p, seed_t)
 
     def unfused(x, w, bias, a, b, s, p, seed):
