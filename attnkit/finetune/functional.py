@@ -142,7 +142,9 @@ def lora_linear(
         dropout_p: dropout on the LoRA input only, applied when ``training``; the mask is
             regenerated from a seed in backward, never stored.
         seed: dropout seed (drawn from torch's RNG when None).
-        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (on CUDA: the fused kernel or the unfused cuBLAS path, whichever
+            measured faster for this shape, ``docs/lora-dispatch.md``; ``ATTNKIT_LORA_PATH=
+            fused|cublas`` forces one), ``"triton"`` (the fused kernel) or ``"torch"``.
 
     Returns:
         ``[..., out]`` in the compute dtype (the input's, or autocast's).
