@@ -94,6 +94,29 @@ def _check_scalars(scaling, dropout_p) -> None:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
+def _index_checked_on_host(idx: torch.Tensor) -> bool:
+    """Whether ``adapter_index``'s range is checked on the host (CPU tensors: reading them costs
+    nothing) rather than on the device (anything else: reading would be a host sync per call)."""
+    return idx.device.type == "cpu"
+
+
+def _check_index(idx: torch.Tensor, n: int) -> None:
+    """``idx [T]`` int64 must lie in ``[-1, n)``. CPU: a ``ValueError`` naming the bad value. On
+    a device, ``torch._assert_async``: no host sync, the failure surfaces as a device-side assert
+    at the next synchronisation (``CUDA_LAUNCH_BLOCKING=1`` pins it to this call); until then the
+    Triton block table treats the bad rows as ``-1``, so no kernel reads outside the adapters."""
+    if idx.numel() == 0:
+        return
+    accepted = f"[-1, {n - 1}] (-1 = no adapter, 0..{n - 1} = one of the {n} adapters)"
+    if not _index_checked_on_host(idx):
+        torch._assert_async(((idx >= -1) & (idx < n)).all(), f"adapter_index outside {accepted}")
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < -1 or hi >= n:
+        bad = lo if lo < -1 else hi
+        raise ValueError(f"adapter_index holds {bad}, outside {accepted}")
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -119,7 +142,9 @@ def lora_linear(
         dropout_p: dropout on the LoRA input only, applied when ``training``; the mask is
             regenerated from a seed in backward, never stored.
         seed: dropout seed (drawn from torch's RNG when None).
-        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (on CUDA: the fused kernel or the unfused cuBLAS path, whichever
+            measured faster for this shape, ``docs/lora-dispatch.md``; ``ATTNKIT_LORA_PATH=
+            fused|cublas`` forces one), ``"triton"`` (the fused kernel) or ``"torch"``.
 
     Returns:
         ``[..., out]`` in the compute dtype (the input's, or autocast's).
@@ -169,12 +194,18 @@ def lora_batched(
         weight: ``[out, in]``; bias: ``[out]`` or None.
         lora_As: ``[n, r, in]``; lora_Bs: ``[n, out, r]`` (adapters of smaller rank: zero-pad).
         scalings: ``[n]`` floats (a sequence or a tensor).
-        adapter_index: integer tensor of shape ``x.shape[:-1]``, values in ``[-1, n)``.
+        adapter_index: integer tensor of shape ``x.shape[:-1]``, values in ``[-1, n)``. On CPU
+            a value outside raises ``ValueError``; on a GPU it is checked on the device
+            (``torch._assert_async``, no host sync): a device-side assert at the next sync.
         backend: ``"auto"``, ``"cuda"`` (decode batches, no autograd), ``"triton"`` (inference
             only: no autograd) or ``"torch"``.
 
     Returns:
         ``[..., out]`` in x's dtype.
+
+    On the Triton path a GPU call makes no host sync and no host-to-device copy when
+    ``scalings`` is already a float32 tensor on x's device and ``adapter_index`` is on it too
+    (a decode loop: keep both on the device).
     """
     out_f, in_f = _check_base(x, weight, bias)
     _check_tensor("lora_As", lora_As, 3)
@@ -188,6 +219,7 @@ def lora_batched(
         raise ValueError(f"lora_As must have shape [n, r, {in_f}], got {tuple(lora_As.shape)}")
     if tuple(lora_Bs.shape) != (n, out_f, r):
         raise ValueError(f"lora_Bs must have shape [{n}, {out_f}, {r}], got {tuple(lora_Bs.shape)}")
+    # a float32 tensor on x's device is used as is (no copy); anything else is one conversion
     scal = torch.as_tensor(scalings, dtype=torch.float32, device=x.device).reshape(-1)
     if scal.numel() != n:
         raise ValueError(f"scalings must hold {n} values (one per adapter), got {scal.numel()}")
@@ -199,14 +231,7 @@ def lora_batched(
             f"got {tuple(adapter_index.shape)}"
         )
     idx = adapter_index.reshape(-1).to(device=x.device, dtype=torch.int64)
-    if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < -1 or hi >= n:
-            bad = lo if lo < -1 else hi
-            raise ValueError(
-                f"adapter_index holds {bad}, outside [-1, {n - 1}] (-1 = no adapter, "
-                f"0..{n - 1} = one of the {n} adapters)"
-            )
+    _check_index(idx, n)
     operands = dict(weight=weight, lora_As=lora_As, lora_Bs=lora_Bs, bias=bias)
     _check_devices(x, operands)
     for name, t in operands.items():

@@ -322,3 +322,19 @@ def test_auto_never_sends_cpu_tensors_to_the_interpreter(device):
     expected = "triton" if x.is_cuda else "torch"
     assert select_lora_backend(call, "auto", "lora_linear").name == expected
     assert select_lora_backend(call, "triton", "lora_linear").name == "triton"
+
+
+def test_fused_autotuner_offers_128x256_for_half_precision_only():
+    """The wide tile is offered to bf16/fp16 without dropout; fp32 (shared memory) and dropout
+    (the epilogue's Philox mask spills past 64x64) prune it."""
+    from attnkit.kernels.lora.tiles import FUSED, _prune_fused
+
+    def offered(dtype, dropout):
+        kept = _prune_fused(FUSED.configs, {"X1": torch.empty(1, dtype=dtype)}, DROPOUT=dropout)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept}
+
+    assert (128, 256) in offered(torch.bfloat16, False)
+    assert (128, 256) in offered(torch.float16, False)
+    assert (128, 256) not in offered(torch.float32, False)
+    assert (128, 256) not in offered(torch.bfloat16, True)
+    assert (FUSED.configs[0].kwargs["BLOCK_M"], FUSED.configs[0].kwargs["BLOCK_N"]) == (128, 128)

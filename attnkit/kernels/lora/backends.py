@@ -6,19 +6,23 @@
 
 Both ops (``lora_linear``: one adapter; ``lora_batched``: one adapter per row) go through
 :func:`run_lora` with a validated :class:`LoRACall`; each backend's ``run`` computes either.
+Under ``"auto"``, a ``lora_linear`` call Triton can run goes to whichever of the fused kernel and
+the unfused cuBLAS path (the torch backend) measured faster for its shape (``path.py``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from ..dispatch import TRITON_DTYPES, Backend, select_backend
 from .cuda import CudaLoRA
+from .path import choose_path, path_setting
 
 __all__ = ["LoRACall", "BACKENDS", "TritonLoRA", "TorchLoRA", "select_lora_backend", "run_lora",
-           "MAX_TRITON_RANK"]
+           "linear_backend", "MAX_TRITON_RANK"]
 
 #: Largest rank the Triton kernels are built and tested for.
 MAX_TRITON_RANK = 256
@@ -122,6 +126,7 @@ class TorchLoRA(Backend):
 
 
 BACKENDS: tuple[Backend, ...] = (CudaLoRA(), TritonLoRA(), TorchLoRA())
+_TRITON, _TORCH = BACKENDS[1], BACKENDS[2]
 
 
 def select_lora_backend(call: LoRACall, backend: str, op: str) -> Backend:
@@ -130,7 +135,30 @@ def select_lora_backend(call: LoRACall, backend: str, op: str) -> Backend:
     return select_backend(call, backend, BACKENDS, op=op)
 
 
+def linear_backend(call: LoRACall, backend: str, choose=None) -> Backend:
+    """The backend of a ``lora_linear`` call: fused (Triton) or unfused (torch / cuBLAS).
+
+    A named backend (the argument, or ``ATTNKIT_BACKEND``) is taken as asked. Under ``"auto"``,
+    ``ATTNKIT_LORA_PATH`` decides (``path.py``): ``cublas`` -> torch; ``fused`` -> Triton wherever
+    it can run the call (CPU tensors too under ``TRITON_INTERPRET=1``), else auto's rule;
+    ``auto`` -> auto's rule, and where that gives Triton, the measured faster of the two
+    (``choose``: :func:`~.path.choose_path`, injectable for tests).
+    """
+    setting = path_setting()  # read (and a typo refused) whatever the backend
+    if backend != "auto" or os.environ.get("ATTNKIT_BACKEND", "auto") not in ("", "auto"):
+        return select_lora_backend(call, backend, "lora_linear")
+    if setting == "cublas":
+        return _TORCH
+    if setting == "fused" and not _TRITON.not_supported_reasons(call):
+        return _TRITON
+    chosen = select_lora_backend(call, "auto", "lora_linear")
+    if setting == "auto" and chosen is _TRITON:
+        return _TRITON if (choose or choose_path)(call) == "fused" else _TORCH
+    return chosen
+
+
 def run_lora(call: LoRACall, backend: str) -> torch.Tensor:
     """Dispatch a validated call: ``y [T, out]``."""
-    op = "lora_batched" if call.batched else "lora_linear"
-    return select_lora_backend(call, backend, op).run(call)
+    if not call.batched:
+        return linear_backend(call, backend).run(call)
+    return select_lora_backend(call, backend, "lora_batched").run(call)

@@ -25,7 +25,9 @@ being int32 when ``T * in < 2**31`` and int64 otherwise (``OFF64``).
 ``BATCHED`` (multi-adapter inference, :func:`attnkit.finetune.lora_batched`): rows are visited
 through a block table built by the launcher: program ``m`` handles the ``BLK_LEN[m]`` rows
 ``ROW_IDX[BLK_ROW0[m] : ...]`` which all use adapter ``BLK_ADAPTER[m]`` (``-1``: no adapter, its
-scaling is taken as 0). The adapter selects ``M``/``M2`` through ``stride_ma`` and its scaling from
+scaling is taken as 0). The table is built on the device and padded to a block count known from the
+shapes (no host sync); a padding block has ``BLK_LEN`` 0 and its program returns at once. The
+adapter selects ``M``/``M2`` through ``stride_ma`` and its scaling from
 ``SCALES``.
 
 Base offsets are int64 (``T * in`` may pass 2**31); offsets inside a tile stay int32.
@@ -116,6 +118,10 @@ def _shrink_kernel(
     """``OUT[T, R] = scale * drop?(X[T, K]) @ M[K, R]`` (module docstring)."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
+    # nested, not ``and``: BLK_LEN is None unless BATCHED, so the load must not be traced then
+    if BATCHED:  # noqa: SIM102
+        if tl.load(BLK_LEN + pid_m) == 0:  # a padding block of the table: nothing to do
+            return
     rows, rmask, adapter = _block_rows(pid_m, T, ROW_IDX, BLK_ROW0, BLK_LEN, BLK_ADAPTER,
                                        BATCHED, BLOCK_M)
     if BATCHED:
@@ -169,6 +175,9 @@ def _fused_kernel(
         group_rows = tl.minimum(n_pid_m - first_m, GROUP_M)
         pid_m = first_m + (pid % per_group) % group_rows
         pid_n = (pid % per_group) // group_rows
+    if BATCHED:  # noqa: SIM102 (as in _shrink_kernel)
+        if tl.load(BLK_LEN + pid_m) == 0:  # a padding block (the grid is sized before the table)
+            return
     rows, rmask, adapter = _block_rows(pid_m, T, ROW_IDX, BLK_ROW0, BLK_LEN, BLK_ADAPTER,
                                        BATCHED, BLOCK_M)
     if BATCHED:
@@ -473,7 +482,8 @@ def lora_batched_triton(x, weight, bias, lora_as, lora_bs, scalings, index):
     """Each row its own adapter: ``y[t] = W x[t] + bias + s[i] B[i] A[i] x[t]``, ``i = index[t]``.
 
     ``x [T, in]``, ``weight [out, in]``, ``lora_as [n, r, in]``, ``lora_bs [n, out, r]``,
-    ``scalings [n]`` fp32, ``index [T]`` int (``-1``: base layer only). Inference only.
+    ``scalings [n]`` fp32, ``index [T]`` int (``-1``: base layer only). Inference only. No host
+    sync: the block table is built on the device and the grid sized from the shapes alone.
     """
     T = x.shape[0]
     if T == 0:

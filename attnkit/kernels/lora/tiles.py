@@ -17,15 +17,20 @@ import triton
 
 from ..autotune import first_only_if_asked
 
-__all__ = ["INTERPRET", "Tuning", "FUSED", "SHRINK", "WGRAD", "autotuned", "kernel_flags", "block_table"]
+__all__ = ["INTERPRET", "Tuning", "FUSED", "SHRINK", "WGRAD", "autotuned", "kernel_flags", "block_table",
+           "max_blocks"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Fused GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the usual H100/A100 GEMM shapes
 # (128x128 and 128x64 with K 32/64). Not yet measured by us on a GPU (benchmarks/NOTES.md).
+# 128x256 (last, so ATTNKIT_AUTOTUNE=0 keeps 128x128): ahead-of-time sm_90 bf16/fp16 compiles
+# take 188 (fwd) / 178 (dx) registers at r = 16, 213 / 193 at r = 64, no spill, 144 KiB shared
+# memory; sm_80 240 / 252, no spill. fp32 (shared memory) and dropout prune it.
 _FUSED_TILES = [
     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4),
+    (128, 256, 64, 8, 3),
 ]
 # With dropout (the dx GEMM) the epilogue regenerates the keep mask (Philox) over the whole tile
 # next to two fp32 accumulators: ahead-of-time sm_90 compiles (python -m
@@ -159,22 +164,43 @@ def _n_splits(T: int, M: int, N: int) -> tuple[int, int]:
     return triton.cdiv(T, rows), rows
 
 
-def block_table(index: torch.Tensor, n_adapters: int, block_m: int):
-    """Group rows by adapter into blocks of at most ``block_m`` rows of one adapter.
+def max_blocks(T: int, n_adapters: int, block_m: int) -> int:
+    """Upper bound on :func:`block_table`'s block count, from shapes alone (no host sync): each of
+    the ``n_adapters + 1`` groups adds at most one partial block to the ``T // block_m`` full ones,
+    and no block is empty, so there are never more blocks than rows."""
+    return min(T, T // block_m + n_adapters + 1)
 
-    ``index [T]`` int64 in ``[-1, n_adapters)``. Returns ``(row_idx [T] int32, blk_row0,
-    blk_len, blk_adapter)`` (int32, one entry per block); adapter ``-1`` (no adapter) is a group
-    of its own. One host sync (the group sizes), as Punica's SGMV.
+
+def block_table(index: torch.Tensor, n_adapters: int, block_m: int):
+    """Group rows by adapter into blocks of at most ``block_m`` rows of one adapter, on
+    ``index``'s device with torch ops only: no host sync and no host-to-device copy.
+
+    ``index [T]`` int in ``[-1, n_adapters)``; a value outside that range is grouped with ``-1``
+    (the base layer alone), so a bad index (which the caller flags, ``lora_batched``) can never
+    make a kernel read outside the adapter stacks. Returns ``(row_idx [T], blk_row0 [NB],
+    blk_len [NB], blk_adapter [NB])`` int32 with ``NB = max_blocks(T, n_adapters, block_m)``: the
+    grid size has to be known on the host before the group sizes are, so the table is padded.
+    The real blocks come first, in adapter order (-1 first), each group's rows in their original
+    order; the padding blocks have length 0 and adapter -1 (their programs exit at once).
     """
-    order = torch.argsort(index, stable=True).to(torch.int32)
-    counts = torch.bincount(index.long() + 1, minlength=n_adapters + 1).tolist()
-    row0, blen, badapter = [], [], []
-    start = 0
-    for slot, count in enumerate(counts):
-        for off in range(0, count, block_m):
-            row0.append(start + off)
-            blen.append(min(block_m, count - off))
-            badapter.append(slot - 1)
-        start += count
-    mk = lambda v: torch.tensor(v, dtype=torch.int32, device=index.device)
-    return order, mk(row0), mk(blen), mk(badapter)
+    T = index.shape[0]
+    G = n_adapters + 1  # groups: slot 0 is adapter -1
+    dev = index.device
+    index = index.long()
+    slot = torch.where((index >= -1) & (index < n_adapters), index + 1, 0)  # [T] in [0, G)
+    order = torch.argsort(slot, stable=True)
+    # scatter_add_, not bincount: CUDA's bincount reads the input's max on the host
+    counts = torch.zeros(G, dtype=torch.int64, device=dev).scatter_add_(0, slot, torch.ones_like(slot))
+    row_start = torch.cumsum(counts, 0) - counts  # [G] first sorted row of each group
+    nblk = (counts + block_m - 1) // block_m  # [G]
+    blk_end = torch.cumsum(nblk, 0)  # [G] one past each group's last block
+    j = torch.arange(max_blocks(T, n_adapters, block_m), dtype=torch.int64, device=dev)
+    g = torch.searchsorted(blk_end, j, right=True)  # group of block j (G: padding)
+    real = g < G
+    g = g.clamp(max=G - 1)
+    local = j - (blk_end[g] - nblk[g])  # block number inside its group
+    row0 = row_start[g] + local * block_m
+    blen = torch.where(real, (counts[g] - local * block_m).clamp(0, block_m), 0)
+    badapter = torch.where(real, g - 1, -1)
+    i32 = lambda t: t.to(torch.int32)
+    return i32(order), i32(torch.where(real, row0, 0)), i32(blen), i32(badapter)
