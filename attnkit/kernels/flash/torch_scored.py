@@ -142,7 +142,6 @@ def scored_attention_torch(call) -> tuple[torch.Tensor, torch.Tensor]:
     cu_q, cu_k = call.cu_seqlens_q.tolist(), call.cu_seqlens_k.tolist()
     outs, lses = [], []
     for s in range(len(cu_q) - 1):
-        nq, nk = cu_q[s + 1] - cu_q[s], cu_k[s + 1] - cu_k[s]
         # block lists are compiled for the longest sequence and index blocks from each
         # sequence's start, as in the Triton kernels
         o, lse = _one_sequence(q[:, :, cu_q[s]:cu_q[s + 1]], k[:, :, cu_k[s]:cu_k[s + 1]],
