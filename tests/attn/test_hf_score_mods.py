@@ -67,3 +67,42 @@ def test_a_model_that_bypasses_the_attention_interface_is_refused_clearly():
     with pytest.raises(ValueError, match=r"FalconForCausalLM does not route its attention through "
                                          r"transformers' AttentionInterface"):
         hf.swap_attention(model)
+
+
+def _deepseek_v3():
+    cfg = tf.DeepseekV3Config(num_hidden_layers=1, q_lora_rank=None, kv_lora_rank=16,
+                              qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                              n_routed_experts=2, num_experts_per_tok=1, n_shared_experts=1,
+                              moe_intermediate_size=32, first_k_dense_replace=1, n_group=1,
+                              topk_group=1, **{**COMMON, "num_key_value_heads": 4})
+    return tf.DeepseekV3ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_values_of_their_own_head_dim_reach_the_kernels_unpadded(backend, monkeypatch):
+    """DeepSeek-V3: q/k head dim 24, v head dim 16, passed as they are (no zero padding)."""
+    import attnkit.attn.hf.interface as interface
+
+    seen = []
+    real = interface.attention
+
+    def spy(q, k, v, *args, **kw):
+        seen.append((q.shape[-1], v.shape[-1]))
+        return real(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(interface, "attention", spy)
+    hf.set_backend(backend)
+    torch.manual_seed(0)
+    model = _deepseek_v3().eval()
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    hf.swap_attention(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).logits
+    real_rows = mask.bool()
+    torch.testing.assert_close(out[real_rows], ref[real_rows], atol=2e-4, rtol=1e-4)
+    assert seen and all(shape == (24, 16) for shape in seen), seen

@@ -258,14 +258,9 @@ def attnkit_attention_forward(
 
 def _softmax_attention(q, k, v, pattern, scaling, kpm, packed, softcap=None, sinks=None):
     """Softmax attention under ``pattern`` (:func:`attnkit.attention`): ``q [B, Hq, Nq, D]``,
-    ``k [B, Hkv, Nk, D]``, ``v [B, Hkv, Nk, Dv]`` -> ``[B, Hq, Nq, Dv]``; a value head dim unequal
-    to the query's is zero-padded to match (the kernels take one head dim)."""
-    dq, dv = q.shape[-1], v.shape[-1]
-    if dv < dq:
-        v = torch.nn.functional.pad(v, (0, dq - dv))
-    elif dv > dq:  # zero features add nothing to q . k; the scale is passed explicitly
-        q = torch.nn.functional.pad(q, (0, dv - dq))
-        k = torch.nn.functional.pad(k, (0, dv - dq))
+    ``k [B, Hkv, Nk, D]``, ``v [B, Hkv, Nk, Dv]`` -> ``[B, Hq, Nq, Dv]``; values of their own head
+    dim (DeepSeek-V3's 192/128) go to the kernels as they are, without padding."""
+    dq = q.shape[-1]
     scale = float(scaling) if scaling is not None else dq ** -0.5
     kw = {}
     if packed is not None:
@@ -275,5 +270,5 @@ def _softmax_attention(q, k, v, pattern, scaling, kpm, packed, softcap=None, sin
         kw["softcap"] = float(softcap)
     if sinks is not None:
         kw["sinks"] = sinks
-    out = attention(q, k, v, pattern, scale=scale, valid_keys=kpm, backend=runtime.get_backend(), **kw)
-    return out[..., :dv] if out.shape[-1] != dv else out
+    return attention(q, k, v, pattern, scale=scale, valid_keys=kpm, backend=runtime.get_backend(),
+                     **kw)
