@@ -173,7 +173,10 @@ class CalibrationAccumulator:
             before.add(self.kept_logits[rep], self.kept_targets[rep])
             after.add(self.kept_logits[rep], self.kept_targets[rep], t)
             m = max(1, after.tokens)
-            rec.update(temperature=t, fit_tokens=int(fit.numel()), report_tokens=int(rep.numel()),
+            # at the bracket's edge the NLL keeps falling past it (e.g. a random model: T -> inf)
+            at_bound = abs(abs(math.log(t)) - math.log(TEMPERATURE_MAX)) < 1e-3
+            rec.update(temperature=t, temperature_at_bound=at_bound, fit_tokens=int(fit.numel()),
+                       report_tokens=int(rep.numel()),
                        ece_report=before.ece(), nll_report=before.nll / m, ece_scaled=after.ece(),
                        nll_scaled=after.nll / m, bins_scaled=after.to_json())
         rec["bins"] = b.to_json()

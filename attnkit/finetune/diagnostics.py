@@ -19,9 +19,10 @@ The signatures and their thresholds (the module constants below):
     (tiny standard deviation) does not make noise look like a spike. Typical cause: the learning
     rate is too high; warm-up and clipping help.
 ``overfitting``
-    an eval loss above the one before it and at least :data:`OVERFIT_RISE` (relative) above the
-    lowest eval loss so far, while the mean of the last :data:`TRAIN_WINDOW` logged train losses
-    is below its value when that lowest eval loss was logged.
+    the eval loss has risen at :data:`OVERFIT_RISING_EVALS` evaluations in a row (each above the
+    one before; one noisy bump is not enough) to at least :data:`OVERFIT_RISE` (relative) above
+    the lowest eval loss so far, while the mean of the last :data:`TRAIN_WINDOW` logged train
+    losses is below its value when that lowest eval loss was logged.
 ``plateau``
     checked once, when :data:`PLATEAU_LOGS` train losses have been logged after the warm-up: the
     mean of the later half of them has fallen less than :data:`PLATEAU_REL_DROP` (relative) below
@@ -52,15 +53,16 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["Diagnosis", "SignatureDetector", "signature_callback", "SPIKE_SIGMAS", "SPIKE_WINDOW",
-           "SPIKE_MIN_POINTS", "SPIKE_MIN_RISE", "OVERFIT_RISE", "TRAIN_WINDOW", "PLATEAU_LOGS",
-           "PLATEAU_REL_DROP", "VANISH_RATIO", "VANISH_ABS", "VANISH_LOGS", "CLIP_CUT_RATIO",
-           "CLIP_FRACTION", "CLIP_WINDOW", "CLIP_MIN_LOGS", "NON_FINITE_STATUS"]
+           "SPIKE_MIN_POINTS", "SPIKE_MIN_RISE", "OVERFIT_RISE", "OVERFIT_RISING_EVALS", "TRAIN_WINDOW",
+           "PLATEAU_LOGS", "PLATEAU_REL_DROP", "VANISH_RATIO", "VANISH_ABS", "VANISH_LOGS",
+           "CLIP_CUT_RATIO", "CLIP_FRACTION", "CLIP_WINDOW", "CLIP_MIN_LOGS", "NON_FINITE_STATUS"]
 
 SPIKE_SIGMAS = 4.0
 SPIKE_WINDOW = 10
 SPIKE_MIN_POINTS = 5
 SPIKE_MIN_RISE = 0.10
 OVERFIT_RISE = 0.02
+OVERFIT_RISING_EVALS = 2
 TRAIN_WINDOW = 5
 PLATEAU_LOGS = 8
 PLATEAU_REL_DROP = 0.02
@@ -217,16 +219,20 @@ class SignatureDetector:
         eval_loss = float(eval_loss)
         prev = self.evals[-1][1] if self.evals else None
         self.evals.append((int(step), eval_loss))
+        last = [v for _, v in self.evals[-(OVERFIT_RISING_EVALS + 1):]]
+        rising = len(last) == OVERFIT_RISING_EVALS + 1 and all(
+            a < b for a, b in zip(last, last[1:], strict=False))
         train_now = self._train_mean()
         if self.best_eval is None or eval_loss < self.best_eval[1]:
             self.best_eval = (int(step), eval_loss, train_now)
             return []
         best_step, best, train_then = self.best_eval
-        if (prev is not None and eval_loss > prev and eval_loss >= best * (1 + OVERFIT_RISE)
+        if (rising and eval_loss >= best * (1 + OVERFIT_RISE)
                 and train_now is not None and train_then is not None and train_now < train_then):
             return self._fire("overfitting", step,
-                              f"overfitting: eval loss {eval_loss:.4g} is rising ({prev:.4g} at the "
-                              f"previous evaluation, lowest {best:.4g} at step {best_step}) while the "
+                              f"overfitting: eval loss {eval_loss:.4g} has risen at {OVERFIT_RISING_EVALS}"
+                              f" evaluations in a row ({prev:.4g} at the previous one, lowest "
+                              f"{best:.4g} at step {best_step}) while the "
                               f"train loss keeps falling ({train_then:.4g} -> {train_now:.4g}, mean of "
                               f"the last {TRAIN_WINDOW} logged); stop earlier, add data or "
                               "regularisation", eval_loss=eval_loss, previous_eval_loss=prev,

@@ -38,8 +38,10 @@ def _smooth(losses: list[float]) -> list[float]:
     return out
 
 
-def suggest_lr(lrs: list[float], losses: list[float]) -> dict:
-    """The suggestion from a range test's ``(lr, loss)`` points (finite losses, in LR order)."""
+def suggest_lr(lrs: list[float], losses: list[float]) -> tuple[dict, list[float]]:
+    """``(record, smoothed losses)`` for a range test's points (``lrs`` increasing, ``losses``
+    finite, same length): the record holds ``lr_at_min``, ``min_smoothed_loss``, ``lr_steepest``,
+    ``suggested_lr``, ``rule`` and, when the loss never fell, ``warning``."""
     smoothed = _smooth(losses)
     i_min = min(range(len(smoothed)), key=smoothed.__getitem__)
     slopes = [(smoothed[i + 1] - smoothed[i]) / (math.log10(lrs[i + 1]) - math.log10(lrs[i]))

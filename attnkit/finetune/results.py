@@ -149,8 +149,10 @@ def format_summary(summary: dict) -> str:
     for stage, c in (summary.get("calibration") or {}).items():
         line = f"calibration {stage:<14} ECE {c['ece']:.4f}  NLL {c['nll']:.4f}  accuracy {c['accuracy']:.3f}"
         if "temperature" in c:
-            line += (f"  | T {c['temperature']:.3f}: ECE {c['ece_report']:.4f} -> {c['ece_scaled']:.4f},"
-                     f" NLL {c['nll_report']:.4f} -> {c['nll_scaled']:.4f} (held-out half)")
+            bound = " (search bound)" if c.get("temperature_at_bound") else ""
+            line += (f"  | T {c['temperature']:.3f}{bound}: ECE {c['ece_report']:.4f} -> "
+                     f"{c['ece_scaled']:.4f}, NLL {c['nll_report']:.4f} -> {c['nll_scaled']:.4f} "
+                     "(held-out half)")
         lines.append(line)
     diagnoses = summary.get("diagnoses")
     if diagnoses is not None:

@@ -412,6 +412,7 @@ def run(config: FinetuneConfig | None = None, **overrides):
         "total_seconds": round(time.perf_counter() - t_start, 2),
         **peak_memory(),
         **info,
+        "peak_lr": lr,
         "lr_finder": lr_info,
         "calibration": calib,
         "diagnoses": [d.to_json() for d in detector.diagnoses],
