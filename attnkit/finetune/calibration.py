@@ -129,32 +129,42 @@ class CalibrationAccumulator:
         self.n_bins = n_bins
         self.max_tokens, self.max_elements = max_tokens, max_elements
         self.gen = torch.Generator().manual_seed(seed)
-        self.keys = torch.empty(0)
-        self.kept_logits: torch.Tensor | None = None  # [K, V] fp32, CPU
-        self.kept_targets = torch.empty(0, dtype=torch.long)
+        # the reservoir: ``n`` filled slots of preallocated buffers, so adding a token copies
+        # only that token's logits (never the whole subsample)
+        self.n = 0
+        self.keys = torch.empty(0)                                # [cap] random keys
+        self.kept_logits: torch.Tensor | None = None              # [cap, V] fp32, CPU
+        self.kept_targets = torch.empty(0, dtype=torch.long)      # [cap]
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """``logits`` ``[..., V]`` and ``targets`` ``[...]`` for the same (already shifted) tokens."""
         logits = logits.reshape(-1, logits.shape[-1])
         targets = targets.reshape(-1).to(logits.device)
         self.bins.add(logits, targets)
-        cap = min(self.max_tokens, max(2, self.max_elements // logits.shape[-1]))
+        if self.kept_logits is None:
+            cap = min(self.max_tokens, max(2, self.max_elements // logits.shape[-1]))
+            self.keys = torch.empty(cap)
+            self.kept_logits = torch.empty(cap, logits.shape[-1])
+            self.kept_targets = torch.empty(cap, dtype=torch.long)
+        cap = self.keys.numel()
         keys = torch.rand(targets.numel(), generator=self.gen)
-        if self.keys.numel() >= cap:  # only tokens that can enter the reservoir are copied
-            take = (keys < self.keys.max()).nonzero().squeeze(-1)
+        if self.n == cap:  # only tokens that can enter the reservoir are looked at
+            keys_new = (keys < self.keys.max()).nonzero().squeeze(-1)
         else:
-            take = torch.arange(targets.numel())
-        if take.numel() == 0:
+            keys_new = torch.arange(targets.numel())
+        if keys_new.numel() == 0:
             return
-        new_logits = logits[take.to(logits.device)].float().cpu()
-        new_targets = targets[take.to(targets.device)].cpu()
-        all_keys = torch.cat([self.keys, keys[take]])
-        all_logits = new_logits if self.kept_logits is None else torch.cat([self.kept_logits, new_logits])
-        all_targets = torch.cat([self.kept_targets, new_targets])
-        if all_keys.numel() > cap:
-            keep = all_keys.argsort()[:cap]
-            all_keys, all_logits, all_targets = all_keys[keep], all_logits[keep], all_targets[keep]
-        self.keys, self.kept_logits, self.kept_targets = all_keys, all_logits, all_targets
+        cand = torch.cat([self.keys[:self.n], keys[keys_new]])  # old keys, then the new ones
+        kept = torch.zeros(cand.numel(), dtype=torch.bool)
+        kept[cand.argsort()[:cap]] = True
+        # free slots: dropped old tokens, then the unfilled tail; as many as new tokens kept
+        free = torch.cat([(~kept[:self.n]).nonzero().squeeze(-1), torch.arange(self.n, cap)])
+        new_kept = keys_new[kept[self.n:]]
+        slots = free[:new_kept.numel()]
+        self.kept_logits[slots] = logits[new_kept.to(logits.device)].float().cpu()
+        self.kept_targets[slots] = targets[new_kept.to(targets.device)].cpu()
+        self.keys[slots] = keys[new_kept]
+        self.n = min(cap, self.n + new_kept.numel())
 
     def result(self) -> dict:
         """``tokens``, ``ece``, ``nll``, ``accuracy``, ``confidence`` over every token; the fit:
@@ -165,8 +175,8 @@ class CalibrationAccumulator:
         n = max(1, b.tokens)
         rec = {"tokens": b.tokens, "ece": b.ece(), "nll": b.nll / n,
                "accuracy": float(b.correct.sum()) / n, "confidence": float(b.conf.sum()) / n}
-        if self.kept_logits is not None and self.keys.numel() >= 2:
-            order = self.keys.argsort()  # keys are random: alternate ranks are a random halving
+        if self.n >= 2:
+            order = self.keys[:self.n].argsort()  # keys are random: alternate ranks are a random halving
             fit, rep = order[0::2], order[1::2]
             t = fit_temperature(self.kept_logits[fit], self.kept_targets[fit])
             before, after = _Bins(self.n_bins), _Bins(self.n_bins)
@@ -198,8 +208,9 @@ def calibrate_model(model, dataset, batch_size: int, autocast_dtype: torch.dtype
             ids = torch.stack([dataset[j]["input_ids"] for j in range(i, min(i + batch_size, len(dataset)))])
             ids = ids.to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(input_ids=ids).logits
-            acc.update(logits[:, :-1], ids[:, 1:])
+                logits = model(input_ids=ids).logits  # [b, T, V]
+            for row in range(ids.shape[0]):  # logits[row, :-1] is a view; [:, :-1] would be a copy
+                acc.update(logits[row, :-1], ids[row, 1:])
     finally:
         model.train(was_training)
     return acc.result()

@@ -7,15 +7,21 @@ One run, in order (every check that can fail comes before anything is written):
    ``OUT/run_config.json``, written at a fresh start);
 2. read, tokenise and pack the text, holding out whole documents (or, with too few documents,
    packed blocks) for evaluation; only then is ``--out`` created (and the embedded model written);
-3. evaluate the original model;
+3. evaluate the original model, and measure its calibration (:mod:`.calibration`);
 4. swap the attention (``--attention``); for ``linear`` with ``--transfer-steps N``, first train
-   per-layer Hedgehog feature maps by attention transfer (:mod:`.linearize`) and evaluate again;
-5. wrap with PEFT LoRA, run it on attnkit's fused kernels (:func:`~attnkit.finetune.fuse_lora`),
-   and train with AdamW (decoupled weight decay), linear warm-up then cosine decay, gradient
-   clipping and accumulation, bf16 autocast on GPUs that have it; eval loss and perplexity every
+   per-layer Hedgehog feature maps by attention transfer (:mod:`.linearize`); evaluate and
+   calibrate again;
+5. wrap with PEFT LoRA, run it on attnkit's fused kernels (:func:`~attnkit.finetune.fuse_lora`);
+   with ``--find-lr`` run the learning-rate range test (:mod:`.lr_finder`) and stop there, with
+   ``--lr auto`` run it and take its suggestion; train with AdamW (decoupled weight decay),
+   linear warm-up then cosine decay, gradient clipping and accumulation, bf16 autocast on GPUs
+   that have it; eval loss and perplexity every
    ``--eval-steps``; a checkpoint every ``--save-steps`` (``--resume`` continues from the last one
-   with the same step count, optimizer, scheduler, RNG state and data order);
-6. evaluate, then write the adapter, ``attention.json``, ``summary.json`` and ``loss_curve.png``.
+   with the same step count, optimizer, scheduler, RNG state and data order); the logged losses
+   and gradient norms are checked for failure-mode signatures (:mod:`.diagnostics`), and a
+   non-finite loss stops the run with its last good checkpoint named in ``summary.json``;
+6. evaluate and calibrate, then write the adapter, ``attention.json``, ``summary.json``,
+   ``loss_curve.png`` and ``reliability.png`` (:mod:`.results`).
 
 Under ``torchrun --nproc_per_node N`` the Trainer runs DDP (gloo on CPU, NCCL on GPUs). The process
 group is set up first; rank 0 alone inspects and writes ``--out`` and broadcasts its decision.

@@ -122,3 +122,19 @@ def test_bad_lr_arguments_fail_early_with_one_line(tmp_path, model_dir, data_fil
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_a_resumed_lr_auto_run_reuses_the_recorded_suggestion(tmp_path):
+    common = {**TINY, "max_steps": 4, "save_steps": 2, "lr": "auto", "find_lr_steps": 8,
+              "find_lr_min": 1e-4, "find_lr_max": 1.0, "precision": "fp32"}
+    out = tmp_path / "run"
+    stopped, _ = run(FinetuneConfig(out=str(out), stop_after=2, **common))
+    assert stopped["status"] == "interrupted"
+    recorded = json.loads((out / "lr_find.json").read_text())["suggested_lr"]
+    (out / "lr_find.png").unlink()  # a resume does not run the test again
+    resumed, _ = run(FinetuneConfig(out=str(out), resume="latest", **common))
+    assert resumed["status"] == "finished" and resumed["peak_lr"] == recorded
+    assert not (out / "lr_find.png").exists()
+    (out / "lr_find.json").unlink()
+    with pytest.raises(ValueError, match=r"--lr auto with --resume: .*lr_find.json' is missing"):
+        run(FinetuneConfig(out=str(out), resume="latest", **common))

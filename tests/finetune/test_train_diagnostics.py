@@ -37,6 +37,22 @@ def test_a_learning_rate_of_1e_7_plateaus(tmp_path):
     assert on_disk["diagnoses"] == summary["diagnoses"]
 
 
+@pytest.mark.parametrize("overrides, kind", [
+    ({"max_grad_norm": 0.01}, "clipping_most_steps"),
+    ({"lr": 1e3, "warmup_steps": 0}, "vanishing_gradients"),  # saturates: the gradients die
+], ids=["clip-0.01", "lr-1e3"])
+def test_heavy_clipping_and_vanishing_gradients(tmp_path, overrides, kind):
+    summary, _ = run(FinetuneConfig(out=str(tmp_path / "run"), precision="fp32",
+                                    **{**TINY, "max_steps": 12, "eval_steps": 12, "save_steps": 12,
+                                       **overrides}))
+    assert kind in _kinds(summary), summary["diagnoses"]
+    d = next(d for d in summary["diagnoses"] if d["kind"] == kind)
+    if kind == "clipping_most_steps":
+        assert d["evidence"]["median_grad_norm"] > 1.5 * 0.01 and d["step"] == 10
+    else:
+        assert max(d["evidence"]["recent_grad_norms"]) < 1e-3 * d["evidence"]["peak_grad_norm"]
+
+
 def test_a_too_high_learning_rate_spikes(tmp_path):
     summary, _ = run(FinetuneConfig(out=str(tmp_path / "run"), precision="fp32",
                                     **{**CAPABLE, "lr": 1.0, "warmup_steps": 8, "max_steps": 12,
