@@ -6,9 +6,9 @@ the model's top-1 probability is its *confidence* and the token being the argmax
 * **ECE** (expected calibration error): the tokens are put into :data:`N_BINS` equal-width
   confidence bins on ``[0, 1]``; ``ECE = sum_b (n_b / N) |accuracy_b - mean confidence_b|``.
 * **NLL**: mean cross-entropy of the true next token (nats), as the eval loss.
-* **Temperature**: the ``T`` minimising the NLL of ``softmax(logits / T)``, found by golden-section
-  search on ``log T`` over ``[1/TEMPERATURE_MAX, TEMPERATURE_MAX]`` (NLL is convex in ``1/T``, so
-  unimodal in ``log T`` and the search finds the global minimum in the bracket). It is fitted on
+* **Temperature**: the ``T`` in ``[1/TEMPERATURE_MAX, TEMPERATURE_MAX]`` minimising the NLL of
+  ``softmax(logits / T)``: the NLL is convex in ``1/T``, so a safeguarded Newton iteration on
+  ``1/T`` (:func:`fit_temperature`) finds the global minimum in the bracket. It is fitted on
   half of a token subsample and reported (``nll_scaled``, ``ece_scaled``, with the unscaled
   ``nll_report``/``ece_report`` on the same tokens to compare against) on the other half.
 
@@ -48,12 +48,15 @@ class _Bins:
         self.nll = 0.0
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> None:
-        """``logits`` ``[N, V]``, ``targets`` ``[N]`` (int64); any device."""
+        """``logits`` ``[N, V]``, ``targets`` ``[N]`` (int64, negative = not a token: skipped);
+        any device."""
         n_bins = self.count.numel()
         step = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))
         for i in range(0, logits.shape[0], step):
-            z = logits[i:i + step].float() / temperature
             y = targets[i:i + step]
+            valid = y >= 0
+            z = logits[i:i + step][valid].float() / temperature  # the chunk's copy, valid rows only
+            y = y[valid]
             lse = torch.logsumexp(z, dim=-1)
             top, pred = z.max(dim=-1)
             conf = torch.exp(top - lse)
@@ -90,30 +93,57 @@ def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor, n_bi
     return bins.ece()
 
 
-def _mean_nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> float:
-    bins = _Bins(1)
-    bins.add(logits, targets, temperature)
-    return bins.nll / max(1, bins.tokens)
+def _nll_slope(logits: torch.Tensor, targets: torch.Tensor, beta: float) -> tuple[float, float]:
+    """First and second derivatives in ``beta = 1/T`` of the mean NLL of ``softmax(beta z)``:
+    ``E_p[z] - z_y`` and ``Var_p[z]`` averaged over the tokens (``logits`` ``[N, V]``; fp32 per
+    token, the variance taken about the mean so it does not cancel, sums in fp64)."""
+    d1 = d2 = 0.0
+    step = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    for i in range(0, logits.shape[0], step):
+        z = logits[i:i + step].float()
+        p = torch.softmax(beta * z, dim=-1)
+        mean = (p * z).sum(-1, keepdim=True)
+        zy = z.gather(-1, targets[i:i + step, None]).squeeze(-1)
+        d1 += float((mean.squeeze(-1) - zy).double().sum())
+        d2 += float((p * (z - mean).square()).sum(-1).double().sum())
+    n = max(1, logits.shape[0])
+    return d1 / n, d2 / n
 
 
-def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, tol: float = 1e-4) -> float:
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, tol: float = 1e-5,
+                    max_iter: int = 60) -> float:
     """The ``T`` in ``[1/TEMPERATURE_MAX, TEMPERATURE_MAX]`` minimising the mean NLL of
-    ``softmax(logits / T)``; ``logits`` ``[N, V]``, ``targets`` ``[N]``. Golden-section search on
-    ``log T`` to ``tol``."""
-    lo, hi = -math.log(TEMPERATURE_MAX), math.log(TEMPERATURE_MAX)
-    g = (math.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = _mean_nll(logits, targets, math.exp(a)), _mean_nll(logits, targets, math.exp(b))
-    while hi - lo > tol:
-        if fa <= fb:  # the minimum is in [lo, b]
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = _mean_nll(logits, targets, math.exp(a))
+    ``softmax(logits / T)``; ``logits`` ``[N, V]``, ``targets`` ``[N]`` (all real tokens).
+
+    The NLL is convex in ``beta = 1/T`` (its second derivative is a variance), so Newton's method
+    on ``beta``, kept inside a bracket that the sign of the slope narrows (bisecting in
+    ``log beta`` when a step would leave it), finds the minimum in a few passes over the logits.
+    A step towards an end of the range first checks the slope there: if the NLL still falls at
+    the end (a model whose best temperature is beyond the range), that end is the answer."""
+    lo, hi = 1 / TEMPERATURE_MAX, TEMPERATURE_MAX
+    ends = {lo, hi}  # range ends whose slope has not been looked at yet
+    beta = 1.0
+    for _ in range(max_iter):
+        d1, d2 = _nll_slope(logits, targets, beta)
+        if d1 > 0:  # the NLL rises with beta here: the minimum is at a smaller beta
+            hi = beta
         else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = _mean_nll(logits, targets, math.exp(b))
-    return math.exp((lo + hi) / 2)
+            lo = beta
+        new = beta - d1 / d2 if d2 > 1e-12 else math.nan
+        if not lo < new < hi:
+            end = lo if not new > lo else hi
+            if end in ends:
+                ends.discard(end)
+                slope_end = _nll_slope(logits, targets, end)[0]
+                past_end = slope_end >= 0 if end < 1 else slope_end <= 0
+                if past_end:  # the minimum is at (or beyond) this end of the range
+                    return 1 / end
+            new = math.sqrt(lo * hi)  # bisect (in log beta) inside the bracket
+        if abs(new - beta) <= tol * beta or hi - lo <= tol * beta:
+            beta = new
+            break
+        beta = new
+    return 1 / beta
 
 
 class CalibrationAccumulator:
@@ -137,7 +167,9 @@ class CalibrationAccumulator:
         self.kept_targets = torch.empty(0, dtype=torch.long)      # [cap]
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """``logits`` ``[..., V]`` and ``targets`` ``[...]`` for the same (already shifted) tokens."""
+        """``logits`` ``[..., V]`` and ``targets`` ``[...]`` for the same (already shifted)
+        positions; a negative target marks a position that is not a token (skipped), so a
+        ``[B, T, V]`` batch can be passed whole, as a view, with its last column of targets -1."""
         logits = logits.reshape(-1, logits.shape[-1])
         targets = targets.reshape(-1).to(logits.device)
         self.bins.add(logits, targets)
@@ -148,10 +180,11 @@ class CalibrationAccumulator:
             self.kept_targets = torch.empty(cap, dtype=torch.long)
         cap = self.keys.numel()
         keys = torch.rand(targets.numel(), generator=self.gen)
+        keys[(targets < 0).cpu()] = math.inf  # not tokens: never kept
         if self.n == cap:  # only tokens that can enter the reservoir are looked at
             keys_new = (keys < self.keys.max()).nonzero().squeeze(-1)
         else:
-            keys_new = torch.arange(targets.numel())
+            keys_new = keys.isfinite().nonzero().squeeze(-1)
         if keys_new.numel() == 0:
             return
         cand = torch.cat([self.keys[:self.n], keys[keys_new]])  # old keys, then the new ones
@@ -209,8 +242,10 @@ def calibrate_model(model, dataset, batch_size: int, autocast_dtype: torch.dtype
             ids = ids.to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(input_ids=ids).logits  # [b, T, V]
-            for row in range(ids.shape[0]):  # logits[row, :-1] is a view; [:, :-1] would be a copy
-                acc.update(logits[row, :-1], ids[row, 1:])
+            # position t predicts token t+1; the last position predicts nothing (target -1), so
+            # the logits pass whole, as a view ([:, :-1] would copy them)
+            targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -1)], dim=1)
+            acc.update(logits, targets)
     finally:
         model.train(was_training)
     return acc.result()

@@ -82,10 +82,11 @@ def _check_resume_config(cfg: FinetuneConfig, out: Path) -> None:
     now = _run_record(cfg)
     missing = object()
     changed = []
+    defaults = json.loads(json.dumps(FinetuneConfig().run_record()))
     for key in sorted(set(saved) | set(now)):
         was, new = saved.get(key, missing), now.get(key, missing)
-        if was == new:
-            continue
+        if was == new or (was is missing and new == defaults.get(key, missing)):
+            continue  # same, or a setting newer than the run, left at its default
         if key == "data_sha256":
             changed.append("the --data contents (their SHA-256 differs)")
         else:

@@ -90,3 +90,13 @@ def test_fit_temperature_finds_the_nll_minimum():
     t = fit_temperature(2.5 * z, y)
     nll = [float(torch.nn.functional.cross_entropy(2.5 * z / s, y)) for s in (t * 0.9, t, t * 1.1)]
     assert nll[1] < nll[0] and nll[1] < nll[2]
+
+
+def test_a_temperature_beyond_the_range_stops_at_its_end():
+    # labels unrelated to the logits: the NLL keeps falling as T grows (towards uniform)
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(3000, 30, generator=g) * 3
+    y = torch.randint(0, 30, (3000,), generator=g)
+    r = _stream(z, y)
+    assert r["temperature"] == pytest.approx(20.0) and r["temperature_at_bound"]
+    assert not _stream(*_calibrated(n=3000, vocab=30))["temperature_at_bound"]

@@ -138,3 +138,18 @@ def test_a_resumed_lr_auto_run_reuses_the_recorded_suggestion(tmp_path):
     (out / "lr_find.json").unlink()
     with pytest.raises(ValueError, match=r"--lr auto with --resume: .*lr_find.json' is missing"):
         run(FinetuneConfig(out=str(out), resume="latest", **common))
+
+
+def test_a_run_recorded_before_the_range_test_existed_still_resumes(tmp_path):
+    out = tmp_path / "run"
+    common = {**TINY, "max_steps": 3, "save_steps": 2}
+    run(FinetuneConfig(out=str(out), stop_after=2, **common))
+    record = json.loads((out / "run_config.json").read_text())
+    for key in ("find_lr_steps", "find_lr_min", "find_lr_max"):  # as written by an older attnkit
+        del record[key]
+    (out / "run_config.json").write_text(json.dumps(record))
+    resumed, _ = run(FinetuneConfig(out=str(out), resume="latest", **common))
+    assert resumed["status"] == "finished" and resumed["resumed_from_step"] == 2
+    # a new setting changed from its default is still a difference
+    with pytest.raises(ValueError, match="--find-lr-steps was None, now 50"):
+        run(FinetuneConfig(out=str(out), resume="latest", **{**common, "find_lr_steps": 50}))
