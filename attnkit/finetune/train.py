@@ -390,7 +390,10 @@ def run(config: FinetuneConfig | None = None, **overrides):
     if steps < cfg.max_steps:
         return {"status": "interrupted", "step": steps, "checkpoints": str(out / "checkpoints")}, model
 
-    evals["final"] = float(trainer.evaluate()["eval_loss"])
+    # the evaluation at the last step, when --eval-steps divides --max-steps, is the final one
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), {})
+    evals["final"] = float(last["eval_loss"] if last.get("step") == steps else
+                           trainer.evaluate()["eval_loss"])
     calibrate_stage(calib, "after", model, eval_ds, cfg, mode, is_main)
     train_curve, eval_curve = losses_from_history(trainer.state.log_history)
     tokens = (steps - start_step) * cfg.batch_size * cfg.grad_accum * world * cfg.seq_len

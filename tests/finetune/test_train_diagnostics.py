@@ -89,7 +89,7 @@ def test_a_tiny_corpus_trained_long_overfits(tmp_path):
     data = tmp_path / "small.txt"
     data.write_text(corpus_sample(1500), encoding="utf-8")  # a slice of the embedded corpus
     summary, _ = run(FinetuneConfig(out=str(tmp_path / "run"), data=str(data), precision="fp32",
-                                    **{**CAPABLE, "lr": 1e-2, "warmup_steps": 2, "max_steps": 120,
+                                    **{**CAPABLE, "lr": 1e-2, "warmup_steps": 2, "max_steps": 60,
                                        "eval_steps": 10, "save_steps": 120, "logging_steps": 2,
                                        "eval_fraction": 0.3}))
     assert "overfitting" in _kinds(summary), summary["diagnoses"]
