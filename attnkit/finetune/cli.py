@@ -18,7 +18,9 @@ DESCRIPTION = (
     "LoRA fine-tuning of a local Hugging Face causal LM on attnkit's fused kernels, optionally with "
     "its attention swapped (sliding window, block-sparse, linear; linear with attention transfer). "
     "Without --model/--data it trains a small built-in Llama-style model on a built-in corpus. "
-    "Writes the PEFT adapter, attention.json, summary.json and loss_curve.png to --out."
+    "Writes the PEFT adapter, attention.json, summary.json (with calibration and failure-mode "
+    "diagnoses), loss_curve.png and reliability.png to --out. --find-lr runs a learning-rate range "
+    "test instead; --lr auto runs it first and trains with its suggestion."
 )
 
 
@@ -62,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"sequences per device per micro-batch (default {d.batch_size})")
     g.add_argument("--grad-accum", type=int,
                    help=f"micro-batches per optimizer step (default {d.grad_accum})")
-    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--lr", help=f"peak learning rate, a number or 'auto' (run the --find-lr range test "
+                   f"first and train with its suggestion) (default {d.lr})")
     g.add_argument("--weight-decay", type=float,
                    help=f"AdamW decoupled weight decay (default {d.weight_decay})")
     g.add_argument("--warmup-steps", type=int,
@@ -71,6 +74,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto = bf16 on GPUs that support it, else fp32")
     g.add_argument("--seed", type=int, help=f"seed (default {d.seed})")
+
+    g = p.add_argument_group("learning-rate range test and diagnostics")
+    g.add_argument("--find-lr", action="store_true", help="only run the learning-rate range test: write "
+                   "lr_find.png and lr_find.json to --out and exit without training")
+    g.add_argument("--find-lr-steps", type=int,
+                   help=f"steps of the range test (default {d.find_lr_steps})")
+    g.add_argument("--find-lr-min", type=float, help=f"its first learning rate (default {d.find_lr_min:g})")
+    g.add_argument("--find-lr-max", type=float, help=f"its last learning rate (default {d.find_lr_max:g})")
+    g.add_argument("--no-calibration", action="store_true", help="skip the calibration (ECE, temperature, "
+                   "reliability.png) of the held-out split before and after fine-tuning")
 
     g = p.add_argument_group("progress and checkpoints")
     g.add_argument("--eval-steps", type=int, help=f"evaluate every N steps (default {d.eval_steps})")
@@ -96,9 +109,23 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
 
 _FLAG_FIELDS = ("model", "data", "out", "seq_len", "eval_fraction", "max_eval_sequences", "rank", "alpha",
                 "dropout", "attention", "transfer_steps", "transfer_lr", "feature_dim", "max_steps",
-                "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "max_grad_norm",
-                "precision", "seed", "eval_steps", "save_steps", "save_total_limit", "logging_steps",
-                "resume", "stop_after")
+                "batch_size", "grad_accum", "weight_decay", "warmup_steps", "max_grad_norm",
+                "precision", "seed", "find_lr_steps", "find_lr_min", "find_lr_max", "eval_steps",
+                "save_steps", "save_total_limit", "logging_steps", "resume", "stop_after")
+
+
+def parse_lr(text: str) -> float | str:
+    """``--lr``: a positive number or ``auto``; raises ``ValueError`` naming the value otherwise."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or value == float("inf"):
+        raise ValueError(f"--lr {text!r}: expected a positive number (e.g. 2e-3) or 'auto' (use the "
+                         "--find-lr range test's suggestion)")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
@@ -106,6 +133,10 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     given = {f: getattr(args, f) for f in _FLAG_FIELDS if getattr(args, f, None) is not None}
     if args.target_modules is not None:
         given["target_modules"] = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+    if args.lr is not None:
+        given["lr"] = parse_lr(args.lr)
+    given["find_lr"] = args.find_lr
+    given["calibration"] = not args.no_calibration
     given["fused"] = not args.no_fused
     given["overwrite"] = args.overwrite
     given["progress"] = not args.no_progress
@@ -113,7 +144,8 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    """Run the command; returns the exit status (0 done, 2 bad arguments, 3 stopped by --stop-after)."""
+    """Run the command; returns the exit status (0 done, or the --find-lr test written; 2 bad
+    arguments; 3 stopped by --stop-after; 4 stopped by a non-finite loss)."""
     from .train import format_summary, train
 
     try:
@@ -122,13 +154,17 @@ def run_finetune(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"attnkit finetune: error: {e}", file=sys.stderr)
         return 2
+    if summary.get("status") == "lr range test":
+        print(format_summary(summary))
+        return 0
     if summary.get("status") != "finished":
         print(format_summary(summary))
-        return 3
+        return 4 if str(summary.get("status", "")).startswith("stopped") else 3
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for everyone
         return 0
     print(format_summary(summary))
-    print(f"results in {cfg.out} (adapter_model.safetensors, attention.json, summary.json, loss_curve.png)")
+    print(f"results in {cfg.out} (adapter_model.safetensors, attention.json, summary.json, loss_curve.png, "
+          "reliability.png)")
     return 0
 
 

@@ -123,12 +123,19 @@ class FinetuneConfig:
     max_steps: int = 200
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float | str = 2e-3  # or "auto": the --find-lr suggestion
     weight_decay: float = 0.01
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
     precision: str = "auto"
     seed: int = 0
+    # learning-rate range test (--find-lr alone, or before the run with --lr auto)
+    find_lr: bool = False
+    find_lr_steps: int = 200
+    find_lr_min: float = 1e-6
+    find_lr_max: float = 1.0
+    # diagnostics
+    calibration: bool = True
     # bookkeeping
     eval_steps: int = 50
     save_steps: int = 50
@@ -166,7 +173,7 @@ class FinetuneConfig:
         return d
 
     #: Fields a resumed run may change: how the run is driven, not what it trains.
-    RESUMABLE_FIELDS = ("resume", "stop_after", "overwrite", "progress", "out")
+    RESUMABLE_FIELDS = ("resume", "stop_after", "overwrite", "progress", "out", "find_lr", "calibration")
 
     def run_record(self) -> dict:
         """:meth:`to_json` less :attr:`RESUMABLE_FIELDS`: what ``OUT/run_config.json`` holds and
@@ -194,7 +201,25 @@ class FinetuneConfig:
             raise ValueError(f"--eval-fraction must be in (0, 0.5), got {self.eval_fraction}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not (self.lr == "auto" or (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool))):
+            raise ValueError(f"--lr must be a positive number or 'auto' (run the --find-lr range test "
+                             f"first and use its suggestion), got {self.lr!r}")
+        if self.find_lr and self.lr == "auto":
+            raise ValueError("--find-lr with --lr auto: --find-lr alone only runs the range test; "
+                             "--lr auto runs it and then trains; pass one of them")
+        if self.find_lr and self.resume is not None:
+            raise ValueError(f"--find-lr with --resume {self.resume!r}: the range test runs from a fresh "
+                             "start only (a resumed --lr auto run reuses the suggestion recorded in "
+                             "OUT/lr_find.json); drop --resume, or drop --find-lr")
+        if isinstance(self.find_lr_steps, bool) or not isinstance(self.find_lr_steps, int) \
+                or self.find_lr_steps < 2:
+            raise ValueError(f"--find-lr-steps must be an integer >= 2, got {self.find_lr_steps!r}")
+        if not 0 < self.find_lr_min < self.find_lr_max:
+            raise ValueError(f"--find-lr-min/--find-lr-max must satisfy 0 < min < max, got "
+                             f"{self.find_lr_min!r} and {self.find_lr_max!r}")
         for name in ("alpha", "lr", "transfer_lr", "max_grad_norm"):
+            if name == "lr" and self.lr == "auto":
+                continue
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.weight_decay < 0:

@@ -22,8 +22,8 @@ def perplexity(loss: float | None) -> float | None:
 def losses_from_history(history: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """``(train, eval)`` as ``(step, loss)`` pairs from a Trainer's ``state.log_history``.
 
-    One point per step: the final ``evaluate()`` after training repeats the evaluation the last
-    step already logged (the later entry is kept)."""
+    One point per step: an ``evaluate()`` after training at a step already evaluated would repeat
+    it (the later entry is kept)."""
     train = [(h["step"], float(h["loss"])) for h in history if "loss" in h and "step" in h]
     evals = {h["step"]: float(h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h}
     return train, list(evals.items())

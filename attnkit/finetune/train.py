@@ -7,15 +7,21 @@ One run, in order (every check that can fail comes before anything is written):
    ``OUT/run_config.json``, written at a fresh start);
 2. read, tokenise and pack the text, holding out whole documents (or, with too few documents,
    packed blocks) for evaluation; only then is ``--out`` created (and the embedded model written);
-3. evaluate the original model;
+3. evaluate the original model, and measure its calibration (:mod:`.calibration`);
 4. swap the attention (``--attention``); for ``linear`` with ``--transfer-steps N``, first train
-   per-layer Hedgehog feature maps by attention transfer (:mod:`.linearize`) and evaluate again;
-5. wrap with PEFT LoRA, run it on attnkit's fused kernels (:func:`~attnkit.finetune.fuse_lora`),
-   and train with AdamW (decoupled weight decay), linear warm-up then cosine decay, gradient
-   clipping and accumulation, bf16 autocast on GPUs that have it; eval loss and perplexity every
+   per-layer Hedgehog feature maps by attention transfer (:mod:`.linearize`); evaluate and
+   calibrate again;
+5. wrap with PEFT LoRA, run it on attnkit's fused kernels (:func:`~attnkit.finetune.fuse_lora`);
+   with ``--find-lr`` run the learning-rate range test (:mod:`.lr_finder`) and stop there, with
+   ``--lr auto`` run it and take its suggestion; train with AdamW (decoupled weight decay),
+   linear warm-up then cosine decay, gradient clipping and accumulation, bf16 autocast on GPUs
+   that have it; eval loss and perplexity every
    ``--eval-steps``; a checkpoint every ``--save-steps`` (``--resume`` continues from the last one
-   with the same step count, optimizer, scheduler, RNG state and data order);
-6. evaluate, then write the adapter, ``attention.json``, ``summary.json`` and ``loss_curve.png``.
+   with the same step count, optimizer, scheduler, RNG state and data order); the logged losses
+   and gradient norms are checked for failure-mode signatures (:mod:`.diagnostics`), and a
+   non-finite loss stops the run with its last good checkpoint named in ``summary.json``;
+6. evaluate and calibrate, then write the adapter, ``attention.json``, ``summary.json``,
+   ``loss_curve.png`` and ``reliability.png`` (:mod:`.results`).
 
 Under ``torchrun --nproc_per_node N`` the Trainer runs DDP (gloo on CPU, NCCL on GPUs). The process
 group is set up first; rank 0 alone inspects and writes ``--out`` and broadcasts its decision.
@@ -43,60 +49,16 @@ from .dataset import (
     split_documents,
     tokenize_documents,
 )
+from .diagnostics import SignatureDetector, signature_callback
+from .distributed import barrier as _barrier
+from .distributed import from_rank0 as _from_rank0
+from .distributed import init_distributed as _init_distributed
+from .distributed import rank_and_world as _rank
 from .model import check_model_folder, load_model, load_tokenizer
-from .report import losses_from_history, peak_memory, perplexity, plot_losses, write_json
+from .report import losses_from_history, peak_memory, perplexity, write_json
+from .results import calibrate_stage, format_summary, lr_range_test, stopped_summary, write_results
 
 __all__ = ["train", "run", "FinetuneConfig", "format_summary"]
-
-def _rank() -> tuple[int, int]:
-    """``(rank, world_size)`` from torchrun's environment (``(0, 1)`` for a single process)."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _barrier() -> None:
-    if _distributed():
-        torch.distributed.barrier()
-
-
-def _init_distributed(world: int) -> None:
-    """Set up the process group before anything touches ``--out`` (so rank 0 can decide and the
-    others wait), the way the Trainer will (accelerate's ``PartialState``; it keeps a group that
-    exists)."""
-    if world <= 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
-        return
-    cpu = not torch.cuda.is_available()
-    try:
-        from accelerate import PartialState
-
-        PartialState(cpu=True, backend="gloo") if cpu else PartialState()
-    except (ImportError, TypeError):  # no accelerate, or one that takes other arguments
-        pass
-    if not torch.distributed.is_initialized():
-        if not cpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend="gloo" if cpu else "nccl")
-
-
-def _from_rank0(fn):
-    """``fn()`` on rank 0, its result (or its ``ValueError``) on every rank."""
-    result, error = None, None
-    if _rank()[0] == 0:
-        try:
-            result = fn()
-        except ValueError as e:
-            error = str(e)
-    if _distributed():
-        box = [(result, error)]
-        torch.distributed.broadcast_object_list(box, src=0)
-        result, error = box[0]
-    if error is not None:
-        raise ValueError(error)
-    return result
-
 
 RUN_CONFIG = "run_config.json"
 
@@ -120,10 +82,11 @@ def _check_resume_config(cfg: FinetuneConfig, out: Path) -> None:
     now = _run_record(cfg)
     missing = object()
     changed = []
+    defaults = json.loads(json.dumps(FinetuneConfig().run_record()))
     for key in sorted(set(saved) | set(now)):
         was, new = saved.get(key, missing), now.get(key, missing)
-        if was == new:
-            continue
+        if was == new or (was is missing and new == defaults.get(key, missing)):
+            continue  # same, or a setting newer than the run, left at its default
         if key == "data_sha256":
             changed.append("the --data contents (their SHA-256 differs)")
         else:
@@ -213,7 +176,8 @@ def _training_args(cfg: FinetuneConfig, out: Path, mode: str, world: int, **over
     kw = dict(
         output_dir=str(out / "checkpoints"), max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        gradient_accumulation_steps=cfg.grad_accum, weight_decay=cfg.weight_decay,
+        learning_rate=0.0 if cfg.lr == "auto" else cfg.lr,  # auto: the run passes the suggestion
         optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.95, warmup_steps=cfg.warmup_steps,
         lr_scheduler_type="cosine", max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps,
         logging_first_step=True, eval_steps=cfg.eval_steps, save_strategy="steps",
@@ -222,6 +186,7 @@ def _training_args(cfg: FinetuneConfig, out: Path, mode: str, world: int, **over
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False, label_names=["labels"],
         disable_tqdm=not cfg.progress, ddp_find_unused_parameters=False,
+        logging_nan_inf_filter=False,  # a NaN must reach the diagnostics, not be averaged away
     )
     strategy_key = "eval_strategy" if "eval_strategy" in known else "evaluation_strategy"
     kw[strategy_key] = "steps"
@@ -379,11 +344,13 @@ def run(config: FinetuneConfig | None = None, **overrides):
     if torch.cuda.is_available():
         model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
 
-    evals = {"original": _evaluate(model, eval_ds, cfg, out, mode, world)}
+    evals, calib = {"original": _evaluate(model, eval_ds, cfg, out, mode, world)}, {}
+    calibrate_stage(calib, "before", model, eval_ds, cfg, mode, is_main)
     info = _apply_attention(model, choice, cfg, out, train_ds, mode, world, is_main, resume_from is not None)
     if choice.kind != "model":
-        evals["after_transfer" if "transfer" in info else "swapped"] = _evaluate(
-            model, eval_ds, cfg, out, mode, world)
+        stage = "after_transfer" if "transfer" in info else "swapped"
+        evals[stage] = _evaluate(model, eval_ds, cfg, out, mode, world)
+        calibrate_stage(calib, stage, model, eval_ds, cfg, mode, is_main)
 
     from peft import LoraConfig, get_peft_model
 
@@ -398,10 +365,18 @@ def run(config: FinetuneConfig | None = None, **overrides):
         # interpreter when TRITON_INTERPRET=1 is set (as in the test suite), ~100x slower
         fuse_lora(model, backend="auto" if torch.cuda.is_available() else "torch")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lr_info, lr = None, cfg.lr
+    if cfg.find_lr or cfg.lr == "auto":  # rank 0 runs the range test; every rank gets its record
+        lr_info = _from_rank0(lambda: lr_range_test(model, train_ds, cfg, out, mode, resumed, is_main))
+        if cfg.find_lr:
+            return {"status": "lr range test", "out": str(out), "lr_finder": lr_info}, model
+        lr = lr_info["suggested_lr"]
 
     FinetuneTrainer, StopAfter = _trainer_classes()
-    callbacks = [StopAfter(cfg.stop_after)] if cfg.stop_after else []
-    trainer = FinetuneTrainer(model=model, args=_training_args(cfg, out, mode, world),
+    detector = SignatureDetector(cfg.max_grad_norm, cfg.warmup_steps)
+    callbacks = [signature_callback(detector, announce=is_main)]
+    callbacks += [StopAfter(cfg.stop_after)] if cfg.stop_after else []
+    trainer = FinetuneTrainer(model=model, args=_training_args(cfg, out, mode, world, learning_rate=lr),
                               train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks)
     start_step = trainer.state.global_step
     if resume_from is not None:
@@ -409,10 +384,17 @@ def run(config: FinetuneConfig | None = None, **overrides):
             start_step = int(json.load(f).get("global_step", 0))
     result = trainer.train(resume_from_checkpoint=resume_from)
     steps = trainer.state.global_step
+    if detector.stop_reason is not None:
+        base = {"config": cfg.to_json(), "lr_finder": lr_info, "calibration": calib}
+        return stopped_summary(cfg, out, trainer, detector, base, is_main), model
     if steps < cfg.max_steps:
         return {"status": "interrupted", "step": steps, "checkpoints": str(out / "checkpoints")}, model
 
-    evals["final"] = float(trainer.evaluate()["eval_loss"])
+    # the evaluation at the last step, when --eval-steps divides --max-steps, is the final one
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), {})
+    evals["final"] = float(last["eval_loss"] if last.get("step") == steps else
+                           trainer.evaluate()["eval_loss"])
+    calibrate_stage(calib, "after", model, eval_ds, cfg, mode, is_main)
     train_curve, eval_curve = losses_from_history(trainer.state.log_history)
     tokens = (steps - start_step) * cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
     runtime = float(result.metrics.get("train_runtime") or 0.0)
@@ -440,58 +422,14 @@ def run(config: FinetuneConfig | None = None, **overrides):
         "total_seconds": round(time.perf_counter() - t_start, 2),
         **peak_memory(),
         **info,
+        "peak_lr": lr,
+        "lr_finder": lr_info,
+        "calibration": calib,
+        "diagnoses": [d.to_json() for d in detector.diagnoses],
         "train_loss_curve": train_curve,
         "eval_loss_curve": eval_curve,
     }
     if is_main:
-        _write_results(model, choice, cfg, out, base_path, summary)
+        write_results(model, choice, cfg, out, base_path, summary)
     _barrier()
     return summary, model
-
-
-def _write_results(model, choice, cfg, out: Path, base_path: str, summary: dict) -> None:
-    """The adapter, ``attention.json``, the feature maps, the plot, then ``summary.json`` last (its
-    presence marks a complete result)."""
-    from ..attn.hf import _base_model
-    from ..attn.hf_specs import CONFIG_KEY
-
-    for adapter_cfg in model.peft_config.values():  # plain PEFT finds the base from here
-        adapter_cfg.base_model_name_or_path = base_path
-    model.save_pretrained(str(out))
-    record = {"attention": str(choice), "kind": choice.kind, "seq_len": cfg.seq_len,
-              "attn_implementation": None if choice.kind == "model" else "attnkit",
-              "config_entry": None, "feature_maps": None}
-    if choice.kind == "linear" and choice.feature_map == "hedgehog":
-        shutil.copyfile(out / "transfer" / "feature_maps.safetensors", out / "feature_maps.safetensors")
-        record["feature_maps"] = "feature_maps.safetensors"
-    elif choice.kind != "model":
-        record["config_entry"] = getattr(_base_model(model).config, CONFIG_KEY, None)
-    write_json(out / "attention.json", record)
-    title = (f"attnkit finetune: {Path(base_path).name}, attention {choice}, LoRA r={cfg.rank}; "
-             f"final eval ppl {summary['eval_perplexity']:.2f}" if summary["eval_perplexity"] else "")
-    skipped = plot_losses(out / "loss_curve.png", summary["train_loss_curve"], summary["eval_loss_curve"],
-                          title)
-    summary["loss_curve"] = None if skipped else "loss_curve.png"
-    if skipped:
-        summary["loss_curve_skipped"] = skipped
-    write_json(out / "summary.json", summary)
-
-
-def format_summary(summary: dict) -> str:
-    """A few lines for the terminal."""
-    if summary.get("status") != "finished":
-        return (f"stopped at step {summary.get('step')}; checkpoints in {summary.get('checkpoints')} "
-                "(continue with --resume)")
-    ev = summary["eval"]
-    lines = [f"steps {summary['steps']}  train loss {summary['first_train_loss']:.3f} -> "
-             f"{summary['last_train_loss']:.3f}  ({summary['tokens_per_second']} tokens/s, peak "
-             f"{summary['peak_memory_mib']} MiB)"]
-    for k, v in ev.items():
-        ppl = v["perplexity"]
-        lines.append(f"eval {k:<15} loss {v['loss']:.4f}  perplexity {ppl:.2f}" if ppl else
-                     f"eval {k:<15} loss {v['loss']}")
-    if "transfer" in summary and "last_mse" in summary["transfer"]:
-        t = summary["transfer"]
-        lines.append(f"attention transfer: {t['steps']} steps, "
-                     f"MSE {t['first_mse']:.4g} -> {t['last_mse']:.4g}")
-    return "\n".join(lines)

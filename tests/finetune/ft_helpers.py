@@ -40,3 +40,29 @@ def cli_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--batch-size", "4", "--max-steps", "4", "--eval-steps", "2", "--save-steps", "2",
             "--logging-steps", "1", "--warmup-steps", "1", "--rank", "4", "--dropout", "0",
             "--max-eval-sequences", "4", "--no-progress", *extra]
+
+
+#: A tiny embedded model that can learn fast enough to show failure modes in a few dozen steps:
+#: LoRA on ``lm_head`` too (the frozen random output layer otherwise caps how far the loss can
+#: fall, see :func:`attnkit.finetune.model.embedded_config`), rank 16, width 64.
+CAPABLE = {**TINY, "embedded_hidden": 64, "embedded_heads": 4, "rank": 16, "alpha": 32.0,
+           "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                              "lm_head")}
+
+
+def eval_split(out: Path, seq_len: int, max_eval_sequences: int, eval_fraction: float = 0.05):
+    """The held-out split of the embedded corpus, tokenised with the run's tokenizer in ``out``."""
+    from transformers import AutoTokenizer
+
+    from attnkit.finetune.dataset import (
+        PackedDataset,
+        embedded_corpus_path,
+        read_documents,
+        split_documents,
+        tokenize_documents,
+    )
+
+    tok = AutoTokenizer.from_pretrained(out / "base_model")
+    docs = read_documents(embedded_corpus_path())
+    _, held, _ = split_documents(tokenize_documents(docs, tok), seq_len, eval_fraction, max_eval_sequences)
+    return PackedDataset(held)

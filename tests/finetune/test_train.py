@@ -19,7 +19,7 @@ from attnkit.finetune.cli import main as cli_main  # noqa: E402
 from attnkit.finetune.config import FinetuneConfig, parse_attention  # noqa: E402
 from attnkit.finetune.dataset import split_blocks, split_documents  # noqa: E402
 from attnkit.finetune.load import load_finetuned  # noqa: E402
-from attnkit.finetune.train import run  # noqa: E402
+from attnkit.finetune.train import format_summary, run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,13 @@ def test_quick_default_lowers_loss_and_adapter_loads_in_plain_peft(tmp_path):
     assert summary["status"] == "finished" and summary["steps"] == 12
     assert summary["last_train_loss"] < summary["first_train_loss"] - 0.2, summary["train_loss_curve"]
     assert summary["eval"]["final"]["loss"] < summary["eval"]["original"]["loss"]
+    assert summary["diagnoses"] == [], "the quick preset shows no failure-mode signature"
+    assert set(summary["calibration"]) == {"before", "after"} and summary["peak_lr"] == cfg.lr
+    printed = format_summary(summary)
+    assert "calibration after " in printed and "diagnoses: none" in printed, printed
     out = tmp_path / "run"
     for name in ("adapter_config.json", "adapter_model.safetensors", "attention.json", "summary.json",
-                 "loss_curve.png"):
+                 "loss_curve.png", "reliability.png"):
         assert (out / name).is_file(), name
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["eval_perplexity"] > 1 and on_disk["tokens_per_second"] > 0
@@ -91,6 +95,7 @@ def test_sliding_window_swap_is_recorded_and_reloads(tmp_path, model_dir, data_f
                                         attention="sliding:8", precision="fp32",
                                         **{**TINY, "max_steps": 3}))
     assert set(summary["eval"]) == {"original", "swapped", "final"}
+    assert set(summary["calibration"]) == {"before", "swapped", "after"}
     record = json.loads((out / "attention.json").read_text())
     assert record["kind"] == "sliding" and record["attn_implementation"] == "attnkit"
     loaded, tok = load_finetuned(str(out), device=model.device)
@@ -108,6 +113,7 @@ def test_linearise_with_attention_transfer(tmp_path, model_dir, data_file):
                                         precision="fp32",
                                         **{**TINY, "max_steps": 2, "eval_steps": 2, "save_steps": 2}))
     assert set(summary["eval"]) == {"original", "after_transfer", "final"}
+    assert set(summary["calibration"]) == {"before", "after_transfer", "after"}
     t = summary["transfer"]
     assert t["steps"] == 6 and t["last_mse"] < t["first_mse"], t
     assert (out / "feature_maps.safetensors").is_file()
@@ -163,10 +169,12 @@ def test_bad_arguments_fail_early(tmp_path, model_dir, data_file, capsys, extra,
 
 def test_seq_len_past_the_maximum_is_allowed_for_sliding_window(tmp_path, model_dir, data_file):
     out = tmp_path / "out"
-    args = cli_args(model_dir, data_file, out, "--attention", "sliding:16") + ["--seq-len", "96",
-                                                                                "--max-steps", "1"]
+    args = cli_args(model_dir, data_file, out, "--attention", "sliding:16", "--no-calibration") + [
+        "--seq-len", "96", "--max-steps", "1"]
     assert cli_main(args) == 0
-    assert json.loads((out / "summary.json").read_text())["config"]["seq_len"] == 96
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["seq_len"] == 96
+    assert summary["calibration"] == {} and not (out / "reliability.png").exists()
 
 
 def test_out_folder_in_use_needs_resume_or_overwrite(tmp_path, model_dir, data_file, capsys):

@@ -64,7 +64,7 @@ def test_two_process_gloo_run(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "FT_SUMMARY_DIR": str(tmp_path),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(spy), *cli_args(model, data, out, "--overwrite")]
+           str(spy), *cli_args(model, data, out, "--overwrite", "--lr", "auto", "--find-lr-steps", "6")]
     rc, stdout, stderr = _run(cmd, env, tmp_path, timeout=180)
     assert rc == 0, stdout[-3000:] + stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -74,6 +74,10 @@ def test_two_process_gloo_run(tmp_path):
     assert stdout.count("results in") == 1, stdout
     # each rank trains on its own batches, so equal numbers on both ranks mean they are all-reduced
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    for key in ("train_loss_curve", "eval_loss_curve", "eval", "train_sequences", "eval_sequences"):
+    for key in ("train_loss_curve", "eval_loss_curve", "eval", "train_sequences", "eval_sequences",
+                "diagnoses", "peak_lr", "lr_finder"):
         assert ranks[0][key] == ranks[1][key] == summary[key], key
     assert len(summary["train_loss_curve"]) == 4
+    # rank 0 ran the range test and told rank 1 its suggestion; rank 0 alone calibrates
+    assert summary["peak_lr"] == summary["lr_finder"]["suggested_lr"] and (out / "lr_find.png").is_file()
+    assert set(summary["calibration"]) == {"before", "after"} and ranks[1]["calibration"] == {}
