@@ -85,7 +85,7 @@ def write_results(model, choice, cfg, out: Path, base_path: str, summary: dict) 
     """The adapter, ``attention.json``, the feature maps, the plot, then ``summary.json`` last (its
     presence marks a complete result)."""
     from ..attn.hf import _base_model
-    from ..attn.hf_specs import CONFIG_KEY
+    from ..attn.hf import CONFIG_KEY
 
     for adapter_cfg in model.peft_config.values():  # plain PEFT finds the base from here
         adapter_cfg.base_model_name_or_path = base_path
