@@ -84,8 +84,7 @@ def stopped_summary(cfg, out: Path, trainer, detector, summary_base: dict, is_ma
 def write_results(model, choice, cfg, out: Path, base_path: str, summary: dict) -> None:
     """The adapter, ``attention.json``, the feature maps, the plot, then ``summary.json`` last (its
     presence marks a complete result)."""
-    from ..attn.hf import _base_model
-    from ..attn.hf import CONFIG_KEY
+    from ..attn.hf import CONFIG_KEY, _base_model
 
     for adapter_cfg in model.peft_config.values():  # plain PEFT finds the base from here
         adapter_cfg.base_model_name_or_path = base_path

@@ -36,6 +36,7 @@ import torch
 __all__ = [
     "Backend", "select_backend", "triton_available", "interpreting", "tensor_device_reason",
     "TRITON_DTYPES", "GRID_AXIS_MAX", "grid_reason", "dtype_names", "check_backend_name",
+    "QueryCall",
 ]
 
 
@@ -89,6 +90,19 @@ def grid_reason(sequences: int, heads: int) -> str | None:
 
 def dtype_names(dtypes: tuple) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+class QueryCall:
+    """Mixin for calls whose main tensor is ``q [B, H, N, D]``: the dispatch's ``tensor`` and
+    ``head_dim`` (its last dim)."""
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.q
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[-1]
 
 
 class Backend:

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dispatch import QueryCall
 from .spec import KernelSpec
 
 __all__ = ["AttentionCall"]
 
 
 @dataclass(frozen=True)
-class AttentionCall:
+class AttentionCall(QueryCall):
     """What :func:`attnkit.attention` hands its backends after validation.
 
     Shapes: ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]``, ``v [B, Hkv, Nk, Dv]``; ``valid_keys [B, Nk]`` bool
@@ -40,14 +41,6 @@ class AttentionCall:
     alibi_slopes: torch.Tensor | None = None
 
     # What the dispatch reads (attnkit/kernels/dispatch.py) -------------------------------------
-
-    @property
-    def tensor(self) -> torch.Tensor:
-        return self.q
-
-    @property
-    def head_dim(self) -> int:
-        return self.q.shape[-1]
 
     @property
     def value_dim(self) -> int:

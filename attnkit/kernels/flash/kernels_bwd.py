@@ -279,11 +279,8 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block of one head. Grid: ``(cdiv(max Nq, BLOCK_M), Hq, B or sequences)``."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    q_start, nq, nk, start_m, bb, q_base, k_base, v_base, kpm_off, kv_lo, kv_hi = _query_block(
-        b, h, pid_m, Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, skb, skh, skn, svb, svh,
+    b, h, q_start, nq, nk, start_m, bb, q_base, k_base, v_base, kpm_off, kv_lo, kv_hi = _query_block(
+        Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, skb, skh, skn, svb, svh,
         svn, smb, GROUP, NQ, NK, HAS_KPM, VARLEN, BLOCK_M)
     if start_m >= nq:
         return

@@ -313,13 +313,17 @@ def _walk_keys(MODE: tl.constexpr, acc, a, b, q, do, k_base, v_base, KPM, kpm_of
 
 
 @triton.jit
-def _query_block(b, h, pid_m, Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, skb, skh,
+def _query_block(Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, skb, skh,
                  skn, svb, svh, svn, smb, GROUP, NQ, NK,
                  HAS_KPM: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
-    """What the forward and dQ programs share before they walk: the sequence bounds, this query
+    """What the forward and dQ programs share before they walk: the program's batch row ``b`` and
+    head ``h``, the sequence bounds, this query
     block's start, int64 base pointers of its sequence's q rows and of K/V, the key mask's row
     offset, and the unpadded key span.
     ``bb`` is 0 when packed (one batch row; ``b`` then indexes the sequence)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)  # heads on y, batch rows (or packed sequences) on z: 65535 each
+    b = tl.program_id(2)
     q_start, nq, k_start, nk = _seq_bounds(b, CU_Q, CU_K, NQ, NK, VARLEN)
     start_m = pid_m * BLOCK_M
     bb = b.to(tl.int64)
@@ -334,7 +338,7 @@ def _query_block(b, h, pid_m, Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, 
     if HAS_KPM:
         kv_lo = tl.load(KV_LO + b)
         kv_hi = tl.load(KV_HI + b)
-    return q_start, nq, nk, start_m, bb, q_base, k_base, v_base, bb * smb, kv_lo, kv_hi
+    return b, h, q_start, nq, nk, start_m, bb, q_base, k_base, v_base, bb * smb, kv_lo, kv_hi
 
 
 @triton.jit

@@ -9,7 +9,7 @@ flash-attention's own ops do).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -181,21 +181,26 @@ class FlashArgs:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    kpm: _Opt = None
-    cu_q: _Opt = None
-    cu_k: _Opt = None
-    lists: tuple[_Opt, ...] = (None,) * 7
+    # tensors are left out of the repr: a FlashArgs in a log must not print megabytes
+    kpm: _Opt = field(default=None, repr=False)
+    cu_q: _Opt = field(default=None, repr=False)
+    cu_k: _Opt = field(default=None, repr=False)
+    # block-sparse lists
     block_size: int = 0
     layout_batch: int = 0
     layout_heads: int = 0
+    lists: tuple[_Opt, ...] = field(default=(None,) * 7, repr=False)
+    # packed sequences
     max_q: int = 0
     max_k: int = 0
+    # scores
     scale: float = 1.0
+    sinks: _Opt = field(default=None, repr=False)
+    alibi: _Opt = field(default=None, repr=False)
+    softcap: float = 0.0
+    # the band (-1 = unbounded)
     left: int = -1
     right: int = -1
-    sinks: _Opt = None
-    alibi: _Opt = None
-    softcap: float = 0.0
 
     #: The tensors, in schema order (autograd returns gradients for q, k, v and sinks).
     TENSORS = ("q", "k", "v", "sinks", "kpm", "cu_q", "cu_k", "alibi")

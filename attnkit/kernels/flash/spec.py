@@ -53,16 +53,20 @@ class Band:
             total += max(hi - lo + 1, 0)
         return total
 
-    def visible(self, nq: int, nk: int, device=None) -> torch.Tensor:
-        """Bool ``[1, nq, nk]``: the definition, element by element (oracle and baselines)."""
-        pos = torch.arange(nq, device=device)[:, None] + (nk - nq)
-        j = torch.arange(nk, device=device)[None, :]
-        ok = torch.ones(nq, nk, dtype=torch.bool, device=device)
+    def block(self, r0: int, r1: int, lo: int, hi: int, nq: int, nk: int, device=None) -> torch.Tensor:
+        """Bool ``[r1 - r0, hi - lo]``: which keys ``[lo, hi)`` queries ``[r0, r1)`` see."""
+        pos = torch.arange(r0, r1, device=device)[:, None] + (nk - nq)
+        j = torch.arange(lo, hi, device=device)[None, :]
+        ok = torch.ones(r1 - r0, hi - lo, dtype=torch.bool, device=device)
         if self.left is not None:
             ok &= j >= pos - self.left
         if self.right is not None:
             ok &= j <= pos + self.right
-        return ok[None]
+        return ok
+
+    def visible(self, nq: int, nk: int, device=None) -> torch.Tensor:
+        """Bool ``[1, nq, nk]``: the definition, element by element (oracle and baselines)."""
+        return self.block(0, nq, 0, nk, nq, nk, device)[None]
 
     @property
     def is_dense(self) -> bool:

@@ -33,14 +33,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _chunk_mask(spec, r0: int, r1: int, lo: int, hi: int, nq: int, nk: int, device) -> torch.Tensor:
     """Bool ``[L, r1 - r0, hi - lo]``: which keys ``[lo, hi)`` each query row of ``[r0, r1)`` sees."""
     if isinstance(spec, Band):
-        pos = torch.arange(r0, r1, device=device)[:, None] + (nk - nq)
-        j = torch.arange(lo, hi, device=device)[None, :]
-        ok = torch.ones(r1 - r0, hi - lo, dtype=torch.bool, device=device)
-        if spec.left is not None:
-            ok &= j >= pos - spec.left
-        if spec.right is not None:
-            ok &= j <= pos + spec.right
-        return ok[None]
+        return spec.block(r0, r1, lo, hi, nq, nk, device)[None]
     bs = spec.block_size
     num, idx, part = spec.kv_num.cpu(), spec.kv_idx.cpu(), spec.kv_part.cpu()
     masks = spec.masks.to(device=device, dtype=torch.bool)
