@@ -54,7 +54,7 @@ def test_different_devices():
 
 def test_mismatched_shapes():
     q, k, v = qkv()
-    _raises(ValueError, r"k and v must have the same shape", q, k, v[:, :, :5])
+    _raises(ValueError, r"k and v must share \[B, Hkv, Nk\]", q, k, v[:, :, :5])
     _raises(ValueError, r"k has head dim 8 but q has 16", q, k[..., :8], v[..., :8])
     q2, k2, v2 = qkv(B=2)
     _raises(ValueError, r"k has batch size 2 but q has 1", q, k2, v2)
