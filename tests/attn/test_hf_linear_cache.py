@@ -141,3 +141,20 @@ def test_refuses_crop():
         model(input_ids=torch.randint(3, 100, (1, 4)), cache=cache)
     with pytest.raises(ValueError, match="cannot crop -2 tokens"):
         cache.crop(-2)
+
+
+def test_decay_generation_state_and_kv_paths_agree():
+    """A decaying state (per-KV-head gamma) in the cache: greedy steps match the teacher-forced
+    forward and the recomputation path, with left padding."""
+    model = build("llama")
+    hf.swap_attention(model, hf.LinearAttention(decay=(0.9, 0.6)))
+    ids, mask = batch("left", B=2, N=6)
+    res = _generate(model, ids, mask, 6, LinearAttentionCache(model))
+    logits = _teacher_forced(model, res.sequences, mask)
+    torch.testing.assert_close(torch.stack(res.logits, 1), logits[:, 5:-1], atol=1e-4, rtol=1e-4)
+    ref = _generate(model, ids, mask, 6, DynamicCache(config=model.config))
+    assert torch.equal(res.sequences, ref.sequences)
+    # and the decay is really applied: without it the logits differ
+    hf.swap_attention(model, hf.LinearAttention())
+    plain = _generate(model, ids, mask, 6, LinearAttentionCache(model))
+    assert not torch.allclose(torch.stack(plain.logits, 1), torch.stack(res.logits, 1))

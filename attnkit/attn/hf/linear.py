@@ -34,6 +34,22 @@ def _phi(spec: LinearAttention, x: torch.Tensor) -> torch.Tensor:
     return fn(x.to(cdt)) if isinstance(spec.feature_map, str) else fn(x).to(cdt)
 
 
+def _decay(spec: LinearAttention, k: torch.Tensor):
+    """The spec's ``decay`` as :func:`linear_attention` takes it (a float, or ``[Hkv]``)."""
+    if isinstance(spec.decay, tuple) and len(spec.decay) not in (1, k.shape[1]):
+        raise ValueError(f"{spec!r}: decay has {len(spec.decay)} values but this layer has "
+                         f"{k.shape[1]} key/value heads; give one gamma per key/value head")
+    if isinstance(spec.decay, tuple):
+        return torch.tensor(spec.decay, dtype=torch.float64, device=k.device)
+    return spec.decay
+
+
+def _check_causal(spec: LinearAttention, causal: bool) -> None:
+    if not causal and spec.decay is not None and spec.decay not in (1.0, (1.0,)):
+        raise ValueError(f"{spec!r}: decay needs a causal (decoder) layer; this layer is "
+                         "bidirectional (use decay=None)")
+
+
 def _bidirectional(fq, fk, v, spec, out_dtype):
     """``o = phi(q) S / (phi(q) . z + eps)`` with ``S``, ``z`` summed over every key.
     ``fq [B, Hq, Nq, F]``, ``fk [B, Hkv, Nk, F]``, ``v [B, Hkv, Nk, Dv]``."""
@@ -50,12 +66,14 @@ def _bidirectional(fq, fk, v, spec, out_dtype):
 def _one(q, k, v, kpm, spec: LinearAttention, causal: bool) -> torch.Tensor:
     """One batch of sequences: ``q [B, Hq, Nq, D]``, ``k``/``v [B, Hkv, Nk, D]``, ``Nq <= Nk``,
     queries bottom-right aligned, ``kpm [B, Nk]`` bool or None. Returns ``[B, Hq, Nq, Dv]``."""
+    _check_causal(spec, causal)
     scale = 1.0 if spec.scale is None else float(spec.scale)
     nq, nk = q.shape[2], k.shape[2]
+    decay = _decay(spec, k)
     fused = isinstance(spec.feature_map, str) and kpm is None and nq == nk and causal
     if fused:  # the whole sequence at once: the feature map runs inside the kernel
         return linear_attention(q, k, v, feature_map=spec.feature_map, causal=True,
-                                normalize=spec.normalize, eps=spec.eps, scale=scale)
+                                normalize=spec.normalize, eps=spec.eps, scale=scale, decay=decay)
     fq, fk = _phi(spec, q * scale), _phi(spec, k)
     if kpm is not None:
         fk = fk * kpm[:, None, :, None].to(fk.dtype)  # a padded key adds nothing to S or z
@@ -68,12 +86,16 @@ def _one(q, k, v, kpm, spec: LinearAttention, causal: bool) -> torch.Tensor:
                    "transformers' KV cache, recomputing its state from every cached key each "
                    "step; pass cache=LinearAttentionCache(model) (attnkit.attn.hf.linear_cache) "
                    "to generate for O(1) steps and a constant-size cache")
-        vp = v[:, :, :past].to(fk.dtype)
-        state = (torch.einsum("bhnf,bhnd->bhfd", fk[:, :, :past], vp), fk[:, :, :past].sum(2))
+        vp, kp = v[:, :, :past].to(fk.dtype), fk[:, :, :past]
+        if decay is not None:  # key j of the past enters the state as gamma^(past - 1 - j)
+            g = torch.as_tensor(decay, dtype=fk.dtype, device=fk.device).reshape(-1)
+            ages = torch.arange(past - 1, -1, -1, device=fk.device, dtype=fk.dtype)
+            kp = kp * (g[:, None] ** ages)[None, :, :, None]  # [1, Hkv (or 1), past, 1]
+        state = (torch.einsum("bhnf,bhnd->bhfd", kp, vp), kp.sum(2))
     # the features are cast to q's dtype: linear_attention takes one dtype for q, k, v
     return linear_attention(fq.to(q.dtype), fk[:, :, past:].to(q.dtype), v[:, :, past:],
                             feature_map="identity", causal=True, normalize=spec.normalize,
-                            eps=spec.eps, scale=1.0, initial_state=state)
+                            eps=spec.eps, scale=1.0, initial_state=state, decay=decay)
 
 
 def _from_state(q, k, v, kpm, spec: LinearAttention, causal: bool, layer) -> torch.Tensor:
@@ -84,11 +106,12 @@ def _from_state(q, k, v, kpm, spec: LinearAttention, causal: bool, layer) -> tor
     if not causal:
         raise ValueError("LinearAttentionCache serves causal (decoder) layers only; this layer is "
                          "bidirectional, run it without a cache")
+    _check_causal(spec, causal)
     if k.shape[2] != q.shape[2]:
         raise RuntimeError(f"LinearAttentionCache: the layer got {q.shape[2]} queries but "
                            f"{k.shape[2]} keys; its cache returns exactly the new tokens' keys")
     scale = 1.0 if spec.scale is None else float(spec.scale)
-    kw = dict(normalize=spec.normalize, eps=spec.eps)
+    kw = dict(normalize=spec.normalize, eps=spec.eps, decay=_decay(spec, k))
     if isinstance(spec.feature_map, str) and kpm is None:  # the map runs inside the kernels
         kw.update(feature_map=spec.feature_map, scale=scale)
     else:  # map outside, so that padded keys can be zeroed: they must add nothing to S or z
