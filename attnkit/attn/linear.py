@@ -131,16 +131,16 @@ def _check_decay(decay: object, Hq: int, Hkv: int, device) -> torch.Tensor | Non
                    "gamma is per key/value head" if per_q else "")
             raise ValueError(f"decay must be a float or a tensor of shape [Hkv] = [{Hkv}] (one "
                              f"gamma per key/value head), got shape {list(decay.shape)}{why}")
-        g = decay.detach().to(device=device, dtype=torch.float64).reshape(-1).expand(Hkv)
+        g = decay.detach().to(dtype=torch.float64).reshape(-1)
     else:
-        g = torch.full((Hkv,), _real("decay", decay), dtype=torch.float64, device=device)
-        if float(decay) == 1.0:
+        if float(_real("decay", decay)) == 1.0:
             return None
-    bad = ~((g > 0) & (g <= 1))
-    if bool(bad.any()):  # one sync per call: a gamma outside (0, 1] would blow the state up
+        g = torch.tensor([float(decay)], dtype=torch.float64)
+    # checked where gamma lives (a CPU tensor or a float: no device sync; a CUDA tensor: one)
+    if bool((~((g > 0) & (g <= 1))).any()):  # a gamma outside (0, 1] would blow the state up
         got = decay.tolist() if isinstance(decay, torch.Tensor) else decay
         raise ValueError(f"decay must lie in (0, 1] (one gamma per key/value head), got {got!r}")
-    return g.contiguous()
+    return g.to(device).expand(Hkv).contiguous()
 
 
 def _apply_map(phi: Callable, name: str, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,8 @@ def _decay(spec: LinearAttention, k: torch.Tensor):
     if isinstance(spec.decay, tuple) and len(spec.decay) not in (1, k.shape[1]):
         raise ValueError(f"{spec!r}: decay has {len(spec.decay)} values but this layer has "
                          f"{k.shape[1]} key/value heads; give one gamma per key/value head")
-    if isinstance(spec.decay, tuple):
-        return torch.tensor(spec.decay, dtype=torch.float64, device=k.device)
+    if isinstance(spec.decay, tuple):  # built on the CPU: validated there without a device sync
+        return torch.tensor(spec.decay, dtype=torch.float64)
     return spec.decay
 
 
