@@ -242,11 +242,10 @@ def linear_attention(
 
             so key ``j`` is weighted by ``gamma^(i - j)`` and ``initial_state`` by
             ``gamma^(i + 1)``. ``gamma`` gets no gradient (a tensor that requires grad is
-            refused). Served by the torch backend only: under ``"auto"`` a CUDA call with decay
-            runs torch (one-time warning), ``backend="triton"`` raises. ``None`` or ``1.0``: none.
+            refused). Both backends (and the decode step) take it. ``None`` or ``1.0``: none.
         backend: ``"auto"`` (Triton for CUDA tensors, torch on the CPU), ``"triton"`` (CUDA, or
-            the CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, ``F``, ``Dv <= 256``; no
-            ``decay``) or ``"torch"``. ``ATTNKIT_BACKEND`` overrides ``"auto"``.
+            the CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, ``F``, ``Dv <= 256``) or
+            ``"torch"``. ``ATTNKIT_BACKEND`` overrides ``"auto"``.
 
     Returns:
         ``o [B, Hq, N, Dv]`` in q's dtype, and with ``return_state=True`` also the

@@ -263,24 +263,24 @@ def linear_variants(head_dim: int = 128, dtype: str = "bf16", all_tiles: bool = 
                               t[len(names) + 1], primary=i == 0))
 
     add("linear_fwd", lk._fwd_kernel,
-        dict(Q=ptr, K=ptr, V=ptr, OUT=ptr, DEN=f32, S0=f32, Z0=f32, ST=f32, ZT=f32),
-        lk._fwd_tiles(F, Dv), ("BT", "BV"), dict(HAS_S0=False, BK=lk._pow2(F)))
+        dict(Q=ptr, K=ptr, V=ptr, OUT=ptr, DEN=f32, S0=f32, Z0=f32, ST=f32, ZT=f32, LG=f32),
+        lk._fwd_tiles(F, Dv), ("BT", "BV"), dict(HAS_S0=False, HAS_DECAY=False, BK=lk._pow2(F)))
     bv = lk._pow2(Dv)
     add("linear_bwd_dq", lk._bwd_dq_kernel,
-        dict(Q=ptr, K=ptr, V=ptr, OUT=ptr, DO=ptr, DEN=f32, S0=f32, Z0=f32, DQ=ptr,
+        dict(Q=ptr, K=ptr, V=ptr, OUT=ptr, DO=ptr, DEN=f32, S0=f32, Z0=f32, DQ=ptr, LG=f32,
              **_bhnd("sdo", B, H, N, Dv), **_bhnd("sdq", B, H, N, F)),
         lk._bwd_tiles(lk._DQ_TILES, Dv), ("BT",),
-        dict(HAS_S0=False, BK=lk._dq_bk(F, Dv), BV=bv))
+        dict(HAS_S0=False, HAS_DECAY=False, BK=lk._dq_bk(F, Dv), BV=bv))
     bk = lk._dkdv_bk(F, Dv)
     planes = -(-F // bk)
     dv = _bhnd("sdv", B, H, N, Dv)
     add("linear_bwd_dkdv", lk._bwd_dkdv_kernel,
         dict(Q=ptr, K=ptr, V=ptr, OUT=ptr, DO=ptr, DEN=f32, DST=f32, DZT=f32, DK=ptr,
-             DV_=ptr if planes == 1 else f32, DS0=f32, DZ0=f32, sdvk=B * H * N * Dv,
+             DV_=ptr if planes == 1 else f32, DS0=f32, DZ0=f32, LG=f32, sdvk=B * H * N * Dv,
              sdvb=dv["sdvb"], sdvh=dv["sdvh"], sdvn=dv["sdvn"], sdvd=1,
              **_bhnd("sdo", B, H, N, Dv), **_bhnd("sdk", B, H, N, F)),
         lk._bwd_tiles(lk._DKDV_TILES, Dv), ("BT",),
-        dict(HAS_DST=False, WRITE_DS0=False, BK=bk, BV=bv))
+        dict(HAS_DST=False, WRITE_DS0=False, HAS_DECAY=False, BK=bk, BV=bv))
     return out
 
 

@@ -2,9 +2,9 @@
 
 * :class:`TritonLinear` — the chunked Triton kernels (``op.py``): CUDA tensors, fp16/bf16/fp32,
   feature and value dims up to 256;
-* :class:`TorchLinear` — chunked PyTorch (``torch_impl.py``): any device, dtype and size, and the
-  only one with ``decay`` (a CUDA call with decay goes there under ``"auto"``, with the one-time
-  slow-path warning; ``backend="triton"`` refuses it).
+* :class:`TorchLinear` — chunked PyTorch (``torch_impl.py``): any device, dtype and size.
+
+Both take ``decay`` (a per-KV-head decaying state, causal only).
 
 (The CUDA decode step, ``cuda.py``, serves :func:`attnkit.linear_attention_step` only.)
 """
@@ -70,8 +70,6 @@ class TritonLinear(Backend):
         dv = call.v.shape[-1]
         if dv > MAX_DIM:
             reasons.append(f"value head dim {dv} is above the maximum of {MAX_DIM}")
-        if call.decay is not None:
-            reasons.append("decay (a decaying state) is not implemented in the Triton kernels")
         return reasons
 
     def run(self, call: LinearAttentionCall):
@@ -79,7 +77,7 @@ class TritonLinear(Backend):
 
         return linear_attention_triton(
             call.q, call.k, call.v, call.s0, call.z0, call.feature, call.causal, call.normalize,
-            call.eps, call.scale,
+            call.eps, call.scale, decay=call.decay,
         )
 
 
