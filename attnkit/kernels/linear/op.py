@@ -6,6 +6,11 @@ Definition (``phi`` = the feature map; ``fq = phi(q * scale)``, ``fk = phi(k)``,
     z_i = z0 + sum_{j <= i} fk_j            [F]
     o_i = fq_i S_i / (fq_i . z_i + eps)      (normalize=False: o_i = fq_i S_i)
 
+``HAS_DECAY`` (causal; ``LG = log gamma [HKV]``): ``S_i = gamma S_{i-1} + fk_i v_i^T``, so in a
+chunk of ``n`` tokens the scores take ``gamma^(i - j)``, query ``i`` reads ``gamma^(i + 1)`` of
+the incoming state and key ``j`` enters the outgoing one as ``gamma^(n - 1 - j)`` (the incoming
+one keeps ``gamma^n``); the backward weights the same terms (``blocks.decay_weights``).
+
 Chunkwise-parallel form (chunk ``BT``, 64 on a GPU, 16 under the interpreter): within a chunk the
 masked quadratic term ``(fq fk^T * M) v``, across chunks the state ``S`` (and normaliser ``z``)
 carried in fp32 registers. One program walks the whole sequence of one head, so per-token states
