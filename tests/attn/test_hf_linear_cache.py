@@ -158,3 +158,13 @@ def test_decay_generation_state_and_kv_paths_agree():
     hf.swap_attention(model, hf.LinearAttention())
     plain = _generate(model, ids, mask, 6, LinearAttentionCache(model))
     assert not torch.allclose(torch.stack(plain.logits, 1), torch.stack(res.logits, 1))
+
+
+def test_callable_feature_map_with_the_cache():
+    """A callable map (run outside the kernels, as Hedgehog maps are) through the cache."""
+    model = build("llama")
+    hf.swap_attention(model, hf.LinearAttention(feature_map=torch.nn.functional.softplus))
+    ids, mask = batch("left", B=2, N=5)
+    res = _generate(model, ids, mask, 5, LinearAttentionCache(model))
+    logits = _teacher_forced(model, res.sequences, mask)
+    torch.testing.assert_close(torch.stack(res.logits, 1), logits[:, 4:-1], atol=1e-4, rtol=1e-4)

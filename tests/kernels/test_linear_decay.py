@@ -197,3 +197,22 @@ def test_custom_op_with_decay_registration():
         (q, k, v, s0, z0, FEATURES["elu1"], True, True, 1e-6, 1.0, lg),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA decode step needs a GPU")
+def test_cuda_step_with_decay_matches_torch():
+    """No-grad CUDA steps (the kernel, when the extension is built) decay the incoming state
+    first: they must give the torch step's output and state."""
+    B, Hq, Hkv, D = 3, 8, 2, 64
+    q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    st = (torch.rand(B, Hkv, D, D, device="cuda"), torch.rand(B, Hkv, D, device="cuda"))
+    g = torch.tensor([0.9, 0.3], device="cuda")
+    with torch.no_grad():
+        o, new = linear_attention_step(q, k, v, st, decay=g)
+    ref = linear_attention_naive(q[:, :, None].cpu(), k[:, :, None].cpu(), v[:, :, None].cpu(),
+                                 FEATURE_MAPS["elu1"], state=tuple(t.cpu() for t in st),
+                                 decay=g.cpu())
+    torch.testing.assert_close(o.double().cpu(), ref[0][:, :, 0], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(new.s.double().cpu(), ref[1], atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(new.z.double().cpu(), ref[2], atol=1e-2, rtol=1e-3)
