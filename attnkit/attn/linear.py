@@ -114,6 +114,35 @@ def _check_qkv(q, k, v, seq: bool):
     return q, k, v
 
 
+def _check_decay(decay: object, Hq: int, Hkv: int, device) -> torch.Tensor | None:
+    """``decay`` as a float64 ``[Hkv]`` tensor on ``device``, or ``None`` when there is none
+    (``None`` or ``1.0``). The state is per key/value head, so gamma is too."""
+    if decay is None:
+        return None
+    if isinstance(decay, torch.Tensor):
+        if decay.requires_grad:
+            raise ValueError("decay takes no gradient (it is a fixed per-head rate); pass "
+                             "decay.detach()")
+        if decay.is_complex() or not decay.is_floating_point():
+            raise TypeError(f"decay must be a float or a floating-point tensor, got {decay.dtype}")
+        if decay.dim() > 1 or (decay.dim() == 1 and decay.shape[0] not in (1, Hkv)):
+            per_q = decay.dim() == 1 and decay.shape[0] == Hq
+            why = (f"; with GQA the state is shared by the {Hq // Hkv} query heads of a group, so "
+                   "gamma is per key/value head" if per_q else "")
+            raise ValueError(f"decay must be a float or a tensor of shape [Hkv] = [{Hkv}] (one "
+                             f"gamma per key/value head), got shape {list(decay.shape)}{why}")
+        g = decay.detach().to(dtype=torch.float64).reshape(-1)
+    else:
+        if float(_real("decay", decay)) == 1.0:
+            return None
+        g = torch.tensor([float(decay)], dtype=torch.float64)
+    # checked where gamma lives (a CPU tensor or a float: no device sync; a CUDA tensor: one)
+    if bool((~((g > 0) & (g <= 1))).any()):  # a gamma outside (0, 1] would blow the state up
+        got = decay.tolist() if isinstance(decay, torch.Tensor) else decay
+        raise ValueError(f"decay must lie in (0, 1] (one gamma per key/value head), got {got!r}")
+    return g.to(device).expand(Hkv).contiguous()
+
+
 def _apply_map(phi: Callable, name: str, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     out = phi(x)
     if not isinstance(out, torch.Tensor) or out.shape[:-1] != x.shape[:-1]:
@@ -170,6 +199,7 @@ def linear_attention(
     scale: float = 1.0,
     initial_state: LinearAttentionState | tuple[torch.Tensor, torch.Tensor] | None = None,
     return_state: bool = False,
+    decay: float | torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, LinearAttentionState]:
     """Kernelised (linear) attention in O(N) time and memory.
@@ -203,6 +233,16 @@ def linear_attention(
             built-in maps); it is used in float32 (float64 for float64 inputs on the
             torch backend) and gets gradients if it requires them.
         return_state: also return the state after the last token.
+        decay: ``gamma`` in (0, 1]: a float, or a tensor ``[Hkv]`` (one per key/value head: the
+            state is per key/value head, so with GQA a group's query heads share their gamma;
+            a ``[Hq]`` tensor with ``Hq != Hkv`` is refused). The state then decays per token
+            (retention / Lightning attention), causal only::
+
+                S_i = gamma S_{i-1} + phi(k_i) v_i^T        z_i = gamma z_{i-1} + phi(k_i)
+
+            so key ``j`` is weighted by ``gamma^(i - j)`` and ``initial_state`` by
+            ``gamma^(i + 1)``. ``gamma`` gets no gradient (a tensor that requires grad is
+            refused). Both backends (and the decode step) take it. ``None`` or ``1.0``: none.
         backend: ``"auto"`` (Triton for CUDA tensors, torch on the CPU), ``"triton"`` (CUDA, or
             the CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, ``F``, ``Dv <= 256``) or
             ``"torch"``. ``ATTNKIT_BACKEND`` overrides ``"auto"``.
@@ -221,6 +261,10 @@ def linear_attention(
     return_state = _flag("return_state", return_state)
     eps = _real("eps", eps, min_value=0.0)
     scale = _real("scale", scale)
+    gamma = _check_decay(decay, q.shape[1], k.shape[1], q.device)
+    if gamma is not None and not causal:
+        raise ValueError(f"decay={decay!r} needs causal=True: a decaying state is defined along "
+                         "the sequence order (use decay=None or 1.0 for bidirectional attention)")
     if name is None:  # a callable: map outside the kernel, under autograd
         fq, fk = _apply_map(phi, "q", q * scale, q), _apply_map(phi, "k", k, q)
         if fq.shape[-1] != fk.shape[-1]:
@@ -238,7 +282,7 @@ def linear_attention(
         # The kernels index the state as a dense [B, Hkv, F, Dv] block: an expanded (broadcast)
         # state must be materialised, or the backward would read past it.
         s0, z0 = s0.to(sdt).contiguous(), z0.to(sdt).contiguous()
-    call = LinearAttentionCall(fq, fk, v, s0, z0, name, causal, normalize, eps, kscale)
+    call = LinearAttentionCall(fq, fk, v, s0, z0, name, causal, normalize, eps, kscale, gamma)
     o, s, z = run_linear_attention(call, backend)
     return (o, LinearAttentionState(s, z)) if return_state else o
 
@@ -253,6 +297,7 @@ def linear_attention_step(
     normalize: bool = True,
     eps: float = 1e-6,
     scale: float = 1.0,
+    decay: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LinearAttentionState]:
     """One decoding step of causal linear attention: the recurrent form of
     :func:`linear_attention`, for token ``t`` given the state after tokens ``< t``::
@@ -270,7 +315,8 @@ def linear_attention_step(
         state: the :class:`LinearAttentionState` ``(s [B, Hkv, F, Dv], z [B, Hkv, F])`` from
             :func:`linear_attention` (``return_state=True``) or the previous step; ``None``
             starts from zeros.
-        feature_map, normalize, eps, scale: as :func:`linear_attention` (use the same values).
+        feature_map, normalize, eps, scale, decay: as :func:`linear_attention` (use the same
+            values); with ``decay`` the step is ``S_t = gamma S_{t-1} + phi(k_t) v_t^T``.
 
     Returns:
         ``(o_t, new_state)``: ``o_t`` ``[B, Hq, Dv]`` (or ``[B, Hq, 1, Dv]``, following q_t) in
@@ -281,9 +327,19 @@ def linear_attention_step(
     normalize = _flag("normalize", normalize)
     eps = _real("eps", eps, min_value=0.0)
     scale = _real("scale", scale)
+    gamma = _check_decay(decay, q.shape[1], k.shape[1], q.device)
     squeeze = q.dim() == 4
     if squeeze:
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+
+    def decayed(s, z):
+        # S_t = (gamma S_{t-1}) + phi(k_t) v_t^T: decaying the incoming state first leaves the
+        # plain step (and so the CUDA kernel) unchanged
+        if gamma is None:
+            return s, z
+        g = gamma.to(s.dtype)
+        return s * g[None, :, None, None], z * g[None, :, None]
+
     if isinstance(feature_map, str) and q.is_cuda:
         # One CUDA launch for the whole batch when the extension is usable (attnkit/csrc).
         from ..kernels.linear.cuda import linear_attention_step_cuda, linear_step_reasons
@@ -291,8 +347,8 @@ def linear_attention_step(
         if not linear_step_reasons(q, k, v, feature_map, state):
             s0 = z0 = None
             if state is not None:
-                s0, z0 = _check_state(state, q.shape[0], k.shape[1], q.shape[-1], v.shape[-1],
-                                      q.device, "state")
+                s0, z0 = decayed(*_check_state(state, q.shape[0], k.shape[1], q.shape[-1],
+                                               v.shape[-1], q.device, "state"))
             o, s, z = linear_attention_step_cuda(q, k, v, s0, z0, feature_map, normalize, eps, scale)
             return (o.unsqueeze(2) if squeeze else o), LinearAttentionState(s, z)
     cdt = compute_dtype(q.dtype)
@@ -309,7 +365,7 @@ def linear_attention_step(
         s, z = fq.new_zeros((B, Hkv, F, Dv)), fq.new_zeros((B, Hkv, F))
     else:
         s, z = _check_state(state, B, Hkv, F, Dv, q.device, "state")
-        s, z = s.to(cdt), z.to(cdt)
+        s, z = decayed(s.to(cdt), z.to(cdt))
     s = s + fk[..., :, None] * v.to(cdt)[..., None, :]  # [B, Hkv, F, 1] * [B, Hkv, 1, Dv]
     z = z + fk
     fq = fq.view(B, Hkv, Hq // Hkv, F)

@@ -45,6 +45,7 @@ import torch
 from ..functional import attention
 from . import runtime
 from .linear import hf_linear_attention
+from .linear_cache import STATE_TAG
 from .packing import flatten, packing, segments, unflatten
 from .persist import layer_spec
 from .runtime import _warn_once
@@ -197,6 +198,8 @@ def attnkit_attention_forward(
     if sliding_window is None:
         sliding_window = getattr(module, "sliding_window", None)
     spec = layer_spec(module)
+    # a LinearAttentionCache layer tags the key it returns; read it before any re-layout below
+    state_layer = getattr(key, STATE_TAG, None)
     # gpt-oss passes its learned per-head sink logits as s_aux
     sinks = kwargs.pop("s_aux", None)
     if sinks is None:
@@ -243,7 +246,8 @@ def attnkit_attention_forward(
                 "or swap to a softmax pattern"
             )
         parts = segments(packed, query.shape[2], key.shape[2]) if packed is not None else None
-        out = hf_linear_attention(query, key, value, kpm, spec, bool(is_causal), parts)
+        out = hf_linear_attention(query, key, value, kpm, spec, bool(is_causal), parts,
+                                  state_layer)
     else:
         config_window = getattr(getattr(module, "config", None), "sliding_window", None)
         pattern = spec if spec is not None else model_pattern(bool(is_causal), sliding_window,

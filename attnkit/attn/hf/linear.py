@@ -1,13 +1,17 @@
 """Linear attention inside a Hugging Face model (the :class:`LinearAttention` spec).
 
-transformers keeps its own key/value cache whatever the attention function does, so generation
-works by *recomputation*: a decoding step with ``Nq`` new queries and ``Nk`` cached keys folds the
-``Nk - Nq`` earlier keys into the recurrent state ``(S, z)`` (one ``[F, Dv]`` outer-product sum,
-``O(Nk * F * Dv)`` per layer and step) and then runs the new tokens from that state. A whole
-generation of ``T`` tokens therefore costs ``O(T^2 * F * Dv)`` instead of the ``O(T * F * Dv)``
-a carried state would, while still never forming an ``N x N`` matrix; memory is transformers'
-KV cache (``O(T * D)`` per layer), not a constant-size state. The outputs are exactly those of
-the parallel form.
+Generation has two paths:
+
+* with :class:`~attnkit.attn.hf.linear_cache.LinearAttentionCache` (pass ``cache=`` to
+  ``generate``), a swapped layer's cache holds the recurrent state ``(S, z)`` only: the key tensor
+  the cache returns carries its layer (``STATE_TAG``), and the new tokens run from the stored
+  state, ``O(F * Dv)`` per head and token, constant memory;
+* with transformers' own KV cache (the default ``DynamicCache``), the state is *recomputed*: a step
+  with ``Nq`` new queries and ``Nk`` cached keys folds the ``Nk - Nq`` earlier keys into ``(S, z)``
+  (``O(Nk * F * Dv)`` per layer and step, so ``O(T^2)`` for ``T`` tokens, and an ``O(T)`` cache),
+  then runs the new tokens from it. A one-time warning points to the cache above.
+
+Both give the outputs of the parallel form (up to rounding).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import torch
 
 from ..feature_maps import FEATURE_MAPS
-from ..linear import linear_attention
+from ..linear import linear_attention, linear_attention_step
+from .linear_cache import STATE_TAG
+from .runtime import _warn_once
 from .specs import LinearAttention
 
 __all__ = ["hf_linear_attention"]
@@ -26,6 +32,22 @@ def _phi(spec: LinearAttention, x: torch.Tensor) -> torch.Tensor:
     fn = FEATURE_MAPS[spec.feature_map] if isinstance(spec.feature_map, str) else spec.feature_map
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     return fn(x.to(cdt)) if isinstance(spec.feature_map, str) else fn(x).to(cdt)
+
+
+def _decay(spec: LinearAttention, k: torch.Tensor):
+    """The spec's ``decay`` as :func:`linear_attention` takes it (a float, or ``[Hkv]``)."""
+    if isinstance(spec.decay, tuple) and len(spec.decay) not in (1, k.shape[1]):
+        raise ValueError(f"{spec!r}: decay has {len(spec.decay)} values but this layer has "
+                         f"{k.shape[1]} key/value heads; give one gamma per key/value head")
+    if isinstance(spec.decay, tuple):  # built on the CPU: validated there without a device sync
+        return torch.tensor(spec.decay, dtype=torch.float64)
+    return spec.decay
+
+
+def _check_causal(spec: LinearAttention, causal: bool) -> None:
+    if not causal and spec.decay is not None and spec.decay not in (1.0, (1.0,)):
+        raise ValueError(f"{spec!r}: decay needs a causal (decoder) layer; this layer is "
+                         "bidirectional (use decay=None)")
 
 
 def _bidirectional(fq, fk, v, spec, out_dtype):
@@ -44,12 +66,14 @@ def _bidirectional(fq, fk, v, spec, out_dtype):
 def _one(q, k, v, kpm, spec: LinearAttention, causal: bool) -> torch.Tensor:
     """One batch of sequences: ``q [B, Hq, Nq, D]``, ``k``/``v [B, Hkv, Nk, D]``, ``Nq <= Nk``,
     queries bottom-right aligned, ``kpm [B, Nk]`` bool or None. Returns ``[B, Hq, Nq, Dv]``."""
+    _check_causal(spec, causal)
     scale = 1.0 if spec.scale is None else float(spec.scale)
     nq, nk = q.shape[2], k.shape[2]
+    decay = _decay(spec, k)
     fused = isinstance(spec.feature_map, str) and kpm is None and nq == nk and causal
     if fused:  # the whole sequence at once: the feature map runs inside the kernel
         return linear_attention(q, k, v, feature_map=spec.feature_map, causal=True,
-                                normalize=spec.normalize, eps=spec.eps, scale=scale)
+                                normalize=spec.normalize, eps=spec.eps, scale=scale, decay=decay)
     fq, fk = _phi(spec, q * scale), _phi(spec, k)
     if kpm is not None:
         fk = fk * kpm[:, None, :, None].to(fk.dtype)  # a padded key adds nothing to S or z
@@ -58,21 +82,71 @@ def _one(q, k, v, kpm, spec: LinearAttention, causal: bool) -> torch.Tensor:
     past = nk - nq
     state = None
     if past > 0:  # recomputation: fold the cached keys into the state (see the module docstring)
-        vp = v[:, :, :past].to(fk.dtype)
-        state = (torch.einsum("bhnf,bhnd->bhfd", fk[:, :, :past], vp), fk[:, :, :past].sum(2))
+        _warn_once("linear-recompute", "a layer swapped to LinearAttention is decoding from "
+                   "transformers' KV cache, recomputing its state from every cached key each "
+                   "step; pass cache=LinearAttentionCache(model) (attnkit.attn.hf.linear_cache) "
+                   "to generate for O(1) steps and a constant-size cache")
+        vp, kp = v[:, :, :past].to(fk.dtype), fk[:, :, :past]
+        if decay is not None:  # key j of the past enters the state as gamma^(past - 1 - j)
+            g = torch.as_tensor(decay, dtype=fk.dtype, device=fk.device).reshape(-1)
+            ages = torch.arange(past - 1, -1, -1, device=fk.device, dtype=fk.dtype)
+            kp = kp * (g[:, None] ** ages)[None, :, :, None]  # [1, Hkv (or 1), past, 1]
+        state = (torch.einsum("bhnf,bhnd->bhfd", kp, vp), kp.sum(2))
     # the features are cast to q's dtype: linear_attention takes one dtype for q, k, v
     return linear_attention(fq.to(q.dtype), fk[:, :, past:].to(q.dtype), v[:, :, past:],
                             feature_map="identity", causal=True, normalize=spec.normalize,
-                            eps=spec.eps, scale=1.0, initial_state=state)
+                            eps=spec.eps, scale=1.0, initial_state=state, decay=decay)
 
 
-def hf_linear_attention(q, k, v, kpm, spec: LinearAttention, causal: bool, segments=None):
+def _from_state(q, k, v, kpm, spec: LinearAttention, causal: bool, layer) -> torch.Tensor:
+    """The new tokens ``q``/``k``/``v [B, H, Nq, D]`` of a layer whose cache is the
+    :class:`~attnkit.attn.hf.linear_cache.RecurrentStateLayer` ``layer``: run them from its state
+    and store the state after them. ``kpm [B, Nq]`` (True = attend) or None."""
+    state = layer.take()
+    if not causal:
+        raise ValueError("LinearAttentionCache serves causal (decoder) layers only; this layer is "
+                         "bidirectional, run it without a cache")
+    _check_causal(spec, causal)
+    if k.shape[2] != q.shape[2]:
+        raise RuntimeError(f"LinearAttentionCache: the layer got {q.shape[2]} queries but "
+                           f"{k.shape[2]} keys; its cache returns exactly the new tokens' keys")
+    scale = 1.0 if spec.scale is None else float(spec.scale)
+    kw = dict(normalize=spec.normalize, eps=spec.eps, decay=_decay(spec, k))
+    if isinstance(spec.feature_map, str) and kpm is None:  # the map runs inside the kernels
+        kw.update(feature_map=spec.feature_map, scale=scale)
+    else:  # map outside, so that padded keys can be zeroed: they must add nothing to S or z
+        fq, fk = _phi(spec, q * scale), _phi(spec, k)
+        if kpm is not None:
+            fk = fk * kpm[:, None, :, None].to(fk.dtype)
+        q, k = fq.to(q.dtype), fk.to(q.dtype)
+        kw.update(feature_map="identity", scale=1.0)
+    if q.shape[2] == 1:  # a decoding step: the recurrent form (the CUDA step kernel on GPU)
+        o, layer.state = linear_attention_step(q, k, v, state, **kw)
+    else:  # prefill (or several new tokens): the parallel form, keeping the final state
+        o, layer.state = linear_attention(q, k, v, causal=True, initial_state=state,
+                                          return_state=True, **kw)
+    return o
+
+
+def hf_linear_attention(q, k, v, kpm, spec: LinearAttention, causal: bool, segments=None,
+                        state_layer=None):
     """Linear attention for the Hugging Face attention function.
 
     ``q [B, Hq, Nq, D]``, ``k``/``v [B, Hkv, Nk, D]``; ``kpm [B, Nk]`` bool (True = attend) or
     None; ``segments``: ``(q_start, q_end, k_start, k_end)`` of packed sequences along N of a
     ``B = 1`` batch (each runs from an empty state). Returns ``o [B, Hq, Nq, Dv]``.
+
+    A ``k`` tagged by a :class:`~attnkit.attn.hf.linear_cache.RecurrentStateLayer` holds only the
+    new tokens: they run from that layer's stored state (see the module docstring);
+    ``state_layer`` is that layer when the caller read the tag before re-laying ``k`` out.
     """
+    layer = state_layer if state_layer is not None else getattr(k, STATE_TAG, None)
+    if layer is not None:
+        if segments is not None:
+            raise ValueError("LinearAttentionCache cannot serve packed sequences "
+                             "(cu_seq_lens / restarting position_ids); run packed batches "
+                             "without a cache (use_cache=False)")
+        return _from_state(q, k, v, kpm, spec, causal, layer)
     if segments is None:
         return _one(q, k, v, kpm, spec, causal)
     parts = [_one(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], None, spec, causal)

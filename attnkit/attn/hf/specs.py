@@ -36,6 +36,11 @@ class LinearAttention:
         normalize, eps: as :func:`~attnkit.attn.linear.linear_attention`.
         scale: multiplies q before the feature map. ``None`` (default) keeps linear attention's
             own default of 1.0, not the model's ``head_dim ** -0.5``.
+        decay: ``None`` (default), a float ``gamma`` in (0, 1], or one ``gamma`` per key/value
+            head (a sequence or a 1-D tensor of ``num_key_value_heads`` values, kept as a tuple of
+            floats): the state decays per token, ``S_i = gamma S_{i-1} + phi(k_i) v_i^T``
+            (:func:`~attnkit.attn.linear.linear_attention`'s ``decay``). Causal layers only.
+            Saved in the model config; configs written before this field load with ``None``.
 
     Causality follows the model (causal LMs stay causal, encoders stay bidirectional). Padding
     is honoured by zeroing the padded keys' features, so they add nothing to the state.
@@ -45,6 +50,7 @@ class LinearAttention:
     normalize: bool = True
     eps: float = 1e-6
     scale: float | None = None
+    decay: float | tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         from ..feature_maps import resolve_feature_map
@@ -60,6 +66,26 @@ class LinearAttention:
                 raise TypeError(f"LinearAttention: {name} must be a float, got {value!r}")
         if self.eps < 0:
             raise ValueError(f"LinearAttention: eps must be >= 0, got {self.eps}")
+        object.__setattr__(self, "decay", _check_decay(self.decay))
+
+
+def _check_decay(decay):
+    """``decay`` as ``None``, a float or a tuple of floats, each in (0, 1]."""
+    if decay is None:
+        return None
+    if isinstance(decay, torch.Tensor):
+        if decay.dim() > 1 or not decay.is_floating_point():
+            raise ValueError(f"LinearAttention: decay must be a float or a 1-D float tensor (one "
+                             f"gamma per key/value head), got {decay.dtype} {list(decay.shape)}")
+        decay = decay.detach().cpu().reshape(-1).tolist()  # a tuple: hashable and JSON-able
+    values = list(decay) if isinstance(decay, (list, tuple)) else [decay]
+    for g in values:
+        if isinstance(g, bool) or not isinstance(g, numbers.Real) or not 0 < g <= 1:
+            raise ValueError(f"LinearAttention: decay must be a float in (0, 1] or a sequence of "
+                             f"them (one per key/value head), got {decay!r}")
+    if not values:
+        raise ValueError("LinearAttention: decay must not be empty; use None for no decay")
+    return tuple(float(g) for g in values) if isinstance(decay, (list, tuple)) else float(decay)
 
 
 #: What one layer runs: a pattern or a linear-attention spec.

@@ -4,6 +4,8 @@
   feature and value dims up to 256;
 * :class:`TorchLinear` — chunked PyTorch (``torch_impl.py``): any device, dtype and size.
 
+Both take ``decay`` (a per-KV-head decaying state, causal only).
+
 (The CUDA decode step, ``cuda.py``, serves :func:`attnkit.linear_attention_step` only.)
 """
 
@@ -35,6 +37,7 @@ class LinearAttentionCall:
     normalize: bool
     eps: float
     scale: float
+    decay: torch.Tensor | None = None  # [Hkv] gamma in (0, 1], causal only
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -63,17 +66,18 @@ class TritonLinear(Backend):
 
     def special_reasons(self, call: LinearAttentionCall) -> list[str]:
         # ... and the backward all of Dv, the same cap: the dispatch declares one dim per call.
+        reasons = []
         dv = call.v.shape[-1]
         if dv > MAX_DIM:
-            return [f"value head dim {dv} is above the maximum of {MAX_DIM}"]
-        return []
+            reasons.append(f"value head dim {dv} is above the maximum of {MAX_DIM}")
+        return reasons
 
     def run(self, call: LinearAttentionCall):
         from .op import linear_attention_triton
 
         return linear_attention_triton(
             call.q, call.k, call.v, call.s0, call.z0, call.feature, call.causal, call.normalize,
-            call.eps, call.scale,
+            call.eps, call.scale, decay=call.decay,
         )
 
 
@@ -93,6 +97,7 @@ class TorchLinear(Backend):
             q, k = phi(q.to(cdt) * call.scale), phi(k.to(cdt))
         return linear_attention_torch(
             q, k, call.v, call.s0, call.z0, call.causal, call.normalize, call.eps,
+            decay=call.decay,
         )
 
 

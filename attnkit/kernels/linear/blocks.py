@@ -164,3 +164,21 @@ def start_state(S0, Z0, st_off, zt_off, k_base, v_base, skn, skd, svn, svd, N, D
             s += dot(tl.trans(fk.to(v.dtype)), v, PRECISION, UPCAST)  # [BK, BT] @ [BT, BV]
             z += tl.sum(fk, 0)
     return s, z
+
+
+@triton.jit
+def decay_weights(LG, hk, start, arange_t, N, BT: tl.constexpr):
+    """The decay of the chunk at token ``start`` for key/value head ``hk`` (``LG [HKV]``: fp32
+    ``log gamma <= 0``), local positions ``i`` (query) and ``j`` (key), ``n`` real tokens:
+    ``(gamma^(i - j) [BT, BT] (0 above the diagonal), gamma^(i + 1) [BT] (what a query reads of
+    the incoming state), gamma^(n - 1 - j) [BT] (what key j adds to the outgoing state, 0 past
+    the tail), gamma^n (what the incoming state keeps))``. Every exponent is >= 0, so nothing
+    overflows."""
+    lg = tl.load(LG + hk)
+    n = tl.minimum(N - start, BT).to(tl.float32)
+    t = arange_t.to(tl.float32)
+    gap = t[:, None] - t[None, :]
+    w_a = tl.where(gap >= 0, tl.exp(lg * tl.maximum(gap, 0.0)), 0.0)
+    w_q = tl.exp(lg * (t + 1.0))
+    w_k = tl.where(t < n, tl.exp(lg * tl.maximum(n - 1.0 - t, 0.0)), 0.0)
+    return w_a, w_q, w_k, tl.exp(lg * n)

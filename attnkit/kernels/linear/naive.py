@@ -14,7 +14,7 @@ __all__ = ["linear_attention_naive"]
 
 
 def linear_attention_naive(q, k, v, phi, *, causal=True, normalize=True, eps=1e-6, scale=1.0,
-                           state=None, valid_keys=None, dtype=torch.float64):
+                           state=None, valid_keys=None, decay=None, dtype=torch.float64):
     """``(o [B, Hq, Nq, Dv], s [B, Hkv, F, Dv], z [B, Hkv, F])`` in ``dtype``, differentiable,
     through the score matrix ``A_ij = phi(q_i * scale) . phi(k_j)`` ``[B, Hq, Nq, Nk]``::
 
@@ -29,6 +29,11 @@ def linear_attention_naive(q, k, v, phi, *, causal=True, normalize=True, eps=1e-
     ``state`` ``(s0 [B, Hkv, F, Dv], z0 [B, Hkv, F])`` or None. ``phi`` is applied to ``dtype``
     tensors and must accept them (a module: pass a float64 copy). With a low-precision ``dtype``
     this is the naive computation whose error sets the tolerance.
+
+    ``decay`` (``[Hkv]`` or None; causal only): the state decays by ``gamma_h`` per token,
+    ``S_i = gamma S_{i-1} + phi(k_i) v_i^T``, i.e. ``A_ij`` is weighted by ``gamma^(t_i - j)``
+    (``t_i`` the token of query ``i``) and the initial state by ``gamma^(t_i + 1)``; padded keys
+    add nothing but still count as tokens.
     """
     q, k, v = (t.to(dtype) for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
@@ -47,12 +52,30 @@ def linear_attention_naive(q, k, v, phi, *, causal=True, normalize=True, eps=1e-
         fk_kept = fk
     a = fq @ fk.repeat_interleave(group, 1).transpose(-1, -2)  # [B, Hq, Nq, Nk]
     a = a * visible
+    # token of each query and the decay weights: gamma^(t_i - j) on A, gamma^(t_i + 1) on S0,
+    # gamma^(Nk - 1 - j) on key j in the final state and gamma^Nk on S0 there
+    t_q = torch.arange(nq, device=q.device, dtype=dtype) + (nk - nq)
+    t_k = torch.arange(nk, device=q.device, dtype=dtype)
+    if decay is not None:
+        if not causal:
+            raise ValueError("the oracle defines decay for causal attention only")
+        g = decay.to(device=q.device, dtype=dtype)  # [Hkv]
+        lg = torch.log(g)[:, None, None]
+        gap = (t_q[:, None] - t_k[None, :]).clamp(min=0)  # masked entries: any finite value
+        a = a * torch.exp(lg * gap).repeat_interleave(group, 0)[None]  # [1, Hq, Nq, Nk]
+        w_state_q = torch.exp(lg[..., 0] * (t_q + 1)).repeat_interleave(group, 0)  # [Hq, Nq]
+        w_key = torch.exp(lg[..., 0] * (nk - 1 - t_k))  # [Hkv, Nk]
+        w_state = torch.exp(lg[:, 0, 0] * nk)  # [Hkv]
+        fk_kept = fk_kept * w_key[None, :, :, None]
     num, den = a @ v.repeat_interleave(group, 1), a.sum(-1)
     s, z = fk_kept.transpose(-1, -2) @ v, fk_kept.sum(-2)
     if state is not None:
         s0, z0 = (t.to(dtype) for t in state)
-        num = num + fq @ s0.repeat_interleave(group, 1)
-        den = den + (fq * z0.repeat_interleave(group, 1)[:, :, None, :]).sum(-1)
+        fq0 = fq if decay is None else fq * w_state_q[None, :, :, None]
+        num = num + fq0 @ s0.repeat_interleave(group, 1)
+        den = den + (fq0 * z0.repeat_interleave(group, 1)[:, :, None, :]).sum(-1)
+        if decay is not None:
+            s0, z0 = s0 * w_state[None, :, None, None], z0 * w_state[None, :, None]
         s, z = s + s0, z + z0
     o = num / (den[..., None] + eps) if normalize else num
     return o, s, z

@@ -6,6 +6,11 @@ Definition (``phi`` = the feature map; ``fq = phi(q * scale)``, ``fk = phi(k)``,
     z_i = z0 + sum_{j <= i} fk_j            [F]
     o_i = fq_i S_i / (fq_i . z_i + eps)      (normalize=False: o_i = fq_i S_i)
 
+``HAS_DECAY`` (causal; ``LG = log gamma [HKV]``): ``S_i = gamma S_{i-1} + fk_i v_i^T``, so in a
+chunk of ``n`` tokens the scores take ``gamma^(i - j)``, query ``i`` reads ``gamma^(i + 1)`` of
+the incoming state and key ``j`` enters the outgoing one as ``gamma^(n - 1 - j)`` (the incoming
+one keeps ``gamma^n``); the backward weights the same terms (``blocks.decay_weights``).
+
 Chunkwise-parallel form (chunk ``BT``, 64 on a GPU, 16 under the interpreter): within a chunk the
 masked quadratic term ``(fq fk^T * M) v``, across chunks the state ``S`` (and normaliser ``z``)
 carried in fp32 registers. One program walks the whole sequence of one head, so per-token states
@@ -66,6 +71,7 @@ from . import tiles
 from .blocks import (
     block_offsets,
     chunk_rows,
+    decay_weights,
     dot,
     dphi,
     features,
@@ -78,6 +84,10 @@ from .blocks import (
 )
 from .feature_maps import FEATURES
 from .tiles import INTERPRET, MAX_DIM, pow2
+from .tiles import dense_state as _dense
+from .tiles import launch_flags as _flags
+from .tiles import launch_sizes as _sizes
+from .tiles import launch_strides as _strides
 
 __all__ = ["linear_attention_triton", "FEATURES", "INTERPRET", "MAX_DIM"]
 
@@ -97,11 +107,11 @@ _DQ_TILES, _DKDV_TILES = tiles.DQ_TILES, tiles.DKDV_TILES
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, DEN, S0, Z0, ST, ZT,
+    Q, K, V, OUT, DEN, S0, Z0, ST, ZT, LG,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     scale, eps, HQ, HKV, GROUP, N, F, DV,
     FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_S0: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DECAY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     """Grid ``(cdiv(DV, BV), HQ, B)``. Writes ``o``, the denominator ``den [B, HQ, N]`` (fp32,
@@ -127,12 +137,20 @@ def _fwd_kernel(
         num = dot(fq, s, PRECISION, False)
         if NORMALIZE:
             den = tl.sum(fq * z[None, :], 1)  # [BT]
+        if HAS_DECAY:  # (causal only) query i reads gamma^(i + 1) of the incoming state
+            w_a, w_q, w_k, w_s = decay_weights(LG, h // GROUP, start, arange_t, N, BT)
+            num = num * w_q[:, None]
+            if NORMALIZE:
+                den = den * w_q
         if CAUSAL:
             xk, fk, v = key_chunk(k_base, v_base, rows, mask_t, skn, skd, svn, svd, offs_f, mask_f,
                                  offs_v, mask_v, FEATURE)
             # intra-chunk term: [BT, BK] @ [BK, BT] -> [BT, BT], lower triangle (j <= i)
             a = dot(fq.to(v.dtype), tl.trans(fk.to(v.dtype)), PRECISION, UPCAST)
             a = tl.where(arange_t[:, None] >= arange_t[None, :], a, 0.0)
+            if HAS_DECAY:
+                a = a * w_a
+                s, z, fk = s * w_s, z * w_s, fk * w_k[:, None]  # the outgoing state's weights
             num += dot(a.to(v.dtype), v, PRECISION, UPCAST)  # [BT, BT] @ [BT, BV]
             if NORMALIZE:
                 den += tl.sum(a, 1)
@@ -158,12 +176,12 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, OUT, DO, DEN, S0, Z0, DQ,
+    Q, K, V, OUT, DO, DEN, S0, Z0, DQ, LG,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
     scale, eps, HQ, HKV, GROUP, N, F, DV,
     FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_S0: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DECAY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     """Grid ``(cdiv(F, BK), HQ, B)``: ``dq[:, kblock] = phi'(q) * scale * (S g + z c)``,
@@ -188,13 +206,20 @@ def _bwd_dq_kernel(
                                   FEATURE, NORMALIZE)
         # inter-chunk: [BT, BV] @ [BV, BK] -> [BT, BK]
         dfq = dot(g, tl.trans(s), PRECISION, False) + c[:, None] * z[None, :]
+        if HAS_DECAY:
+            w_a, w_q, w_k, w_s = decay_weights(LG, h // GROUP, start, arange_t, N, BT)
+            dfq = dfq * w_q[:, None]
         if CAUSAL:
             xk, fk, v = key_chunk(k_base, v_base, rows, mask_t, skn, skd, svn, svd, offs_f, mask_f,
                                  offs_v, mask_v, FEATURE)
             # dA_ij = g_i . v_j + c_i: [BT, BV] @ [BV, BT] -> [BT, BT], lower triangle
             da = dot(g.to(v.dtype), tl.trans(v), PRECISION, UPCAST) + c[:, None]
             da = tl.where(arange_t[:, None] >= arange_t[None, :], da, 0.0)
+            if HAS_DECAY:
+                da = da * w_a
             dfq += dot(da.to(v.dtype), fk.to(v.dtype), PRECISION, UPCAST)  # [BT, BT] @ [BT, BK]
+            if HAS_DECAY:
+                s, z, fk = s * w_s, z * w_s, fk * w_k[:, None]
             s += dot(tl.trans(fk.to(v.dtype)), v, PRECISION, UPCAST)
             z += tl.sum(fk, 0)
         dq = dfq * dphi(xq, FEATURE) * scale
@@ -204,12 +229,12 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, OUT, DO, DEN, DST, DZT, DK, DV_, DS0, DZ0,
+    Q, K, V, OUT, DO, DEN, DST, DZT, DK, DV_, DS0, DZ0, LG,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     sdob, sdoh, sdon, sdod, sdkb, sdkh, sdkn, sdkd, sdvk, sdvb, sdvh, sdvn, sdvd,
     scale, eps, HQ, HKV, GROUP, N, F, DV,
     FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
-    HAS_DST: tl.constexpr, WRITE_DS0: tl.constexpr,
+    HAS_DST: tl.constexpr, WRITE_DS0: tl.constexpr, HAS_DECAY: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
@@ -257,6 +282,13 @@ def _bwd_dkdv_kernel(
         # inter-chunk: [BT, BV] @ [BV, BK] -> [BT, BK] and [BT, BK] @ [BK, BV] -> [BT, BV]
         dfk = dot(v.to(tl.float32), tl.trans(ds), PRECISION, False) + dz[None, :]
         dv = dot(fk, ds, PRECISION, False)
+        if HAS_DECAY:
+            # key j entered the outgoing state as gamma^(n-1-j); the incoming one kept gamma^n,
+            # so dS now passes gamma^n back before this chunk's queries add theirs
+            w_a, w_q, w_k, w_s = decay_weights(LG, hk, start, arange_t, N, BT)
+            dfk, dv = dfk * w_k[:, None], dv * w_k[:, None]
+            ds, dz = ds * w_s, dz * w_s
+            w_at = tl.trans(w_a)  # [key j, query i]: gamma^(i - j)
         if CAUSAL:
             upper = arange_t[:, None] <= arange_t[None, :]  # key j (row) seen by query i (col)
             for hh in range(0, GROUP):
@@ -268,10 +300,15 @@ def _bwd_dkdv_kernel(
                 # P_ji = v_j . g_i + c_i: [BT, BV] @ [BV, BT] -> [BT, BT]
                 p = dot(v, tl.trans(g.to(v.dtype)), PRECISION, UPCAST) + c[None, :]
                 p = tl.where(upper, p, 0.0)
+                if HAS_DECAY:
+                    p = p * w_at
                 dfk += dot(p.to(v.dtype), fq.to(v.dtype), PRECISION, UPCAST)  # [BT, BT] @ [BT, BK]
                 # A^T_ji = fk_j . fq_i over this feature block: [BT, BK] @ [BK, BT] -> [BT, BT]
                 at = dot(fk.to(v.dtype), tl.trans(fq.to(v.dtype)), PRECISION, UPCAST)
                 at = tl.where(upper, at, 0.0)
+                if HAS_DECAY:
+                    at = at * w_at
+                    fq = fq * w_q[:, None]  # query i read gamma^(i + 1) of the incoming state
                 dv += dot(at.to(v.dtype), g.to(v.dtype), PRECISION, UPCAST)  # [BT, BT] @ [BT, BV]
                 # the inter-chunk terms above already read dS, so this chunk joins it now
                 ds += dot(tl.trans(fq), g, PRECISION, False)  # [BK, BT] @ [BT, BV]
@@ -303,31 +340,7 @@ def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     return t.fill_(float("nan")) if POISON_OUTPUTS else t
 
 
-def _strides(prefix: str, t: torch.Tensor) -> dict:
-    """``{prefix + "b": ..., "h", "n", "d"}``: the strides of a ``[B, H, N, D]`` tensor under the
-    kernels' parameter names (``sqb, sqh, sqn, sqd`` for ``"sq"``); a 5-d dv buffer adds "k"."""
-    axes = "bhnd" if t.dim() == 4 else "kbhnd"
-    return {prefix + a: s for a, s in zip(axes, t.stride(), strict=True)}
-
-
-def _sizes(q, k, v) -> dict:
-    """The size arguments every kernel takes."""
-    B, Hq, N, F = q.shape
-    Hkv = k.shape[1]
-    return dict(HQ=Hq, HKV=Hkv, GROUP=Hq // Hkv, N=N, F=F, DV=v.shape[3])
-
-
-def _flags(q, feature, causal, normalize) -> dict:
-    return dict(FEATURE=feature, CAUSAL=causal, NORMALIZE=normalize,
-                PRECISION=tiles.precision(q.dtype), UPCAST=tiles.upcast(q.dtype))
-
-
-def _dense(s0, z0):
-    """The kernels index a state as a dense ``[B, HKV, F, DV]`` block (``None`` stays None)."""
-    return (None, None) if s0 is None else (s0.contiguous(), z0.contiguous())
-
-
-def _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale):
+def _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale, lg=None):
     B, Hq, N, F = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     o = _empty((B, Hq, N, Dv), q)
@@ -339,18 +352,21 @@ def _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale):
     s0, z0 = _dense(s0, z0)
     grid = lambda meta: (triton.cdiv(Dv, meta["BV"]), Hq, B)
     _fwd[grid](
-        Q=q, K=k, V=v, OUT=o, DEN=den, S0=s0, Z0=z0, ST=st, ZT=zt,
+        Q=q, K=k, V=v, OUT=o, DEN=den, S0=s0, Z0=z0, ST=st, ZT=zt, LG=lg,
         **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("so", o),
         scale=float(scale), eps=float(eps), **_sizes(q, k, v),
-        HAS_S0=s0 is not None, BK=pow2(F), **_flags(q, feature, causal, normalize), **_FWD_META,
+        HAS_S0=s0 is not None, HAS_DECAY=lg is not None, BK=pow2(F),
+        **_flags(q, feature, causal, normalize), **_FWD_META,
     )
     return o, den, st, zt
 
 
-def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize, eps, scale):
+def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize, eps, scale,
+              lg=None):
     B, Hq, N, F = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     common = dict(scale=float(scale), eps=float(eps), **_sizes(q, k, v), BV=pow2(Dv),
+                  LG=lg, HAS_DECAY=lg is not None,
                   **_flags(q, feature, causal, normalize))
     do = do if do.stride(-1) == 1 else do.contiguous()
     s0, z0 = _dense(s0, z0)
@@ -400,14 +416,16 @@ def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize,
 def linear_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s0: torch.Tensor | None,
     z0: torch.Tensor | None, feature: int, causal: bool, normalize: bool, eps: float, scale: float,
+    lg: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Linear attention forward: ``(o [B, Hq, N, Dv], den [B, Hq, N] fp32, s [B, Hkv, F, Dv] fp32,
-    z [B, Hkv, F] fp32)``; ``den`` is saved for backward (zeros when ``normalize`` is False)."""
-    return _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale)
+    z [B, Hkv, F] fp32)``; ``den`` is saved for backward (zeros when ``normalize`` is False).
+    ``lg``: ``log gamma [Hkv]`` fp32 of a decaying state (causal only), or None."""
+    return _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale, lg)
 
 
 @linear_attn_fwd.register_fake
-def _(q, k, v, s0, z0, feature, causal, normalize, eps, scale):
+def _(q, k, v, s0, z0, feature, causal, normalize, eps, scale, lg=None):
     B, Hq, N, F = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     return (
@@ -422,15 +440,16 @@ def linear_attn_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
     den: torch.Tensor, s0: torch.Tensor | None, z0: torch.Tensor | None,
     dst: torch.Tensor | None, dzt: torch.Tensor | None, feature: int, causal: bool,
-    normalize: bool, eps: float, scale: float,
+    normalize: bool, eps: float, scale: float, lg: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Linear attention backward: ``(dq, dk, dv, ds0, dz0)``; ``ds0``/``dz0`` are empty when
     there is no initial state. ``dst``/``dzt`` are the gradients on the returned final state."""
-    return _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize, eps, scale)
+    return _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize, eps, scale,
+                     lg)
 
 
 @linear_attn_bwd.register_fake
-def _(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize, eps, scale):
+def _(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize, eps, scale, lg=None):
     if s0 is None:
         ds0, dz0 = (q.new_empty((0,), dtype=torch.float32) for _ in range(2))
     else:
@@ -443,34 +462,39 @@ _NON_TENSOR_ARGS = ("feature", "causal", "normalize", "eps", "scale")
 
 def _setup_context(ctx, inputs, output):
     q, k, v, s0, z0, *rest = inputs
+    lg = rest[len(_NON_TENSOR_ARGS)] if len(rest) > len(_NON_TENSOR_ARGS) else None
     o, den, _, _ = output
-    ctx.save_for_backward(q, k, v, o, den, s0, z0)
-    ctx.args = dict(zip(_NON_TENSOR_ARGS, rest, strict=True))
+    ctx.save_for_backward(q, k, v, o, den, s0, z0, lg)
+    ctx.args = dict(zip(_NON_TENSOR_ARGS, rest[:len(_NON_TENSOR_ARGS)], strict=True))
+    ctx.n_inputs = len(inputs)
     ctx.set_materialize_grads(False)  # unused state outputs then cost nothing in backward
 
 
 def _backward(ctx, do, dden, dst, dzt):
-    q, k, v, o, den, s0, z0 = ctx.saved_tensors
+    q, k, v, o, den, s0, z0, lg = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv, ds0, dz0 = torch.ops.attnkit.linear_attn_bwd(
-        do, q, k, v, o, den, s0, z0, dst, dzt, *ctx.args.values()
+        do, q, k, v, o, den, s0, z0, dst, dzt, *ctx.args.values(), lg
     )
     if s0 is None:
         ds0 = dz0 = None
-    return dq, dk, dv, ds0, dz0, None, None, None, None, None
+    # no gradient for the flags, nor for the decay (gamma is a fixed rate)
+    return (dq, dk, dv, ds0, dz0) + (None,) * (ctx.n_inputs - 5)
 
 
 linear_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_attention_triton(fq, fk, v, s0, z0, feature: str, causal: bool, normalize: bool,
-                            eps: float, scale: float):
+                            eps: float, scale: float, decay: torch.Tensor | None = None):
     """Run the Triton op. ``fq [B, Hq, N, F]``, ``fk [B, Hkv, N, F]``, ``v [B, Hkv, N, Dv]``:
     raw q/k when ``feature`` is a fused map, already mapped features when it is ``"identity"``;
-    ``s0 [B, Hkv, F, Dv]`` / ``z0 [B, Hkv, F]`` fp32 or both None. Returns ``(o, s, z)``."""
+    ``s0 [B, Hkv, F, Dv]`` / ``z0 [B, Hkv, F]`` fp32 or both None; ``decay`` ``[Hkv]`` gamma
+    in (0, 1] (causal only) or None. Returns ``(o, s, z)``."""
+    lg = None if decay is None else torch.log(decay.to(device=fq.device, dtype=torch.float32))
     o, _, s, z = torch.ops.attnkit.linear_attn_fwd(
         fq, fk, v, s0, z0, FEATURES[feature], bool(causal), bool(normalize), float(eps),
-        float(scale),
+        float(scale), None if lg is None else lg.contiguous(),
     )
     return o, s, z

@@ -16,7 +16,7 @@ from ..dispatch import interpreting
 __all__ = [
     "INTERPRET", "MAX_DIM", "FWD_TILES", "DQ_TILES", "DKDV_TILES", "INTERPRET_BLOCK", "pow2",
     "fwd_tiles", "bwd_tiles", "dq_block", "dkdv_block", "feature_block", "autotuned", "precision",
-    "upcast",
+    "upcast", "launch_strides", "launch_sizes", "launch_flags", "dense_state",
 ]
 
 #: Read once, at import: Triton decides compiled vs interpreted when the kernels are decorated.
@@ -160,3 +160,30 @@ def upcast(dtype: torch.dtype) -> bool:
     """The ``UPCAST`` flag: the CPU interpreter's bf16 dot is wrong, so bf16 dots multiply the
     (bf16-rounded) operands in fp32 there."""
     return INTERPRET and dtype == torch.bfloat16
+
+
+# The launchers' keyword arguments (op.py), shared by the three kernels.
+
+
+def launch_strides(prefix: str, t: torch.Tensor) -> dict:
+    """``{prefix + "b": ..., "h", "n", "d"}``: the strides of a ``[B, H, N, D]`` tensor under the
+    kernels' parameter names (``sqb, sqh, sqn, sqd`` for ``"sq"``); a 5-d dv buffer adds "k"."""
+    axes = "bhnd" if t.dim() == 4 else "kbhnd"
+    return {prefix + a: s for a, s in zip(axes, t.stride(), strict=True)}
+
+
+def launch_sizes(q, k, v) -> dict:
+    """The size arguments every kernel takes."""
+    B, Hq, N, F = q.shape
+    Hkv = k.shape[1]
+    return dict(HQ=Hq, HKV=Hkv, GROUP=Hq // Hkv, N=N, F=F, DV=v.shape[3])
+
+
+def launch_flags(q, feature, causal, normalize) -> dict:
+    return dict(FEATURE=feature, CAUSAL=causal, NORMALIZE=normalize,
+                PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype))
+
+
+def dense_state(s0, z0):
+    """The kernels index a state as a dense ``[B, HKV, F, DV]`` block (``None`` stays None)."""
+    return (None, None) if s0 is None else (s0.contiguous(), z0.contiguous())

@@ -34,6 +34,7 @@ def linear_attention_torch(
     eps: float = 1e-6,
     chunk: int = DEFAULT_CHUNK,
     out_dtype: torch.dtype | None = None,
+    decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Linear attention on feature-mapped inputs.
 
@@ -43,6 +44,10 @@ def linear_attention_torch(
         s0, z0: initial state ``[B, Hkv, F, Dv]`` and normaliser ``[B, Hkv, F]``, or None.
         chunk: tokens per step of the causal walk.
         out_dtype: dtype of ``o`` (default ``v.dtype``).
+        decay: ``[Hkv]`` per-head ``gamma`` in (0, 1] or None (causal only):
+            ``S_i = gamma S_{i-1} + phi(k_i) v_i^T``. Inside a chunk the scores are weighted by
+            the decay matrix ``gamma^(i - j)``; across chunks the carried state is multiplied by
+            ``gamma^(i + 1)`` for the chunk's token ``i`` and by ``gamma^C`` after the chunk.
 
     Returns:
         ``(o [B, Hq, N, Dv], s [B, Hkv, F, Dv], z [B, Hkv, F])``; the state in
@@ -58,6 +63,8 @@ def linear_attention_torch(
     s = fq.new_zeros((B, Hkv, F, Dv)) if s0 is None else s0.to(cdt)
     z = fq.new_zeros((B, Hkv, F)) if z0 is None else z0.to(cdt)
 
+    if decay is not None and not causal:
+        raise ValueError("decay needs causal=True")
     if not causal:
         s = s + fk.transpose(-1, -2) @ v  # [B, Hkv, F, N] @ [B, Hkv, N, Dv]
         z = z + fk.sum(-2)
@@ -65,13 +72,22 @@ def linear_attention_torch(
         den = (fq @ z[:, :, None, :, None]).squeeze(-1)  # [B, Hkv, G, N]
     else:
         nums, dens = [], []
+        lg = None if decay is None else torch.log(decay.to(device=fq.device, dtype=cdt))
         for c0 in range(0, N, chunk):
             c1 = min(c0 + chunk, N)
             qc, kc, vc = fq[..., c0:c1, :], fk[..., c0:c1, :], v[..., c0:c1, :]
             # [B, Hkv, G, C, F] x [B, Hkv, C, F] -> [B, Hkv, G, C, C], keys j <= query i
             a = torch.einsum("bhgif,bhjf->bhgij", qc, kc).tril()
-            nums.append(a @ vc[:, :, None] + qc @ s[:, :, None])
-            dens.append(a.sum(-1) + (qc @ z[:, :, None, :, None]).squeeze(-1))
+            qs = qc
+            if lg is not None:
+                w_a, w_q, w_k, w_s = _decay_weights(lg, c1 - c0)
+                a = a * w_a[None, :, None]  # gamma^(i - j) on and below the diagonal
+                qs = qc * w_q[None, :, None, :, None]  # token i reads gamma^(i + 1) S
+            nums.append(a @ vc[:, :, None] + qs @ s[:, :, None])
+            dens.append(a.sum(-1) + (qs @ z[:, :, None, :, None]).squeeze(-1))
+            if lg is not None:  # the state after the chunk: old state gamma^C, key j gamma^(C-1-j)
+                kc = kc * w_k[None, :, :, None]
+                s, z = s * w_s[None, :, None, None], z * w_s[None, :, None]
             s = s + kc.transpose(-1, -2) @ vc
             z = z + kc.sum(-2)
         num = torch.cat(nums, -2) if nums else fq.new_zeros((B, Hkv, G, N, Dv))
@@ -79,3 +95,14 @@ def linear_attention_torch(
     o = num / (den[..., None] + eps) if normalize else num
     o = o.reshape(B, Hq, N, Dv).to(out_dtype)
     return o, s, z
+
+
+def _decay_weights(lg: torch.Tensor, c: int):
+    """For ``log gamma [Hkv]`` and a chunk of ``c`` tokens: ``gamma^(i - j)`` ``[Hkv, c, c]``
+    (0 above the diagonal, where the exponent is negative and could overflow), ``gamma^(i + 1)``
+    ``[Hkv, c]``, ``gamma^(c - 1 - j)`` ``[Hkv, c]`` and ``gamma^c`` ``[Hkv]``."""
+    pos = torch.arange(c, device=lg.device, dtype=lg.dtype)
+    gap = pos[:, None] - pos[None, :]
+    w_a = torch.where(gap >= 0, torch.exp(lg[:, None, None] * gap.clamp(min=0)), 0.0)
+    return (w_a, torch.exp(lg[:, None] * (pos + 1)), torch.exp(lg[:, None] * (c - 1 - pos)),
+            torch.exp(lg * c))
