@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - transformers < 4.53 builds 4-D masks i
 # the private names are for attnkit.finetune (train.py imports _base_model from here) and tests
 from .interface import attnkit_attention_forward, attnkit_mask
 from .linear import hf_linear_attention
+from .linear_cache import LinearAttentionCache
 from .loading import from_pretrained, load_learned_feature_maps
 from .persist import CONFIG_KEY, SPEC_TYPES, spec_from_json, spec_to_json
 from .runtime import NAME, _warned, get_backend, set_backend  # noqa: F401
@@ -38,6 +39,7 @@ from .specs import FEATURE_MAP_ATTR, LinearAttention, Spec, check_spec, model_pa
 from .surgery import _attention_modules, _base_model, restore_attention, swap_attention  # noqa: F401
 
 __all__ = [
+    "LinearAttentionCache",
     "NAME", "attnkit_attention_forward", "attnkit_mask", "swap_attention", "restore_attention",
     "LinearAttention", "set_backend", "get_backend", "register", "from_pretrained",
     "load_learned_feature_maps", "SPEC_TYPES", "CONFIG_KEY", "FEATURE_MAP_ATTR", "Spec",

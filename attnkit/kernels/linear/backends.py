@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dispatch import TRITON_DTYPES, Backend, select_backend
+from ..dispatch import TRITON_DTYPES, Backend, QueryCall, select_backend
 from .feature_maps import FEATURE_MAPS
 from .tiles import MAX_DIM
 
@@ -23,9 +23,11 @@ __all__ = ["LinearAttentionCall", "BACKENDS", "run_linear_attention", "MAX_DIM"]
 
 
 @dataclass(frozen=True)
-class LinearAttentionCall:
+class LinearAttentionCall(QueryCall):
     """A validated call, as the backends see it. ``q``/``k`` are raw inputs when ``feature`` names
-    a fused map, else already-mapped features (``feature == "identity"``, ``scale == 1``)."""
+    a fused map, else already-mapped features (``feature == "identity"``, ``scale == 1``). Its
+    ``head_dim`` (from :class:`~attnkit.kernels.dispatch.QueryCall`) is ``F``, the feature dim
+    after the map: what :attr:`Backend.max_head_dim` bounds."""
 
     q: torch.Tensor  # [B, Hq, N, F] (or [B, Hq, N, Dk] for fused maps, F == Dk)
     k: torch.Tensor  # [B, Hkv, N, F]
@@ -39,14 +41,6 @@ class LinearAttentionCall:
     scale: float
     decay: torch.Tensor | None = None  # [Hkv] gamma in (0, 1], causal only
 
-    @property
-    def tensor(self) -> torch.Tensor:
-        return self.q
-
-    @property
-    def head_dim(self) -> int:
-        """``F``, the feature dim after the map: what :attr:`Backend.max_head_dim` bounds."""
-        return self.q.shape[-1]
 
     @property
     def grid(self) -> tuple[int, int]:
