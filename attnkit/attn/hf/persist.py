@@ -188,7 +188,7 @@ def _learned_feature_map(desc: dict, module, where: str) -> HedgehogFeatureMap:
     return fm
 
 
-def spec_from_json(data: object, where: str, module=None) -> Spec | None:
+def spec_from_json(data: object, where: str = "attnkit_attention", module=None) -> Spec | None:
     """Rebuild a spec written by :func:`spec_to_json` (or by an attnkit before registry names).
 
     ``where`` names the entry in errors; ``module`` is the layer's attention module, which holds
