@@ -4,6 +4,7 @@ Importing attnkit is light: kernels (and triton), PEFT and transformers load on 
 """
 
 from . import finetune
+from ._version import __version__
 from .attn import (
     BlockSparse,
     Causal,
@@ -23,8 +24,6 @@ from .attn import (
     strided,
 )
 from .finetune import LoRALinear, lora_batched, lora_linear
-
-__version__ = "0.1.0"
 
 __all__ = [
     "attention", "Pattern", "Dense", "Causal", "SlidingWindow", "MultiheadSelfAttention",

@@ -69,7 +69,7 @@ def _pow2(v: int) -> int:
 def _versions() -> str:
     import triton
 
-    from ... import __version__
+    from ..._version import __version__
 
     return f"attnkit{__version__}-triton{triton.__version__}"
 
