@@ -13,6 +13,8 @@ from .kernels_common import (
     _block_mask,
     _dot,
     _dscore,
+    _list_entry,
+    _list_row,
     _load_rows,
     _query_block,
     _score,
@@ -152,13 +154,9 @@ def _walk_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     shift = nk - nq
     if SPARSE:
-        col = start_n // BS
-        c_in = start_n - col * BS + tl.arange(0, BLOCK_N)  # keys inside the layout block
-        entry = (lay * NCOLB + col).to(tl.int64) * MAXQ
-        num = tl.load(Q_NUM + lay * NCOLB + col)
+        entry, num, c_in = _list_row(Q_NUM, lay, NCOLB, MAXQ, start_n, BS, BLOCK_N)  # keys in it
         for i in range(num):
-            qb = tl.load(Q_IDX + entry + i)
-            part = tl.load(Q_PART + entry + i)
+            qb, part = _list_entry(Q_IDX, Q_PART, entry, i)
             for t in range(BS // BLOCK_M):
                 start_m = qb * BS + t * BLOCK_M
                 if start_m < nq:
@@ -201,12 +199,13 @@ def _bwd_dkdv_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     slb, slh, sln, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smn,
     H, HKV, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET, LB_STRIDE, LH_STRIDE, NCOLB, MAXQ,
+    # the program's key block (BLOCK_N) and the inner loop's query tile (BLOCK_M) first: the
+    # transpose of the forward's and dQ's tiling
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
-    VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    SPARSE: tl.constexpr, BS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
+    SPARSE: tl.constexpr, BS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the ``GROUP`` query heads sharing it.
     Grid: ``(cdiv(max Nk, BLOCK_N), Hkv, B or sequences)``.

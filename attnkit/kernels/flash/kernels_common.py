@@ -126,6 +126,23 @@ def _load_rows(base, offs_r, n_rows, stride_r, offs_d, stride_d,
 
 
 @triton.jit
+def _list_row(NUM, lay, n_blocks, max_entries, start, BS: tl.constexpr, BLOCK: tl.constexpr):
+    """Where the block list of the layout block holding position ``start`` begins: ``(entry, num,
+    offsets [BLOCK] of the tile inside its layout block)`` for block lists ``NUM [L, n_blocks]``,
+    ``IDX``/``PART [L, n_blocks, max_entries]``."""
+    blk = start // BS
+    entry = (lay * n_blocks + blk).to(tl.int64) * max_entries
+    num = tl.load(NUM + lay * n_blocks + blk)
+    return entry, num, start - blk * BS + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _list_entry(IDX, PART, entry, i):
+    """The ``i``-th listed layout block and its element mask (``-1``: a full block)."""
+    return tl.load(IDX + entry + i), tl.load(PART + entry + i)
+
+
+@triton.jit
 def _block_mask(PMASK, part, rows_in, cols_in, BS: tl.constexpr):
     """Element mask of a partial layout block, indexed ``[rows_in, cols_in]`` (pre-shaped)."""
     return tl.load(PMASK + part.to(tl.int64) * (BS * BS) + rows_in * BS + cols_in) != 0
@@ -274,13 +291,9 @@ def _walk_keys(MODE: tl.constexpr, acc, a, b, q, do, k_base, v_base, KPM, kpm_of
     shift = nk - nq
     if SPARSE:
         arange_n = tl.arange(0, BLOCK_N)
-        row = start_m // BS
-        r_in = start_m - row * BS + tl.arange(0, BLOCK_M)  # rows inside the layout block
-        entry = (lay * NROWB + row).to(tl.int64) * MAXK
-        num = tl.load(KV_NUM + lay * NROWB + row)
+        entry, num, r_in = _list_row(KV_NUM, lay, NROWB, MAXK, start_m, BS, BLOCK_M)
         for i in range(num):
-            kb = tl.load(KV_IDX + entry + i)
-            part = tl.load(KV_PART + entry + i)
+            kb, part = _list_entry(KV_IDX, KV_PART, entry, i)
             for t in range(BS // BLOCK_N):
                 start_n = kb * BS + t * BLOCK_N
                 if start_n < nk:  # the last layout block may hang past the sequence end
