@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .spec import Band
 from .torch_band import _segments
 
-__all__ = ["FUSED_DTYPES", "fused_available", "attention_fused"]
+__all__ = ["FUSED_DTYPES", "fused_available", "attention_fused", "fused_tile"]
 
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -228,26 +228,13 @@ class _Fused(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dlse):
         q, k, v, o, lse, kpm, cu_q, cu_k = ctx.saved_tensors
-        B, Hq, Nq, D = q.shape
-        cdt = lse.dtype
-        if do is None:
-            do = torch.zeros_like(o)
-        if dlse is not None and bool((dlse != 0).any()):
-            # dS += P * dLSE through one extra column (module docstring).
-            dl = torch.where(torch.isfinite(lse), dlse.to(cdt), 0).to(q.dtype)
-            q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))
-            v = F.pad(v, (0, 1), value=1.0)
-            do = torch.cat([do.to(q.dtype), dl[..., None]], -1)
-            o = F.pad(o, (0, 1))
-        do = do.to(q.dtype)
+        D = q.shape[-1]
+        q, k, v, o, do, lse_b = _backward_inputs(q, k, v, o, lse, do, dlse)
         bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-        # Rows that see no key: LSE +inf makes every probability exp(s - inf) = 0.
-        lse_b = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
-        lse_b = lse_b.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-        dq = torch.zeros(q.shape, dtype=cdt)
-        dk = torch.zeros(k.shape, dtype=cdt)
-        dv = torch.zeros(v.shape, dtype=cdt)
-        for p in _pieces(ctx.pattern, Nq, k.shape[2], cu_q, cu_k):
+        dq = torch.zeros(q.shape, dtype=lse.dtype)
+        dk = torch.zeros(k.shape, dtype=lse.dtype)
+        dv = torch.zeros(v.shape, dtype=lse.dtype)
+        for p in _pieces(ctx.pattern, q.shape[2], k.shape[2], cu_q, cu_k):
             qp, kp, vp, causal, mask, _ = _inputs(p, q, k, v, kpm)
             rows = slice(p.r0, p.r1)
             dop, op, lp = do[:, :, rows], o[:, :, rows], lse_b[:, :, rows]
@@ -260,9 +247,57 @@ class _Fused(torch.autograd.Function):
             dq[:, :, rows] += gq
             dk[:, :, p.k0:p.k1] += gk
             dv[:, :, p.k0:p.k1] += gv
-        d = D
-        return (dq[..., :d].to(q.dtype), dk[..., :d].to(k.dtype), dv[..., :d].to(v.dtype),
+        return (dq[..., :D].to(q.dtype), dk[..., :D].to(k.dtype), dv[..., :D].to(v.dtype),
                 None, None, None, None, None)
+
+
+def _backward_inputs(q, k, v, o, lse, do, dlse):
+    """What the fused backward takes: ``(q, k, v, o, do, lse)``, with one extra head-dim column
+    when an LSE gradient is present (module docstring) and LSE = +inf on rows that see no key
+    (every probability ``exp(s - inf)`` is then 0: zero, finite gradients)."""
+    if do is None:
+        do = torch.zeros_like(o)
+    do = do.to(q.dtype)
+    if dlse is not None and bool((dlse != 0).any()):
+        dl = torch.where(torch.isfinite(lse), dlse.to(lse.dtype), 0).to(q.dtype)
+        q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))
+        v = F.pad(v, (0, 1), value=1.0)
+        do = torch.cat([do, dl[..., None]], -1)
+        o = F.pad(o, (0, 1))
+    lse_b = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
+    return q, k, v, o, do, lse_b.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+class _Tile(torch.autograd.Function):
+    """One fused call on gathered tiles (block-sparse rows); LSE differentiable too."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, row_ok, scale):
+        o, lse = _ops()(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        lse = lse.masked_fill(~row_ok, float("-inf"))
+        ctx.save_for_backward(q, k, v, o, lse, mask)
+        ctx.scale = scale
+        ctx.set_materialize_grads(False)
+        return o, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dlse):
+        q0, k0, v0, o, lse, mask = ctx.saved_tensors
+        D = q0.shape[-1]
+        q, k, v, o, do, lse_b = _backward_inputs(q0, k0, v0, o, lse, do, dlse)
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, o, lse_b, 0.0, False, attn_mask=mask, scale=ctx.scale)
+        return gq[..., :D], gk[..., :D], gv[..., :D], None, None, None
+
+
+def fused_tile(q, k, v, ok: torch.Tensor, scale: float):
+    """Attention of ``q [B, Hq, c, D]`` over gathered ``k``/``v [B, H', M, D]`` (``H'`` = Hq or
+    Hkv) where bool ``ok`` (broadcast to ``[B, Hq, c, M]``) says which pairs are visible.
+    Returns ``(o, lse [B, Hq, c])``; rows with no visible key give 0 and ``-inf``."""
+    row_ok = ok.any(-1).expand(q.shape[0], q.shape[1], q.shape[2])
+    mask = torch.zeros(ok.shape, dtype=q.dtype).masked_fill_(~ok, float("-inf"))
+    return _Tile.apply(q, k, v, mask, row_ok, scale)
 
 
 def attention_fused(q, k, v, pattern: Band, scale: float, key_padding_mask=None,
