@@ -153,44 +153,102 @@ def _pieces(pattern, nq, nk, cu_q, cu_k):
         yield from _plan(pattern, qs, qe - qs, ks, ke - ks)
 
 
-def _inputs(p: _Piece, q, k, v, kpm):
-    """``(q, k, v, is_causal, additive mask, row_ok [B or 1, c])`` of one piece, flipped for
-    ``flip`` pieces. ``row_ok`` is ``None`` when every row sees a key."""
-    qp, kp, vp = q[:, :, p.r0:p.r1], k[:, :, p.k0:p.k1], v[:, :, p.k0:p.k1]
-    keys_ok = None if kpm is None else kpm[:, p.k0:p.k1]  # [B, L]
-    band = p.band
-    if p.mode == "flip":
-        qp, kp, vp = qp.flip(2), kp.flip(2), vp.flip(2)
-        keys_ok = None if keys_ok is None else keys_ok.flip(1)
-    row_ok = None
+#: Rows of one stacked kernel call: bounds the gathered copies of q/k/v (and the flip's).
+_MAX_STACK_ROWS = 1024
+
+
+def _batches(pieces):
+    """Pieces stacked into one kernel call each: same mode and shape, no element mask, disjoint
+    rows (one chunk's pieces never share a call). A window's chunks become ~3 calls instead of
+    ~3 per chunk: measured on 2 cores, 34 calls of 255 rows ran at a third of the pair rate of
+    one large call."""
+    open_: dict = {}
+    for p in pieces:
+        if p.band is not None:
+            yield [p]
+            continue
+        key = (p.mode, p.r1 - p.r0, p.k1 - p.k0)
+        batch = open_.get(key)
+        if batch and (batch[-1].r1 > p.r0 or len(batch) * key[1] >= _MAX_STACK_ROWS):
+            yield batch
+            batch = None
+        if not batch:
+            batch = open_[key] = []
+        batch.append(p)
+    yield from (b for b in open_.values() if b)
+
+
+def _index(batch, rows: bool) -> torch.Tensor:
+    """Row (or key) positions of a batch's pieces, concatenated; reversed within flip pieces."""
+    parts = [torch.arange(p.r0, p.r1) if rows else torch.arange(p.k0, p.k1) for p in batch]
+    if batch[0].mode == "flip":
+        parts = [t.flip(0) for t in parts]
+    return torch.cat(parts)
+
+
+def _stack(x: torch.Tensor, idx: torch.Tensor, m: int) -> torch.Tensor:
+    """``x [B, H, N, ...]`` at positions ``idx [m * n]`` -> ``[B * m, H, n, ...]``: a view when
+    ``B == 1`` and ``idx`` is one ascending run (adjacent chunks), else one gathered copy."""
+    a = int(idx[0])
+    run = idx.numel() > 0 and int(idx[-1]) - a + 1 == idx.numel() and bool(
+        (idx[1:] > idx[:-1]).all()) if idx.numel() > 1 else True
+    g = x[:, :, a:a + idx.numel()] if run else x.index_select(2, idx)
+    B, H, n = g.shape[0], g.shape[1], g.shape[2] // m
+    g = g.unflatten(2, (m, n)).transpose(1, 2)
+    return g.reshape(B * m, H, n, *g.shape[4:])
+
+
+def _unstack(y: torch.Tensor, B: int) -> torch.Tensor:
+    """``[B * m, H, n, ...]`` -> ``[B, H, m * n, ...]`` (the inverse of :func:`_stack`)."""
+    m = y.shape[0] // B
+    y = y.view(B, m, *y.shape[1:]).transpose(1, 2)
+    return y.reshape(B, y.shape[1], m * y.shape[3], *y.shape[4:])
+
+
+def _inputs(batch, q, k, v, kpm):
+    """``(q, k, v, is_causal, additive mask, row_ok [B * m, n] or None, rows, keys)`` of one
+    stacked call. ``row_ok`` is ``None`` when every row sees a key."""
+    p, m = batch[0], len(batch)
+    rows, keys = _index(batch, True), _index(batch, False)
+    whole = m == 1 and p.mode != "flip"
+    take = (lambda x, i, a, b: x[:, :, a:b]) if whole else (lambda x, i, a, b: _stack(x, i, m))
+    qp, kp, vp = take(q, rows, p.r0, p.r1), take(k, keys, p.k0, p.k1), take(v, keys, p.k0, p.k1)
+    n, L = p.r1 - p.r0, p.k1 - p.k0
+    keys_ok = None if kpm is None else kpm[:, keys].reshape(-1, L)  # [B * m, L]
+    band, row_ok = p.band, None
     if band is not None:
         vis = band[None] if keys_ok is None else band[None] & keys_ok[:, None, :]
         row_ok = vis.any(-1)
     elif keys_ok is not None:
         if p.mode in ("causal", "flip"):  # row a sees keys 0..a (flip: after reversing)
-            seen = keys_ok.cummax(1).values
-            idx = torch.arange(p.r1 - p.r0).clamp(max=p.k1 - p.k0 - 1)
-            row_ok = seen[:, idx]
+            row_ok = keys_ok.cummax(1).values[:, torch.arange(n).clamp(max=L - 1)]
         else:
-            row_ok = keys_ok.any(1, keepdim=True).expand(-1, p.r1 - p.r0)
+            row_ok = keys_ok.any(1, keepdim=True).expand(-1, n)
     mask = None
     if band is not None or keys_ok is not None:
         ok = band[None, None] if keys_ok is None else keys_ok[:, None, None, :]
         if band is not None and keys_ok is not None:
             ok = band[None, None] & ok
         mask = torch.zeros(ok.shape, dtype=q.dtype).masked_fill_(~ok, float("-inf"))
-    return qp, kp, vp, p.mode in ("causal", "flip"), mask, row_ok
+    return qp, kp, vp, p.mode in ("causal", "flip"), mask, row_ok, rows, keys
 
 
-def _merge(acc_o, acc_lse, o, lse):
-    """LSE-merge of a piece into the accumulators (all in the compute dtype), in place."""
-    m = torch.maximum(acc_lse, lse)
-    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    wa, wb = torch.exp(acc_lse - m_safe), torch.exp(lse - m_safe)
-    tot = wa + wb
-    acc_o.mul_((wa / torch.where(tot > 0, tot, 1))[..., None]).add_(
-        o * (wb / torch.where(tot > 0, tot, 1))[..., None])
-    acc_lse.copy_(torch.where(tot > 0, m_safe + torch.log(tot), m))
+def _merge(acc, part):
+    """LSE-merge of two ``(o, lse)`` over the same rows (rows neither sees stay 0 / -inf)."""
+    (oa, la), (ob, lb) = acc, part
+    lse = torch.logaddexp(la, lb)
+    safe = lse.masked_fill(torch.isinf(lse), 0)
+    o = oa * torch.exp(la - safe)[..., None]
+    return o.addcmul_(ob, torch.exp(lb - safe)[..., None]), lse
+
+
+def _merge_(acc, part):
+    """:func:`_merge` into ``acc``'s tensors in place (two passes over ``o``)."""
+    (oa, la), (ob, lb) = acc, part
+    lse = torch.logaddexp(la, lb)
+    safe = lse.masked_fill(torch.isinf(lse), 0)
+    oa.mul_(torch.exp(la - safe)[..., None]).addcmul_(ob, torch.exp(lb - safe)[..., None])
+    la.copy_(lse)
 
 
 class _Fused(torch.autograd.Function):
@@ -199,54 +257,78 @@ class _Fused(torch.autograd.Function):
         B, Hq, Nq, D = q.shape
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         fwd = _ops()
-        pieces = list(_pieces(pattern, Nq, k.shape[2], cu_q, cu_k))
-        single = len(pieces) == 1 and pieces[0].r1 - pieces[0].r0 == Nq
-        acc_o = None if single else torch.zeros(B, Hq, Nq, D, dtype=cdt)
-        acc_lse = torch.full((B, Hq, Nq), float("-inf"), dtype=cdt)
-        out = None
-        for p in pieces:
-            qp, kp, vp, causal, mask, row_ok = _inputs(p, q, k, v, kpm)
+        acc, covered = None, torch.zeros(Nq, dtype=torch.bool)
+        for batch in _batches(_pieces(pattern, Nq, k.shape[2], cu_q, cu_k)):
+            qp, kp, vp, causal, mask, row_ok, rows, _ = _inputs(batch, q, k, v, kpm)
             o, lse = fwd(qp, kp, vp, 0.0, causal, attn_mask=mask, scale=scale)
-            if p.mode == "flip":
-                o, lse = o.flip(2), lse.flip(2)
-            if row_ok is not None:
-                if p.mode == "flip":
-                    row_ok = row_ok.flip(1)
+            if row_ok is not None:  # the kernel gives o = 0 but lse = 0 there
                 lse = lse.masked_fill(~row_ok[:, None, :], float("-inf"))
-            if single:
-                out = o if row_ok is None else o.masked_fill(~row_ok[:, None, :, None], 0)
-                acc_lse.copy_(lse)
+            if acc is None and len(rows) == Nq and len(batch) == 1 and batch[0].mode != "flip":
+                acc = (o, lse.to(cdt))  # one piece over every row: no copy
+                covered[:] = True
                 continue
-            _merge(acc_o[:, :, p.r0:p.r1], acc_lse[:, :, p.r0:p.r1], o.to(cdt), lse.to(cdt))
-        o = (out if single else acc_o).to(q.dtype) if pieces else torch.zeros_like(q)
-        ctx.save_for_backward(q, k, v, o, acc_lse, kpm, cu_q, cu_k)
+            if acc is None or acc[0].dtype != cdt:
+                acc = (torch.zeros(B, Hq, Nq, D, dtype=cdt) if acc is None else acc[0].to(cdt),
+                       torch.full((B, Hq, Nq), float("-inf"), dtype=cdt) if acc is None
+                       else acc[1])
+            if batch[0].mode == "flip":  # back to ascending rows within each piece
+                o, lse = o.flip(2), lse.flip(2)
+                rows = torch.cat([torch.arange(p.r0, p.r1) for p in batch])
+            po, pl = _unstack(o, B).to(cdt), _unstack(lse, B).to(cdt)
+            r0, r1 = int(rows[0]), int(rows[-1]) + 1
+            span = r1 - r0 == len(rows)  # adjacent pieces: a slice, not a gather
+            if not bool(covered[rows].any()):  # first piece on these rows: a copy
+                if span:
+                    acc[0][:, :, r0:r1] = po
+                    acc[1][:, :, r0:r1] = pl
+                else:
+                    acc[0].index_copy_(2, rows, po)
+                    acc[1].index_copy_(2, rows, pl)
+            elif span:
+                _merge_((acc[0][:, :, r0:r1], acc[1][:, :, r0:r1]), (po, pl))
+            else:
+                mo, ml = _merge((acc[0].index_select(2, rows), acc[1].index_select(2, rows)),
+                                (po, pl))
+                acc[0].index_copy_(2, rows, mo)
+                acc[1].index_copy_(2, rows, ml)
+            covered[rows] = True
+        if acc is None:  # no query sees any key
+            acc = (torch.zeros_like(q), torch.full((B, Hq, Nq), float("-inf"), dtype=cdt))
+        out, lse_all = acc[0].to(q.dtype), acc[1]
+        ctx.save_for_backward(q, k, v, out, lse_all, kpm, cu_q, cu_k)
         ctx.pattern, ctx.scale = pattern, scale
         ctx.set_materialize_grads(False)
-        return o, acc_lse.float()
+        return out, lse_all.float()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dlse):
         q, k, v, o, lse, kpm, cu_q, cu_k = ctx.saved_tensors
-        D = q.shape[-1]
+        B, D = q.shape[0], q.shape[-1]
         q, k, v, o, do, lse_b = _backward_inputs(q, k, v, o, lse, do, dlse)
         bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        batches = list(_batches(_pieces(ctx.pattern, q.shape[2], k.shape[2], cu_q, cu_k)))
+        p0 = batches[0][0] if batches else None
+        if (len(batches) == 1 and len(batches[0]) == 1 and p0.mode != "flip"
+                and p0.r1 - p0.r0 == q.shape[2] and p0.k1 - p0.k0 == k.shape[2]):
+            # Dense, Causal with Nq <= Nk: the kernel's gradients are the answer
+            qp, kp, vp, causal, mask, _, _, _ = _inputs(batches[0], q, k, v, kpm)
+            gq, gk, gv = bwd(do, qp, kp, vp, o, lse_b, 0.0, causal, attn_mask=mask,
+                             scale=ctx.scale)
+            return gq[..., :D], gk[..., :D], gv[..., :D], None, None, None, None, None
+        # fp32 accumulators (fp64 for fp64): pieces that share rows or keys add up here
         dq = torch.zeros(q.shape, dtype=lse.dtype)
         dk = torch.zeros(k.shape, dtype=lse.dtype)
         dv = torch.zeros(v.shape, dtype=lse.dtype)
-        for p in _pieces(ctx.pattern, q.shape[2], k.shape[2], cu_q, cu_k):
-            qp, kp, vp, causal, mask, _ = _inputs(p, q, k, v, kpm)
-            rows = slice(p.r0, p.r1)
-            dop, op, lp = do[:, :, rows], o[:, :, rows], lse_b[:, :, rows]
-            if p.mode == "flip":
-                dop, op, lp = dop.flip(2), op.flip(2), lp.flip(2)
-            gq, gk, gv = bwd(dop, qp, kp, vp, op, lp, 0.0, causal, attn_mask=mask,
+        for batch in batches:
+            qp, kp, vp, causal, mask, _, rows, keys = _inputs(batch, q, k, v, kpm)
+            m = len(batch)
+            gq, gk, gv = bwd(_stack(do, rows, m), qp, kp, vp, _stack(o, rows, m),
+                             _stack(lse_b, rows, m), 0.0, causal, attn_mask=mask,
                              scale=ctx.scale)
-            if p.mode == "flip":
-                gq, gk, gv = gq.flip(2), gk.flip(2), gv.flip(2)
-            dq[:, :, rows] += gq
-            dk[:, :, p.k0:p.k1] += gk
-            dv[:, :, p.k0:p.k1] += gv
+            dq.index_add_(2, rows, _unstack(gq, B).to(dq.dtype))
+            dk.index_add_(2, keys, _unstack(gk, B).to(dk.dtype))
+            dv.index_add_(2, keys, _unstack(gv, B).to(dv.dtype))
         return (dq[..., :D].to(q.dtype), dk[..., :D].to(k.dtype), dv[..., :D].to(v.dtype),
                 None, None, None, None, None)
 
