@@ -92,6 +92,10 @@ def test_slope_fit_on_synthetic_data():
     assert fit_loglog_slope(ns, flat_then_quadratic) == pytest.approx(2.0)
     assert fit_loglog_slope(ns, flat_then_quadratic, upper_half=False) < 1.8
     assert fit_loglog_slope([512], [1.0]) is None
+    assert fit_loglog_slope([512, 1024], [1.0, 2.0]) is None  # two points are no slope
+    assert fit_loglog_slope([256, 512, 1024], [1.0, 2.0, 4.0]) == pytest.approx(1.0)
+    # the upper half keeps at least three points: 4 measured N -> the top three
+    assert fit_loglog_slope([128, 256, 512, 1024], [9.0, 1.0, 2.0, 4.0]) == pytest.approx(1.0)
     assert fit_loglog_slope([512, 1024], [1.0, 0.0]) is None  # unusable zero
 
 
@@ -402,3 +406,27 @@ def test_kinds_are_split_per_op():
         assert name in KINDS
         assert KINDS[name].impls["attnkit"].build.__module__ == module.__name__ or \
             getattr(KINDS[name].impls["attnkit"].build, "func", None).__module__ == module.__name__
+
+
+def test_table_puts_baselines_beside_attnkit_with_time_and_memory_ratios():
+    from attnkit.bench.report import format_table, skipped_baselines, table_rows
+
+    base = {"kind": "dense", "mode": "fwd", "d": 64, "hidden": 0, "rank": 0, "dtype": "float32",
+            "n": 1024, "tflops": 1.0, "reason": None}
+    rows = [{**base, "impl": "attnkit", "baseline": False, "status": "ok", "time_ms": 2.0,
+             "peak_mem_bytes": 4 * 2**20, "speedup": 1.5, "best_baseline": "sdpa-flash"},
+            {**base, "impl": "sdpa-flash", "baseline": True, "status": "ok", "time_ms": 3.0,
+             "peak_mem_bytes": 4 * 2**20, "speedup": None, "best_baseline": None},
+            {**base, "impl": "sdpa-math", "baseline": True, "status": "ok", "time_ms": 8.0,
+             "peak_mem_bytes": 64 * 2**20, "speedup": None, "best_baseline": None},
+            {**base, "impl": "flex", "baseline": True, "status": "skipped", "time_ms": None,
+             "peak_mem_bytes": None, "speedup": None, "best_baseline": None,
+             "reason": "FlexAttention on the CPU compiles for ~20 s per shape"}]
+    cells = table_rows(rows)
+    assert [c[1].strip() for c in cells] == ["attnkit", "sdpa-flash", "sdpa-math"]
+    ours, flash, math_ = cells
+    assert ours[8:11] == ["1.50x", "1.00x", "vs sdpa-flash"]  # speed-up, mem ratio vs fastest
+    assert flash[8:10] == ["1.50x", "1.00x"] and math_[8:10] == ["4.00x", "16.00x"]
+    assert "mem ratio" in format_table(rows).splitlines()[0]
+    assert skipped_baselines(rows) == ["flex: FlexAttention on the CPU compiles for ~20 s per shape "
+                                       "(1 point)"]
