@@ -129,6 +129,12 @@ def test_window_plan_visits_each_pair_once():
                 m = torch.ones(r, c, dtype=torch.bool).tril()
             elif p.mode == "flip":
                 m = torch.ones(r, c, dtype=torch.bool).triu()
+            elif p.mode == "stack":  # chunks of n rows over overlapping windows of L keys
+                n, L = p.band.shape
+                for i in range((p.r1 - p.r0) // n):
+                    r, k0 = p.r0 + i * n, p.k0 + i * n
+                    seen[r:r + n, k0:k0 + L] += p.band.int()
+                continue
             else:
                 m = p.band
             seen[p.r0:p.r1, p.k0:p.k1] += m.int()

@@ -110,6 +110,9 @@ def _plan(pattern: Band, qs: int, nq: int, ks: int, nk: int):
             yield _Piece(qs + first, qs + nq, ks + max(t, 0), ks + nk, "causal")
         return
     width = left + (right if right is not None else nk)
+    if right is not None:
+        yield from _plan_stacked(pattern, qs, nq, ks, nk, width)
+        return
     if width < _MIN_BAND:  # narrow band: one masked rectangle per chunk
         c = 64
         for c0 in range(0, nq, c):
@@ -148,6 +151,105 @@ def _plan(pattern: Band, qs: int, nq: int, ks: int, nk: int):
                 yield piece
 
 
+def _plan_stacked(pattern: Band, qs: int, nq: int, ks: int, nk: int, width: int):
+    """A bounded band as chunks of ``n`` rows, each over its ``n + width`` keys. The chunks whose
+    keys lie inside the sequence are one ``stack`` piece (a single kernel call: rows stacked on
+    the batch axis, keys as overlapping strided windows, one shared ``[n, n + width]`` mask);
+    the rest are masked rectangles. Work is ``(n + width) / (width + 1)`` of the visited pairs
+    (1.25 for width 255) with no merge or flip. The kernel packs the overlapping windows
+    (``L / n`` times the keys), so a call takes at most ``_MAX_STACK_ROWS`` rows. Measured on
+    the loaded 2-core machine, the earlier flip/causal/interior pieces with LSE merges ran at
+    0.6-1.3x SDPA causal, this at 1.8x (benchmarks/NOTES.md)."""
+    n = 64 if width >= 64 else 32
+    L = n + width
+    shift = nk - nq
+    run: list[int] = []
+
+    def flush():
+        if run:
+            c0, a0 = run[0], run[0] + shift - pattern.left
+            band = _rect(pattern, 0, 0, c0, c0 + n, a0, a0 + L, nq, nk).band
+            yield _Piece(qs + c0, qs + run[-1] + n, ks + a0, ks + a0 + L + (len(run) - 1) * n,
+                         "stack", band)
+            run.clear()
+
+    for c0 in range(0, nq, n):
+        c1 = min(c0 + n, nq)
+        a0 = c0 + shift - pattern.left  # row 0's first key; row a sees keys a0 + a .. + width
+        if c1 - c0 == n and a0 >= 0 and a0 + L <= nk:
+            run.append(c0)
+            if len(run) * n >= _MAX_STACK_ROWS:  # the kernel packs the windows: bound the copy
+                yield from flush()
+            continue
+        yield from flush()
+        piece = _rect(pattern, qs, ks, c0, c1, a0, a0 + L, nq, nk)
+        if piece is not None:
+            yield piece
+    yield from flush()
+
+
+def _windows(x: torch.Tensor, b: int, p: _Piece, n: int, L: int) -> torch.Tensor:
+    """Batch row ``b`` of ``x [B, H, N, D]``: the ``m`` overlapping key windows of a stack piece,
+    ``[m, H, L, D]`` (chunk ``i`` starts ``i * n`` after ``p.k0``); a strided view, no copy."""
+    m = (p.r1 - p.r0) // n
+    sb, sh, sn, sd = x.stride()
+    return x.as_strided((m, x.shape[1], L, x.shape[3]), (n * sn, sh, sn, sd),
+                        x.storage_offset() + b * sb + p.k0 * sn)
+
+
+def _chunks_of(x: torch.Tensor, b: int, p: _Piece, n: int) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of batch row ``b`` of ``x [B, H, N, ...]`` as ``[m, H, n, ...]``."""
+    y = x[b, :, p.r0:p.r1]
+    return y.unflatten(1, ((p.r1 - p.r0) // n, n)).transpose(0, 1)
+
+
+def _stack_mask(p: _Piece, b: int, kpm, dtype, n: int, L: int):
+    """Additive mask of a stack piece for batch row ``b``: ``[1, 1, n, L]`` (band only) or
+    ``[m, 1, n, L]`` with key padding; and ``row_ok [m, n]`` (``None``: every row sees a key)."""
+    band = p.band
+    if kpm is None:
+        ok, row_ok = band[None, None], None
+    else:
+        m = (p.r1 - p.r0) // n
+        win = kpm[b].as_strided((m, L), (n * kpm.stride(1), kpm.stride(1)),
+                                kpm.storage_offset() + b * kpm.stride(0) + p.k0 * kpm.stride(1))
+        ok = band[None, None] & win[:, None, None, :]
+        row_ok = ok[:, 0].any(-1)
+    return torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, float("-inf")), row_ok
+
+
+def _stack_forward(p: _Piece, q, k, v, kpm, scale):
+    """``(o [B, H, m * n, D], lse [B, H, m * n])`` of a stack piece."""
+    n, L = p.band.shape
+    os_, ls_ = [], []
+    for b in range(q.shape[0]):
+        mask, row_ok = _stack_mask(p, b, kpm, q.dtype, n, L)
+        o, lse = _ops()(_chunks_of(q, b, p, n), _windows(k, b, p, n, L), _windows(v, b, p, n, L),
+                        0.0, False, attn_mask=mask, scale=scale)
+        if row_ok is not None:
+            lse = lse.masked_fill(~row_ok[:, None, :], float("-inf"))
+        os_.append(o.transpose(0, 1).flatten(1, 2))
+        ls_.append(lse.transpose(0, 1).flatten(1, 2))
+    return torch.stack(os_), torch.stack(ls_)
+
+
+def _stack_backward(p: _Piece, q, k, v, o, do, lse_b, kpm, scale, dq, dk, dv):
+    """Adds a stack piece's gradients into ``dq``/``dk``/``dv`` (overlapping key windows
+    accumulate through ``index_add_``)."""
+    n, L = p.band.shape
+    m = (p.r1 - p.r0) // n
+    keys = (p.k0 + torch.arange(m)[:, None] * n + torch.arange(L)[None, :]).flatten()
+    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    for b in range(q.shape[0]):
+        mask, _ = _stack_mask(p, b, kpm, q.dtype, n, L)
+        gq, gk, gv = bwd(_chunks_of(do, b, p, n), _chunks_of(q, b, p, n),
+                         _windows(k, b, p, n, L), _windows(v, b, p, n, L), _chunks_of(o, b, p, n),
+                         _chunks_of(lse_b, b, p, n), 0.0, False, attn_mask=mask, scale=scale)
+        dq[b, :, p.r0:p.r1] += gq.transpose(0, 1).flatten(1, 2)
+        dk[b].index_add_(1, keys, gk.transpose(0, 1).flatten(1, 2).to(dk.dtype))
+        dv[b].index_add_(1, keys, gv.transpose(0, 1).flatten(1, 2).to(dv.dtype))
+
+
 def _pieces(pattern, nq, nk, cu_q, cu_k):
     for qs, qe, ks, ke in _segments(nq, nk, cu_q, cu_k):
         yield from _plan(pattern, qs, qe - qs, ks, ke - ks)
@@ -164,7 +266,7 @@ def _batches(pieces):
     one large call."""
     open_: dict = {}
     for p in pieces:
-        if p.band is not None:
+        if p.band is not None:  # element-masked and stack pieces: one call each
             yield [p]
             continue
         key = (p.mode, p.r1 - p.r0, p.k1 - p.k0)
@@ -259,10 +361,14 @@ class _Fused(torch.autograd.Function):
         fwd = _ops()
         acc, covered = None, torch.zeros(Nq, dtype=torch.bool)
         for batch in _batches(_pieces(pattern, Nq, k.shape[2], cu_q, cu_k)):
-            qp, kp, vp, causal, mask, row_ok, rows, _ = _inputs(batch, q, k, v, kpm)
-            o, lse = fwd(qp, kp, vp, 0.0, causal, attn_mask=mask, scale=scale)
-            if row_ok is not None:  # the kernel gives o = 0 but lse = 0 there
-                lse = lse.masked_fill(~row_ok[:, None, :], float("-inf"))
+            if batch[0].mode == "stack":
+                o, lse = _stack_forward(batch[0], q, k, v, kpm, scale)
+                rows = torch.arange(batch[0].r0, batch[0].r1)  # [B, H, rows, D]: m = 1 below
+            else:
+                qp, kp, vp, causal, mask, row_ok, rows, _ = _inputs(batch, q, k, v, kpm)
+                o, lse = fwd(qp, kp, vp, 0.0, causal, attn_mask=mask, scale=scale)
+                if row_ok is not None:  # the kernel gives o = 0 but lse = 0 there
+                    lse = lse.masked_fill(~row_ok[:, None, :], float("-inf"))
             if acc is None and len(rows) == Nq and len(batch) == 1 and batch[0].mode != "flip":
                 acc = (o, lse.to(cdt))  # one piece over every row: no copy
                 covered[:] = True
@@ -309,7 +415,7 @@ class _Fused(torch.autograd.Function):
         bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         batches = list(_batches(_pieces(ctx.pattern, q.shape[2], k.shape[2], cu_q, cu_k)))
         p0 = batches[0][0] if batches else None
-        if (len(batches) == 1 and len(batches[0]) == 1 and p0.mode != "flip"
+        if (len(batches) == 1 and len(batches[0]) == 1 and p0.mode not in ("flip", "stack")
                 and p0.r1 - p0.r0 == q.shape[2] and p0.k1 - p0.k0 == k.shape[2]):
             # Dense, Causal with Nq <= Nk: the kernel's gradients are the answer
             qp, kp, vp, causal, mask, _, _, _ = _inputs(batches[0], q, k, v, kpm)
@@ -321,6 +427,9 @@ class _Fused(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=lse.dtype)
         dv = torch.zeros(v.shape, dtype=lse.dtype)
         for batch in batches:
+            if batch[0].mode == "stack":
+                _stack_backward(batch[0], q, k, v, o, do, lse_b, kpm, ctx.scale, dq, dk, dv)
+                continue
             qp, kp, vp, causal, mask, _, rows, keys = _inputs(batch, q, k, v, kpm)
             m = len(batch)
             gq, gk, gv = bwd(_stack(do, rows, m), qp, kp, vp, _stack(o, rows, m),
