@@ -15,7 +15,7 @@ import torch
 
 import attnkit
 from attnkit import BlockSparse, Causal, Dense, SlidingWindow
-from attnkit.kernels.flash import torch_fused
+from attnkit.kernels.flash import torch_fused, torch_plan
 from attnkit.kernels.flash.naive import attention_naive
 from tests.harness import assert_close_to_oracle, max_err, padding_mask
 
@@ -121,7 +121,7 @@ def test_window_plan_visits_each_pair_once():
                             (Causal(), 300, 200), (SlidingWindow(3, 2), 90, 90)]:
         spec = pattern.compile(nq, nk, "cpu")
         seen = torch.zeros(nq, nk, dtype=torch.int32)
-        for p in torch_fused._plan(spec, 0, nq, 0, nk):
+        for p in torch_plan._plan(spec, 0, nq, 0, nk):
             r, c = p.r1 - p.r0, p.k1 - p.k0
             if p.mode == "full":
                 m = torch.ones(r, c, dtype=torch.bool)
