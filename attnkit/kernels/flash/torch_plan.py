@@ -4,6 +4,7 @@ band's definition; no kernel is called here."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,9 @@ __all__: list[str] = []  # private to torch_fused.py (and its tests)
 #: on (32 below): a chunk as wide as the band keeps the three edge pieces large.
 _MAX_CHUNK, _MIN_BAND = 512, 32
 #: Rows of one stacked kernel call: bounds the gathered copies of q/k/v (and the flip's).
-_MAX_STACK_ROWS = 1024
+_MAX_STACK_ROWS = 4096
+#: Most query rows per chunk of a stacked band.
+_STACK_CHUNK = 512
 
 
 @dataclass
@@ -118,11 +121,14 @@ def _plan_stacked(pattern: Band, qs: int, nq: int, ks: int, nk: int, width: int)
     keys lie inside the sequence are one ``stack`` piece (a single kernel call: rows stacked on
     the batch axis, keys as overlapping strided windows, one shared ``[n, n + width]`` mask);
     the rest are masked rectangles. Work is ``(n + width) / (width + 1)`` of the visited pairs
-    (1.25 for width 255) with no merge or flip. The kernel packs the overlapping windows
+    (3 for width 255 and n = 512) with no merge or flip. The kernel packs the overlapping windows
     (``L / n`` times the keys), so a call takes at most ``_MAX_STACK_ROWS`` rows. Measured on
     the loaded 2-core machine, the earlier flip/causal/interior pieces with LSE merges ran at
-    0.6-1.3x SDPA causal, this at 1.8x (benchmarks/NOTES.md)."""
-    n = 64 if width >= 64 else 32
+    0.6-1.3x SDPA causal, this 1.4-2.7x (benchmarks/NOTES.md)."""
+    # twice the band's power of two, 32..512 rows: measured side by side at N = 4096, width 255
+    # (2 cores, loaded): 64-row chunks 1.7-2.0x SDPA causal, 256 2.2-2.4x, 512 2.7x; fewer,
+    # larger windows pack fewer duplicated keys than they waste on masked pairs
+    n = min(_STACK_CHUNK, max(32, 2 ** int(math.log2(width + 1)) * 2))
     L = n + width
     shift = nk - nq
     run: list[int] = []
