@@ -1,7 +1,7 @@
 """The benchmark suite's grid and its one measuring helper.
 
 ``pytest benchmarks/ --benchmark-only`` on a GPU times forward, backward and forward+backward for
-every registered kind (attnkit/bench/kinds.py) against every baseline, over N = 512..32k,
+every registered kind (attnkit/bench/kinds/) against every baseline, over N = 512..32k,
 D = 64 and 128, bf16. On a CPU the same command runs a tiny grid on the torch backend, so CI
 exercises the suite in seconds. Under pytest-xdist, pytest-benchmark disables timing and each
 benchmark runs once (a smoke test).

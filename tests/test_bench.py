@@ -92,6 +92,10 @@ def test_slope_fit_on_synthetic_data():
     assert fit_loglog_slope(ns, flat_then_quadratic) == pytest.approx(2.0)
     assert fit_loglog_slope(ns, flat_then_quadratic, upper_half=False) < 1.8
     assert fit_loglog_slope([512], [1.0]) is None
+    assert fit_loglog_slope([512, 1024], [1.0, 2.0]) is None  # two points are no slope
+    assert fit_loglog_slope([256, 512, 1024], [1.0, 2.0, 4.0]) == pytest.approx(1.0)
+    # the upper half keeps at least three points: 4 measured N -> the top three
+    assert fit_loglog_slope([128, 256, 512, 1024], [9.0, 1.0, 2.0, 4.0]) == pytest.approx(1.0)
     assert fit_loglog_slope([512, 1024], [1.0, 0.0]) is None  # unusable zero
 
 
@@ -317,7 +321,7 @@ def test_baselines_compute_the_same_attention_as_attnkit(kind, monkeypatch):
     mask_mod, flash-attn's causal/window_size), so the comparison is like for like. N = 256 is
     past the CPU window (128 keys) and spans 8 sparse blocks of 32."""
     from attnkit.attn.functional import attention
-    from attnkit.bench import kinds
+    from attnkit.bench.kinds import attention as kinds
 
     if kind not in KINDS:
         pytest.skip(f"kind {kind} is not registered (block-sparse attention unavailable)")
@@ -360,7 +364,7 @@ def test_baselines_compute_the_same_attention_as_attnkit(kind, monkeypatch):
 def test_a_baseline_that_does_not_import_is_skipped_with_the_reason(monkeypatch):
     """A flash-attn wheel built against another torch raises at import: a skipped row saying so,
     not an error (pytest benchmarks/ re-raises errors)."""
-    from attnkit.bench import kinds
+    from attnkit.bench.kinds import attention as kinds
 
     monkeypatch.setattr(kinds.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # import raises ImportError
@@ -374,8 +378,55 @@ def test_peft_baseline_adapters_run_in_the_points_dtype():
     """PEFT would make its adapters fp32 on a bf16 base (autocast_adapter_dtype); the other LoRA
     rows run bf16 adapters, so the PEFT row must too."""
     pytest.importorskip("peft")
-    from attnkit.bench import kinds
+    from attnkit.bench.kinds import lora as kinds
 
     model = kinds._peft_model(Point("lora", "peft", "fwd", 1, 0, 16, 0, "bfloat16", "cpu", 64, 8))
     dtypes = {n: p.dtype for n, p in model.named_parameters() if "lora_" in n}
     assert dtypes and set(dtypes.values()) == {torch.bfloat16}, dtypes
+
+
+def test_an_unknown_block_sparse_layout_is_refused_not_run_as_another():
+    """The sparse kinds are built by name from one table; a name not in it raises (it used to fall
+    through to Longformer silently)."""
+    from attnkit.bench.kinds import SPARSE_BUILDERS, sparse_pattern
+
+    assert set(SPARSE_BUILDERS) >= {"bigbird", "longformer"}
+    with pytest.raises(ValueError, match=r"unknown block-sparse layout 'bigbrid'.*bigbird"):
+        sparse_pattern("bigbrid", 256, "cpu")
+    with pytest.raises(ValueError, match="unknown device type 'tpu'"):
+        sparse_pattern("bigbird", 256, "tpu")
+
+
+def test_kinds_are_split_per_op():
+    """attention, linear and LoRA kinds live in their own modules and register on import."""
+    from attnkit.bench import kinds
+
+    for name, module in (("dense", kinds.attention), ("linear", kinds.linear),
+                         ("lora", kinds.lora)):
+        assert name in KINDS
+        assert KINDS[name].impls["attnkit"].build.__module__ == module.__name__ or \
+            getattr(KINDS[name].impls["attnkit"].build, "func", None).__module__ == module.__name__
+
+
+def test_table_puts_baselines_beside_attnkit_with_time_and_memory_ratios():
+    from attnkit.bench.report import format_table, skipped_baselines, table_rows
+
+    base = {"kind": "dense", "mode": "fwd", "d": 64, "hidden": 0, "rank": 0, "dtype": "float32",
+            "n": 1024, "tflops": 1.0, "reason": None}
+    rows = [{**base, "impl": "attnkit", "baseline": False, "status": "ok", "time_ms": 2.0,
+             "peak_mem_bytes": 4 * 2**20, "speedup": 1.5, "best_baseline": "sdpa-flash"},
+            {**base, "impl": "sdpa-flash", "baseline": True, "status": "ok", "time_ms": 3.0,
+             "peak_mem_bytes": 4 * 2**20, "speedup": None, "best_baseline": None},
+            {**base, "impl": "sdpa-math", "baseline": True, "status": "ok", "time_ms": 8.0,
+             "peak_mem_bytes": 64 * 2**20, "speedup": None, "best_baseline": None},
+            {**base, "impl": "flex", "baseline": True, "status": "skipped", "time_ms": None,
+             "peak_mem_bytes": None, "speedup": None, "best_baseline": None,
+             "reason": "FlexAttention on the CPU compiles for ~20 s per shape"}]
+    cells = table_rows(rows)
+    assert [c[1].strip() for c in cells] == ["attnkit", "sdpa-flash", "sdpa-math"]
+    ours, flash, math_ = cells
+    assert ours[8:11] == ["1.50x", "1.00x", "vs sdpa-flash"]  # speed-up, mem ratio vs fastest
+    assert flash[8:10] == ["1.50x", "1.00x"] and math_[8:10] == ["4.00x", "16.00x"]
+    assert "mem ratio" in format_table(rows).splitlines()[0]
+    assert skipped_baselines(rows) == ["flex: FlexAttention on the CPU compiles for ~20 s per shape "
+                                       "(1 point)"]

@@ -87,7 +87,20 @@ def test_quick_writes_json_csv_summary_and_plots(quick_run, capsys):
         table = list(csv.DictReader(f))
     assert len(table) == len(rows) and set(CSV_FIELDS) <= set(table[0])
     assert len((out / "rows.jsonl").read_text().splitlines()) == len(rows)
-    assert "fitted log-log slopes" in (out / "summary.txt").read_text()
+    summary = (out / "summary.txt").read_text()
+    assert "fitted log-log slopes" in summary and "at least 3 points" in summary
+    # baselines sit beside attnkit, with memory and both ratios; skipped ones are listed once
+    header = next(line for line in summary.splitlines() if line.startswith("kind"))
+    for col in ("time ms", "peak MiB", "speed-up", "mem ratio"):
+        assert col in header, col
+    dense_fwd = [line.split() for line in summary.splitlines()
+                 if line.startswith("dense") and " fwd " in line and " 128 " in line]
+    assert [c[1] for c in dense_fwd] == ["attnkit", "sdpa-math"], dense_fwd
+    assert all(c[-2].endswith("x") or c[-3].endswith("x") for c in dense_fwd)
+    assert "baselines skipped (not in the table):" in summary
+    assert "sdpa-cudnn: sdpa-cudnn has no CPU kernel" in summary
+    # two N per line: too few points for a slope (three at least), so none is claimed
+    assert all(s["time_slope"] is None for s in doc["slopes"])
     if HAS_MPL:
         for name in ("time_fwd.png", "memory_fwd.png", "time_fwd_bwd.png", "memory_fwd_bwd.png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -256,3 +269,13 @@ def test_plots_and_progress_degrade_without_matplotlib_rich_tqdm(monkeypatch, tm
     bar = progress_bar(2)
     bar.update("one")
     bar.close()
+
+
+def test_a_run_where_everything_is_skipped_says_why_and_fails(tmp_path, capsys):
+    code = main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path), "--no-progress",
+                 "--n", "64", "--kinds", "dense", "--impls", "sdpa-cudnn", "--modes", "fwd",
+                 "--no-plots"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "nothing was measured" in err and "sdpa-cudnn has no CPU kernel" in err
+    assert "NOTHING WAS MEASURED" in (tmp_path / "summary.txt").read_text()

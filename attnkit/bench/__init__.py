@@ -1,6 +1,6 @@
 """The benchmark harness shared by ``benchmarks/`` (pytest-benchmark) and ``attnkit bench``.
 
-* ``registry.py``: kinds, implementations and points; ``kinds.py`` registers them;
+* ``registry.py``: kinds, implementations and points; ``kinds/`` registers them (one module per op);
 * ``flops.py``: FLOP and byte counts (flash-attention's convention);
 * ``timing.py`` / ``memory.py``: medians and measured peak memory on CUDA and the CPU;
 * ``runner.py``: one point -> one row (``ok``/``oom``/``skipped``/``error``), never a crash;

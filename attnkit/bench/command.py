@@ -26,7 +26,16 @@ from ..kernels.autotune import ENV as AUTOTUNE_ENV
 from .flops import MODES
 from .memory import available_cpu_memory
 from .registry import DTYPES, KINDS
-from .report import format_table, print_table, series_slopes, write_csv, write_json, write_plots
+from .report import (
+    format_table,
+    print_table,
+    series_slopes,
+    skip_reasons,
+    skipped_baselines,
+    write_csv,
+    write_json,
+    write_plots,
+)
 from .runner import RunOptions
 from .sweep import build_points, environment, grid_for, run_sweep
 
@@ -300,6 +309,15 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("plots: " + ", ".join(str(p) for p in plots))
     print(f"results: {out / 'results.json'}, {out / 'results.csv'}, {out / 'summary.txt'}")
+    if rows and counts["ok"] == 0:
+        print("attnkit bench: nothing was measured; every point was skipped or failed:",
+              file=sys.stderr)
+        for line in skip_reasons(rows)[:20]:
+            print(f"  {line}", file=sys.stderr)
+        exit_code = 1
+    elif not rows:
+        print("attnkit bench: the grid has no points (check --kinds/--n/--modes)", file=sys.stderr)
+        exit_code = 1
     failed = failed_attnkit_rows(rows)
     if args.gpu_check and failed:
         print(f"--gpu-check: {len(failed)} attnkit point(s) failed (status error; see summary.txt)",
@@ -314,8 +332,8 @@ def _summary(meta: dict, rows: list[dict]) -> str:
     if "test_suite" in meta:
         lines += [f"tests: {meta['test_suite']['summary']}", ""]
     lines += [format_table(rows), "",
-              "fitted log-log slopes vs N (upper half of N; the design expects time ~2 for dense "
-              "and causal, ~1 for the rest):"]
+              "fitted log-log slopes vs N (upper half of N, at least 3 points; the design "
+              "expects time ~2 for dense and causal, ~1 for the rest):"]
     for s in series_slopes(rows):
         t = "-" if s["time_slope"] is None else f"{s['time_slope']:.2f}"
         m = "-" if s["memory_slope"] is None else f"{s['memory_slope']:.2f}"
@@ -323,6 +341,12 @@ def _summary(meta: dict, rows: list[dict]) -> str:
         shape = f"D{s['d']}" if s["d"] else f"h{s['hidden']} r{s['rank']}"  # LoRA: no head dim
         lines.append(f"  {s['kind']:<10} {s['impl']:<16} {s['mode']:<8} {shape:<9} "
                      f"time {t:>5}  memory {m:>5}  (expected time ~{expected})")
+    skipped = skipped_baselines(rows)
+    if skipped:
+        lines += ["", "baselines skipped (not in the table):"] + [f"  {x}" for x in skipped]
+    if rows and not any(r["status"] == "ok" for r in rows):
+        lines += ["", "NOTHING WAS MEASURED; why each row did not run:"]
+        lines += [f"  {x}" for x in skip_reasons(rows)]
     problems = [r for r in rows if r["status"] in ("error", "oom")]
     if problems:
         lines += ["", "not measured:"]

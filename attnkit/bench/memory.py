@@ -80,11 +80,11 @@ def cpu_memory_method() -> str:
     """How CPU peaks are measured on this machine (recorded in results.json)."""
     if _status_kib("VmHWM") is not None and os.access(_CLEAR_REFS, os.W_OK):
         return ("VmHWM after resetting it via /proc/self/clear_refs, minus VmRSS before the call "
-                "(malloc_trim first, glibc mmap threshold pinned at 128 KiB; smaller of two calls)")
+                "(malloc_trim first, glibc mmap threshold pinned at 128 KiB; smallest of three calls)")
     return "growth of getrusage(RUSAGE_SELF).ru_maxrss across the call (a lower bound)"
 
 
-def measure_peak(fn: Callable[[], object], device: str, cpu_repeats: int = 2, collect: bool = True,
+def measure_peak(fn: Callable[[], object], device: str, cpu_repeats: int = 3, collect: bool = True,
                  setup: Callable[[], object] | None = None) -> int:
     """Run ``fn`` and return its peak memory in bytes above the memory in use before it.
 

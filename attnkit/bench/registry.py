@@ -4,7 +4,7 @@ A :class:`Kind` is one op with fixed semantics ("causal attention", "fused LoRA"
 FLOPs and bytes. An :class:`Impl` is one way to compute it (attnkit, an SDPA backend,
 FlexAttention, PEFT, ...): given a :class:`Point` it builds a :class:`Workload`, or raises
 :class:`Unavailable` saying why it cannot run here. Adding a kind or a baseline is one
-:func:`register_kind` / :func:`register_impl` call (see ``kinds.py``).
+:func:`register_kind` / :func:`register_impl` call (see ``kinds/``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Slopes: time (or memory) against N on log-log axes is a line whose slope is the exponent of N,
 so dense attention reads ~2 and sliding window, linear attention and LoRA ~1. Small N is often
 launch- or overhead-bound (flat), so the fit uses the upper half of the N range measured for
-each line (at least two points).
+each line, and never fewer than three points (a two-point "slope" flipped between 1.0 and 2.0
+across repeated CPU runs; with fewer than three points a line has no slope).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["SCHEMA", "fit_loglog_slope", "series_slopes", "write_json", "write_csv", "format_table",
-           "write_plots", "CSV_FIELDS"]
+           "write_plots", "CSV_FIELDS", "skipped_baselines", "skip_reasons", "MIN_SLOPE_POINTS"]
 
 SCHEMA = "attnkit-bench/1"
 CSV_FIELDS = [
@@ -25,18 +26,22 @@ CSV_FIELDS = [
 ]
 
 
+#: Fewest points a slope is fitted on.
+MIN_SLOPE_POINTS = 3
+
+
 def fit_loglog_slope(ns: Sequence[float], ys: Sequence[float], upper_half: bool = True) -> float | None:
-    """Least-squares slope of ``log y`` against ``log n`` (``None`` with < 2 usable points).
+    """Least-squares slope of ``log y`` against ``log n`` (``None`` with < 3 usable points).
 
     With ``upper_half`` only points with ``n`` at or above the median of the measured ``n`` are
-    used (never fewer than two: the two largest).
+    used (never fewer than three: the three largest).
     """
     pts = sorted((float(n), float(y)) for n, y in zip(ns, ys, strict=True)
                  if n and y and n > 0 and y > 0 and math.isfinite(y))
-    if len(pts) < 2:
+    if len(pts) < MIN_SLOPE_POINTS:
         return None
     if upper_half:
-        pts = pts[min(len(pts) // 2, len(pts) - 2):]
+        pts = pts[min(len(pts) // 2, len(pts) - MIN_SLOPE_POINTS):]
     xs = [math.log(n) for n, _ in pts]
     ls = [math.log(y) for _, y in pts]
     mx, my = sum(xs) / len(xs), sum(ls) / len(ls)
@@ -91,25 +96,71 @@ def _mib(b: int | None) -> str:
     return "-" if b is None else f"{b / 2**20:.1f}"
 
 
+def _point_key(r: dict) -> tuple:
+    return (r["kind"], r["mode"], r["d"], r.get("hidden", 0), r.get("rank", 0), r["dtype"], r["n"])
+
+
+def _ratio(num, den) -> str:
+    return "-" if not num or not den else f"{num / den:.2f}x"
+
+
 def table_rows(rows: list[dict]) -> list[list[str]]:
-    """The attnkit rows (not baselines) as table cells."""
-    out = []
+    """Table cells: per point, attnkit's rows then the baselines that ran (or failed) there.
+
+    ``speed-up`` = baseline time / attnkit time and ``mem ratio`` = baseline peak / attnkit peak
+    (above 1: attnkit is faster / smaller). On an attnkit row both compare with the fastest
+    baseline; on a baseline row, with the point's first attnkit row. Baselines skipped at a point
+    are left out here (:func:`skipped_baselines` lists them once each, with the reason).
+    """
+    points: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r["baseline"]:
-            continue
-        if r["status"] == "ok":
-            vs = ("-" if r["speedup"] is None else f"{r['speedup']:.2f}x {r['best_baseline']}")
-            cells = [_fmt(r["time_ms"], ".3f"), _fmt(r["tflops"], ".3f"), _fmt(r["gbps"], ".1f"),
-                     _mib(r["peak_mem_bytes"]), vs]
-        else:
-            cells = [r["status"], "", "", "", (r["reason"] or "")[:50]]
-        shape = f"D{r['d']}" if r["d"] else f"h{r['hidden']} r{r['rank']}"
-        out.append([r["kind"], r["impl"], r["mode"], shape, str(r["n"]), *cells])
+        points.setdefault(_point_key(r), []).append(r)
+    out = []
+    for group in points.values():
+        ours = [r for r in group if not r["baseline"]]
+        ref = next((r for r in ours if r["status"] == "ok"), None)
+        shown = ours + [r for r in group if r["baseline"] and r["status"] != "skipped"]
+        for r in shown:
+            if r["status"] == "ok":
+                if not r["baseline"]:
+                    best = next((b for b in group if b["baseline"] and b["status"] == "ok"
+                                 and b["impl"] == r.get("best_baseline")), None)
+                    vs = "-" if best is None else f"vs {best['impl']}"
+                    speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+                    mem = "-" if best is None else _ratio(best["peak_mem_bytes"],
+                                                          r["peak_mem_bytes"])
+                else:
+                    vs, speed = "", "-" if ref is None else _ratio(r["time_ms"], ref["time_ms"])
+                    mem = "-" if ref is None else _ratio(r["peak_mem_bytes"],
+                                                         ref["peak_mem_bytes"])
+                cells = [_fmt(r["time_ms"], ".3f"), _fmt(r["tflops"], ".3f"),
+                         _mib(r["peak_mem_bytes"]), speed, mem, vs]
+            else:
+                cells = [r["status"], "", "", "", "", (r["reason"] or "")[:60]]
+            shape = f"D{r['d']}" if r["d"] else f"h{r['hidden']} r{r['rank']}"
+            impl = r["impl"] if not r["baseline"] else f"  {r['impl']}"
+            out.append([r["kind"], impl, r["mode"], shape, str(r["n"]), *cells])
     return out
 
 
-TABLE_HEADER = ["kind", "impl", "mode", "shape", "N", "time ms", "TFLOP/s", "GB/s", "peak MiB",
-                "vs best baseline"]
+def skipped_baselines(rows: list[dict]) -> list[str]:
+    """One line per (baseline, reason) skipped somewhere, with how many points it missed."""
+    seen: dict[tuple, int] = {}
+    for r in rows:
+        if r["baseline"] and r["status"] == "skipped":
+            key = (r["impl"], r["reason"] or "")
+            seen[key] = seen.get(key, 0) + 1
+    return [f"{impl}: {reason} ({n} point{'s' * (n != 1)})" for (impl, reason), n in seen.items()]
+
+
+def skip_reasons(rows: list[dict]) -> list[str]:
+    """Why nothing ran: each distinct (impl, reason) of the rows that did not run."""
+    return list(dict.fromkeys(f"{r['impl']}: {r['status']}: {r['reason'] or 'no reason given'}"
+                              for r in rows if r["status"] != "ok"))
+
+
+TABLE_HEADER = ["kind", "impl", "mode", "shape", "N", "time ms", "TFLOP/s", "peak MiB",
+                "speed-up", "mem ratio", "baseline / note"]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -117,7 +168,8 @@ def format_table(rows: list[dict]) -> str:
     body = table_rows(rows)
     widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h)
               for i, h in enumerate(TABLE_HEADER)]
-    line = lambda cells: "  ".join(c.rjust(w) if i >= 4 else c.ljust(w)
+    last = len(TABLE_HEADER) - 1
+    line = lambda cells: "  ".join(c.rjust(w) if 4 <= i < last else c.ljust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
     return "\n".join([line(TABLE_HEADER), line(["-" * w for w in widths]), *map(line, body)])
 
@@ -129,9 +181,10 @@ def print_table(rows: list[dict]) -> None:
     except ImportError:
         print(format_table(rows))
         return
-    t = Table(title="attnkit bench (speed-up = best baseline time / attnkit time, same point)")
+    t = Table(title="attnkit bench: speed-up = baseline time / attnkit time, mem ratio = baseline "
+                    "peak / attnkit peak (same point; > 1: attnkit better)")
     for i, h in enumerate(TABLE_HEADER):
-        t.add_column(h, justify="right" if i >= 4 else "left")
+        t.add_column(h, justify="right" if 4 <= i < len(TABLE_HEADER) - 1 else "left")
     for cells in table_rows(rows):
         t.add_row(*cells)
     console = Console()
@@ -192,10 +245,12 @@ def write_plots(out_dir: Path, rows: list[dict]) -> list[Path] | str:
                 ax.set_title(f"{metric} vs N, {mode}, {title}, {sample.get('dtype', '')}", fontsize=10)
                 ax.grid(True, which="both", alpha=0.3)
                 lines = len(_group(sel))
-                ax.legend(fontsize=7 if lines <= 14 else 5.5, loc="upper left", ncol=1 if lines <= 14 else 2)
+                # below the axes, never on them: a legend inside hid the small-N points
+                ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13),
+                          ncol=2 if lines > 6 else 1, frameon=False)
             fig.tight_layout()
             path = out_dir / f"{metric}_{mode.replace('+', '_')}.png"
-            fig.savefig(path, dpi=110)
+            fig.savefig(path, dpi=110, bbox_inches="tight")
             plt.close(fig)
             written.append(path)
     return written

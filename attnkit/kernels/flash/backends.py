@@ -85,8 +85,12 @@ class TorchAttention(Backend):
                 call.cu_seqlens_q, call.cu_seqlens_k,
             )
         from .torch_band import attention_torch
+        from .torch_fused import attention_fused, fused_available
 
-        return attention_torch(
+        # The fused CPU flash kernel where it serves (CPU, fp32/fp64/bf16/fp16); the chunked
+        # generic path on every other device and dtype (torch_fused.py says why).
+        run = attention_fused if fused_available(call.q, call.k) else attention_torch
+        return run(
             call.q, call.k, call.v, call.spec, call.scale, call.valid_keys,
             call.cu_seqlens_q, call.cu_seqlens_k,
         )

@@ -1,9 +1,11 @@
 """The torch backend for block-sparse attention: gather only the listed key blocks.
 
-For each query block row, the key blocks its layout lists are gathered (per query head, without
-expanding K/V for GQA) into a ``[B, Hq, maxK * bs, D]`` tile, scored, masked (partial-block element
-masks, sequence end, key padding) and softmaxed in fp32 (fp64 for fp64 inputs). Autograd through
-the gathers gives the backward. Memory: one row's scores are ``B * Hq * bs * maxK * bs`` and
+For each query block row, the key blocks its layout lists are gathered into a ``[B, H', maxK * bs,
+D]`` tile (``H' = Hkv`` when one layout serves every head, else per query head) and, on a CPU in
+fp32/fp64/bf16/fp16, run through the fused CPU flash kernel with an additive mask for the partial
+blocks, the sequence end and key padding (:func:`.torch_fused.fused_tile`, its own fused backward,
+LSE differentiable); elsewhere scored, masked and softmaxed in fp32 (fp64 for fp64 inputs).
+Autograd through the gathers scatters dK/dV back. Memory: one row's scores are ``B * Hq * bs * maxK * bs`` and
 autograd keeps one such tensor per row, so the total scales with the number of non-zero blocks
 (times the widest row), never with ``N^2`` for a sparse layout.
 """
@@ -14,11 +16,13 @@ import torch
 
 from .spec import BlockLists
 from .torch_band import _segments
+from .torch_fused import fused_available, fused_tile
 
 __all__ = ["block_sparse_attention_torch"]
 
 
-def _row(q_rows, k, v, lists: BlockLists, r: int, c_rows: int, nk: int, lay_map, kpm, scale):
+def _row(q_rows, k, v, lists: BlockLists, r: int, c_rows: int, nk: int, lay_map, kpm, scale,
+         fused: bool):
     """Output and LSE of one query block row. ``q_rows [B, Hq, c, D]``; ``k``/``v`` one sequence."""
     B, Hq, c, D = q_rows.shape
     Hkv = k.shape[1]
@@ -39,14 +43,24 @@ def _row(q_rows, k, v, lists: BlockLists, r: int, c_rows: int, nk: int, lay_map,
     em = em.permute(0, 2, 1, 3).reshape(idx.shape[0], c, maxk * bs)  # [L, c, M]
     visible = em & valid[:, None, :]  # [L, c, M]
 
-    pos_bh = pos.clamp(max=nk - 1)[lay_map]  # [B, Hq, M]
     b_idx = torch.arange(B, device=k.device)[:, None, None]
+    if fused and lists.layout_batch * lists.layout_heads == 1:
+        # One layout for every head: gather the blocks once per KV head (no K/V expansion; the
+        # fused kernel maps query heads to KV heads itself).
+        p0 = pos[0].clamp(max=nk - 1)
+        ok = visible[0][None, None]  # [1, 1, c, M]
+        if kpm is not None:
+            ok = ok & kpm[:, p0][:, None, None, :]
+        return fused_tile(q_rows, k[:, :, p0], v[:, :, p0], ok, scale)
+    pos_bh = pos.clamp(max=nk - 1)[lay_map]  # [B, Hq, M]
     hk_idx = (torch.arange(Hq, device=k.device) // (Hq // Hkv))[None, :, None]
     k_sel = k[b_idx, hk_idx, pos_bh]  # [B, Hq, M, D]
     v_sel = v[b_idx, hk_idx, pos_bh]
     ok = visible[lay_map]  # [B, Hq, c, M]
     if kpm is not None:
         ok = ok & kpm[b_idx, pos_bh][:, :, None, :]
+    if fused:
+        return fused_tile(q_rows, k_sel, v_sel, ok, scale)
     s = torch.matmul(q_rows, k_sel.transpose(-1, -2)) * scale
     any_ok = ok.any(-1, keepdim=True)
     s = torch.where(any_ok, s.masked_fill(~ok, float("-inf")), torch.zeros_like(s))
@@ -66,7 +80,10 @@ def block_sparse_attention_torch(q, k, v, lists: BlockLists, scale: float, key_p
     sequences.
     """
     B, Hq, Nq, D = q.shape
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # The fused CPU kernel takes the inputs' own dtype (and accumulates in fp32); the generic
+    # gather path upcasts to fp32 (fp64 for fp64).
+    fused = fused_available(q, k)
+    cdt = q.dtype if fused else (torch.float64 if q.dtype == torch.float64 else torch.float32)
     outs, lses = [], []
     lb_stride = lists.layout_heads if lists.layout_batch > 1 else 0
     lh_stride = 1 if lists.layout_heads > 1 else 0
@@ -88,7 +105,7 @@ def block_sparse_attention_torch(q, k, v, lists: BlockLists, scale: float, key_p
                 seg_lse.append(q.new_full((B, Hq, r1 - r0), float("-inf"), dtype=cdt))
                 continue
             o, lse = _row(q[:, :, qs + r0 : qs + r1].to(cdt), k[:, :, ks:ke].to(cdt),
-                          v[:, :, ks:ke].to(cdt), lists, r, r1 - r0, nk, lay_map, kpm, scale)
+                          v[:, :, ks:ke].to(cdt), lists, r, r1 - r0, nk, lay_map, kpm, scale, fused)
             seg_o.append(o)
             seg_lse.append(lse)
         if seg_o:

@@ -1,4 +1,4 @@
-"""The registered kinds and their implementations (attnkit and every baseline).
+"""Attention kinds (dense, causal, window, BigBird, Longformer) with attnkit and every baseline.
 
 Attention kinds share one set of implementations, built from the kind's pattern by
 :func:`attention_kind`, so a new pattern (a block-sparse layout, say) is one call::
@@ -7,25 +7,30 @@ Attention kinds share one set of implementations, built from the kind's pattern 
 
 Baselines that cannot run here raise :class:`Unavailable` with the reason (not installed, no
 CUDA device, a mask the SDPA backend does not take); the sweep records that as a skipped row.
+Block-sparse layouts are built by name through :data:`SPARSE_BUILDERS`; an unknown name raises.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-import inspect
-import math
 import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..attn.patterns import Causal, Dense, Pattern, SlidingWindow
-from .flops import attention_bytes, attention_flops, linear_attention_flops, lora_bytes, lora_flops
-from .registry import Impl, Kind, Point, Unavailable, Workload, register_impl, register_kind
+from ...attn.patterns import Causal, Dense, Pattern, SlidingWindow
+from ..flops import attention_bytes, attention_flops
+from ..registry import Impl, Kind, Point, Unavailable, Workload, register_impl, register_kind
+from .common import attnkit_backend as _attnkit_backend
+from .common import on_cuda as _on_cuda
+from .common import qkv as _qkv
+from .common import tensor_bytes as _tensor_bytes
 
-__all__ = ["attention_kind", "WINDOW", "SDPA_BACKENDS", "LORA_HIDDEN_RANK"]
+__all__ = ["attention_kind", "WINDOW", "SDPA_BACKENDS", "SPARSE", "SPARSE_BUILDERS",
+           "sparse_pattern"]
+
 
 #: Sliding-window width of the ``window`` kind, by device type: the same for every N of a sweep, so
 #: its cost is linear in N (``SlidingWindow(w - 1)``: each query sees itself and ``w - 1`` keys back).
@@ -38,47 +43,23 @@ SDPA_BACKENDS = {
     "sdpa-cudnn": "CUDNN_ATTENTION",
     "sdpa-math": "MATH",
 }
-#: LoRA shapes (hidden size, rank) on each device type.
-LORA_HIDDEN_RANK = {"cuda": (4096, 16), "cpu": (512, 16)}
 
 
 def _window_for(point: Point) -> SlidingWindow:
     return SlidingWindow(WINDOW["cuda" if _on_cuda(point) else "cpu"] - 1)
 
 
-def _on_cuda(point: Point) -> bool:
-    return point.device.startswith("cuda")
-
-
-def _attnkit_backend(point: Point) -> str:
-    # On the CPU the torch backend, never the Triton interpreter (tests may set TRITON_INTERPRET).
-    return "triton" if _on_cuda(point) else "torch"
-
-
-def _qkv(point: Point, requires_grad: bool, layout: str = "bhnd"):
-    shape = ((point.batch, point.heads, point.n, point.d) if layout == "bhnd"
-             else (point.batch, point.n, point.heads, point.d))
-    return [torch.randn(shape, device=point.device, dtype=point.torch_dtype,
-                        requires_grad=requires_grad) for _ in range(3)]
-
-
-def _tensor_bytes(point: Point, count: int) -> float:
-    return count * point.batch * point.heads * point.n * point.d * point.elem
-
-
-# ---------------------------------------------------------------------------------- attention
-
 
 def _band_mask(pattern: Pattern, n: int, device) -> torch.Tensor:
     """Bool mask (True = attend) of a pattern, ``[Lb or 1, Lh or 1, n, n]``, for baselines that
     take an explicit mask: the pattern's kernel spec, as every attnkit backend reads it."""
-    from ..kernels.flash.naive import visible_mask_4d
+    from ...kernels.flash.naive import visible_mask_4d
 
     return visible_mask_4d(pattern, n, n, device)
 
 
 def _build_attnkit(pattern_fn, point: Point, requires_grad: bool) -> Workload:
-    from ..attn.functional import attention
+    from ...attn.functional import attention
 
     q, k, v = _qkv(point, requires_grad)
     pattern, backend = pattern_fn(point), _attnkit_backend(point)
@@ -244,23 +225,47 @@ attention_kind("window", _window_for, 1.0,
                f"causal sliding window of {WINDOW['cuda']} keys ({WINDOW['cpu']} on the CPU)")
 
 #: Block-sparse layouts by device type: block size, BigBird's (window, global, random) blocks,
+
+
+#: Block-sparse layouts by device type: block size, BigBird's (window, global, random) blocks,
 #: Longformer's band width and global tokens. Fixed in N, so the work is linear in N.
 SPARSE = {"cuda": {"block": 128, "bigbird": (3, 2, 3), "longformer": (1024, 64)},
           "cpu": {"block": 32, "bigbird": (3, 2, 3), "longformer": (128, 16)}}
 
 
-@functools.lru_cache(maxsize=64)
-def _sparse_pattern(name: str, n: int, device_type: str) -> Pattern:
-    """One pattern object per (layout, N, device): it caches its compiled block lists."""
+def _bigbird(n: int, cfg: dict) -> Pattern:
     import attnkit
 
-    cfg = SPARSE[device_type]
-    if name == "bigbird":
-        w, g, r = cfg["bigbird"]
-        return attnkit.bigbird(n, cfg["block"], num_window_blocks=w, num_global_blocks=g,
-                               num_random_blocks=r, seed=0)
+    w, g, r = cfg["bigbird"]
+    return attnkit.bigbird(n, cfg["block"], num_window_blocks=w, num_global_blocks=g,
+                           num_random_blocks=r, seed=0)
+
+
+def _longformer(n: int, cfg: dict) -> Pattern:
+    import attnkit
+
     window, glob = cfg["longformer"]
     return attnkit.longformer(n, cfg["block"], window=window, global_tokens=glob)
+
+
+#: name -> builder ``(n, device config) -> Pattern`` of each block-sparse kind (the one table:
+#: a name not in it is refused, never run as another layout).
+SPARSE_BUILDERS: dict[str, Callable[[int, dict], Pattern]] = {
+    "bigbird": _bigbird,
+    "longformer": _longformer,
+}
+
+
+@functools.lru_cache(maxsize=64)
+def sparse_pattern(name: str, n: int, device_type: str) -> Pattern:
+    """One pattern object per (layout, N, device): it caches its compiled block lists."""
+    builder = SPARSE_BUILDERS.get(name)
+    if builder is None:
+        raise ValueError(f"unknown block-sparse layout {name!r}; accepted: "
+                         f"{', '.join(sorted(SPARSE_BUILDERS))}")
+    if device_type not in SPARSE:
+        raise ValueError(f"unknown device type {device_type!r}; accepted: {', '.join(SPARSE)}")
+    return builder(n, SPARSE[device_type])
 
 
 def _register_block_sparse() -> None:
@@ -272,7 +277,7 @@ def _register_block_sparse() -> None:
         return
 
     def pattern_of(name: str, point: Point) -> Pattern:
-        return _sparse_pattern(name, point.n, "cuda" if _on_cuda(point) else "cpu")
+        return sparse_pattern(name, point.n, "cuda" if _on_cuda(point) else "cpu")
 
     for name, what in (("bigbird", "BigBird-ITC block layout (window 3, global 2, random 3 blocks)"),
                        ("longformer", "Longformer band + global tokens, as a block-sparse pattern")):
@@ -280,168 +285,3 @@ def _register_block_sparse() -> None:
 
 
 _register_block_sparse()
-
-
-# ------------------------------------------------------------------------ linear attention
-
-
-def _elu1(x: torch.Tensor) -> torch.Tensor:
-    return F.elu(x.float()) + 1
-
-
-def _build_linear_attnkit(backend: str | None, point: Point, requires_grad: bool) -> Workload:
-    from ..attn.linear import linear_attention
-
-    if backend == "torch" and not _on_cuda(point):
-        raise Unavailable("on the CPU attnkit itself runs the torch backend (the 'attnkit' row)")
-    chosen = backend or _attnkit_backend(point)
-    q, k, v = _qkv(point, requires_grad)
-    return Workload(lambda: linear_attention(q, k, v, feature_map="elu1", causal=True, backend=chosen),
-                    [q, k, v])
-
-
-def _build_linear_quadratic(point: Point, requires_grad: bool) -> Workload:
-    """The O(N^2) form ``(phi(q) phi(k)^T * causal) v / row sums``: what linear attention avoids."""
-    q, k, v = _qkv(point, requires_grad)
-
-    def fn():
-        fq, fk = _elu1(q), _elu1(k)
-        a = (fq @ fk.transpose(-1, -2)).tril()
-        o = (a @ v.float()) / (a.sum(-1, keepdim=True) + 1e-6)
-        return o.to(q.dtype)
-
-    return Workload(fn, [q, k, v])
-
-
-def _build_fla(point: Point, requires_grad: bool) -> Workload:
-    if importlib.util.find_spec("fla") is None:
-        raise Unavailable("flash-linear-attention (fla) is not installed")
-    if not _on_cuda(point):
-        raise Unavailable("flash-linear-attention needs a CUDA device")
-    try:
-        from fla.ops.linear_attn import chunk_linear_attn
-    except (ImportError, OSError) as e:
-        raise Unavailable(f"flash-linear-attention is installed but does not import: {e}") from None
-
-    q, k, v = _qkv(point, requires_grad, layout="bnhd")
-    kwargs = {"scale": 1.0, "normalize": True}
-    if "head_first" in inspect.signature(chunk_linear_attn).parameters:
-        kwargs["head_first"] = False  # older fla defaults to [B, H, T, D]; ours are [B, T, H, D]
-
-    def fn():
-        fq, fk = _elu1(q).to(q.dtype), _elu1(k).to(k.dtype)  # the same map, outside the kernel
-        out = chunk_linear_attn(fq, fk, v, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
-
-    return Workload(fn, [q, k, v])
-
-
-def _predict_linear(quadratic: bool) -> Callable[[Point], float]:
-    def predict(point: Point) -> float:
-        grad = 1 if point.mode == "fwd" else 2
-        base = _tensor_bytes(point, 8 * grad) * (4 / point.elem)  # fp32 copies of the mapped inputs
-        return base + (2 * 4 * point.batch * point.heads * point.n**2 * grad if quadratic else 0)
-    return predict
-
-
-def _linear_flops(p: Point) -> float:
-    return linear_attention_flops(p.batch, p.heads, p.n, p.d, p.d, p.mode)
-
-
-def _linear_bytes(p: Point) -> float:
-    return attention_bytes(p.batch, p.heads, p.n, p.d, p.elem, p.mode)
-
-
-register_kind(Kind("linear", "linear_attention", "causal linear attention, elu+1 feature map",
-                   _linear_flops, _linear_bytes, 1.0))
-register_impl("linear", Impl("attnkit", functools.partial(_build_linear_attnkit, None), False,
-                             _predict_linear(False), tier=0))
-register_impl("linear", Impl("torch-chunked", functools.partial(_build_linear_attnkit, "torch"), True,
-                             _predict_linear(False)))
-register_impl("linear", Impl("torch-quadratic", _build_linear_quadratic, True, _predict_linear(True)))
-# tier 2 with the compiled baselines: fla autotunes on its first call, which the budget's
-# compile reserve must cover.
-register_impl("linear", Impl("fla", _build_fla, True, _predict_linear(False), tier=2))
-
-
-# ------------------------------------------------------------------------------------ LoRA
-
-
-def _lora_tensors(point: Point, requires_grad: bool):
-    h, r, dt, dev = point.hidden, point.rank, point.torch_dtype, point.device
-    x = torch.randn(point.batch, point.n, h, device=dev, dtype=dt, requires_grad=requires_grad)
-    w = torch.randn(h, h, device=dev, dtype=dt) / math.sqrt(h)
-    a = (torch.randn(r, h, device=dev, dtype=dt) / math.sqrt(h)).requires_grad_(requires_grad)
-    b = (torch.randn(h, r, device=dev, dtype=dt) * 0.01).requires_grad_(requires_grad)
-    return x, w, a, b
-
-
-def _build_lora_attnkit(point: Point, requires_grad: bool) -> Workload:
-    from ..finetune.functional import lora_linear
-
-    x, w, a, b = _lora_tensors(point, requires_grad)
-    backend, scaling = _attnkit_backend(point), 2.0
-    return Workload(lambda: lora_linear(x, w, a, b, scaling, backend=backend), [x, a, b])
-
-
-def _build_lora_unfused(point: Point, requires_grad: bool) -> Workload:
-    x, w, a, b = _lora_tensors(point, requires_grad)
-    return Workload(lambda: F.linear(x, w) + 2.0 * F.linear(F.linear(x, a), b), [x, a, b])
-
-
-def _peft_model(point: Point):
-    if importlib.util.find_spec("peft") is None:
-        raise Unavailable("peft is not installed (pip install peft)")
-    from peft import LoraConfig, get_peft_model
-
-    class _Proj(torch.nn.Module):
-        def __init__(self, lin):
-            super().__init__()
-            self.proj = lin
-
-        def forward(self, x):
-            return self.proj(x)
-
-    lin = torch.nn.Linear(point.hidden, point.hidden, bias=False, device=point.device,
-                          dtype=point.torch_dtype)
-    config = LoraConfig(r=point.rank, lora_alpha=2 * point.rank, lora_dropout=0.0,
-                        target_modules=["proj"])
-    # PEFT makes adapters fp32 by default (autocast_adapter_dtype); the other LoRA rows run
-    # their adapters in the point's dtype, so this one does too (same work, like for like).
-    return get_peft_model(_Proj(lin), config, autocast_adapter_dtype=False)
-
-
-def _build_lora_peft(fused: bool, point: Point, requires_grad: bool) -> Workload:
-    model = _peft_model(point)
-    if fused:
-        from ..finetune import fuse_lora
-
-        fuse_lora(model, backend=_attnkit_backend(point))
-    x = torch.randn(point.batch, point.n, point.hidden, device=point.device, dtype=point.torch_dtype,
-                    requires_grad=requires_grad)
-    params = [x] + [p for p in model.parameters() if p.requires_grad]
-    if not requires_grad:
-        model.requires_grad_(False)
-    return Workload(lambda: model(x), params)
-
-
-def _predict_lora(point: Point) -> float:
-    grad = 1 if point.mode == "fwd" else 2
-    return (3 * point.batch * point.n * point.hidden * grad + point.hidden**2) * 4
-
-
-def _lora_flops(p: Point) -> float:
-    return lora_flops(p.batch * p.n, p.hidden, p.hidden, p.rank, p.mode)
-
-
-def _lora_bytes(p: Point) -> float:
-    return lora_bytes(p.batch * p.n, p.hidden, p.hidden, p.rank, p.elem, p.mode)
-
-
-register_kind(Kind("lora", "lora", "fused LoRA linear (x W^T + s x A^T B^T), square weight",
-                   _lora_flops, _lora_bytes, 1.0, uses_head_dim=False))
-register_impl("lora", Impl("attnkit", _build_lora_attnkit, False, _predict_lora, tier=0))
-register_impl("lora", Impl("attnkit-peft", functools.partial(_build_lora_peft, True), False,
-                           _predict_lora, tier=0))
-register_impl("lora", Impl("torch-unfused", _build_lora_unfused, True, _predict_lora))
-register_impl("lora", Impl("peft", functools.partial(_build_lora_peft, False), True, _predict_lora))
