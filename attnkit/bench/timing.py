@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
+from ..kernels.timing import cuda_event_times
 
 __all__ = ["Timing", "time_fn"]
 
@@ -39,18 +39,7 @@ def _quantiles(ms: list[float]) -> Timing:
 
 
 def _cuda_events(fn: Callable[[], object], warmup: int, reps: int) -> Timing:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ms = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        ms.append(start.elapsed_time(end))
-    return _quantiles(ms)
+    return _quantiles(cuda_event_times(fn, warmup, reps))
 
 
 def time_fn(fn: Callable[[], object], device: str, *, warmup_ms: float = 25.0, rep_ms: float = 100.0,

@@ -52,14 +52,7 @@ def _band_mask(pattern: Band, c0: int, c1: int, lo: int, hi: int, nq: int, nk: i
     full_right = pattern.right is None or hi - 1 <= c0 + shift + pattern.right
     if full_left and full_right:
         return None
-    pos = torch.arange(c0, c1, device=device)[:, None] + shift
-    j = torch.arange(lo, hi, device=device)[None, :]
-    ok = torch.ones(c1 - c0, hi - lo, dtype=torch.bool, device=device)
-    if pattern.left is not None:
-        ok &= j >= pos - pattern.left
-    if pattern.right is not None:
-        ok &= j <= pos + pattern.right
-    return ok
+    return pattern.block(c0, c1, lo, hi, nq, nk, device)
 
 
 def _segments(n_q: int, n_k: int, cu_q: torch.Tensor | None, cu_k: torch.Tensor | None):

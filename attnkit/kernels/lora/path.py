@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from ..timing import cuda_event_times
+
 __all__ = ["ENV", "PATHS", "path_setting", "cache_file", "dispatch_key", "choose_path",
            "cuda_event_timer", "PathCache"]
 
@@ -151,17 +153,7 @@ _said: set[str] = set()
 def cuda_event_timer(path: str, fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> float:
     """Median milliseconds per call of ``fn`` on the current CUDA stream (CUDA events). The
     warm-up calls also run the fused kernel's autotuning, so it is not timed."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(cuda_event_times(fn, warmup, reps))
 
 
 def _bench_fns(call, fused: Callable, unfused: Callable) -> dict[str, Callable[[], object]]:
