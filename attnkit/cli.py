@@ -108,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return run(args)
-        except ValueError as e:
-            bench.error(str(e))  # exits with status 2 and the usage line
+        except ValueError as e:  # a bad argument: one line naming it, exit status 2
+            print(f"attnkit bench: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     if args.command == "finetune":
         return run_finetune(args)
     if args.command == "compile-report":

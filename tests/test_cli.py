@@ -56,3 +56,14 @@ def test_compile_report_is_a_subcommand(capsys):
     out = capsys.readouterr().out
     for flag in ("--arch", "--json", "--first-only", "--kernel", "--head-dim", "--dtype"):
         assert flag in out, flag
+
+
+def test_bench_out_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys):
+    f = tmp_path / "results.txt"
+    f.write_text("not a folder")
+    for out, says in ((f, "is an existing file"), (f / "sub", "cannot be created")):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "--quick", "--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--out" in err[0] and says in err[0], err

@@ -242,9 +242,15 @@ def run(args: argparse.Namespace) -> int:
     for name in ("batch", "heads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    grid = _grid(args, device)
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is an existing file; --out must be a folder (new or "
+                         "existing) for results.json, results.csv, summary.txt and the plots")
+    grid = _grid(args, device)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent is a file, no permission, ...
+        raise ValueError(f"--out {str(out)!r} cannot be created: {e.strerror}") from None
     meta = environment(device)
     exit_code = 0
     budget = args.time_budget
