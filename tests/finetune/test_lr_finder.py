@@ -11,24 +11,12 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from ft_helpers import TINY, cli_args, corpus_sample, make_model_folder  # noqa: E402
+from ft_helpers import TINY, cli_args, make_model_folder  # noqa: E402
 
 from attnkit.finetune.cli import main as cli_main  # noqa: E402
 from attnkit.finetune.config import FinetuneConfig  # noqa: E402
 from attnkit.finetune.lr_finder import SUGGEST_DIVISOR, find_lr, suggest_lr  # noqa: E402
 from attnkit.finetune.train import run  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_folder(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "notes.txt"
-    path.write_text(corpus_sample(12_000), encoding="utf-8")
-    return path
 
 
 def test_the_suggestion_is_a_decade_below_the_smoothed_minimum():

@@ -13,25 +13,13 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from ft_helpers import TINY, cli_args, corpus_sample, make_model_folder  # noqa: E402
+from ft_helpers import TINY, cli_args  # noqa: E402
 
 from attnkit.finetune.cli import main as cli_main  # noqa: E402
 from attnkit.finetune.config import FinetuneConfig, parse_attention  # noqa: E402
 from attnkit.finetune.dataset import split_blocks, split_documents  # noqa: E402
 from attnkit.finetune.load import load_finetuned  # noqa: E402
 from attnkit.finetune.train import format_summary, run  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_folder(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "notes.txt"
-    path.write_text(corpus_sample(12_000), encoding="utf-8")
-    return path
 
 
 def _ids(summary_or_n=2, n=32, vocab=250):
