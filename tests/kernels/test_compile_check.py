@@ -31,7 +31,8 @@ print(json.dumps(out))
 
 # (arch, ops, head dim, workload case names: see compile_check/workload.py)
 CASES = [
-    (90, ("attention",), 128, ("dense+lse", "window+kpm", "sparse128+kpm")),
+    (90, ("attention",), 128, ("dense+lse", "window+kpm", "sparse128+kpm", "window+softcap",
+                               "window+sinks+alibi")),
     (90, ("attention",), 64, ("dense+lse", "sparse64", "sparse16")),
     (90, ("attention",), 256, ("dense+lse",)),
     (80, ("attention",), 128, ("dense+lse", "window+kpm")),

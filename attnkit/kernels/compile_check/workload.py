@@ -46,7 +46,8 @@ def _empty(*shape, dtype, grad=False):
 
 def _backward(*outs, inputs):
     loss = sum(o.float().sum() for o in outs)
-    torch.autograd.grad(loss, [t for t in inputs if t.requires_grad], allow_unused=True)
+    torch.autograd.grad(loss, [t for t in inputs if t is not None and t.requires_grad],
+                        allow_unused=True)
 
 
 def _attention_cases(D: int, dt: str) -> Iterator[Case]:
@@ -56,7 +57,7 @@ def _attention_cases(D: int, dt: str) -> Iterator[Case]:
     dtype = DTYPES[dt]
     B, Hq, Hkv, N = 2, 4, 2, 300
 
-    def train(pattern, valid_keys=None, lse=False, packed=False):
+    def train(pattern, valid_keys=None, lse=False, packed=False, **mods):
         def run():
             b = 1 if packed else B
             q = _empty(b, Hq, N, D, dtype=dtype, grad=True)
@@ -65,9 +66,14 @@ def _attention_cases(D: int, dt: str) -> Iterator[Case]:
             if packed:
                 extra = dict(cu_seqlens=torch.tensor([0, 100, N], dtype=torch.int32),
                              max_seqlen=200)
+            kw = dict(mods)
+            if kw.pop("sinks", False):  # learned per-head logits, with a gradient
+                kw["sinks"] = _empty(Hq, dtype=torch.float32, grad=True)
+            if kw.pop("alibi", False):
+                kw["alibi_slopes"] = _empty(Hq, dtype=torch.float32)
             out = attnkit.attention(q, k, v, pattern, valid_keys=valid_keys, backend="triton",
-                                    return_lse=lse, **extra)
-            _backward(*(out if lse else (out,)), inputs=(q, k, v))
+                                    return_lse=lse, **extra, **kw)
+            _backward(*(out if lse else (out,)), inputs=(q, k, v, kw.get("sinks")))
         return run
 
     kpm = torch.ones(B, N, dtype=torch.bool)
@@ -82,6 +88,11 @@ def _attention_cases(D: int, dt: str) -> Iterator[Case]:
     yield Case("attention", "causal", D, dt, train(Causal()))
     yield Case("attention", "window+kpm", D, dt, train(SlidingWindow(100), valid_keys=kpm))
     yield Case("attention", "varlen", D, dt, train(Causal(), packed=True))
+    # score modifications: Gemma-2-style (softcap + window) and gpt-oss-style (sinks + window),
+    # and ALiBi on top of both
+    yield Case("attention", "window+softcap", D, dt, train(SlidingWindow(100), softcap=50.0))
+    yield Case("attention", "window+sinks+alibi", D, dt,
+               train(SlidingWindow(100), sinks=True, alibi=True))
     for bs in (128, 64, 16):
         name = f"sparse{bs}" + ("+kpm" if bs == 128 else "")
         yield Case("attention", name, D, dt,
