@@ -160,12 +160,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="on a GPU: run the test suite (OUT/tests.log), then the --quick sweep, all into OUT")
     p.add_argument("--test-args", default="-n 4 tests",
                    help="pytest arguments for --gpu-check (default: '-n 4 tests'; no -n without xdist)")
-    p.add_argument("--test-timeout", type=_positive, default=300.0, metavar="SECONDS",
-                   help="--gpu-check: stop the test suite after this long (default 300, less if "
+    p.add_argument("--test-timeout", type=_positive, default=240.0, metavar="SECONDS",
+                   help="--gpu-check: stop the test suite after this long (default 240, less if "
                         "--check-time would leave the sweep under a minute)")
-    p.add_argument("--check-time", type=_positive, default=540.0, metavar="SECONDS",
+    p.add_argument("--check-time", type=_positive, default=420.0, metavar="SECONDS",
                    help="--gpu-check: finish everything this long after the process started "
-                        "(default 540: fits a 10-minute call); the sweep's budget is what the tests "
+                        "(default 420: a GPU session has 15 minutes of device time in all, start-up "
+                        "included, so one call gets about 7); the sweep's budget is what the tests "
                         "leave, less 30 s for writing the results")
 
 
