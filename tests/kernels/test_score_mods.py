@@ -147,17 +147,42 @@ def test_bad_score_mod_arguments_are_refused_by_name():
 
 
 def test_backends_without_a_score_mod_say_so():
-    """The decode kernels have no score slot yet: they decline by name, and the Triton flash
-    kernel takes decode-shaped calls with score modifications instead."""
+    """The CUDA decode kernel has no score slot: it declines by name, and the Triton decode
+    kernel (which has one) takes the call."""
     from attnkit.attn.inputs import validate
-    from attnkit.kernels.flash.backends import TritonDecode, TritonFlash
+    from attnkit.kernels.flash.backends import TritonDecode
+    from attnkit.kernels.flash.cuda import CudaDecodeBackend
 
     q, kv = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 20, 16)
     with torch.no_grad():
         call = validate(q, kv, kv, Causal(), None, None, None, None, False, 3.0, None, None)
-    assert any("softcap not supported by the 'triton' TritonDecode backend" in r
-               for r in TritonDecode().not_supported_reasons(call))
-    assert not any("softcap" in r for r in TritonFlash().not_supported_reasons(call))
+    assert any("softcap not supported by the 'cuda' CudaDecodeBackend backend" in r
+               for r in CudaDecodeBackend().not_supported_reasons(call))
+    assert not any("softcap" in r for r in TritonDecode().not_supported_reasons(call))
+
+
+@pytest.mark.parametrize("mod", list(MODS))
+@pytest.mark.parametrize("nq", [1, 3])
+def test_decode_kernel_score_mods_match_the_oracle(mod, nq):
+    """The Triton split-KV decode kernel (forward only) with each modification: several key
+    splits (the merge carries the sinks), GQA, a window, key padding with a fully padded row."""
+    from attnkit.kernels.flash.decode import decode_attention
+
+    B, Hq, Hkv, Nk, D = 3, 4, 2, 45, 32
+    q, k, v, kw = _inputs(B, Hq, Hkv, nq, Nk, D, MODS[mod], torch.float32)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    if "sinks" in kw:
+        kw["sinks"] = kw["sinks"].detach()
+    vk = padding_mask(B, Nk, DEVICE)
+    pattern = SlidingWindow(20)
+    o, lse = decode_attention(q, k, v, pattern.compile(), D ** -0.5, vk, num_splits=3, **kw)
+    ref_o, ref_lse = attention_naive(q, k, v, pattern, valid_keys=vk, **kw)
+    low_o, _ = attention_naive(q, k, v, pattern, valid_keys=vk, dtype=torch.float32, **kw)
+    assert not o.isnan().any() and not lse.isnan().any()
+    assert max_err(o, ref_o) <= tolerance(torch.float32, max_err(low_o, ref_o),
+                                          float(ref_o.abs().max()), K_OUT)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    assert max_err(lse, ref_lse) <= 1e-4 * (1 + float(ref_lse[torch.isfinite(ref_lse)].abs().max()))
 
 
 DV_CASES = [

@@ -37,12 +37,15 @@ class TritonDecode(Backend):
     max_queries = MAX_DECODE_QUERIES
     packed = False
     spec_kinds = ("band",)
+    score_mods = ("softcap", "sinks", "alibi")
     # the decode kernel puts (batch, KV head) on the grid's x axis: no y/z limit
 
     def run(self, call: AttentionCall):
         from .decode import decode_attention
 
-        return decode_attention(call.q, call.k, call.v, call.spec, call.scale, call.valid_keys)
+        return decode_attention(call.q, call.k, call.v, call.spec, call.scale, call.valid_keys,
+                                softcap=call.softcap, sinks=call.sinks,
+                                alibi_slopes=call.alibi_slopes)
 
 
 class TritonFlash(Backend):

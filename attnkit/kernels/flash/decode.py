@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels_common import _dot  # the interpreter's bf16 workaround lives there
+from .kernels_common import _dot, _score  # the flash kernels' dot and score slot
 from .op import _kv_span, _precision
 from .spec import Band
 
@@ -48,11 +48,12 @@ _MAX_SPLITS = 64
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, KPM, KV_LO, KV_HI, OP, LP, sm_scale,
+    Q, K, V, KPM, KV_LO, KV_HI, OP, LP, ALIBI, sm_scale, softcap, sab, sah,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
     HKV, GROUP, NQ, NK, R, NSPLIT, WIN_L, WIN_R,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Partial attention of rows ``[pid_r * BLOCK_R, +BLOCK_R)`` of KV head ``(b, hk)`` over key
@@ -100,6 +101,12 @@ def _decode_split_kernel(
     k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     qk_scale = sm_scale * 1.4426950408889634  # log2 domain: exp2 in the softmax
+    # the flash kernels' score slot (_score), with a slope per row: rows mix the group's heads
+    slope = tl.zeros([BLOCK_R, 1], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b.to(tl.int64) * sab + h.to(tl.int64) * sah, mask=row_ok,
+                        other=0.0)[:, None] * 1.4426950408889634
+    cap = softcap * 1.4426950408889634
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
@@ -111,6 +118,7 @@ def _decode_split_kernel(
         k = tl.load(k_base + n64[:, None] * skn + offs_d[None, :] * skd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BN, BD]
         qk = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale  # [BR, BD] @ [BD, BN]
+        qk = _score(qk, pos[:, None], offs_n[None, :], slope, cap, HAS_SOFTCAP, HAS_ALIBI)
         ok = n_ok[None, :] & row_ok[:, None]
         if HAS_LEFT:
             ok = ok & (offs_n[None, :] >= pos[:, None] - WIN_L)
@@ -142,11 +150,12 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    OP, LP, O, LSE, sob, soh, son, sod, slb, slh, sln,
+    OP, LP, O, LSE, SINKS, sob, soh, son, sod, slb, slh, sln,
     HKV, GROUP, NQ, R, NSPLIT,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
-    """Combine the ``NSPLIT`` partials of one row. Grid: ``(B * Hkv * R,)``."""
+    """Combine the ``NSPLIT`` partials of one row (and, with sinks, the row's head's sink logit,
+    which joins the denominator without a value). Grid: ``(B * Hkv * R,)``."""
     pid = tl.program_id(0)
     zero = pid * 0
     n_rows = zero + R
@@ -159,17 +168,22 @@ def _decode_merge_kernel(
     d_ok = offs_d < HEAD_DIM
     part = (bh.to(tl.int64) * NSPLIT + splits) * R + r  # [BS]
     lse_s = tl.load(LP + part, mask=s_ok, other=float("-inf"))
+    h = ((bh % HKV) * GROUP + r // nq).to(tl.int64)
     m = tl.max(lse_s, 0)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + h)
+        m = tl.maximum(m, sink)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse_s - m_safe)  # 0 for chunks that saw nothing
     total = tl.sum(w, 0)
+    if HAS_SINKS:
+        total = total + tl.exp(sink - m_safe)
     o_s = tl.load(OP + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
                   other=0.0)  # [BS, BD]
     w = tl.where(s_ok, w, 0.0)
     o = tl.sum(w[:, None] * o_s, 0) / tl.where(total == 0.0, 1.0, total)
     lse = tl.where(total == 0.0, float("-inf"), m_safe + tl.log(tl.where(total == 0.0, 1.0, total)))
     b = (bh // HKV).to(tl.int64)
-    h = ((bh % HKV) * GROUP + r // nq).to(tl.int64)
     i = (r % nq).to(tl.int64)
     tl.store(O + b * sob + h * soh + i * son + offs_d * sod, o.to(O.dtype.element_ty), mask=d_ok)
     tl.store(LSE + b * slb + h * slh + i * sln, lse)
@@ -215,7 +229,8 @@ def _band_keys(nq: int, nk: int, left: int, right: int) -> int:
     return nk
 
 
-def _decode_impl(q, k, v, kpm, scale, window_left, window_right, n_split):
+def _decode_impl(q, k, v, kpm, scale, window_left, window_right, n_split, sinks=None, alibi=None,
+                 softcap=0.0):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -235,33 +250,39 @@ def _decode_impl(q, k, v, kpm, scale, window_left, window_right, n_split):
         smb = smn = 0
     upcast = INTERPRET and q.dtype == torch.bfloat16
     grid = (B * Hkv, n_split, triton.cdiv(R, block_r))
+    sab = (alibi.stride(0) if alibi.dim() == 2 else 0) if alibi is not None else 0
+    sah = alibi.stride(-1) if alibi is not None else 0
     _decode_split_kernel[grid](
-        q, k, v, kpm_u8, kv_lo, kv_hi, op, lp, scale,
+        q, k, v, kpm_u8, kv_lo, kv_hi, op, lp, alibi, scale, softcap, sab, sah,
         *q.stride(), *k.stride(), *v.stride(), smb, smn,
         Hkv, group, Nq, Nk, R, n_split, max(window_left, 0), max(window_right, 0),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=block_n,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_KPM=kpm is not None,
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
         PRECISION=_precision(q.dtype), UPCAST=upcast, num_warps=warps,
     )
     _decode_merge_kernel[(B * Hkv * R,)](
-        op, lp, o, lse, *o.stride(), *lse.stride(), Hkv, group, Nq, R, n_split,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(n_split), num_warps=warps,
+        op, lp, o, lse, sinks, *o.stride(), *lse.stride(), Hkv, group, Nq, R, n_split,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(n_split),
+        HAS_SINKS=sinks is not None, num_warps=warps,
     )
     return o, lse
 
 
 @torch.library.custom_op("attnkit::decode_attn_fwd", mutates_args=())
 def decode_attn_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
     scale: float, window_left: int, window_right: int, n_split: int,
+    sinks: torch.Tensor | None, alibi_slopes: torch.Tensor | None, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV decode forward: ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``. ``n_split <= 0``
-    picks the number of key chunks from the device."""
-    return _decode_impl(q, k, v, key_padding_mask, scale, window_left, window_right, n_split)
+    picks the number of key chunks from the device; ``softcap = 0`` means none."""
+    return _decode_impl(q, k, v, key_mask, scale, window_left, window_right, n_split, sinks,
+                        alibi_slopes, softcap)
 
 
 @decode_attn_fwd.register_fake
-def _(q, k, v, key_padding_mask, scale, window_left, window_right, n_split):
+def _(q, k, v, key_mask, scale, window_left, window_right, n_split, sinks, alibi_slopes, softcap):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -278,6 +299,10 @@ def decode_attention(
     scale: float,
     valid_keys: torch.Tensor | None = None,
     num_splits: int | None = None,
+    *,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a few queries against a long cache, forward only (no autograd).
 
@@ -290,10 +315,12 @@ def decode_attention(
         scale: multiplies ``q k^T``.
         valid_keys: ``[B, Nk]`` bool, True = attend.
         num_splits: key chunks per KV head (``None``: from the device's SM count).
+        softcap, sinks (``[Hq]`` fp32), alibi_slopes (``[Hq]`` or ``[B, Hq]`` fp32): the score
+            modifications of :func:`attnkit.attention` (validated there).
 
     Returns:
         ``o [B, Hq, Nq, D]`` in q's dtype and ``lse [B, Hq, Nq]`` float32 (natural log); a row
-        that sees no key gets ``o = 0``, ``lse = -inf``.
+        that sees no key gets ``o = 0``, ``lse = -inf`` (``lse = sink`` with sinks).
 
     The arguments are assumed validated by :func:`attnkit.attention`'s checks and by the
     ``TritonDecodeBackend`` declarations (band specs, dtypes, ``D <= 256``).
@@ -306,5 +333,6 @@ def decode_attention(
     left = -1 if spec.left is None else spec.left
     right = -1 if spec.right is None else spec.right
     return torch.ops.attnkit.decode_attn_fwd(
-        q, k, v, valid_keys, float(scale), left, right, int(num_splits or 0)
+        q, k, v, valid_keys, float(scale), left, right, int(num_splits or 0), sinks, alibi_slopes,
+        float(softcap or 0.0),
     )
