@@ -172,15 +172,15 @@ def attention_torch(
     v: torch.Tensor,
     pattern: Band,
     scale: float,
-    key_padding_mask: torch.Tensor | None = None,
+    valid_keys: torch.Tensor | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked attention in PyTorch. Returns ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``.
 
-    ``q [B, Hq, Nq, D]``, ``k``/``v [B, Hkv, Nk, D]`` (any strides), ``key_padding_mask [B, Nk]``
+    ``q [B, Hq, Nq, D]``, ``k``/``v [B, Hkv, Nk, D]`` (any strides), ``valid_keys [B, Nk]``
     bool (True = attend), ``cu_seqlens_* [S + 1]`` int32 for packed sequences (``B == 1``).
     Rows that see no key give ``o = 0`` and ``lse = -inf``. Differentiable in ``q``, ``k``, ``v``
     (and through ``lse``); the backward recomputes probabilities chunk by chunk.
     """
-    return _TorchAttention.apply(q, k, v, pattern, scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
+    return _TorchAttention.apply(q, k, v, pattern, scale, valid_keys, cu_seqlens_q, cu_seqlens_k)

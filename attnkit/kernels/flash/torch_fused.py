@@ -351,12 +351,12 @@ def fused_tile(q, k, v, ok: torch.Tensor, scale: float):
     return _Tile.apply(q, k, v, mask, row_ok, scale)
 
 
-def attention_fused(q, k, v, pattern: Band, scale: float, key_padding_mask=None,
+def attention_fused(q, k, v, pattern: Band, scale: float, valid_keys=None,
                     cu_seqlens_q=None, cu_seqlens_k=None):
     """Band attention on the fused CPU kernel: ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``.
 
     Same contract as :func:`attnkit.kernels.flash.torch_band.attention_torch` (``q [B, Hq, Nq,
-    D]``, ``k``/``v [B, Hkv, Nk, D]``, ``key_padding_mask [B, Nk]`` True = attend,
+    D]``, ``k``/``v [B, Hkv, Nk, D]``, ``valid_keys [B, Nk]`` True = attend,
     ``cu_seqlens_* [S + 1]`` with ``B == 1``); call only when :func:`fused_available`.
     """
-    return _Fused.apply(q, k, v, pattern, scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
+    return _Fused.apply(q, k, v, pattern, scale, valid_keys, cu_seqlens_q, cu_seqlens_k)

@@ -71,7 +71,7 @@ def _row(q_rows, k, v, lists: BlockLists, r: int, c_rows: int, nk: int, lay_map,
     return o, lse
 
 
-def block_sparse_attention_torch(q, k, v, lists: BlockLists, scale: float, key_padding_mask=None,
+def block_sparse_attention_torch(q, k, v, lists: BlockLists, scale: float, valid_keys=None,
                                  cu_seqlens_q=None, cu_seqlens_k=None):
     """Block-sparse attention in PyTorch. Returns ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``.
 
@@ -96,7 +96,7 @@ def block_sparse_attention_torch(q, k, v, lists: BlockLists, scale: float, key_p
         else:
             batch_rows = torch.full((B,), s_i, device=q.device)
         lay_map = batch_rows[:, None] * lb_stride + heads[None, :] * lh_stride  # [B, Hq]
-        kpm = None if key_padding_mask is None else key_padding_mask[:, ks:ke]
+        kpm = None if valid_keys is None else valid_keys[:, ks:ke]
         seg_o, seg_lse = [], []
         for r in range(-(-nq // lists.block_size)):
             r0, r1 = r * lists.block_size, min((r + 1) * lists.block_size, nq)
