@@ -76,7 +76,6 @@ def test_score_mods_match_the_oracle_forward_and_every_gradient(case, mod, backe
         cu = torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], dtype=torch.int32,
                           device=DEVICE)
         call_kw.update(cu_seqlens=cu, max_seqlen=max(seqlens))
-        kw["alibi_slopes"] = kw.get("alibi_slopes")
     o, lse = attnkit.attention(q, k, v, pattern, backend=backend, return_lse=True, **call_kw)
     assert torch.isfinite(o).all() and not torch.isnan(lse).any()
 

@@ -204,15 +204,17 @@ def attnkit_attention_forward(
     sinks = kwargs.pop("s_aux", None)
     if sinks is None:
         sinks = kwargs.pop("sinks", None)
+    if spec is None:  # the layer's own pattern, as the model's own mask builds it
+        config_window = getattr(getattr(module, "config", None), "sliding_window", None)
+        pattern = model_pattern(bool(is_causal), sliding_window, config_window)
+    else:
+        pattern = spec
     if kwargs.get("output_attentions"):
         from .eager import eager_with_weights
 
         _warn_once("output-attentions", "output_attentions=True: attnkit never forms attention "
                    "weights, so these calls run the model's eager attention (slower, O(N^2) "
                    "memory) to return them")
-        config_window = getattr(getattr(module, "config", None), "sliding_window", None)
-        pattern = spec if spec is not None else model_pattern(bool(is_causal), sliding_window,
-                                                              config_window)
         return eager_with_weights(module, query, key, value, attention_mask, pattern, scaling,
                                   softcap, sinks, kwargs)
 
@@ -249,9 +251,6 @@ def attnkit_attention_forward(
         out = hf_linear_attention(query, key, value, kpm, spec, bool(is_causal), parts,
                                   state_layer)
     else:
-        config_window = getattr(getattr(module, "config", None), "sliding_window", None)
-        pattern = spec if spec is not None else model_pattern(bool(is_causal), sliding_window,
-                                                              config_window)
         out = _softmax_attention(query, key, value, pattern, scaling, kpm, packed,
                                  softcap=softcap, sinks=sinks)
 

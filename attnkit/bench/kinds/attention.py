@@ -178,7 +178,7 @@ def _build_flash_attn(pattern_fn, point: Point, requires_grad: bool) -> Workload
     if spec.kind != "band":
         raise Unavailable(f"flash-attn has no {pattern.kind} pattern")
     causal = spec.right == 0 and spec.left is None
-    window = (-1 if spec.left is None else spec.left, -1 if spec.right is None else spec.right)
+    window = spec.offsets()
     q, k, v = _qkv(point, requires_grad, layout="bnhd")
     return Workload(lambda: flash_attn_func(q, k, v, causal=causal, window_size=window), [q, k, v])
 

@@ -26,10 +26,6 @@ MAX_DECODE_QUERIES = 16
 HEAD_DIMS = (64, 128, 256)
 
 
-def _window(spec: Band) -> tuple[int, int]:
-    """The extension's band encoding: ``-1`` for an unbounded side."""
-    return (-1 if spec.left is None else spec.left, -1 if spec.right is None else spec.right)
-
 
 def _kv_layout_reasons(k: torch.Tensor, v: torch.Tensor) -> list[str]:
     """The decode kernel copies K/V rows with 16-byte cp.async: unit stride on D, the other
@@ -74,7 +70,7 @@ class CudaDecodeBackend(Backend):
         return reasons
 
     def run(self, call: AttentionCall):
-        wl, wr = _window(call.spec)
+        wl, wr = call.spec.offsets()
         return torch.ops.attnkit_cuda.decode_attention(
             call.q, call.k, call.v, None, call.valid_keys, call.scale, wl, wr, 0
         )
@@ -134,7 +130,7 @@ def cuda_decode_attention(
     if reason:
         raise RuntimeError(reason)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    wl, wr = _window(spec)
+    wl, wr = spec.offsets()
     return torch.ops.attnkit_cuda.decode_attention(
         q, k_cache, v_cache, cache_seqlens, None, scale, wl, wr, num_splits
     )

@@ -330,8 +330,7 @@ def decode_attention(
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
-    left = -1 if spec.left is None else spec.left
-    right = -1 if spec.right is None else spec.right
+    left, right = spec.offsets()
     return torch.ops.attnkit.decode_attn_fwd(
         q, k, v, valid_keys, float(scale), left, right, int(num_splits or 0), sinks, alibi_slopes,
         float(softcap or 0.0),

@@ -215,8 +215,8 @@ class FlashArgs:
                                spec.q_part, spec.masks), block_size=spec.block_size,
                         layout_batch=spec.layout_batch, layout_heads=spec.layout_heads)
         else:
-            band = dict(left=-1 if spec.left is None else spec.left,
-                        right=-1 if spec.right is None else spec.right)
+            left, right = spec.offsets()
+            band = dict(left=left, right=right)
         return cls(q=call.q, k=call.k, v=call.v, kpm=call.valid_keys, cu_q=call.cu_seqlens_q,
                    cu_k=call.cu_seqlens_k, max_q=int(call.max_seqlen_q or 0),
                    max_k=int(call.max_seqlen_k or 0), scale=float(call.scale), sinks=call.sinks,

@@ -68,6 +68,10 @@ class Band:
         """Bool ``[1, nq, nk]``: the definition, element by element (oracle and baselines)."""
         return self.block(0, nq, 0, nk, nq, nk, device)[None]
 
+    def offsets(self) -> tuple[int, int]:
+        """``(left, right)`` as the kernels take them: ``-1`` for an unbounded side."""
+        return (-1 if self.left is None else self.left, -1 if self.right is None else self.right)
+
     @property
     def is_dense(self) -> bool:
         return self.left is None and self.right is None

@@ -30,13 +30,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_mask(spec, r0: int, r1: int, lo: int, hi: int, nq: int, nk: int, device) -> torch.Tensor:
-    """Bool ``[L, r1 - r0, hi - lo]``: which keys ``[lo, hi)`` each query row of ``[r0, r1)`` sees."""
+def _chunk_mask(spec, r0: int, r1: int, lo: int, hi: int, nq: int, nk: int, device,
+                masks=None) -> torch.Tensor:
+    """Bool ``[L, r1 - r0, hi - lo]``: which keys ``[lo, hi)`` each query row of ``[r0, r1)`` sees.
+    Block lists come on the host (their indices are read here); ``masks``: their element masks as
+    bool on ``device``."""
     if isinstance(spec, Band):
         return spec.block(r0, r1, lo, hi, nq, nk, device)[None]
     bs = spec.block_size
-    num, idx, part = spec.kv_num.cpu(), spec.kv_idx.cpu(), spec.kv_part.cpu()
-    masks = spec.masks.to(device=device, dtype=torch.bool)
+    num, idx, part = spec.kv_num, spec.kv_idx, spec.kv_part
     out = torch.zeros(num.shape[0], r1 - r0, hi - lo, dtype=torch.bool, device=device)
     row = r0 // bs  # chunks are layout block rows
     for lay in range(num.shape[0]):
@@ -88,9 +90,12 @@ def _one_sequence(q, k, v, spec, scale, key_ok, sinks, slopes, softcap, cdt, lay
     kg, vg = k.to(cdt)[:, :, None], v.to(cdt)[:, :, None]
     sk = None if sinks is None else sinks.to(cdt).view(1, Hkv, G, 1)
     sl = None if slopes is None else slopes.to(cdt).view(-1, Hkv, G, 1, 1)
+    masks = None
     if isinstance(spec, BlockLists):
         chunk = spec.block_size
         lb, lh = spec.layout_batch, spec.layout_heads
+        masks = spec.masks.to(device=q.device, dtype=torch.bool)  # once, not per chunk
+        spec = spec if spec.kv_num.device.type == "cpu" else spec.to(torch.device("cpu"))
     else:
         band = nk if spec.left is None or spec.right is None else min(nk, spec.left + spec.right + 1)
         rows = _SCORE_BUDGET // max(1, B * Hq * max(band, 1))
@@ -104,7 +109,7 @@ def _one_sequence(q, k, v, spec, scale, key_ok, sinks, slopes, softcap, cdt, lay
             outs.append(o[:, :, r0:r1])
             lses.append(lse[:, :, r0:r1])
             continue
-        m = _chunk_mask(spec, r0, r1, lo, hi, nq, nk, q.device)  # [L, c, keys]
+        m = _chunk_mask(spec, r0, r1, lo, hi, nq, nk, q.device, masks)  # [L, c, keys]
         m = m.view(lb, lh, r1 - r0, hi - lo)
         if layout_row is not None and lb > 1:  # packed: the layout's batch dim counts sequences
             m = m[layout_row:layout_row + 1]
