@@ -33,7 +33,7 @@ def _poison_kernel_outputs(monkeypatch):
     a kernel forgets to write fails the comparison instead of passing on stale memory."""
     import importlib
 
-    for name in ("flash.op", "flash.decode", "linear.op", "lora.op"):
+    for name in ("flash.launch", "flash.decode", "linear.op", "lora.op"):
         module = importlib.import_module(f"attnkit.kernels.{name}")
         monkeypatch.setattr(module, "POISON_OUTPUTS", True)
 

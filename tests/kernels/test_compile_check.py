@@ -40,7 +40,7 @@ CASES = [
     (80, ("decode",), 64, None), (80, ("decode",), 128, None), (80, ("decode",), 256, None),
 ]
 FLASH = ("flash.kernels_fwd:_fwd_kernel", "flash.kernels_bwd:_bwd_dkdv_kernel",
-         "flash.kernels_bwd:_bwd_dq_kernel", "flash.kernels_bwd:_bwd_preprocess")
+         "flash.kernels_dq:_bwd_dq_kernel", "flash.kernels_bwd:_bwd_preprocess")
 #: Flags under which a flash kernel is on its dense path (HAS_DLSE: the lse is differentiated).
 DENSE = {"HAS_DLSE"}
 

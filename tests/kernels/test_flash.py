@@ -266,7 +266,7 @@ def test_autotuner_offers_sparse_calls_only_tiles_that_divide_the_block(block_si
     own tile, so this checks the GPU configuration directly)."""
     import triton
 
-    from attnkit.kernels.flash import op as flash
+    from attnkit.kernels.flash import tiles as flash
 
     for tiles in (flash._FWD_TILES, flash._BWD_DKDV_TILES, flash._BWD_DQ_TILES):
         configs = []

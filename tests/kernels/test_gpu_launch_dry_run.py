@@ -46,7 +46,7 @@ print(json.dumps({"problems": rec.problems, "launches": sorted({l.kernel for l i
 #: Every kernel the launchers own; "[tuned]": launched through its autotuner.
 KERNELS = (
     "flash.kernels_fwd:_fwd_kernel[tuned]", "flash.kernels_bwd:_bwd_dkdv_kernel[tuned]",
-    "flash.kernels_bwd:_bwd_dq_kernel[tuned]", "flash.kernels_bwd:_bwd_preprocess",
+    "flash.kernels_dq:_bwd_dq_kernel[tuned]", "flash.kernels_bwd:_bwd_preprocess",
     "flash.decode:_decode_split_kernel", "flash.decode:_decode_merge_kernel",
     "linear.op:_fwd_kernel[tuned]", "linear.op:_bwd_dq_kernel[tuned]",
     "linear.op:_bwd_dkdv_kernel[tuned]", "lora.op:_fused_kernel[tuned]",

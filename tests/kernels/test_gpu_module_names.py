@@ -11,7 +11,8 @@ import os
 import subprocess
 import sys
 
-MODULES = ("flash.op", "flash.kernels_common", "flash.kernels_fwd", "flash.kernels_bwd", "flash.decode",
+MODULES = ("flash.op", "flash.launch", "flash.tiles", "flash.kernels_common", "flash.kernels_fwd",
+           "flash.kernels_bwd", "flash.kernels_dq", "flash.decode",
            "linear.op", "lora.op")
 
 SCRIPT = f"""

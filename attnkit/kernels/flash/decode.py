@@ -28,8 +28,9 @@ import triton
 import triton.language as tl
 
 from .kernels_common import _dot, _score  # the flash kernels' dot and score slot
-from .op import _kv_span, _precision
+from .launch import _kv_span
 from .spec import Band
+from .tiles import _precision
 
 __all__ = ["decode_attention", "num_splits"]
 

@@ -1,0 +1,122 @@
+"""Tile configurations and the autotuned flash kernels.
+
+Under ``TRITON_INTERPRET`` (the CPU tests) the kernels run as they are, with one fixed tile; on a
+GPU each runs under ``triton.autotune`` over its tile list, pruned per call by :func:`_prune`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ..autotune import first_only_if_asked
+from .kernels_bwd import _bwd_dkdv_kernel
+from .kernels_dq import _bwd_dq_kernel
+from .kernels_fwd import _fwd_kernel
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Tile configurations
+# --------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, largest BLOCK_D the tile is offered for).
+# Chosen from Hopper compiles (`python -m attnkit.kernels.compile_check`): the first tile of each
+# list compiles for sm_90 at its largest head dim with no register spill and within shared
+# memory, which tests/kernels/test_compile_check.py asserts; the others are alternatives for the
+# autotuner (some spill a little, which only costs speed). Timings: benchmarks/NOTES.md.
+_FWD_TILES = [
+    (128, 64, 8, 3, 128), (128, 128, 8, 3, 64), (128, 128, 8, 2, 64), (128, 64, 8, 4, 64),
+    (128, 64, 4, 3, 64), (64, 64, 4, 3, 128), (128, 32, 8, 3, 128), (64, 32, 8, 2, 256),
+    (32, 32, 4, 2, 256),
+]
+_BWD_DKDV_TILES = [  # BLOCK_M is the inner (query) loop here, BLOCK_N the program's key block
+    (16, 128, 8, 2, 128), (32, 128, 8, 3, 128), (32, 128, 8, 2, 128), (32, 64, 4, 3, 128),
+    (64, 64, 8, 3, 64), (64, 128, 8, 3, 64), (16, 32, 8, 2, 256), (16, 64, 4, 2, 256),
+]
+_BWD_DQ_TILES = [
+    (128, 64, 8, 3, 128), (128, 128, 8, 3, 64), (64, 64, 4, 3, 128), (128, 32, 8, 3, 128),
+    (32, 32, 4, 2, 256), (64, 32, 8, 2, 256),
+]
+# Offered only to block-sparse calls whose layout block size the larger tiles do not divide
+# (16, 48, 80, ...): a tile must never straddle two layout blocks.
+_SPARSE_SMALL_TILES = [(16, 16, 4, 2, 256), (32, 16, 4, 2, 256), (16, 32, 4, 2, 256)]
+# Under TRITON_INTERPRET (CPU tests) one small tile, with BLOCK_M != BLOCK_N so that the tests
+# exercise blocks that straddle the band's diagonal differently for rows and columns.
+_INTERPRET_TILE = (32, 16, 4, 1)
+
+_AUTOTUNE_KEY = [
+    "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "VARLEN", "N_BUCKET", "PRECISION", "SPARSE", "BS",
+    "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS",
+]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Offer each tile only up to its head dim (bigger head dims overflow registers/shared memory;
+    fp32 operands take twice the shared memory, so they get the tiles of twice the head dim), and
+    to a block-sparse call only tiles that divide its layout block size."""
+    # the wider of the two head dims (values may have their own) decides the tile
+    block_d = max(kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64)),
+                  kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", 0)))
+    q = named_args.get("Q")
+    if q is not None and q.element_size() == 4:
+        block_d *= 2
+    bs = kwargs.get("BS", 0) if kwargs.get("SPARSE", False) else 0
+    if bs:
+        fitting = [c for c in configs
+                   if bs % c.kwargs["BLOCK_M"] == 0 and bs % c.kwargs["BLOCK_N"] == 0]
+    else:
+        fitting = [c for c in configs if not c.sparse_only]
+    keep = [c for c in fitting if block_d <= c.max_block_d]
+    # Past every tile's head-dim limit (fp32 at D = 256) the smallest fitting tile still runs.
+    return keep or [min(fitting, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _make(kernel, tiles):
+    """The kernel under the autotuner (on a GPU) or as it is (the interpreter: one fixed tile)."""
+    if INTERPRET:
+        return kernel
+    configs = []
+    for i, (bm, bn, w, s, max_d) in enumerate(tiles + _SPARSE_SMALL_TILES):
+        config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        config.max_block_d = max_d
+        config.sparse_only = i >= len(tiles)
+        configs.append(config)
+    key = [k for k in _AUTOTUNE_KEY if k in kernel.arg_names]  # HAS_SINKS: forward only
+    tuned = triton.autotune(configs, key=key,
+                            prune_configs_by={"early_config_prune": first_only_if_asked(_prune)})
+    return tuned(kernel)
+
+
+_fwd = _make(_fwd_kernel, _FWD_TILES)
+_dkdv = _make(_bwd_dkdv_kernel, _BWD_DKDV_TILES)
+_dq = _make(_bwd_dq_kernel, _BWD_DQ_TILES)
+
+
+def _tile_meta(block_size: int) -> dict:
+    """Explicit tiles under the interpreter (no autotuning there); a block-sparse layout's block
+    size must be a multiple of both tile sides."""
+    if not INTERPRET:
+        return {}
+    bm, bn = _INTERPRET_TILE[:2]
+    if block_size:
+        bm, bn = (bm if block_size % bm == 0 else 16), (bn if block_size % bn == 0 else 16)
+    return {"BLOCK_M": bm, "BLOCK_N": bn}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 follows PyTorch's matmul precision setting (TF32 unless "highest"), like torch.matmul."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _n_bucket(n: int) -> int:
+    return min(max(triton.next_power_of_2(max(n, 1)), 64), 1 << 17)
