@@ -5,8 +5,8 @@ backend             name     takes
 ==================  =======  ==========================================================
 CudaDecodeBackend   cuda     decode-shaped no-grad GPU calls (``attnkit/csrc``)
 TritonDecode        triton   the same shapes on the Triton split-KV kernel (``decode.py``)
-TritonFlash         triton   everything else on a GPU (``op.py``, ``kernels.py``)
-TorchAttention      torch    any device and dtype (``torch_band.py``, ``torch_sparse.py``)
+TritonFlash         triton   everything else on a GPU (``op.py``, ``launch.py``, ``kernels_*.py``)
+TorchAttention      torch    any device and dtype (``torch_fused.py``, ``torch_band.py``, ...)
 ==================  =======  ==========================================================
 
 Each declares its capabilities (:class:`~attnkit.kernels.dispatch.Backend`); reasons are derived
