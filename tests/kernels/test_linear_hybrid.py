@@ -50,7 +50,8 @@ CASES = [  # B, Hq, Hkv, N, Dk, Dv, W, L (window tokens of the initial state or 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-H{c[1]}kv{c[2]}-N{c[3]}-W{c[6]}-L{c[7]}-d{c[8]}")
+@pytest.mark.parametrize("case", CASES,
+                         ids=lambda c: f"B{c[0]}-H{c[1]}kv{c[2]}-N{c[3]}-W{c[6]}-L{c[7]}-d{c[8]}")
 def test_hybrid_against_oracle(case, dtype):
     B, Hq, Hkv, N, Dk, Dv, W, L, dec = case
     q, k, v = _qkv(B, Hq, Hkv, N, Dk, Dv, dtype)
