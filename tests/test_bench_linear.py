@@ -14,7 +14,7 @@ from attnkit.bench.runner import RunOptions, run_point
 
 
 def test_hybrid_point_runs():
-    p = Point("hybrid", "attnkit", "fwd+bwd", 1, 2, 150, 16, "float32", "cpu")
+    p = Point("hybrid", "attnkit", "fwd+bwd", 1, 2, 70, 16, "float32", "cpu")
     row = run_point(p, RunOptions(cpu_budget_s=0.0, min_reps=1))
     assert row["status"] == "ok", row["reason"]
     assert math.isfinite(row["time_ms"]) and row["flops"] > 0
