@@ -221,3 +221,23 @@ def test_bad_arguments(kw, err, match):
     q, k, v = _qkv(1, 2, 2, 8, 8, 8, torch.float32)
     with pytest.raises(err, match=match):
         linear_attention(q, k, v, backend="torch", **kw)
+
+
+def test_auto_takes_torch_for_the_hybrid_on_cuda_and_warns_once():
+    """Under "auto" a CUDA call with a window passes Triton over (its declared reason) for torch,
+    saying so once. A stand-in call: only the attributes the dispatch reads (no GPU here)."""
+    from types import SimpleNamespace
+
+    from attnkit.kernels import dispatch
+    from attnkit.kernels.linear.backends import BACKENDS
+
+    cuda_like = SimpleNamespace(is_cuda=True, device=torch.device("cuda"), dtype=torch.float32)
+    call = SimpleNamespace(tensor=cuda_like, head_dim=16, v=torch.zeros(1, 1, 1, 16), window=5,
+                           segments=None, grid=(1, 2))
+    dispatch._warned.clear()
+    with pytest.warns(UserWarning, match=r"slower 'torch' backend .*hybrid \(window=5\)"):
+        chosen = dispatch.select_backend(call, "auto", BACKENDS, op="linear_attention")
+    assert chosen.name == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second call is silent
+        assert dispatch.select_backend(call, "auto", BACKENDS, op="linear_attention").name == "torch"
