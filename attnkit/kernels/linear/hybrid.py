@@ -17,6 +17,7 @@ padded) gets ``o = 0``, never NaN.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as nnf
 
 from .torch_impl import DEFAULT_CHUNK, compute_dtype
 
@@ -80,20 +81,36 @@ def hybrid_attention_torch(q, k, v, fq, fk, window: int, softmax_scale: float, *
     run_z = Q.new_zeros((B, Hkv, F))
     front = 0
     outs = []
-    for c0 in range(0, N, chunk):
-        c1 = min(c0 + chunk, N)
-        a, e = max(0, L + c0 - window + 1), L + c1  # this chunk's window keys span [a, e)
+    # Each chunk's keys are a tile of C + W - 1 tokens: taken from the sequence padded by W - 1 - L
+    # on the left (and to whole chunks on the right) by unfold + unbind, not by slicing per chunk:
+    # a slice's backward writes its gradient into a zero tensor of the whole input (O(N) per
+    # chunk, O(N^2 / C) in all); unbind's stacks once.
+    n_chunks = -(-N // chunk)
+    size, pad_l = chunk + window - 1, window - 1 - L
+    pad_r = n_chunks * chunk - N
+
+    def tiles(x):  # [B, Hkv, L + N, D] -> n_chunks x [B, Hkv, 1, D, size] (keys last)
+        x = nnf.pad(x, (0, 0, pad_l, pad_r))
+        return [t[:, :, None] for t in x.unfold(2, size, chunk).unbind(2)]
+
+    if n_chunks:
+        ok = torch.ones(B, L + N, dtype=torch.bool, device=q.device) if valid is None else valid
+        ok_tiles = nnf.pad(ok, (pad_l, pad_r)).unfold(1, size, chunk).unbind(1)  # pads: invalid
+        k_tiles, v_tiles, fk_tiles = tiles(K), tiles(V), tiles(FK)
+    pieces = zip(Q.split(chunk, -2), FQ.split(chunk, -2), strict=True)
+    for i, (qc, fqc) in enumerate(pieces):
+        c0 = i * chunk
+        c1 = c0 + qc.shape[-2]
+        a = L + c0 - window + 1  # the tile's first key (ext position; < 0: left padding)
         t = torch.arange(L + c0, L + c1, device=q.device, dtype=cdt)
-        j = torch.arange(a, e, device=q.device, dtype=cdt)
-        gap = t[:, None] - j[None, :]  # [C, Lk]
-        win = (gap >= 0) & (gap < window)
+        j = torch.arange(a, a + size, device=q.device, dtype=cdt)
+        gap = t[:, None] - j[None, :]  # [C, size]
+        win = (gap >= 0) & (gap < window) & ok_tiles[i][:, None, None, None, :]  # [B, 1, 1, C, size]
         lin = (gap >= window).to(cdt)
-        if valid is not None:
-            win = win & valid[:, None, None, None, a:e]  # [B, 1, 1, C, Lk]
-        qc, fqc = Q[..., c0:c1, :], FQ[..., c0:c1, :]
-        kl, vl, fkl = K[:, :, None, a:e], V[:, :, None, a:e], FK[:, :, None, a:e]
+        klt, fklt = k_tiles[i], fk_tiles[i]  # [B, Hkv, 1, D, size]
+        vl = v_tiles[i].transpose(-1, -2)  # [B, Hkv, 1, size, Dv]
         # linear part: old keys of the tile, the running state (gamma^(t - front + 1)) and s0
-        wl = fqc @ fkl.transpose(-1, -2) * lin
+        wl = fqc @ fklt * lin
         if lg is not None:
             wl = wl * _pow(lg, gap.clamp(min=0))[None, :, None]
         fq_run, fq_0 = fqc, fqc
@@ -106,7 +123,7 @@ def hybrid_attention_torch(q, k, v, fq, fk, window: int, softmax_scale: float, *
             lnum = lnum + fq_0 @ s0.to(cdt)[:, :, None]
             lden = lden + (fq_0 @ z0.to(cdt)[:, :, None, :, None]).squeeze(-1)
         # softmax part, scaled by exp(-m) together with the linear part
-        sc = (qc @ kl.transpose(-1, -2)).masked_fill(~win, float("-inf"))
+        sc = (qc @ klt).masked_fill(~win, float("-inf"))
         with torch.no_grad():
             m = torch.maximum(sc.amax(-1), torch.log(lden.clamp(min=_TINY)))
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -116,10 +133,12 @@ def hybrid_attention_torch(q, k, v, fq, fk, window: int, softmax_scale: float, *
         den = p.sum(-1) + scale_lin * (lden + eps)
         den = torch.where(den == 0, torch.ones_like(den), den)  # a row that sees nothing: o = 0
         outs.append(num / den[..., None])
-        # advance the running state to the next chunk's first window key
+        # advance the running state to the next chunk's first window key: keys [front, nxt),
+        # tile positions [front - a, nxt - a)
         nxt = max(0, L + c1 - window + 1)
         if nxt > front:
-            fk_in, v_in = FK[:, :, front:nxt], V[:, :, front:nxt]
+            fk_in = fklt[:, :, 0, :, front - a:nxt - a].transpose(-1, -2)  # [B, Hkv, n, F]
+            v_in = vl[:, :, 0, front - a:nxt - a]
             if lg is not None:
                 ages = torch.arange(nxt - 1 - front, -1, -1, device=q.device, dtype=cdt)
                 fk_in = fk_in * _pow(lg, ages)[None, :, :, None]
