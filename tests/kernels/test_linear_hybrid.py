@@ -241,3 +241,22 @@ def test_auto_takes_torch_for_the_hybrid_on_cuda_and_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: the second call is silent
         assert dispatch.select_backend(call, "auto", BACKENDS, op="linear_attention").name == "torch"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hybrid_low_precision(dtype):
+    """fp16/bf16 inputs (computed in fp32): within the harness's budget of the same naive
+    computation in that dtype, forward and gradients; the window comes back in that dtype."""
+    q, k, v = _qkv(1, 4, 2, 21, 16, 8, dtype)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    o, st = linear_attention(q, k, v, window=5, decay=0.9, return_state=True, backend="torch")
+    assert o.dtype == st.k.dtype == dtype and st.s.dtype == torch.float32
+    g = torch.tensor([0.9, 0.9], dtype=torch.float64)
+    ref = hybrid_attention_naive(q, k, v, PHI, 5, decay=g)[0]
+    low = hybrid_attention_naive(q, k, v, PHI, 5, decay=g.to(dtype), dtype=dtype)[0]
+    assert_close_to_oracle("o", o, ref, low, dtype, K_OUT, 2e-2)
+    do = torch.randn_like(o)
+    for name, a, r, lo in zip(("dq", "dk", "dv"), torch.autograd.grad(o, leaves, do),
+                              torch.autograd.grad(ref, leaves, do.double()),
+                              torch.autograd.grad(low, leaves, do), strict=True):
+        assert_close_to_oracle(name, a, r, lo, dtype, K_GRAD, 2e-2)
