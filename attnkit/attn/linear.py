@@ -18,8 +18,11 @@ from ..kernels.dispatch import TRITON_DTYPES
 from ..kernels.linear.backends import LinearAttentionCall, run_linear_attention
 from ..kernels.linear.torch_impl import compute_dtype
 from .feature_maps import resolve_feature_map
+from .linear_checks import check_cu_seqlens, check_window, split_hybrid_state
 
-__all__ = ["LinearAttentionState", "linear_attention", "linear_attention_step"]
+__all__ = [
+    "LinearAttentionState", "HybridAttentionState", "linear_attention", "linear_attention_step",
+]
 
 _DTYPES = (*TRITON_DTYPES, torch.float64)
 
@@ -35,6 +38,24 @@ class LinearAttentionState(NamedTuple):
 
     s: torch.Tensor
     z: torch.Tensor
+
+
+class HybridAttentionState(NamedTuple):
+    """The state of the sliding-window + linear hybrid (``linear_attention(..., window=W)``)
+    after a prefix of ``T`` tokens.
+
+    ``s [B, Hkv, F, Dv]``, ``z [B, Hkv, F]``: the linear state of the keys that have left the
+    window (tokens ``<= T - W``), decayed to token ``T - 1`` (key ``j`` weighted by
+    ``gamma^(T - 1 - j)``); float32 (float64 for float64 inputs). ``k [B, Hkv, L, Dk]``,
+    ``v [B, Hkv, L, Dv]``: the raw keys and values of the last ``L = min(W - 1, T)`` tokens, in
+    q's dtype: the next query's window is these plus its own key. Its size does not depend on
+    ``T``. A plain ``(s, z, k, v)`` tuple is accepted wherever a state is.
+    """
+
+    s: torch.Tensor
+    z: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,8 +221,11 @@ def linear_attention(
     initial_state: LinearAttentionState | tuple[torch.Tensor, torch.Tensor] | None = None,
     return_state: bool = False,
     decay: float | torch.Tensor | None = None,
+    window: int | None = None,
+    softmax_scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, LinearAttentionState]:
+) -> torch.Tensor | tuple[torch.Tensor, LinearAttentionState | HybridAttentionState]:
     """Kernelised (linear) attention in O(N) time and memory.
 
     With ``phi = feature_map`` applied to ``q * scale`` and to ``k``, and the initial state
@@ -243,13 +267,40 @@ def linear_attention(
             so key ``j`` is weighted by ``gamma^(i - j)`` and ``initial_state`` by
             ``gamma^(i + 1)``. ``gamma`` gets no gradient (a tensor that requires grad is
             refused). Both backends (and the decode step) take it. ``None`` or ``1.0``: none.
+        window: ``W`` (an int ``>= 1``) for the sliding-window + linear **hybrid** (causal only,
+            ``normalize=True``): query ``i`` attends the keys ``(i - W, i]`` with softmax
+            weights and the older keys ``j <= i - W`` with linear weights, under one
+            normaliser::
+
+                o_i = (sum_win e^{c q_i.k_j} v_j + sum_lin g_ij phi_i.phi_j v_j)
+                      / (sum_win e^{c q_i.k_j} + sum_lin g_ij phi_i.phi_j + eps)
+
+            with ``c = softmax_scale``, ``phi_i = phi(q_i * scale)``, ``phi_j = phi(k_j)`` and
+            ``g_ij = gamma^(i - j)`` under ``decay`` (1 without): **decay weights only the
+            linear part**, by the distance to the query (a key leaving the window enters the
+            linear part with ``gamma^W``); the softmax weights are never decayed. ``W = 1``:
+            only the diagonal is softmax. Computed stably (each row is scaled by
+            ``exp(-max score)``: no overflow for large scores). The state is then a
+            :class:`HybridAttentionState` (linear state of the keys that left the window, plus
+            the last ``W - 1`` keys/values); ``initial_state`` takes one (``L <= W - 1``
+            window tokens) and ``return_state`` returns one. Torch backend only for now
+            (``backend="triton"`` refuses it; ``"auto"`` takes torch).
+        softmax_scale: ``c`` of the hybrid's window scores; defaults to ``Dk ** -0.5``.
+        cu_seqlens: int ``[S + 1]`` cumulative lengths of ``S`` sequences packed along N of
+            ``B = 1`` tensors (flash-attention's varlen layout, as :func:`attnkit.attention`):
+            every sequence runs on its own from its own initial state (``initial_state`` then
+            has ``S`` rows: ``s [S, Hkv, F, Dv]``), and ``return_state`` gives ``S`` rows. Read
+            on the host (one sync). With ``window`` no state may be passed or returned. Torch
+            backend only for now.
         backend: ``"auto"`` (Triton for CUDA tensors, torch on the CPU), ``"triton"`` (CUDA, or
-            the CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, ``F``, ``Dv <= 256``) or
-            ``"torch"``. ``ATTNKIT_BACKEND`` overrides ``"auto"``.
+            the CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, ``F``, ``Dv <= 256``; no
+            ``window``, no ``cu_seqlens``) or ``"torch"``. ``ATTNKIT_BACKEND`` overrides
+            ``"auto"``.
 
     Returns:
         ``o [B, Hq, N, Dv]`` in q's dtype, and with ``return_state=True`` also the
-        :class:`LinearAttentionState` after token ``N``.
+        :class:`LinearAttentionState` (with ``window``: :class:`HybridAttentionState`) after
+        token ``N``.
 
     Raises:
         TypeError / ValueError naming the argument, the value and what is accepted.
@@ -265,26 +316,51 @@ def linear_attention(
     if gamma is not None and not causal:
         raise ValueError(f"decay={decay!r} needs causal=True: a decaying state is defined along "
                          "the sequence order (use decay=None or 1.0 for bidirectional attention)")
+    window = check_window(window, causal, normalize)
+    segs = check_cu_seqlens(cu_seqlens, q)
+    if segs is not None and window is not None and (initial_state is not None or return_state):
+        raise ValueError("cu_seqlens with window: the hybrid keeps no per-sequence state for "
+                         "packed sequences; pass initial_state=None and return_state=False (or "
+                         "run the sequences as a padded batch)")
+    sm_scale = (q.shape[-1] ** -0.5 if softmax_scale is None
+                else _real("softmax_scale", softmax_scale))
+    win_state = None
+    if window is not None and initial_state is not None:
+        initial_state, win_state = split_hybrid_state(initial_state, q, k, v, window)
+    fkw = None
     if name is None:  # a callable: map outside the kernel, under autograd
         fq, fk = _apply_map(phi, "q", q * scale, q), _apply_map(phi, "k", k, q)
         if fq.shape[-1] != fk.shape[-1]:
             raise ValueError(
                 f"feature_map gave {fq.shape[-1]} features for q but {fk.shape[-1]} for k"
             )
+        if win_state is not None:
+            fkw = _apply_map(phi, "the window keys", win_state[0], q)
         name, kscale = "identity", 1.0
     else:
         fq, fk, kscale = q, k, scale
     B, Hkv, F, Dv = q.shape[0], k.shape[1], fq.shape[-1], v.shape[-1]
     s0 = z0 = None
     if initial_state is not None:
-        s0, z0 = _check_state(initial_state, B, Hkv, F, Dv, q.device, "initial_state")
+        rows = B if segs is None else len(segs)
+        s0, z0 = _check_state(initial_state, rows, Hkv, F, Dv, q.device, "initial_state")
         sdt = compute_dtype(q.dtype)
         # The kernels index the state as a dense [B, Hkv, F, Dv] block: an expanded (broadcast)
         # state must be materialised, or the backward would read past it.
         s0, z0 = s0.to(sdt).contiguous(), z0.to(sdt).contiguous()
-    call = LinearAttentionCall(fq, fk, v, s0, z0, name, causal, normalize, eps, kscale, gamma)
-    o, s, z = run_linear_attention(call, backend)
-    return (o, LinearAttentionState(s, z)) if return_state else o
+    hyb = {}
+    if window is not None:
+        hyb = dict(window=window, softmax_scale=sm_scale, q_raw=q, k_raw=k, fkw=fkw)
+        if win_state is not None:
+            hyb.update(kw=win_state[0], vw=win_state[1])
+    call = LinearAttentionCall(fq, fk, v, s0, z0, name, causal, normalize, eps, kscale, gamma,
+                               segments=segs, **hyb)
+    o, s, z, *win = run_linear_attention(call, backend)
+    if not return_state:
+        return o
+    if window is not None:
+        return o, HybridAttentionState(s, z, win[0], win[1])
+    return o, LinearAttentionState(s, z)
 
 
 def linear_attention_step(

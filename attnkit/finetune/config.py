@@ -23,8 +23,9 @@ ATTENTION_HELP = (
     "attnkit's kernels), 'sliding:W' (each token sees itself and the W-1 tokens before it), "
     "'bigbird[:BLOCK]' (causal BigBird block-sparse, block size BLOCK, default 64), "
     "'longformer:W[:BLOCK]' (causal Longformer band of W//2 tokens plus the first token as global), "
-    "'linear[:FEATURE_MAP]' (linear attention; FEATURE_MAP one of "
-    + ", ".join(LINEAR_FEATURE_MAPS) + "; default hedgehog)"
+    "'linear[:FEATURE_MAP][,window=W]' (linear attention; FEATURE_MAP one of "
+    + ", ".join(LINEAR_FEATURE_MAPS) + "; default hedgehog; ',window=W' makes it the "
+    "sliding-window + linear hybrid: softmax over each token's last W keys, linear beyond)"
 )
 
 
@@ -33,8 +34,8 @@ class AttentionChoice:
     """A parsed ``--attention`` value.
 
     ``kind`` is ``model``, ``dense``, ``sliding``, ``bigbird``, ``longformer`` or ``linear``;
-    ``window`` (sliding/longformer), ``block`` (bigbird/longformer) and ``feature_map`` (linear)
-    carry the arguments.
+    ``window`` (sliding/longformer; linear: the hybrid's softmax window, ``None`` = pure linear),
+    ``block`` (bigbird/longformer) and ``feature_map`` (linear) carry the arguments.
     """
 
     kind: str
@@ -56,7 +57,8 @@ class AttentionChoice:
         if self.kind == "longformer":
             return f"longformer:{self.window}:{self.block}"
         if self.kind == "linear":
-            return f"linear:{self.feature_map}"
+            hybrid = "" if self.window is None else f",window={self.window}"
+            return f"linear:{self.feature_map}{hybrid}"
         return self.kind
 
 
@@ -88,12 +90,27 @@ def parse_attention(value: str) -> AttentionChoice:
         block = _int_part(args[1], "the block size", value, 16) if len(args) == 2 else 64
         return AttentionChoice("longformer", window=window, block=block)
     if name == "linear" and len(args) <= 1:
-        fm = args[0] if args else "hedgehog"
-        if fm not in LINEAR_FEATURE_MAPS:
-            raise ValueError(f"--attention {value!r}: unknown feature map {fm!r}; accepted: "
-                             f"{', '.join(LINEAR_FEATURE_MAPS)}")
-        return AttentionChoice("linear", feature_map=fm)
+        return _parse_linear(args[0] if args else "", value)
     raise ValueError(f"--attention: unknown or malformed pattern {value!r}; accepted: {ATTENTION_HELP}")
+
+
+def _parse_linear(text: str, value: str) -> AttentionChoice:
+    """``[FEATURE_MAP][,window=W]`` of ``--attention linear:...``."""
+    fm, window = "hedgehog", None
+    for i, part in enumerate(p.strip() for p in text.split(",")):
+        if part.startswith("window="):
+            if window is not None:
+                raise ValueError(f"--attention {value!r}: window given twice")
+            window = _int_part(part[len("window="):], "the hybrid's window W", value, 1)
+        elif i == 0 and part:
+            fm = part
+        elif part or i:
+            raise ValueError(f"--attention {value!r}: unexpected {part!r}; accepted: "
+                             "linear[:FEATURE_MAP][,window=W], e.g. linear:hedgehog,window=64")
+    if fm not in LINEAR_FEATURE_MAPS:
+        raise ValueError(f"--attention {value!r}: unknown feature map {fm!r}; accepted: "
+                         f"{', '.join(LINEAR_FEATURE_MAPS)}")
+    return AttentionChoice("linear", window=window, feature_map=fm)
 
 
 @dataclass

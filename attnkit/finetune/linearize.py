@@ -9,6 +9,11 @@ Large Language Models"), in two stages:
    every layer is fed the softmax output, so layers learn independently, in parallel);
 2. swap every layer to linear attention with its trained map and LoRA fine-tune (``train.py``).
 
+With a window ``W`` (``--attention linear:hedgehog,window=64``) the student of stage 1 and the
+swapped layers of stage 2 are the sliding-window + linear hybrid
+(``LinearAttention(window=W)``): the maps are trained for the part of attention the window does
+not cover. The window is held by each layer as ``attnkit_linear_window`` while transferring.
+
 How a learnable map gets into a layer without touching ``attnkit.attn.hf``: the map is registered
 as a submodule of the layer's attention module (``attnkit_feature_map``), so it moves with
 ``model.to(...)`` and is frozen by PEFT like any base weight; then
@@ -45,6 +50,8 @@ __all__ = [
 TRANSFER_NAME = "attnkit_transfer"
 #: The attribute holding a layer's feature map.
 ATTR = "attnkit_feature_map"
+#: The attribute holding the hybrid's window during attention transfer (``None``: pure linear).
+WINDOW_ATTR = "attnkit_linear_window"
 
 #: Per-layer MSE values recorded by the transfer attention function during one forward.
 _losses: list[torch.Tensor] = []
@@ -64,12 +71,15 @@ def _layer_shapes(module) -> tuple[int, int, int]:
     return int(head_dim), int(hq), int(hkv)
 
 
-def attach_feature_maps(model, feature_dim: int | None = None) -> list[HedgehogFeatureMap]:
+def attach_feature_maps(model, feature_dim: int | None = None,
+                        window: int | None = None) -> list[HedgehogFeatureMap]:
     """Give every attention layer of ``model`` a fresh :class:`HedgehogFeatureMap` (in fp32).
 
     ``feature_dim`` defaults to the head dim (so ``F = 2 * head_dim``). The map is per head when
     the layer has as many key/value heads as query heads, else shared by the heads (the same map
-    must apply to ``q`` with ``Hq`` heads and to ``k`` with ``Hkv``). Returns the maps by layer.
+    must apply to ``q`` with ``Hq`` heads and to ``k`` with ``Hkv``). ``window``: attention
+    transfer trains the maps for the sliding-window + linear hybrid of that window. Returns the
+    maps by layer.
     """
     base = _base_model(model)
     maps = []
@@ -78,6 +88,7 @@ def attach_feature_maps(model, feature_dim: int | None = None) -> list[HedgehogF
         fm = HedgehogFeatureMap(head_dim, feature_dim or head_dim, num_heads=hq if hq == hkv else None)
         device = next((p.device for p in m.parameters()), torch.device("cpu"))
         setattr(m, ATTR, fm.to(device))
+        setattr(m, WINDOW_ATTR, window)
         maps.append(fm)
     if not maps:
         raise ValueError(f"{type(base).__name__} has no attention layers that attnkit can swap")
@@ -90,11 +101,12 @@ def feature_maps_of(model) -> dict[int, HedgehogFeatureMap]:
             if isinstance(getattr(m, ATTR, None), HedgehogFeatureMap)}
 
 
-def swap_to_linear(model, feature_map: str = "hedgehog"):
+def swap_to_linear(model, feature_map: str = "hedgehog", window: int | None = None):
     """Run every layer on linear attention: with its attached map (``"hedgehog"``) or a built-in
-    elementwise map (``"elu1"``, ``"relu"``, ``"identity"``). Returns ``model``."""
+    elementwise map (``"elu1"``, ``"relu"``, ``"identity"``); with ``window`` the
+    sliding-window + linear hybrid. Returns ``model``."""
     if feature_map != "hedgehog":
-        return swap_attention(model, LinearAttention(feature_map=feature_map))
+        return swap_attention(model, LinearAttention(feature_map=feature_map, window=window))
     maps = feature_maps_of(model)
     if not maps:
         raise ValueError("swap_to_linear(..., 'hedgehog'): no feature maps attached; call "
@@ -102,7 +114,7 @@ def swap_to_linear(model, feature_map: str = "hedgehog"):
     with warnings.catch_warnings():  # "cannot be saved to the config": save_feature_maps does it
         warnings.simplefilter("ignore")
         for layer, fm in sorted(maps.items()):
-            swap_attention(model, LinearAttention(feature_map=fm), layers=[layer])
+            swap_attention(model, LinearAttention(feature_map=fm, window=window), layers=[layer])
     return model
 
 
@@ -121,8 +133,9 @@ def _transfer_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     fm = getattr(module, ATTR)
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     kpm = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-    student = hf_linear_attention(query.detach(), key.detach(), value.detach(), kpm,
-                                  LinearAttention(feature_map=fm), causal)  # [B, Hq, N, Dv]
+    spec = LinearAttention(feature_map=fm, window=getattr(module, WINDOW_ATTR, None))
+    student = hf_linear_attention(query.detach(), key.detach(), value.detach(), kpm, spec, causal,
+                                  scaling=scaling)  # [B, Hq, N, Dv]
     _losses.append(nnf.mse_loss(student.transpose(1, 2).float(), teacher.float()))
     return teacher, None
 

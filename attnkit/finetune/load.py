@@ -31,7 +31,10 @@ def apply_recorded_attention(model, out_dir: str):
         return model
     if record.get("feature_maps"):
         linearize.load_feature_maps(model, os.path.join(out_dir, record["feature_maps"]))
-        return linearize.swap_to_linear(model, "hedgehog")
+        from .config import parse_attention
+
+        window = parse_attention(record["attention"]).window  # linear:hedgehog[,window=W]
+        return linearize.swap_to_linear(model, "hedgehog", window)
     entry = record.get("config_entry") or {}
     spec = spec_from_json(entry.get("default"), f"{out_dir}/attention.json config_entry['default']")
     return swap_attention(model, spec)

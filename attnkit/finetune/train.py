@@ -270,7 +270,7 @@ def _apply_attention(model, choice: AttentionChoice, cfg, out, train_ds, mode, w
         swap_attention(model, _pattern(choice, cfg.seq_len))
         return info
     if choice.feature_map != "hedgehog":
-        linearize.swap_to_linear(model, choice.feature_map)
+        linearize.swap_to_linear(model, choice.feature_map, choice.window)
         return info
     saved = out / "transfer" / "feature_maps.safetensors"
     if resumed and saved.is_file():  # stage 1 finished before the interruption
@@ -278,14 +278,14 @@ def _apply_attention(model, choice: AttentionChoice, cfg, out, train_ds, mode, w
         info["transfer"] = {"steps": cfg.transfer_steps, "loaded_from": str(saved)}
     else:
         torch.manual_seed(cfg.seed)
-        linearize.attach_feature_maps(model, cfg.feature_dim)
+        linearize.attach_feature_maps(model, cfg.feature_dim, choice.window)
         if cfg.transfer_steps:
             info["transfer"] = _transfer(model, train_ds, cfg, out, mode, world, is_main)
         if is_main:
             saved.parent.mkdir(parents=True, exist_ok=True)
             linearize.save_feature_maps(model, str(saved))
         _barrier()
-    linearize.swap_to_linear(model, "hedgehog")
+    linearize.swap_to_linear(model, "hedgehog", choice.window)
     return info
 
 

@@ -47,10 +47,10 @@ def test_specs_are_written_with_registry_names_and_read_back():
         (SlidingWindow(7), {"type": "sliding_window", "left": 7, "right": 0}),
         (hf.LinearAttention(feature_map="relu", eps=1e-3),
          {"type": "linear_attention", "feature_map": "relu", "normalize": True, "eps": 1e-3,
-          "scale": None, "decay": None}),
+          "scale": None, "decay": None, "window": None}),
         (hf.LinearAttention(decay=(0.9, 0.5)),
          {"type": "linear_attention", "feature_map": "elu1", "normalize": True, "eps": 1e-6,
-          "scale": None, "decay": [0.9, 0.5]}),
+          "scale": None, "decay": [0.9, 0.5], "window": None}),
     ]
     for spec, written in cases:
         assert spec_to_json(spec) == written

@@ -249,7 +249,7 @@ def attnkit_attention_forward(
             )
         parts = segments(packed, query.shape[2], key.shape[2]) if packed is not None else None
         out = hf_linear_attention(query, key, value, kpm, spec, bool(is_causal), parts,
-                                  state_layer)
+                                  state_layer, scaling=scaling)
     else:
         out = _softmax_attention(query, key, value, pattern, scaling, kpm, packed,
                                  softcap=softcap, sinks=sinks)

@@ -3,8 +3,10 @@
 transformers' default :class:`~transformers.DynamicCache` stores every key and value, so a model
 whose layers run :class:`~attnkit.attn.hf.LinearAttention` would rebuild the state from a cache
 that grows with the sequence. :class:`LinearAttentionCache` is a ``DynamicCache`` whose linear
-layers hold only ``(S [B, Hkv, F, Dv], z [B, Hkv, F])`` instead: each decoding step costs
-``O(F * Dv)`` per head and the cache's size does not depend on the number of tokens. The other
+layers hold only ``(S [B, Hkv, F, Dv], z [B, Hkv, F])`` instead (the sliding-window + linear
+hybrid also the last ``W - 1`` keys/values): each decoding step costs ``O(F * Dv)`` per head
+(``O(W * D + F * Dv)`` for the hybrid) and the cache's size does not depend on the number of
+tokens. The other
 layers (softmax attention in a partly swapped model) keep transformers' own layers (full or
 sliding window, from the config), so one cache serves both kinds.
 
@@ -44,6 +46,12 @@ class RecurrentStateLayer(CacheLayerMixin):
     ``s [B, Hkv, F, Dv]``, ``z [B, Hkv, F]`` (a :class:`~attnkit.attn.linear.LinearAttentionState`,
     float32; ``None`` before the first forward) and the number of tokens seen, which is what
     transformers asks a layer for (``get_seq_length``, mask sizes, positions).
+
+    For the hybrid (``LinearAttention(window=W)``) the state is a
+    :class:`~attnkit.attn.linear.HybridAttentionState`: ``(s, z)`` of the keys that have left
+    the window plus the last keys/values in exactly ``W - 1`` slots ``[B, Hkv, W - 1, D]``
+    (a fixed-size window, left-filled with invalid slots until ``W - 1`` tokens were seen), and
+    ``window_valid [B, W - 1]`` (False = a padded token or an unfilled slot).
     """
 
     is_sliding = False
@@ -54,6 +62,7 @@ class RecurrentStateLayer(CacheLayerMixin):
     def __init__(self, **kwargs):
         super().__init__()
         self.state = None
+        self.window_valid = None  # the hybrid's window slots: [B, W - 1] bool
         self.seen = 0
         self.device = None
         # True between update() and the attention function taking the state: if the next update
@@ -100,6 +109,8 @@ class RecurrentStateLayer(CacheLayerMixin):
     def _map(self, fn) -> None:
         if self.state is not None:
             self.state = type(self.state)(*(fn(t) for t in self.state))
+        if self.window_valid is not None:
+            self.window_valid = fn(self.window_valid)
 
     def offload(self):
         self._map(lambda t: t.to("cpu", non_blocking=True))
@@ -109,7 +120,7 @@ class RecurrentStateLayer(CacheLayerMixin):
             self._map(lambda t: t.to(self.device, non_blocking=True))
 
     def reset(self) -> None:
-        self.state, self.seen, self.pending = None, 0, False
+        self.state, self.window_valid, self.seen, self.pending = None, None, 0, False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -131,7 +142,8 @@ class RecurrentStateLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state) if self.state else 0
+        held = [*(self.state or ()), *([] if self.window_valid is None else [self.window_valid])]
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 class LinearAttentionCache(DynamicCache):

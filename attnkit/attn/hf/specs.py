@@ -41,6 +41,11 @@ class LinearAttention:
             floats): the state decays per token, ``S_i = gamma S_{i-1} + phi(k_i) v_i^T``
             (:func:`~attnkit.attn.linear.linear_attention`'s ``decay``). Causal layers only.
             Saved in the model config; configs written before this field load with ``None``.
+        window: ``None`` (pure linear attention) or an int ``W >= 1``: the sliding-window +
+            linear hybrid (:func:`~attnkit.attn.linear.linear_attention`'s ``window``): each
+            query attends its last ``W`` keys (itself included) with the model's softmax
+            scores (its ``scaling``) and the older keys linearly, under one normaliser; the decay
+            weights only the linear part. Causal layers only. Saved in the model config.
 
     Causality follows the model (causal LMs stay causal, encoders stay bidirectional). Padding
     is honoured by zeroing the padded keys' features, so they add nothing to the state.
@@ -51,6 +56,7 @@ class LinearAttention:
     eps: float = 1e-6
     scale: float | None = None
     decay: float | tuple[float, ...] | None = None
+    window: int | None = None
 
     def __post_init__(self) -> None:
         from ..feature_maps import resolve_feature_map
@@ -67,6 +73,10 @@ class LinearAttention:
         if self.eps < 0:
             raise ValueError(f"LinearAttention: eps must be >= 0, got {self.eps}")
         object.__setattr__(self, "decay", _check_decay(self.decay))
+        if self.window is not None and (isinstance(self.window, bool)
+                                        or not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"LinearAttention: window must be None or an int >= 1 (the softmax "
+                             f"window W of the hybrid), got {self.window!r}")
 
 
 def _check_decay(decay):

@@ -4,7 +4,11 @@
   feature and value dims up to 256;
 * :class:`TorchLinear` — chunked PyTorch (``torch_impl.py``): any device, dtype and size.
 
-Both take ``decay`` (a per-KV-head decaying state, causal only).
+Both take ``decay`` (a per-KV-head decaying state, causal only). Only the torch backend takes
+the sliding-window + linear hybrid (``window``) and packed sequences (``cu_seqlens``): each
+backend declares both (:attr:`LinearBackend.hybrid`, :attr:`LinearBackend.varlen`), so
+``backend="triton"`` refuses such a call naming why, and ``"auto"`` takes torch (warning once
+when the tensors are on CUDA).
 
 (The CUDA decode step, ``cuda.py``, serves :func:`attnkit.linear_attention_step` only.)
 """
@@ -19,7 +23,9 @@ from ..dispatch import TRITON_DTYPES, Backend, QueryCall, select_backend
 from .feature_maps import FEATURE_MAPS
 from .tiles import MAX_DIM
 
-__all__ = ["LinearAttentionCall", "BACKENDS", "run_linear_attention", "MAX_DIM"]
+__all__ = [
+    "LinearAttentionCall", "LinearBackend", "BACKENDS", "run_linear_attention", "MAX_DIM",
+]
 
 
 @dataclass(frozen=True)
@@ -40,14 +46,45 @@ class LinearAttentionCall(QueryCall):
     eps: float
     scale: float
     decay: torch.Tensor | None = None  # [Hkv] gamma in (0, 1], causal only
-
+    # the hybrid (window is not None): raw q/k for the softmax part, and the window state
+    window: int | None = None
+    softmax_scale: float | None = None
+    q_raw: torch.Tensor | None = None  # [B, Hq, N, Dk]
+    k_raw: torch.Tensor | None = None  # [B, Hkv, N, Dk]
+    kw: torch.Tensor | None = None  # [B, Hkv, L, Dk], L <= window - 1
+    vw: torch.Tensor | None = None  # [B, Hkv, L, Dv]
+    fkw: torch.Tensor | None = None  # [B, Hkv, L, F] (the mapped kw)
+    valid_keys: torch.Tensor | None = None  # [B, N] bool (the HF path's padding), hybrid only
+    window_valid: torch.Tensor | None = None  # [B, L] bool, hybrid only
+    # packed sequences along N of B = 1 tensors: host (start, end) pairs from cu_seqlens
+    segments: tuple[tuple[int, int], ...] | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
         return self.q.shape[0], self.q.shape[1]
 
 
-class TritonLinear(Backend):
+class LinearBackend(Backend):
+    """A linear-attention backend: the dispatch's declarations plus two of this op's own."""
+
+    #: Whether the sliding-window + linear hybrid (``window=``) runs here.
+    hybrid: bool = True
+    #: Whether packed sequences (``cu_seqlens``) run here.
+    varlen: bool = True
+
+    def special_reasons(self, call: LinearAttentionCall) -> list[str]:
+        reasons = []
+        if call.window is not None and not self.hybrid:
+            reasons.append(f"the sliding-window + linear hybrid (window={call.window}) has no "
+                           f"{self.name!r} kernel yet; use backend='torch' (or 'auto')")
+        if call.segments is not None and not self.varlen:
+            reasons.append(f"packed sequences (cu_seqlens, {len(call.segments)} sequences) have "
+                           f"no {self.name!r} kernel yet; use backend='torch' (or 'auto'), or a "
+                           "padded batch")
+        return reasons
+
+
+class TritonLinear(LinearBackend):
     """The chunked Triton kernels."""
 
     name = "triton"
@@ -57,10 +94,12 @@ class TritonLinear(Backend):
     # The forward holds all of F in one tile (declared: the call's head_dim is F) ...
     max_head_dim = MAX_DIM
     head_dim_name = "feature dim"
+    hybrid = False
+    varlen = False
 
     def special_reasons(self, call: LinearAttentionCall) -> list[str]:
         # ... and the backward all of Dv, the same cap: the dispatch declares one dim per call.
-        reasons = []
+        reasons = super().special_reasons(call)
         dv = call.v.shape[-1]
         if dv > MAX_DIM:
             reasons.append(f"value head dim {dv} is above the maximum of {MAX_DIM}")
@@ -75,29 +114,66 @@ class TritonLinear(Backend):
         )
 
 
-class TorchLinear(Backend):
-    """Chunked PyTorch: any device, dtype and size."""
+class TorchLinear(LinearBackend):
+    """Chunked PyTorch: any device, dtype and size; the hybrid and packed sequences."""
 
     name = "torch"
     kind = "torch"
 
     def run(self, call: LinearAttentionCall):
-        from .torch_impl import compute_dtype, linear_attention_torch
+        from .torch_impl import compute_dtype
 
         q, k = call.q, call.k
+        fkw = call.fkw
         if call.feature != "identity" or call.scale != 1.0:
             phi = FEATURE_MAPS[call.feature]
             cdt = compute_dtype(q.dtype)  # map in fp32, as the kernels do
             q, k = phi(q.to(cdt) * call.scale), phi(k.to(cdt))
-        return linear_attention_torch(
-            q, k, call.v, call.s0, call.z0, call.causal, call.normalize, call.eps,
-            decay=call.decay,
-        )
+            if call.kw is not None:
+                fkw = phi(call.kw.to(cdt))
+        if call.segments is None:
+            return _torch_one(call, q, k, call.v, call.q_raw, call.k_raw, call.s0, call.z0,
+                              call.kw, call.vw, fkw)
+        # packed: every sequence on its own (a host loop over the segments), states stacked
+        outs, states = [], []
+        for i, (a, b) in enumerate(call.segments):
+            def cut(t, a=a, b=b):
+                return None if t is None else t[:, :, a:b]
+
+            def row(t, i=i):
+                return None if t is None else t[i:i + 1]
+
+            o, *st = _torch_one(call, cut(q), cut(k), cut(call.v), cut(call.q_raw),
+                                cut(call.k_raw), row(call.s0), row(call.z0), None, None, None)
+            outs.append(o)
+            states.append(st)
+        o = torch.cat(outs, 2) if outs else call.v.new_zeros(call.v.shape[:3] + (0,))
+        if call.window is not None:  # no per-sequence state for packed hybrid calls
+            return o, None, None
+        s = torch.cat([st[0] for st in states], 0)
+        z = torch.cat([st[1] for st in states], 0)
+        return o, s, z
+
+
+def _torch_one(call: LinearAttentionCall, fq, fk, v, q, k, s0, z0, kw, vw, fkw):
+    """One (unpacked) batch on the torch backend: ``(o, s, z)``, and for the hybrid also
+    ``(k_win, v_win, valid_win)``."""
+    from .hybrid import hybrid_attention_torch
+    from .torch_impl import linear_attention_torch
+
+    if call.window is None:
+        return linear_attention_torch(fq, fk, v, s0, z0, call.causal, call.normalize, call.eps,
+                                      decay=call.decay)
+    return hybrid_attention_torch(
+        q, k, v, fq, fk, call.window, call.softmax_scale, s0=s0, z0=z0, kw=kw, vw=vw, fkw=fkw,
+        valid_keys=call.valid_keys if call.segments is None else None,
+        window_valid=call.window_valid, eps=call.eps, decay=call.decay)
 
 
 BACKENDS: tuple[Backend, ...] = (TritonLinear(), TorchLinear())
 
 
 def run_linear_attention(call: LinearAttentionCall, backend: str):
-    """Dispatch a validated call: ``(o, s, z)``."""
+    """Dispatch a validated call: ``(o, s, z)``, for the hybrid ``(o, s, z, k_win, v_win,
+    valid_win)`` (packed hybrid calls: ``(o, None, None)``)."""
     return select_backend(call, backend, BACKENDS, op="linear_attention").run(call)

@@ -73,14 +73,16 @@ def linear_attention_torch(
     else:
         nums, dens = [], []
         lg = None if decay is None else torch.log(decay.to(device=fq.device, dtype=cdt))
-        for c0 in range(0, N, chunk):
-            c1 = min(c0 + chunk, N)
-            qc, kc, vc = fq[..., c0:c1, :], fk[..., c0:c1, :], v[..., c0:c1, :]
+        # split, not sliced per chunk: a slice's backward writes its gradient into a zero tensor
+        # of the whole input, O(N) per chunk and O(N^2 / chunk) in all (measured: 85 % of a
+        # B*H = 8, N = 4096 backward); split's backward concatenates once
+        pieces = zip(fq.split(chunk, -2), fk.split(chunk, -2), v.split(chunk, -2), strict=True)
+        for qc, kc, vc in pieces:
             # [B, Hkv, G, C, F] x [B, Hkv, C, F] -> [B, Hkv, G, C, C], keys j <= query i
             a = torch.einsum("bhgif,bhjf->bhgij", qc, kc).tril()
             qs = qc
             if lg is not None:
-                w_a, w_q, w_k, w_s = _decay_weights(lg, c1 - c0)
+                w_a, w_q, w_k, w_s = _decay_weights(lg, qc.shape[-2])
                 a = a * w_a[None, :, None]  # gamma^(i - j) on and below the diagonal
                 qs = qc * w_q[None, :, None, :, None]  # token i reads gamma^(i + 1) S
             nums.append(a @ vc[:, :, None] + qs @ s[:, :, None])
