@@ -199,6 +199,9 @@ def _training_args(cfg: FinetuneConfig, out: Path, mode: str, world: int, **over
             kw["ddp_backend"] = "gloo"
     for k, v in overrides.items():
         kw[strategy_key if k == "eval_strategy" else k] = v
+    if "gradient_checkpointing" in kw and "activation_checkpointing" in known:  # its name from 5.2x on
+        kw["activation_checkpointing"] = kw.pop("gradient_checkpointing")
+        kw["activation_checkpointing_kwargs"] = kw.pop("gradient_checkpointing_kwargs", None)
     return TrainingArguments(**{k: v for k, v in kw.items() if k in known})
 
 
@@ -215,6 +218,15 @@ def _memory_args(cfg: FinetuneConfig, model) -> dict:
         # recomputed layer draws the same dropout seed as its first forward
         kw.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     return kw
+
+
+def _checkpointing_on(model) -> bool:
+    """Whether the model's layers recompute in backward (transformers' flag, by either name)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(base), name):
+            return bool(getattr(base, name))
+    return False
 
 
 def _trainer_classes():
@@ -439,6 +451,7 @@ def run(config: FinetuneConfig | None = None, **overrides):
         "precision": mode,
         "world_size": world,
         "sharding": "fsdp2" if sharded else "ddp" if world > 1 else None,
+        "activation_checkpointing": _checkpointing_on(model),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "base_model": base_path,
         "trainable_parameters": trainable,

@@ -58,6 +58,7 @@ def test_fsdp_two_process_run_matches_one_process(tmp_path, model_dir, data_file
     a, b = (json.loads((o / "summary.json").read_text()) for o in (sharded, single))
     assert a["sharding"] == "fsdp2" and a["world_size"] == 2, "FSDP ran, not DDP"
     assert b["sharding"] is None and b["world_size"] == 1
+    assert a["activation_checkpointing"] is True and b["activation_checkpointing"] is False
     assert [s for s, _ in a["train_loss_curve"]] == [1, 2, 3]
     for curve in ("train_loss_curve", "eval_loss_curve"):
         assert [s for s, _ in a[curve]] == [s for s, _ in b[curve]], curve
