@@ -243,10 +243,6 @@ class FinetuneConfig:
                 raise ValueError(f"--transfer-steps {self.transfer_steps}: the feature map "
                                  f"{choice.feature_map!r} has no parameters to train; use "
                                  "--attention linear:hedgehog or --transfer-steps 0")
-        if self.fsdp and self.resume is not None:
-            raise ValueError(f"--fsdp with --resume {self.resume!r}: resuming a sharded run has not "
-                             "been verified yet, so it is refused (its checkpoints hold the gathered model "
-                             "and optimizer state, pytorch_model_fsdp.bin and optimizer.bin); start afresh")
         if self.stop_after is not None and not 1 <= self.stop_after < self.max_steps:
             raise ValueError(f"--stop-after must be in [1, --max-steps = {self.max_steps}), "
                              f"got {self.stop_after}")

@@ -1,6 +1,6 @@
-"""``attnkit finetune --fsdp`` under ``torchrun --nproc_per_node 2`` (FSDP2 on gloo, CPU) against the
-same run in one process with the same global batch: the loss curves match, the adapters are the
-same PEFT adapter (keys, shapes, values), and plain PEFT loads it."""
+"""``attnkit finetune --fsdp`` under ``torchrun --nproc_per_node 2`` (FSDP2 on gloo, CPU), stopped and
+resumed, against the same run in one process with the same global batch: the loss curves match,
+the adapters are the same PEFT adapter (keys, shapes, values), and plain PEFT loads it."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from ft_helpers import cli_args  # noqa: E402
 from test_train_ddp import _run  # noqa: E402
 
 from attnkit.finetune.cli import main as cli_main  # noqa: E402
-from attnkit.finetune.config import FinetuneConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,16 +46,21 @@ def test_fsdp_two_process_run_matches_one_process(tmp_path, model_dir, data_file
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    # the sharded run also checkpoints its layers (--gradient-checkpointing): the same math
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "attnkit.finetune.cli", *_args(model_dir, data_file, sharded, 2, "--fsdp",
-                                          "--gradient-checkpointing")]
-    rc, stdout, stderr = _run(cmd, env, tmp_path, timeout=240)
-    assert rc == 0, stdout[-3000:] + stderr[-3000:]
+    # the sharded run also checkpoints its layers (--gradient-checkpointing): the same math; it
+    # stops after step 2 (the workers exit 3, torchrun 1) and resumes from that checkpoint for step 3
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+              "attnkit.finetune.cli"]
+    for extra in (["--stop-after", "2"], ["--resume"]):
+        cmd = launch + _args(model_dir, data_file, sharded, 2, "--fsdp", "--gradient-checkpointing", *extra)
+        rc, stdout, stderr = _run(cmd, env, tmp_path, timeout=240)
+        stopped = extra[0] == "--stop-after"
+        assert (rc != 0 and "interrupted at step 2" in stdout) if stopped else rc == 0, \
+            stdout[-3000:] + stderr[-3000:]
     assert cli_main(_args(model_dir, data_file, single, 4)) == 0  # global batch 4 = 2 x 2
 
     a, b = (json.loads((o / "summary.json").read_text()) for o in (sharded, single))
     assert a["sharding"] == "fsdp2" and a["world_size"] == 2, "FSDP ran, not DDP"
+    assert a["resumed_from_step"] == 2
     assert b["sharding"] is None and b["world_size"] == 1
     assert a["activation_checkpointing"] is True and b["activation_checkpointing"] is False
     assert [s for s, _ in a["train_loss_curve"]] == [1, 2, 3]
@@ -97,8 +101,3 @@ def test_fsdp_needs_several_processes(tmp_path, model_dir, data_file, capsys, mo
     err = capsys.readouterr().err
     assert "--fsdp" in err and "WORLD_SIZE=1" in err and "torchrun" in err, err
     assert not (tmp_path / "o").exists(), "refused before writing anything"
-
-
-def test_fsdp_resume_is_refused():
-    with pytest.raises(ValueError, match="--fsdp with --resume"):
-        FinetuneConfig(fsdp=True, resume="latest").validate()
