@@ -86,6 +86,10 @@ def build_points(grid: Grid) -> list[Point]:
         kind = KINDS[kind_name]
         impls = [i for i in kind.impls if grid.impls is None or i in grid.impls]
         ds = grid.ds if kind.uses_head_dim else (0,)
+        # a LoRA kind may fix its own (hidden, rank) for a grid, or have no points on it (None)
+        shape = getattr(kind, "point_shape", lambda g: (g.lora_hidden, g.lora_rank))(grid)
+        if shape is None:
+            continue
         for impl in impls:
             for mode in grid.modes:
                 for d in ds:
@@ -93,8 +97,8 @@ def build_points(grid: Grid) -> list[Point]:
                         lora = not kind.uses_head_dim
                         points.append(Point(
                             kind_name, impl, mode, grid.batch, 0 if lora else grid.heads, n, d,
-                            grid.dtype, grid.device, grid.lora_hidden if lora else 0,
-                            grid.lora_rank if lora else 0))
+                            grid.dtype, grid.device, shape[0] if lora else 0,
+                            shape[1] if lora else 0))
     return sorted(points, key=lambda p: KINDS[p.kind].impls[p.impl].tier)  # stable
 
 

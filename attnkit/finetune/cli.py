@@ -76,6 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto = bf16 on GPUs that support it, else fp32")
     g.add_argument("--seed", type=int, help=f"seed (default {d.seed})")
+    g.add_argument("--fsdp", action="store_true", help="shard the model, gradients and optimizer state "
+                   "across the torchrun processes with FSDP2 (fully_shard; one unit per decoder layer); "
+                   "NCCL on GPUs, gloo on CPU. The adapter saved is the same PEFT adapter")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute each decoder "
+                   "layer's activations in backward instead of storing them (less memory, about one "
+                   "more forward of compute)")
 
     g = p.add_argument_group("learning-rate range test and diagnostics")
     g.add_argument("--find-lr", action="store_true", help="only run the learning-rate range test: write "
@@ -146,6 +152,8 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     given["fused"] = not args.no_fused
     given["overwrite"] = args.overwrite
     given["progress"] = not args.no_progress
+    given["fsdp"] = getattr(args, "fsdp", False)
+    given["gradient_checkpointing"] = getattr(args, "gradient_checkpointing", False)
     return FinetuneConfig.quick(**given) if args.quick else FinetuneConfig(**given)
 
 

@@ -146,6 +146,9 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     precision: str = "auto"
     seed: int = 0
+    # memory: FSDP2 sharding (under torchrun) and activation (gradient) checkpointing
+    fsdp: bool = False
+    gradient_checkpointing: bool = False
     # learning-rate range test (--find-lr alone, or before the run with --lr auto)
     find_lr: bool = False
     find_lr_steps: int = 200

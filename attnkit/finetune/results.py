@@ -24,11 +24,15 @@ def _autocast(mode: str) -> torch.dtype | None:
     return torch.bfloat16 if mode == "bf16" else torch.float16 if mode == "fp16" else None
 
 
-def calibrate_stage(calib: dict, stage: str, model, eval_ds, cfg, mode: str, is_main: bool) -> None:
+def calibrate_stage(calib: dict, stage: str, model, eval_ds, cfg, mode: str, is_main: bool,
+                    every_rank: bool = False) -> None:
     """Add ``calib[stage]`` (rank 0 only; :func:`~.calibration.calibrate_model`) unless
-    ``--no-calibration``."""
-    if cfg.calibration and is_main:
-        calib[stage] = calibrate_model(model, eval_ds, cfg.batch_size, _autocast(mode), seed=cfg.seed)
+    ``--no-calibration``. ``every_rank``: every rank runs it (an FSDP model's forward is a
+    collective) and rank 0 alone keeps it."""
+    if cfg.calibration and (is_main or every_rank):
+        result = calibrate_model(model, eval_ds, cfg.batch_size, _autocast(mode), seed=cfg.seed)
+        if is_main:
+            calib[stage] = result
 
 
 def lr_range_test(model, train_ds, cfg, out: Path, mode: str, resumed: bool, is_main: bool) -> dict:
@@ -81,14 +85,16 @@ def stopped_summary(cfg, out: Path, trainer, detector, summary_base: dict, is_ma
     return summary
 
 
-def write_results(model, choice, cfg, out: Path, base_path: str, summary: dict) -> None:
+def write_results(model, choice, cfg, out: Path, base_path: str, summary: dict,
+                  state_dict: dict | None = None) -> None:
     """The adapter, ``attention.json``, the feature maps, the plot, then ``summary.json`` last (its
-    presence marks a complete result)."""
+    presence marks a complete result). ``state_dict``: the gathered full state dict of a sharded
+    (FSDP) model, from which the adapter is taken."""
     from ..attn.hf import CONFIG_KEY, _base_model
 
     for adapter_cfg in model.peft_config.values():  # plain PEFT finds the base from here
         adapter_cfg.base_model_name_or_path = base_path
-    model.save_pretrained(str(out))
+    model.save_pretrained(str(out), **({} if state_dict is None else {"state_dict": state_dict}))
     record = {"attention": str(choice), "kind": choice.kind, "seq_len": cfg.seq_len,
               "attn_implementation": None if choice.kind == "model" else "attnkit",
               "config_entry": None, "feature_maps": None}

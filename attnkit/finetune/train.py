@@ -23,8 +23,10 @@ One run, in order (every check that can fail comes before anything is written):
 6. evaluate and calibrate, then write the adapter, ``attention.json``, ``summary.json``,
    ``loss_curve.png`` and ``reliability.png`` (:mod:`.results`).
 
-Under ``torchrun --nproc_per_node N`` the Trainer runs DDP (gloo on CPU, NCCL on GPUs). The process
-group is set up first; rank 0 alone inspects and writes ``--out`` and broadcasts its decision.
+Under ``torchrun --nproc_per_node N`` the Trainer runs DDP (gloo on CPU, NCCL on GPUs), or with
+``--fsdp`` FSDP2 (:mod:`.fsdp`). The process group is set up first; rank 0 alone inspects and writes
+``--out`` and broadcasts its decision. ``--gradient-checkpointing`` recomputes each decoder layer in
+backward (transformers' non-reentrant ``torch.utils.checkpoint``, under ``--fsdp`` too).
 """
 
 from __future__ import annotations
@@ -197,14 +199,49 @@ def _training_args(cfg: FinetuneConfig, out: Path, mode: str, world: int, **over
             kw["ddp_backend"] = "gloo"
     for k, v in overrides.items():
         kw[strategy_key if k == "eval_strategy" else k] = v
+    if "gradient_checkpointing" in kw and "activation_checkpointing" in known:  # its name from 5.2x on
+        kw["activation_checkpointing"] = kw.pop("gradient_checkpointing")
+        kw["activation_checkpointing_kwargs"] = kw.pop("gradient_checkpointing_kwargs", None)
     return TrainingArguments(**{k: v for k, v in kw.items() if k in known})
+
+
+def _memory_args(cfg: FinetuneConfig, model) -> dict:
+    """The ``TrainingArguments`` of ``--fsdp`` and ``--gradient-checkpointing`` (transformers' own
+    checkpointing under FSDP too: :mod:`.fsdp` says why)."""
+    kw: dict = {}
+    if cfg.fsdp:
+        from .fsdp import fsdp_training_kwargs
+
+        kw.update(fsdp_training_kwargs(model))
+    if cfg.gradient_checkpointing:  # non-reentrant: the LoRA weights get gradients although the
+        # frozen embedding's output does not require one; it also restores the RNG state, so a
+        # recomputed layer draws the same dropout seed as its first forward
+        kw.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    return kw
+
+
+def _checkpointing_on(model) -> bool:
+    """Whether the model's layers recompute in backward (transformers' flag, by either name)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(base), name):
+            return bool(getattr(base, name))
+    return False
 
 
 def _trainer_classes():
     from transformers import Trainer, TrainerCallback
 
+    from .fsdp import force_fsdp_on_cpu
+
     class FinetuneTrainer(Trainer):
-        """Adds ``eval_perplexity`` next to every ``eval_loss`` it logs."""
+        """Adds ``eval_perplexity`` next to every ``eval_loss`` it logs; makes ``--fsdp`` FSDP on
+        CPU too (:func:`~.fsdp.force_fsdp_on_cpu`)."""
+
+        def create_accelerator_and_postprocess(self, *args, **kwargs):
+            out = super().create_accelerator_and_postprocess(*args, **kwargs)
+            force_fsdp_on_cpu(self)
+            return out
 
         def log(self, logs, *args, **kwargs):
             if "eval_loss" in logs:
@@ -311,6 +348,10 @@ def run(config: FinetuneConfig | None = None, **overrides):
     check_model_folder(cfg, choice)
     rank, world = _rank()
     is_main = rank == 0
+    if cfg.fsdp:
+        from .fsdp import check_fsdp_supported
+
+        check_fsdp_supported(world)
     out = Path(cfg.out)
     docs = read_documents(cfg.data if cfg.data is not None else embedded_corpus_path())
     mode, dtype = _precision(cfg)
@@ -376,7 +417,8 @@ def run(config: FinetuneConfig | None = None, **overrides):
     detector = SignatureDetector(cfg.max_grad_norm, cfg.warmup_steps)
     callbacks = [signature_callback(detector, announce=is_main)]
     callbacks += [StopAfter(cfg.stop_after)] if cfg.stop_after else []
-    trainer = FinetuneTrainer(model=model, args=_training_args(cfg, out, mode, world, learning_rate=lr),
+    trainer = FinetuneTrainer(model=model, args=_training_args(cfg, out, mode, world, learning_rate=lr,
+                                                               **_memory_args(cfg, model)),
                               train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks)
     start_step = trainer.state.global_step
     if resume_from is not None:
@@ -394,7 +436,11 @@ def run(config: FinetuneConfig | None = None, **overrides):
     last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), {})
     evals["final"] = float(last["eval_loss"] if last.get("step") == steps else
                            trainer.evaluate()["eval_loss"])
-    calibrate_stage(calib, "after", model, eval_ds, cfg, mode, is_main)
+    from .fsdp import full_state_dict, is_sharded
+
+    sharded = is_sharded(model)
+    # a sharded model's forward is a collective: every rank calibrates, rank 0 keeps the result
+    calibrate_stage(calib, "after", model, eval_ds, cfg, mode, is_main, every_rank=sharded)
     train_curve, eval_curve = losses_from_history(trainer.state.log_history)
     tokens = (steps - start_step) * cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
     runtime = float(result.metrics.get("train_runtime") or 0.0)
@@ -404,6 +450,8 @@ def run(config: FinetuneConfig | None = None, **overrides):
         "attention": str(choice),
         "precision": mode,
         "world_size": world,
+        "sharding": "fsdp2" if sharded else "ddp" if world > 1 else None,
+        "activation_checkpointing": _checkpointing_on(model),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "base_model": base_path,
         "trainable_parameters": trainable,
@@ -429,7 +477,8 @@ def run(config: FinetuneConfig | None = None, **overrides):
         "train_loss_curve": train_curve,
         "eval_loss_curve": eval_curve,
     }
+    state_dict = full_state_dict(model) if sharded else None  # a collective too
     if is_main:
-        write_results(model, choice, cfg, out, base_path, summary)
+        write_results(model, choice, cfg, out, base_path, summary, state_dict=state_dict)
     _barrier()
     return summary, model

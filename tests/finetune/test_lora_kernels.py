@@ -96,6 +96,7 @@ SHAPES = [  # (leading dims, in, out, r)
     ((2, 9), 72, 56, 8),
     ((5,), 40, 56, 1),
     ((3,), 24, 40, 130),  # rank above one K2 tile, not a power of two
+    ((2, 9), 64, 128, 20),  # in and out multiples of every BLOCK_K (EVEN_K), the rank prefetched
 ]
 
 

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from . import tiles
+from .jit_helpers import _block_rows, _dot, _keep
 from .tiles import (
     _BATCHED_FUSED,
     _BATCHED_SHRINK,
@@ -66,44 +67,6 @@ __all__ = ["lora_linear_triton", "lora_batched_triton", "INTERPRET"]
 # Re-exported: compile_check and tests/kernels/test_compile_check_linear_lora.py read the fused
 # tile list and its prune (with the launch geometry above) through this module.
 _FUSED_TILES, _prune_fused = tiles._FUSED_TILES, tiles._prune_fused
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + a @ b``. ``UPCAST`` (CPU interpreter + bf16 only) multiplies in fp32 because the
-    interpreter has no bf16 dot; the operands keep the bf16 rounding the GPU would see."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _keep(seed, rows, cols, n_cols, p, OFF64: tl.constexpr):
-    """Dropout keep mask ``[len(rows), len(cols)]`` of x (see the module docstring)."""
-    if OFF64:
-        offs = rows.to(tl.int64)[:, None] * n_cols + cols.to(tl.int64)[None, :]
-    else:
-        offs = rows[:, None] * n_cols + cols[None, :]
-    return tl.rand(seed, offs) >= p
-
-
-@triton.jit
-def _block_rows(pid_m, T, ROW_IDX, BLK_ROW0, BLK_LEN, BLK_ADAPTER,
-                BATCHED: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(rows [BLOCK_M] int32, row mask, adapter) of row block ``pid_m``."""
-    offs = tl.arange(0, BLOCK_M)
-    if BATCHED:
-        row0 = tl.load(BLK_ROW0 + pid_m)
-        n = tl.load(BLK_LEN + pid_m)
-        rmask = offs < n
-        rows = tl.load(ROW_IDX + row0 + offs, mask=rmask, other=0)
-        adapter = tl.load(BLK_ADAPTER + pid_m)
-    else:
-        rows = pid_m * BLOCK_M + offs
-        rmask = rows < T
-        adapter = pid_m * 0
-    return rows, rmask, adapter
 
 
 @triton.jit
@@ -159,9 +122,15 @@ def _fused_kernel(
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, OFF64: tl.constexpr, BATCHED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_K2: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_K2: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH_K2: tl.constexpr,
 ):
-    """``OUT[T, N] = X1[T, K1] @ M1[K1, N] + mask? * (X2[T, K2] @ M2[K2, N]) (+ BIAS[N])``."""
+    """``OUT[T, N] = X1[T, K1] @ M1[K1, N] + mask? * (X2[T, K2] @ M2[K2, N]) (+ BIAS[N])``.
+
+    Loads read clamped rows (row 0 past the edge; a batched table already gives row 0 for its
+    padding) so that they need no row predicate; columns keep theirs. ``EVEN_K`` (``K1`` a
+    multiple of every offered ``BLOCK_K``) drops the K predicate too. ``PREFETCH_K2`` (the whole
+    rank in one ``BLOCK_K2`` step) loads the expand's operands before the base loop, so the
+    expand does not wait for a fresh load after the pipeline drains."""
     if BATCHED:
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -185,18 +154,36 @@ def _fused_kernel(
     rows64 = rows.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    # clamped rows for the loads (rows past the edge are computed, never stored). Columns stay
+    # masked: clamping them with tl.where hides their contiguity from the compiler, and the dx
+    # GEMM (M1 = W, contiguous along N) then lost its cp.async staging (measured on sm_90: 96 ->
+    # 64 KiB shared memory, 118 -> 172 registers at 128x128 r 64, spills at 128x256)
+    rows_ld = tl.where(rmask, rows64, 0)
+    cols_ld = offs_n.to(tl.int64)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    x1_rows = X1 + rows64[:, None] * stride_x1t
+    x1_rows = X1 + rows_ld[:, None] * stride_x1t
     # int64 offsets into the weight: in * out passes 2^31 for large heads (256k vocab x 8k)
-    m1_cols = M1 + offs_n.to(tl.int64)[None, :] * stride_m1n
+    m1_cols = M1 + cols_ld[None, :] * stride_m1n
+    x2_rows = X2 + rows_ld[:, None] * stride_x2t
+    m2_cols = M2 + cols_ld[None, :] * stride_m2n
+    if PREFETCH_K2:  # the expand's operands, in flight while the base loop runs
+        offs_k2 = tl.arange(0, BLOCK_K2)
+        k2_mask = offs_k2 < K2
+        a2 = tl.load(x2_rows + offs_k2[None, :] * stride_x2k, mask=k2_mask[None, :], other=0.0)
+        b2 = tl.load(m2_cols + offs_k2[:, None] * stride_m2k, mask=k2_mask[:, None] & n_mask[None, :],
+                     other=0.0)
     for k0 in range(0, K1, BLOCK_K):  # the base GEMM's K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K1
-        a = tl.load(x1_rows + offs_k[None, :] * stride_x1k, mask=rmask[:, None] & k_mask[None, :],
-                    other=0.0)  # [BM, BK]
-        b = tl.load(m1_cols + offs_k.to(tl.int64)[:, None] * stride_m1k,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BK, BN]
+        if EVEN_K:
+            a = tl.load(x1_rows + offs_k[None, :] * stride_x1k)  # [BM, BK]
+            b = tl.load(m1_cols + offs_k.to(tl.int64)[:, None] * stride_m1k, mask=n_mask[None, :],
+                        other=0.0)  # [BK, BN]
+        else:
+            k_mask = offs_k < K1
+            a = tl.load(x1_rows + offs_k[None, :] * stride_x1k, mask=k_mask[None, :], other=0.0)
+            b = tl.load(m1_cols + offs_k.to(tl.int64)[:, None] * stride_m1k,
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = _dot(a, b, acc, PRECISION, UPCAST)
 
     # ... continued over the rank: the LoRA expand in the same output tile
@@ -204,15 +191,17 @@ def _fused_kernel(
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         acc2 = acc
-    x2_rows = X2 + rows64[:, None] * stride_x2t
-    for k0 in range(0, K2, BLOCK_K2):
-        offs_k = k0 + tl.arange(0, BLOCK_K2)
-        k_mask = offs_k < K2
-        a = tl.load(x2_rows + offs_k[None, :] * stride_x2k, mask=rmask[:, None] & k_mask[None, :],
-                    other=0.0)  # [BM, BK2]
-        b = tl.load(M2 + offs_k[:, None] * stride_m2k + offs_n[None, :] * stride_m2n,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BK2, BN]
-        acc2 = _dot(a, b, acc2, PRECISION, UPCAST)
+    if PREFETCH_K2:
+        acc2 = _dot(a2, b2, acc2, PRECISION, UPCAST)
+    else:
+        for k0 in range(0, K2, BLOCK_K2):
+            offs_k = k0 + tl.arange(0, BLOCK_K2)
+            k_mask = offs_k < K2
+            a = tl.load(x2_rows + offs_k[None, :] * stride_x2k, mask=k_mask[None, :],
+                        other=0.0)  # [BM, BK2]
+            b = tl.load(m2_cols + offs_k[:, None] * stride_m2k, mask=k_mask[:, None] & n_mask[None, :],
+                        other=0.0)  # [BK2, BN]
+            acc2 = _dot(a, b, acc2, PRECISION, UPCAST)
     if DROPOUT:
         # dx of the dropout input: the LoRA half only flows through kept elements, scaled 1/(1-p)
         keep = _keep(tl.load(SEED), rows, offs_n, N, p, OFF64)
@@ -347,7 +336,8 @@ def _fused(x1, m1, x2, m2, bias, seed=None, p=0.0, table=None):
         stride_m2a=m2.stride(0) if batched else 0,
         stride_ot=out.stride(0), stride_on=out.stride(1),
         HAS_BIAS=bias is not None, DROPOUT=seed is not None, OFF64=T * N >= 2**31,
-        BATCHED=batched, BLOCK_K2=_block_k2(K2), **kernel_flags(x1.dtype),
+        BATCHED=batched, BLOCK_K2=_block_k2(K2), EVEN_K=K1 % tiles.EVEN_K_MULTIPLE == 0,
+        PREFETCH_K2=K2 <= _block_k2(K2) <= tiles.PREFETCH_MAX_K2, **kernel_flags(x1.dtype),
     )
     if batched:
         grid = (table[2].numel(), triton.cdiv(N, _BATCHED_FUSED["BLOCK_N"]))

@@ -32,6 +32,13 @@ _FUSED_TILES = [
     (64, 128, 64, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4),
     (128, 256, 64, 8, 3),
 ]
+#: ``EVEN_K`` of the fused kernel: ``K1`` a multiple of this, which every offered BLOCK_K
+#: (and the interpreter's 16, and the batched 64) divides, whatever tile the autotuner picks.
+EVEN_K_MULTIPLE = 64
+assert all(EVEN_K_MULTIPLE % k == 0 for _, _, k, _, _ in _FUSED_TILES)
+#: ``PREFETCH_K2``: ranks up to this (one BLOCK_K2 step) load the expand's operands before the
+#: base loop; at 32 they are [BM, 32] + [32, BN] bf16, 32 more registers a thread at 128x256.
+PREFETCH_MAX_K2 = 32
 # With dropout (the dx GEMM) the epilogue regenerates the keep mask (Philox) over the whole tile
 # next to two fp32 accumulators: ahead-of-time sm_90 compiles (python -m
 # attnkit.kernels.compile_check --module lora --dropout --all-tiles) spill 576-688 B per thread
