@@ -158,6 +158,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     p.add_argument("--gpu-check", action="store_true",
                    help="on a GPU: run the test suite (OUT/tests.log), then the --quick sweep, all into OUT")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="time the host (Python) cost of attnkit.attention's Triton path layer by "
+                        "layer, kernel launches stubbed (CPU, no GPU); OUT/host_overhead.json")
     p.add_argument("--test-args", default="-n 4 tests",
                    help="pytest arguments for --gpu-check (default: '-n 4 tests'; no -n without xdist)")
     p.add_argument("--test-timeout", type=_positive, default=240.0, metavar="SECONDS",
@@ -232,6 +235,8 @@ def _grid(args, device: str):
 
 def run(args: argparse.Namespace) -> int:
     """Run ``attnkit bench`` with parsed arguments; returns the exit code."""
+    if getattr(args, "host_overhead", False):
+        return _host_overhead(args)
     device = _resolve_device(args.device)
     if args.gpu_check and not device.startswith("cuda"):
         print("attnkit bench --gpu-check needs a CUDA GPU, and none is visible here.\n"
@@ -331,6 +336,22 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         exit_code = 1
     return exit_code
+
+
+def _host_overhead(args: argparse.Namespace) -> int:
+    """``--host-overhead``: :mod:`attnkit.bench.host_overhead`, printed and in OUT."""
+    from .host_overhead import format_report, measure
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("attnkit bench --host-overhead: unset TRITON_INTERPRET (the interpreter takes other "
+              "launch paths)", file=sys.stderr)
+        return 2
+    result = measure(calls=200 if args.quick else 1000)
+    print(format_report(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "host_overhead.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"results: {args.out / 'host_overhead.json'}")
+    return 0
 
 
 def _summary(meta: dict, rows: list[dict]) -> str:
