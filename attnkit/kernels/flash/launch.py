@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
+from ..autotune import relax_specialization
 from .kernels_bwd import _bwd_preprocess
 from .tiles import INTERPRET, _block_d, _dkdv, _dq, _fwd, _n_bucket, _precision, _tile_meta
 
@@ -146,6 +147,8 @@ class FlashArgs:
 # launch needs three): the few distinct head dims and lengths are remembered.
 _block_d_of = functools.lru_cache(maxsize=64)(_block_d)
 _n_bucket_of = functools.lru_cache(maxsize=256)(_n_bucket)
+# N and the batch strides change with every length: not specialised on (autotune.VARYING_INTS)
+relax_specialization(_bwd_preprocess)
 
 
 class _Launch:
