@@ -122,3 +122,47 @@ def test_real_smoke_checks_pass_on_tiny_sizes(tmp_path, name):
 def test_every_smoke_check_has_a_unique_name():
     names = [n for n, _ in smoke.CHECKS]
     assert len(set(names)) == len(names) == 10
+
+
+def test_gpu_check_wiring_order_files_and_exit_code(tmp_path, monkeypatch):
+    """command._gpu_check with the three phases replaced: the order, the budgets passed on, the
+    autotune switch, and results.json/summary.txt written with every phase."""
+    import argparse
+    import time
+
+    from attnkit.bench import command
+    from attnkit.bench.sweep import environment
+
+    order = []
+
+    def fake_smoke(path, deadline, device):
+        order.append(("smoke", round(deadline - time.time())))
+        return {"counts": {"ok": 9, "fail": 1, "error": 0, "skipped": 0}}
+
+    def fake_sweep(args, grid, device, out, meta, budget):
+        order.append(("table", grid.kinds, grid.ns))
+        return [], 0
+
+    def fake_tests(out, test_args, timeout_s):
+        order.append(("tests", test_args))
+        return {"summary": "3 passed", "returncode": 0, "seconds": 1.0}
+
+    monkeypatch.setattr(smoke, "run_smoke", fake_smoke)
+    monkeypatch.setattr(command, "_sweep", fake_sweep)
+    monkeypatch.setattr(command, "run_test_suite", fake_tests)
+    monkeypatch.setattr(command, "process_start_time", time.time)
+    monkeypatch.setenv("ATTNKIT_AUTOTUNE", "1")  # recorded, so the undo restores the original
+    monkeypatch.delenv("ATTNKIT_AUTOTUNE")
+    args = argparse.Namespace(check_time=420.0, time_budget=None, test_timeout=240.0,
+                              test_args="-n 4 tests", kinds=None, impls=None, modes=None, n=None,
+                              d=None, batch=None, heads=None, dtype=None, quick=False)
+    code = command._gpu_check(args, "cuda", tmp_path, environment("cpu"))
+    assert code == 1  # a smoke failure fails the check
+    assert [o[0] for o in order] == ["smoke", "table", "tests"]
+    assert order[0][1] == SMOKE_S and order[1][1:] == (gpu_check.HEADLINE_KINDS, (4096, 16384))
+    assert order[2][1] == "-n 4 tests"
+    assert __import__("os").environ["ATTNKIT_AUTOTUNE"] == "0"
+    doc = json.loads((tmp_path / "results.json").read_text())
+    text = json.dumps(doc)
+    assert all(p in text for p in ('"smoke"', '"table"', '"tests"', "3 passed"))
+    assert "tests: ran" in (tmp_path / "summary.txt").read_text()
