@@ -104,18 +104,18 @@ class FlashArgs:
         spec = call.spec
         kpm = call.valid_keys
         kv_lo, kv_hi = _kv_span(kpm) if kpm is not None else (None, None)
+        common = dict(q=call.q, k=call.k, v=call.v, kpm=kpm, cu_q=call.cu_seqlens_q,
+                      cu_k=call.cu_seqlens_k, max_q=int(call.max_seqlen_q or 0),
+                      max_k=int(call.max_seqlen_k or 0), scale=float(call.scale), sinks=call.sinks,
+                      alibi=call.alibi_slopes, softcap=float(call.softcap or 0.0), kv_lo=kv_lo,
+                      kv_hi=kv_hi)
         if spec.kind == "block_sparse":
-            band = dict(lists=(spec.kv_num, spec.kv_idx, spec.kv_part, spec.q_num, spec.q_idx,
-                               spec.q_part, spec.masks), block_size=spec.block_size,
-                        layout_batch=spec.layout_batch, layout_heads=spec.layout_heads)
-        else:
-            left, right = spec.offsets()
-            band = dict(left=left, right=right)
-        return cls(q=call.q, k=call.k, v=call.v, kpm=kpm, cu_q=call.cu_seqlens_q,
-                   cu_k=call.cu_seqlens_k, max_q=int(call.max_seqlen_q or 0),
-                   max_k=int(call.max_seqlen_k or 0), scale=float(call.scale), sinks=call.sinks,
-                   alibi=call.alibi_slopes, softcap=float(call.softcap or 0.0), kv_lo=kv_lo,
-                   kv_hi=kv_hi, **band)
+            return cls(block_size=spec.block_size, layout_batch=spec.layout_batch,
+                       layout_heads=spec.layout_heads,
+                       lists=(spec.kv_num, spec.kv_idx, spec.kv_part, spec.q_num, spec.q_idx,
+                              spec.q_part, spec.masks), **common)
+        left, right = spec.offsets()
+        return cls(left=left, right=right, **common)
 
     def op_args(self) -> tuple:
         """The custom ops' flat arguments: :attr:`TENSORS`, the seven block lists, then the ints
