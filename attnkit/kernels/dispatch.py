@@ -27,7 +27,6 @@ on its grid's z and y axes).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
@@ -290,9 +289,16 @@ def select_backend(call, requested: str, backends: tuple[Backend, ...], op: str)
     raise ValueError(f"no attnkit backend can run this {op} call ({detail})")
 
 
-@functools.lru_cache(maxsize=64)
+_CHOICES: dict[tuple, tuple[str, ...]] = {}
+
+
 def _choices(backends: tuple[Backend, ...]) -> tuple[str, ...]:
-    return ("auto", *dict.fromkeys(b.name for b in backends))
+    """``("auto", *names)``, remembered per backends tuple (a plain dict, not ``lru_cache``: dynamo
+    warns about tracing through the latter under ``torch.compile``)."""
+    choices = _CHOICES.get(backends)
+    if choices is None:
+        choices = _CHOICES[backends] = ("auto", *dict.fromkeys(b.name for b in backends))
+    return choices
 
 
 def _fits_auto(backend: Backend, call) -> bool:
