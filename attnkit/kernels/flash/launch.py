@@ -147,7 +147,7 @@ class FlashArgs:
 # launch needs three): the few distinct head dims and lengths are remembered.
 _block_d_of = functools.lru_cache(maxsize=64)(_block_d)
 _n_bucket_of = functools.lru_cache(maxsize=256)(_n_bucket)
-# N and the batch strides change with every length: not specialised on (autotune.VARYING_INTS)
+# N changes with every length: not specialised on (autotune.VARYING_INTS)
 relax_specialization(_bwd_preprocess)
 
 

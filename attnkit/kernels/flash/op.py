@@ -8,9 +8,10 @@ flash-attention's own ops do).
 
 Eager calls do not go through them. A grad-enabled call of a custom op with ``setup_context``
 runs torch's ``_library.utils.fill_defaults``, which re-reads the schema once per argument:
-measured ~100 us of the ~170 us a training forward cost on the host (24-argument schema, kernel
-launches stubbed; ``attnkit bench --host-overhead``). Eager calls take :class:`_FlashFunction`
-(the same launchers, the same saved tensors) or, without grad, the launcher directly.
+with the 24-argument schema, a training forward cost 406 us of host time with kernel launches
+stubbed, ~300 us of it in the custom op and its autograd (``attnkit bench --host-overhead``, on a
+shared 2-core CPU; 110 us after). Eager calls take :class:`_FlashFunction` (the same launchers,
+the same saved tensors) or, without grad, the launcher directly.
 """
 
 from __future__ import annotations
