@@ -118,6 +118,22 @@ def _check_score_mods(softcap, sinks, alibi_slopes, B: int, Hq: int, device):
     return softcap, out[0], out[1]
 
 
+def _check_qkv(q: object, k: object, v: object) -> None:
+    """Tensors, 4-D, a floating dtype, one dtype: raise for the first of these that fails."""
+    q, k, v = (_check_tensor(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            layout = "[B, Hq, Nq, D]" if name == "q" else "[B, Hkv, Nk, D]"
+            raise ValueError(f"{name} must be 4-D {layout}, got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {t.dtype}; expected a floating dtype: float16, bfloat16, "
+                "float32 (or float64 on the torch backend)"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
 def validate(
     q: object,
     k: object,
@@ -133,18 +149,12 @@ def validate(
     alibi_slopes: object = None,
 ) -> AttentionCall:
     """Check every argument of :func:`attnkit.attention` and return the normalised call."""
-    q, k, v = (_check_tensor(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            layout = "[B, Hq, Nq, D]" if name == "q" else "[B, Hkv, Nk, D]"
-            raise ValueError(f"{name} must be 4-D {layout}, got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"{name} has dtype {t.dtype}; expected a floating dtype: float16, bfloat16, "
-                "float32 (or float64 on the torch backend)"
-            )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    # The hot path (every forward): one combined test; the itemised checks, in their order and
+    # with their messages, run only when it fails.
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+            and isinstance(v, torch.Tensor) and q.dim() == 4 and k.dim() == 4 and v.dim() == 4
+            and q.dtype in FLOAT_DTYPES and q.dtype == k.dtype == v.dtype):
+        _check_qkv(q, k, v)
     if not (q.device == k.device == v.device):
         raise ValueError(
             f"q, k, v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}"

@@ -1,4 +1,5 @@
-"""``attnkit bench``: the sweep a new user runs first, and ``--gpu-check`` for a short GPU lease.
+"""``attnkit bench``: the sweep a new user runs first, ``--gpu-check`` for a short GPU lease
+(:mod:`.gpu_check`) and ``--host-overhead`` (:mod:`.host_overhead`).
 
 Order of work: measure, write ``rows.jsonl`` as rows arrive (a killed run keeps what it measured),
 then ``results.json``, ``results.csv`` and ``summary.txt``, then the plots (which need matplotlib;
@@ -24,6 +25,7 @@ import torch
 
 from ..kernels.autotune import ENV as AUTOTUNE_ENV
 from .flops import MODES
+from .gpu_check import RESULTS_RESERVE_S  # noqa: F401  (re-exported: --gpu-check's reserve)
 from .memory import available_cpu_memory
 from .registry import DTYPES, KINDS
 from .report import (
@@ -39,14 +41,9 @@ from .report import (
 from .runner import RunOptions
 from .sweep import build_points, environment, grid_for, run_sweep
 
-__all__ = ["add_arguments", "run", "run_test_suite", "process_start_time", "check_budgets",
-           "failed_attnkit_rows"]
+__all__ = ["add_arguments", "run", "run_test_suite", "process_start_time", "failed_attnkit_rows"]
 
 _IMPORTED_AT = time.time()
-#: ``--gpu-check``: seconds kept after the sweep for writing results, the table and the plots.
-RESULTS_RESERVE_S = 30.0
-#: ``--gpu-check``: the least the sweep is left when the test suite's timeout is capped.
-MIN_SWEEP_S = 60.0
 #: ``/proc``'s start time is trusted only if it is at most this long before this module's import.
 MAX_STARTUP_S = 120.0
 
@@ -67,18 +64,6 @@ def process_start_time() -> float:
         # process clock (seen in some containers) would put the deadline in the past.
         return _IMPORTED_AT
     return min(start, _IMPORTED_AT)
-
-
-def check_budgets(deadline: float, now: float, test_timeout: float,
-                  time_budget: float | None = None) -> tuple[float, float]:
-    """``--gpu-check``'s split of what is left at ``now`` before ``deadline``: ``(tests, sweep)``.
-
-    ``tests``: the test suite's timeout, ``test_timeout`` capped so that ``MIN_SWEEP_S`` and
-    ``RESULTS_RESERVE_S`` remain. ``sweep``: the sweep's budget if it started now (what remains,
-    less ``RESULTS_RESERVE_S``, capped by ``time_budget``); call again after the tests."""
-    left = deadline - now
-    tests = max(1.0, min(test_timeout, left - MIN_SWEEP_S - RESULTS_RESERVE_S))
-    return tests, max(0.0, min(time_budget or float("inf"), left - RESULTS_RESERVE_S))
 
 
 def failed_attnkit_rows(rows: list[dict]) -> list[dict]:
@@ -157,17 +142,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     p.add_argument("--gpu-check", action="store_true",
-                   help="on a GPU: run the test suite (OUT/tests.log), then the --quick sweep, all into OUT")
+                   help="on a GPU, within --check-time: a correctness smoke of every kernel "
+                        "(OUT/smoke.json), the headline table (N 4k and 16k, D 128, bf16), then the "
+                        "test suite with the time left (OUT/tests.log); ATTNKIT_AUTOTUNE=0 unless set")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="time the host (Python) cost of attnkit.attention's Triton path layer by "
+                        "layer, kernel launches stubbed (CPU, no GPU); OUT/host_overhead.json")
     p.add_argument("--test-args", default="-n 4 tests",
                    help="pytest arguments for --gpu-check (default: '-n 4 tests'; no -n without xdist)")
     p.add_argument("--test-timeout", type=_positive, default=240.0, metavar="SECONDS",
-                   help="--gpu-check: stop the test suite after this long (default 240, less if "
-                        "--check-time would leave the sweep under a minute)")
+                   help="--gpu-check: stop the test suite after this long (default 240; it gets "
+                        "at most what the smoke and the table leave)")
     p.add_argument("--check-time", type=_positive, default=420.0, metavar="SECONDS",
                    help="--gpu-check: finish everything this long after the process started "
                         "(default 420: a GPU session has 15 minutes of device time in all, start-up "
-                        "included, so one call gets about 7); the sweep's budget is what the tests "
-                        "leave, less 30 s for writing the results")
+                        "included, so one call gets about 7); each phase gets what the earlier ones "
+                        "leave, less 30 s for writing the results; --time-budget caps the table")
 
 
 def _resolve_device(choice: str) -> str:
@@ -223,8 +213,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _grid(args, device: str):
-    grid = grid_for(device, args.quick or args.gpu_check)
+def _grid(args, device: str, base=None):
+    grid = base if base is not None else grid_for(device, args.quick)
     overrides = {"kinds": args.kinds, "impls": args.impls, "modes": args.modes, "ns": args.n,
                  "ds": args.d, "batch": args.batch, "heads": args.heads, "dtype": args.dtype}
     return replace(grid, **{k: v for k, v in overrides.items() if v is not None})
@@ -232,6 +222,8 @@ def _grid(args, device: str):
 
 def run(args: argparse.Namespace) -> int:
     """Run ``attnkit bench`` with parsed arguments; returns the exit code."""
+    if getattr(args, "host_overhead", False):
+        return _host_overhead(args)
     device = _resolve_device(args.device)
     if args.gpu_check and not device.startswith("cuda"):
         print("attnkit bench --gpu-check needs a CUDA GPU, and none is visible here.\n"
@@ -247,25 +239,68 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is an existing file; --out must be a folder (new or "
                          "existing) for results.json, results.csv, summary.txt and the plots")
-    grid = _grid(args, device)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a parent is a file, no permission, ...
         raise ValueError(f"--out {str(out)!r} cannot be created: {e.strerror}") from None
     meta = environment(device)
-    exit_code = 0
-    budget = args.time_budget
     if args.gpu_check:
-        deadline = process_start_time() + args.check_time
-        test_timeout, _ = check_budgets(deadline, time.time(), args.test_timeout, args.time_budget)
-        print(f"attnkit bench --gpu-check: running the test suite ({args.test_args}; timeout "
-              f"{test_timeout:.0f} s) ...", flush=True)
-        meta["test_suite"] = run_test_suite(out, args.test_args, test_timeout)
-        _, budget = check_budgets(deadline, time.time(), args.test_timeout, args.time_budget)
-        print(f"tests: {meta['test_suite']['summary']} (exit code {meta['test_suite']['returncode']}, "
-              f"{meta['test_suite']['seconds']} s; log in {out / 'tests.log'})", flush=True)
-        if meta["test_suite"]["returncode"] != 0:
-            exit_code = 1
+        return _gpu_check(args, device, out, meta)
+    rows, exit_code = _sweep(args, _grid(args, device), device, out, meta, args.time_budget)
+    return exit_code
+
+
+def _gpu_check(args: argparse.Namespace, device: str, out: Path, meta: dict) -> int:
+    """``--gpu-check``: smoke, headline table, tests (:mod:`attnkit.bench.gpu_check`), in one
+    deadline. Autotuning is off unless the caller's environment says otherwise: the table then
+    times each kernel's first tile, the one the compile tests check (autotuning every key would
+    cost more compiles than a lease has minutes)."""
+    from .gpu_check import headline_grid, run_phases
+    from .smoke import run_smoke
+
+    deadline = process_start_time() + args.check_time
+    os.environ.setdefault(AUTOTUNE_ENV, "0")
+    meta.update(check_time_s=args.check_time, autotune_env={AUTOTUNE_ENV: os.environ[AUTOTUNE_ENV]})
+    grid = _grid(args, device, headline_grid(device))
+    state: dict = {"rows": [], "exit": 0}
+
+    def smoke(budget: float) -> dict:
+        doc = run_smoke(out / "smoke.json", time.time() + budget, device=device)
+        if doc["counts"]["fail"] or doc["counts"]["error"]:
+            state["exit"] = 1
+        return {"counts": doc["counts"], "file": "smoke.json"}
+
+    def table(budget: float) -> dict:
+        state["rows"], code = _sweep(args, grid, device, out, meta, budget)
+        state["exit"] |= code
+        return {"rows": len(state["rows"])}
+
+    def tests(budget: float) -> dict:
+        suite = meta["test_suite"] = run_test_suite(out, args.test_args, budget)
+        print(f"tests: {suite['summary']} (exit code {suite['returncode']}, {suite['seconds']} s; "
+              f"log in {out / 'tests.log'})", flush=True)
+        if suite["returncode"] != 0:
+            state["exit"] = 1
+        return {"returncode": suite["returncode"], "summary": suite["summary"]}
+
+    meta["phases"] = run_phases([("smoke", smoke), ("table", table), ("tests", tests)], deadline,
+                                log=lambda m: print(m, flush=True), table_cap=args.time_budget,
+                                test_cap=args.test_timeout)
+    _write_results(out, meta, grid, state["rows"])  # again, now with the smoke and the tests
+    return state["exit"]
+
+
+def _write_results(out: Path, meta: dict, grid, rows: list[dict]) -> None:
+    write_json(out / "results.json", meta, dict(asdict(grid).items()), rows)
+    write_csv(out / "results.csv", rows, meta)
+    (out / "summary.txt").write_text(_summary(meta, rows) + "\n")
+
+
+def _sweep(args: argparse.Namespace, grid, device: str, out: Path, meta: dict,
+           budget: float | None) -> tuple[list[dict], int]:
+    """Measure ``grid``'s points (``rows.jsonl`` as they arrive), then write results.json,
+    results.csv, summary.txt and the plots; ``(rows, exit code)``."""
+    exit_code = 0
     on_cuda = device.startswith("cuda")
     cap = None
     if not on_cuda:
@@ -302,10 +337,7 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
         jsonl.close()
     meta["sweep_seconds"] = round(time.time() - t0, 1)
-    grid_doc = {k: v for k, v in asdict(grid).items()}
-    write_json(out / "results.json", meta, grid_doc, rows)
-    write_csv(out / "results.csv", rows, meta)
-    (out / "summary.txt").write_text(_summary(meta, rows) + "\n")
+    _write_results(out, meta, grid, rows)
     print_table(rows)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "oom", "skipped", "error")}
     print("rows: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" in {meta['sweep_seconds']} s")
@@ -330,12 +362,32 @@ def run(args: argparse.Namespace) -> int:
         print(f"--gpu-check: {len(failed)} attnkit point(s) failed (status error; see summary.txt)",
               file=sys.stderr)
         exit_code = 1
-    return exit_code
+    return rows, exit_code
+
+
+def _host_overhead(args: argparse.Namespace) -> int:
+    """``--host-overhead``: :mod:`attnkit.bench.host_overhead`, printed and in OUT."""
+    from .host_overhead import format_report, measure
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("attnkit bench --host-overhead: unset TRITON_INTERPRET (the interpreter takes other "
+              "launch paths)", file=sys.stderr)
+        return 2
+    result = measure(calls=200 if args.quick else 1000)
+    print(format_report(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "host_overhead.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"results: {args.out / 'host_overhead.json'}")
+    return 0
 
 
 def _summary(meta: dict, rows: list[dict]) -> str:
     lines = [f"device: {meta['device_name']}", f"commit: {meta['git_commit']}",
              f"torch {meta['versions']['torch']}, triton {meta['versions']['triton']}", ""]
+    for name, phase in meta.get("phases", {}).items():  # --gpu-check
+        what = phase.get("reason") or phase.get("summary") or phase.get("counts") or phase.get("rows")
+        lines.append(f"{name}: {phase['status']}, {phase.get('seconds', 0)} s of "
+                     f"{phase['budget_s']} s: {what}")
     if "test_suite" in meta:
         lines += [f"tests: {meta['test_suite']['summary']}", ""]
     lines += [format_table(rows), "",

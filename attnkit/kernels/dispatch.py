@@ -165,51 +165,62 @@ class Backend:
 
     def declared_reasons(self, call) -> list[str]:
         """The reasons the class attributes give, in a fixed order."""
-        reasons: list[str] = []
+        return list(self._declared(call))
+
+    def fits(self, call) -> bool:
+        """``not self.not_supported_reasons(call)``, stopping at the first reason (the dispatch's
+        hot path: a backend passed over needs no message)."""
+        if type(self).not_supported_reasons is not Backend.not_supported_reasons:
+            return not self.not_supported_reasons(call)  # a subclass's own rule
+        for _ in self._declared(call):
+            return False
+        return not self.special_reasons(call) and not self.extra_reasons(call)
+
+    def _declared(self, call):
+        """:meth:`declared_reasons`, one at a time."""
         t = call.tensor
         where = self.device_reason(t)
         if where:
-            reasons.append(where)
+            yield where
         if self.dtypes is not None and t.dtype not in self.dtypes:
-            reasons.append(f"dtype {t.dtype} is not supported ({dtype_names(self.dtypes)} are)")
+            yield (f"dtype {t.dtype} is not supported ({dtype_names(self.dtypes)} are)")
         dim = getattr(call, "head_dim", None)
         if dim is not None and self.head_dims is not None and dim not in self.head_dims:
-            reasons.append(f"{self.head_dim_name} {dim} is not supported "
-                           f"({', '.join(map(str, self.head_dims))} are)")
+            yield (f"{self.head_dim_name} {dim} is not supported "
+                   f"({', '.join(map(str, self.head_dims))} are)")
         if dim is not None and self.max_head_dim is not None and dim > self.max_head_dim:
-            reasons.append(f"{self.head_dim_name} {dim} is above the maximum of {self.max_head_dim}")
+            yield (f"{self.head_dim_name} {dim} is above the maximum of {self.max_head_dim}")
         dv = getattr(call, "value_dim", None)
         if dv is not None and dim is not None and dv != dim:
             if not self.value_head_dims:
-                reasons.append(f"values with their own head dim (Dv = {dv}, D = {dim}) are not "
-                               f"supported by the {self.name!r} {type(self).__name__} backend")
+                yield (f"values with their own head dim (Dv = {dv}, D = {dim}) are not "
+                       f"supported by the {self.name!r} {type(self).__name__} backend")
             elif self.max_head_dim is not None and dv > self.max_head_dim:
-                reasons.append(f"value head dim {dv} is above the maximum of {self.max_head_dim}")
+                yield (f"value head dim {dv} is above the maximum of {self.max_head_dim}")
         if getattr(call, "packed", False) and not self.packed:
-            reasons.append(f"packed sequences (cu_seqlens) are not supported by the {self.name!r} "
-                           "backend; pass a padded batch with a valid_keys mask")
+            yield (f"packed sequences (cu_seqlens) are not supported by the {self.name!r} "
+                   "backend; pass a padded batch with a valid_keys mask")
         queries = getattr(call, "queries", None)
         if (queries is not None and self.max_queries is not None and queries > self.max_queries
                 and not getattr(call, "packed", False)):
-            reasons.append(f"{queries} query tokens per sequence is not decoding (the {self.name!r} "
-                           f"{type(self).__name__} backend takes at most {self.max_queries}; prefill "
-                           "goes to a flash kernel)")
+            yield (f"{queries} query tokens per sequence is not decoding (the {self.name!r} "
+                   f"{type(self).__name__} backend takes at most {self.max_queries}; prefill "
+                   "goes to a flash kernel)")
         if getattr(call, "needs_grad", False) and not self.supports_grad:
-            reasons.append(f"the {self.name!r} backend has no backward (inference only)")
+            yield (f"the {self.name!r} backend has no backward (inference only)")
         kind = getattr(call, "spec_kind", None)
         if kind is not None and self.spec_kinds is not None and kind not in self.spec_kinds:
-            reasons.append(f"{kind} patterns are not supported ({', '.join(self.spec_kinds)} are)")
+            yield (f"{kind} patterns are not supported ({', '.join(self.spec_kinds)} are)")
         missing = [m for m in getattr(call, "score_mods", ()) if m not in self.score_mods]
         if missing:
             have = ", ".join(self.score_mods) or "none"
-            reasons.append(f"score modification(s) {', '.join(missing)} not supported by the "
-                           f"{self.name!r} {type(self).__name__} backend (it has: {have})")
+            yield (f"score modification(s) {', '.join(missing)} not supported by the "
+                   f"{self.name!r} {type(self).__name__} backend (it has: {have})")
         grid = getattr(call, "grid", None)
         if self.grid_limited and grid is not None:
             over = grid_reason(*grid)
             if over:
-                reasons.append(over)
-        return reasons
+                yield over
 
     def auto_reasons(self, call) -> list[str]:
         """Reasons to pass this backend over under ``"auto"``: the above, and for Triton, CPU
@@ -247,8 +258,7 @@ def select_backend(call, requested: str, backends: tuple[Backend, ...], op: str)
     """
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a str, got {type(requested).__name__}")
-    names = tuple(dict.fromkeys(b.name for b in backends))
-    choices = ("auto", *names)
+    choices = _choices(backends)
     if requested == "auto":
         requested = os.environ.get("ATTNKIT_BACKEND", "auto") or "auto"
         if requested not in choices and requested in ("cuda", "triton", "torch"):
@@ -257,28 +267,56 @@ def select_backend(call, requested: str, backends: tuple[Backend, ...], op: str)
             requested = "auto"
     if requested not in choices:
         raise ValueError(f"backend must be one of {', '.join(map(repr, choices))}, got {requested!r}")
+    # Backends passed over are asked only whether they fit (Backend.fits stops at the first
+    # reason); the reasons themselves are gathered only for a message.
     if requested != "auto":
         named = [b for b in backends if b.name == requested]
         for backend in named:
-            reasons = backend.not_supported_reasons(call)
-            if not reasons:
+            if backend.fits(call):
                 return backend
         # Same-name entries go from special (decode shapes) to general: the last one's reasons
         # are the ones that matter to the caller.
         raise ValueError(
-            f"the {requested!r} backend cannot run this {op} call: " + "; ".join(reasons)
+            f"the {requested!r} backend cannot run this {op} call: "
+            + "; ".join(named[-1].not_supported_reasons(call))
         )
+    for i, backend in enumerate(backends):
+        if _fits_auto(backend, call):
+            if backend.kind == "torch" and call.tensor.is_cuda:
+                _warn_slow_path(op, backend, _rejected(backends[:i], call))
+            return backend
+    detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in _rejected(backends, call).items())
+    raise ValueError(f"no attnkit backend can run this {op} call ({detail})")
+
+
+_CHOICES: dict[tuple, tuple[str, ...]] = {}
+
+
+def _choices(backends: tuple[Backend, ...]) -> tuple[str, ...]:
+    """``("auto", *names)``, remembered per backends tuple (a plain dict, not ``lru_cache``: dynamo
+    warns about tracing through the latter under ``torch.compile``)."""
+    choices = _CHOICES.get(backends)
+    if choices is None:
+        choices = _CHOICES[backends] = ("auto", *dict.fromkeys(b.name for b in backends))
+    return choices
+
+
+def _fits_auto(backend: Backend, call) -> bool:
+    """``not backend.auto_reasons(call)``, stopping at the first reason."""
+    if type(backend).auto_reasons is not Backend.auto_reasons:
+        return not backend.auto_reasons(call)  # a subclass's own rule
+    if backend.kind == "triton" and call.tensor.device.type == "cpu":
+        return False
+    return backend.fits(call)
+
+
+def _rejected(backends, call) -> dict[str, list[str]]:
+    """Why each of ``backends`` was passed over under "auto", by name (for a message)."""
     rejected: dict[str, list[str]] = {}
     for backend in backends:
-        reasons = backend.auto_reasons(call)
-        if not reasons:
-            if backend.kind == "torch" and call.tensor.is_cuda:
-                _warn_slow_path(op, backend, rejected)
-            return backend
-        rejected.setdefault(backend.name, [])
-        rejected[backend.name] += [r for r in reasons if r not in rejected[backend.name]]
-    detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in rejected.items())
-    raise ValueError(f"no attnkit backend can run this {op} call ({detail})")
+        seen = rejected.setdefault(backend.name, [])
+        seen += [r for r in backend.auto_reasons(call) if r not in seen]
+    return rejected
 
 
 def _warn_slow_path(op: str, backend: Backend, rejected: dict[str, list[str]]) -> None:

@@ -49,12 +49,17 @@ class AttentionCall(QueryCall):
 
     @property
     def needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (self.q, self.k, self.v, self.sinks))
+        if not torch.is_grad_enabled():
+            return False
+        s = self.sinks
+        return (self.q.requires_grad or self.k.requires_grad or self.v.requires_grad
+                or (s is not None and s.requires_grad))
 
     @property
     def score_mods(self) -> tuple[str, ...]:
         """The score modifications this call uses, by name (a backend declares which it has)."""
+        if self.softcap is None and self.sinks is None and self.alibi_slopes is None:
+            return ()  # the common case, without building the tuple (dispatch reads this per call)
         return tuple(name for name, on in (("softcap", self.softcap is not None),
                                            ("sinks", self.sinks is not None),
                                            ("alibi", self.alibi_slopes is not None)) if on)

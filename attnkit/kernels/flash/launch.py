@@ -3,11 +3,13 @@ share for it (:class:`_Launch`), and the forward and backward launches."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 import triton
 
+from ..autotune import relax_specialization
 from .kernels_bwd import _bwd_preprocess
 from .tiles import INTERPRET, _block_d, _dkdv, _dq, _fwd, _n_bucket, _precision, _tile_meta
 
@@ -87,31 +89,41 @@ class FlashArgs:
     # the band (-1 = unbounded)
     left: int = -1
     right: int = -1
+    # first and one-past-last attended key per batch row [B] int32 (from kpm, by _kv_span):
+    # computed once per call and shared by the forward and the backward
+    kv_lo: _Opt = field(default=None, repr=False)
+    kv_hi: _Opt = field(default=None, repr=False)
 
     #: The tensors, in schema order (autograd returns gradients for q, k, v and sinks).
-    TENSORS = ("q", "k", "v", "sinks", "kpm", "cu_q", "cu_k", "alibi")
+    TENSORS = ("q", "k", "v", "sinks", "kpm", "cu_q", "cu_k", "alibi", "kv_lo", "kv_hi")
 
     @classmethod
     def from_call(cls, call) -> FlashArgs:
-        """From a validated :class:`~attnkit.kernels.flash.call.AttentionCall`."""
+        """From a validated :class:`~attnkit.kernels.flash.call.AttentionCall`. A key mask's span
+        (:func:`_kv_span`) is computed here, once for the forward and the backward."""
         spec = call.spec
-        band = {}
+        kpm = call.valid_keys
+        kv_lo, kv_hi = _kv_span(kpm) if kpm is not None else (None, None)
+        common = dict(q=call.q, k=call.k, v=call.v, kpm=kpm, cu_q=call.cu_seqlens_q,
+                      cu_k=call.cu_seqlens_k, max_q=int(call.max_seqlen_q or 0),
+                      max_k=int(call.max_seqlen_k or 0), scale=float(call.scale), sinks=call.sinks,
+                      alibi=call.alibi_slopes, softcap=float(call.softcap or 0.0), kv_lo=kv_lo,
+                      kv_hi=kv_hi)
         if spec.kind == "block_sparse":
-            band = dict(lists=(spec.kv_num, spec.kv_idx, spec.kv_part, spec.q_num, spec.q_idx,
-                               spec.q_part, spec.masks), block_size=spec.block_size,
-                        layout_batch=spec.layout_batch, layout_heads=spec.layout_heads)
-        else:
-            left, right = spec.offsets()
-            band = dict(left=left, right=right)
-        return cls(q=call.q, k=call.k, v=call.v, kpm=call.valid_keys, cu_q=call.cu_seqlens_q,
-                   cu_k=call.cu_seqlens_k, max_q=int(call.max_seqlen_q or 0),
-                   max_k=int(call.max_seqlen_k or 0), scale=float(call.scale), sinks=call.sinks,
-                   alibi=call.alibi_slopes, softcap=float(call.softcap or 0.0), **band)
+            return cls(block_size=spec.block_size, layout_batch=spec.layout_batch,
+                       layout_heads=spec.layout_heads,
+                       lists=(spec.kv_num, spec.kv_idx, spec.kv_part, spec.q_num, spec.q_idx,
+                              spec.q_part, spec.masks), **common)
+        left, right = spec.offsets()
+        return cls(left=left, right=right, **common)
 
     def op_args(self) -> tuple:
-        return (*(getattr(self, n) for n in self.TENSORS), *self.lists, self.block_size,
-                self.layout_batch, self.layout_heads, self.max_q, self.max_k, self.scale,
-                self.left, self.right, self.softcap)
+        """The custom ops' flat arguments: :attr:`TENSORS`, the seven block lists, then the ints
+        and floats (``block_size ... softcap``)."""
+        return (self.q, self.k, self.v, self.sinks, self.kpm, self.cu_q, self.cu_k, self.alibi,
+                self.kv_lo, self.kv_hi, *self.lists, self.block_size, self.layout_batch,
+                self.layout_heads, self.max_q, self.max_k, self.scale, self.left, self.right,
+                self.softcap)
 
     @classmethod
     def from_op_args(cls, args) -> FlashArgs:
@@ -131,47 +143,77 @@ class FlashArgs:
         return self.lists[0] is not None
 
 
+# triton.next_power_of_2 is a constexpr function in triton 3.9 (~2 us a call on the host, and a
+# launch needs three): the few distinct head dims and lengths are remembered.
+_block_d_of = functools.lru_cache(maxsize=64)(_block_d)
+_n_bucket_of = functools.lru_cache(maxsize=256)(_n_bucket)
+# N changes with every length: not specialised on (autotune.VARYING_INTS)
+relax_specialization(_bwd_preprocess)
+
+
 class _Launch:
     """What the three kernels share for one call: grid extents, pointers, ints and flags, as
-    keyword arguments named like the kernels' parameters."""
+    keyword arguments named like the kernels' parameters.
+
+    Host time matters here (once per forward and once per backward; ~13 us before the helpers
+    above and the single pass over the optional inputs, ~5 us after, kernel launches stubbed):
+    every optional input is looked at once."""
 
     def __init__(self, a: FlashArgs):
         q, k = a.q, a.k
         B, Hq, Nq, D = q.shape
+        Hkv, Nk = k.shape[1], k.shape[2]
+        dv = a.v.shape[-1]
         self.a = a
-        self.Hq, self.Hkv, self.Nq, self.Nk, self.D = Hq, k.shape[1], Nq, k.shape[2], D
-        self.varlen = a.cu_q is not None
-        self.n_prog_b = (a.cu_q.numel() - 1) if self.varlen else B
-        self.rows_q = a.max_q if self.varlen else Nq
-        self.rows_k = a.max_k if self.varlen else self.Nk
-        kpm = a.kpm
-        kv_lo, kv_hi = _kv_span(kpm) if kpm is not None else (None, None)
+        self.Hq, self.Hkv, self.Nq, self.Nk, self.D = Hq, Hkv, Nq, Nk, D
+        cu_q = a.cu_q
+        varlen = self.varlen = cu_q is not None
+        self.n_prog_b = (cu_q.numel() - 1) if varlen else B
+        rows_q = self.rows_q = a.max_q if varlen else Nq
+        self.rows_k = a.max_k if varlen else Nk
         kv_num, kv_idx, kv_part, q_num, q_idx, q_part, masks = a.lists
-        lb, lh = a.layout_batch, a.layout_heads
-        self.common = dict(
-            KPM=kpm.view(torch.uint8) if kpm is not None else None, CU_Q=a.cu_q, CU_K=a.cu_k,
-            PMASK=masks, sm_scale=a.scale, ALIBI=a.alibi, softcap=a.softcap,
-            sab=(a.alibi.stride(0) if a.alibi.dim() == 2 else 0) if a.alibi is not None else 0,
-            sah=a.alibi.stride(-1) if a.alibi is not None else 0,
-            HAS_SOFTCAP=a.softcap > 0, HAS_ALIBI=a.alibi is not None,
-            smb=kpm.stride(0) if kpm is not None else 0, smn=kpm.stride(1) if kpm is not None else 0,
-            GROUP=Hq // self.Hkv, NQ=Nq, NK=self.Nk,
-            WIN_L=max(a.left, 0), WIN_R=max(a.right, 0), N_BUCKET=_n_bucket(self.rows_q),
-            LB_STRIDE=lh if lb > 1 else 0, LH_STRIDE=1 if lh > 1 else 0,
+        sparse = kv_num is not None
+        common = dict(
+            CU_Q=cu_q, CU_K=a.cu_k, PMASK=masks, sm_scale=a.scale, softcap=a.softcap,
+            HAS_SOFTCAP=a.softcap > 0, GROUP=Hq // Hkv, NQ=Nq, NK=Nk,
+            WIN_L=max(a.left, 0), WIN_R=max(a.right, 0), N_BUCKET=_n_bucket_of(rows_q),
             # flags: each derives from which inputs are present
-            HEAD_DIM=D, BLOCK_D=_block_d(D), HEAD_DV=a.v.shape[-1], BLOCK_DV=_block_d(a.v.shape[-1]),
-            HAS_LEFT=a.left >= 0 and not a.sparse,
-            HAS_RIGHT=a.right >= 0 and not a.sparse, HAS_KPM=kpm is not None, VARLEN=self.varlen,
-            PRECISION=_precision(q.dtype), UPCAST=INTERPRET and q.dtype == torch.bfloat16,
-            SPARSE=a.sparse, BS=a.block_size if a.sparse else 0,
-            **_tile_meta(a.block_size if a.sparse else 0),
+            HEAD_DIM=D, BLOCK_D=_block_d_of(D), HEAD_DV=dv, BLOCK_DV=_block_d_of(dv),
+            HAS_LEFT=a.left >= 0 and not sparse, HAS_RIGHT=a.right >= 0 and not sparse,
+            VARLEN=varlen, PRECISION=_precision(q.dtype),
+            UPCAST=INTERPRET and q.dtype == torch.bfloat16, SPARSE=sparse,
         )
-        self.rows_lists = dict(KV_LO=kv_lo, KV_HI=kv_hi, KV_NUM=kv_num, KV_IDX=kv_idx,
-                               KV_PART=kv_part, NROWB=kv_num.shape[1] if a.sparse else 0,
-                               MAXK=kv_idx.shape[2] if a.sparse else 0)
-        self.cols_lists = dict(Q_NUM=q_num, Q_IDX=q_idx, Q_PART=q_part,
-                               NCOLB=q_num.shape[1] if a.sparse else 0,
-                               MAXQ=q_idx.shape[2] if a.sparse else 0)
+        alibi = a.alibi
+        if alibi is None:
+            common.update(ALIBI=None, HAS_ALIBI=False, sab=0, sah=0)
+        else:
+            common.update(ALIBI=alibi, HAS_ALIBI=True, sah=alibi.stride(-1),
+                          sab=alibi.stride(0) if alibi.dim() == 2 else 0)
+        kpm = a.kpm
+        kv_lo, kv_hi = a.kv_lo, a.kv_hi
+        if kpm is None:
+            common.update(KPM=None, HAS_KPM=False, smb=0, smn=0)
+        else:
+            if kv_lo is None:  # a FlashArgs built by hand, not by from_call
+                kv_lo, kv_hi = _kv_span(kpm)
+            common.update(KPM=kpm.view(torch.uint8), HAS_KPM=True, smb=kpm.stride(0),
+                          smn=kpm.stride(1))
+        if sparse:
+            lb, lh, bs = a.layout_batch, a.layout_heads, a.block_size
+            common.update(LB_STRIDE=lh if lb > 1 else 0, LH_STRIDE=1 if lh > 1 else 0, BS=bs)
+            self.rows_lists = dict(KV_LO=kv_lo, KV_HI=kv_hi, KV_NUM=kv_num, KV_IDX=kv_idx,
+                                   KV_PART=kv_part, NROWB=kv_num.shape[1], MAXK=kv_idx.shape[2])
+            self.cols_lists = dict(Q_NUM=q_num, Q_IDX=q_idx, Q_PART=q_part,
+                                   NCOLB=q_num.shape[1], MAXQ=q_idx.shape[2])
+        else:
+            bs = 0
+            common.update(LB_STRIDE=0, LH_STRIDE=0, BS=0)
+            self.rows_lists = dict(KV_LO=kv_lo, KV_HI=kv_hi, KV_NUM=None, KV_IDX=None,
+                                   KV_PART=None, NROWB=0, MAXK=0)
+            self.cols_lists = dict(Q_NUM=None, Q_IDX=None, Q_PART=None, NCOLB=0, MAXQ=0)
+        if INTERPRET:
+            common.update(_tile_meta(bs))
+        self.common = common
 
 
 def _strides(prefix: str, t: torch.Tensor) -> dict:

@@ -1,14 +1,23 @@
-"""The `torch.library` ops around the Triton flash kernels (launchers: `.launch`; tiles: `.tiles`).
+"""The Triton flash kernels' autograd: a ``torch.autograd.Function`` in eager mode, ``torch.library``
+custom ops under ``torch.compile`` (launchers: ``.launch``; tiles: ``.tiles``).
 
 ``torch.ops.attnkit.flash_attn_fwd`` and ``torch.ops.attnkit.flash_attn_bwd`` are custom ops with
 fake (meta) implementations and a registered autograd formula, so ``torch.compile`` traces through
 :func:`flash_attention` without a graph break (the kernels stay opaque to Inductor, as
 flash-attention's own ops do).
+
+Eager calls do not go through them. A grad-enabled call of a custom op with ``setup_context``
+runs torch's ``_library.utils.fill_defaults``, which re-reads the schema once per argument:
+with the 24-argument schema, a training forward cost 406 us of host time with kernel launches
+stubbed, ~300 us of it in the custom op and its autograd (``attnkit bench --host-overhead``, on a
+shared 2-core CPU; 110 us after). Eager calls take :class:`_FlashFunction` (the same launchers,
+the same saved tensors) or, without grad, the launcher directly.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .launch import FlashArgs, _bwd_impl, _fwd_impl, _Opt
 from .tiles import INTERPRET
@@ -17,7 +26,7 @@ __all__ = ["flash_attention", "FlashArgs", "INTERPRET"]
 
 
 # --------------------------------------------------------------------------------------------
-# torch.library ops
+# torch.library ops (torch.compile)
 # --------------------------------------------------------------------------------------------
 
 
@@ -25,6 +34,7 @@ __all__ = ["flash_attention", "FlashArgs", "INTERPRET"]
 def flash_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: _Opt,
     key_mask: _Opt, cu_seqlens_q: _Opt, cu_seqlens_k: _Opt, alibi_slopes: _Opt,
+    kv_lo: _Opt, kv_hi: _Opt,
     kv_num: _Opt, kv_idx: _Opt, kv_part: _Opt, q_num: _Opt, q_idx: _Opt, q_part: _Opt,
     block_masks: _Opt, block_size: int, layout_batch: int, layout_heads: int,
     max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int, window_right: int,
@@ -33,9 +43,9 @@ def flash_attn_fwd(
     """Flash attention forward (the flat schema of :class:`FlashArgs`). Returns
     ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``."""
     return _fwd_impl(FlashArgs.from_op_args((
-        q, k, v, sinks, key_mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes, kv_num, kv_idx,
-        kv_part, q_num, q_idx, q_part, block_masks, block_size, layout_batch, layout_heads,
-        max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap)))
+        q, k, v, sinks, key_mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes, kv_lo, kv_hi, kv_num,
+        kv_idx, kv_part, q_num, q_idx, q_part, block_masks, block_size, layout_batch,
+        layout_heads, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap)))
 
 
 @flash_attn_fwd.register_fake
@@ -50,6 +60,7 @@ def flash_attn_bwd(
     do: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, dlse: _Opt,
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: _Opt,
     key_mask: _Opt, cu_seqlens_q: _Opt, cu_seqlens_k: _Opt, alibi_slopes: _Opt,
+    kv_lo: _Opt, kv_hi: _Opt,
     kv_num: _Opt, kv_idx: _Opt, kv_part: _Opt, q_num: _Opt, q_idx: _Opt, q_part: _Opt,
     block_masks: _Opt, block_size: int, layout_batch: int, layout_heads: int,
     max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int, window_right: int,
@@ -58,9 +69,9 @@ def flash_attn_bwd(
     """Flash attention backward: ``(dq, dk, dv, dsinks)`` (``dsinks`` fp32 ``[Hq]``, empty without
     sinks); ``dlse`` is the gradient on the LSE output."""
     return _bwd_impl(do, o, lse, dlse, FlashArgs.from_op_args((
-        q, k, v, sinks, key_mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes, kv_num, kv_idx,
-        kv_part, q_num, q_idx, q_part, block_masks, block_size, layout_batch, layout_heads,
-        max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap)))
+        q, k, v, sinks, key_mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes, kv_lo, kv_hi, kv_num,
+        kv_idx, kv_part, q_num, q_idx, q_part, block_masks, block_size, layout_batch,
+        layout_heads, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap)))
 
 
 @flash_attn_bwd.register_fake
@@ -71,8 +82,7 @@ def _(do, o, lse, dlse, q, k, v, sinks, *args):
 
 def _setup_context(ctx, inputs, output):
     o, lse = output
-    a = FlashArgs.from_op_args(inputs)
-    n = a.n_tensor_inputs
+    n = len(FlashArgs.TENSORS) + 7  # the tensors, then the seven block lists
     ctx.save_for_backward(*inputs[:n], o, lse)
     ctx.rest = inputs[n:]
     ctx.set_materialize_grads(False)  # an unused LSE output then costs nothing in backward
@@ -91,7 +101,52 @@ def _backward(ctx, do, dlse):
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def flash_attention(call):
+# --------------------------------------------------------------------------------------------
+# Eager autograd
+# --------------------------------------------------------------------------------------------
+
+
+class _FlashFunction(torch.autograd.Function):
+    """The eager twin of the custom ops' autograd: ``apply(a, q, k, v, sinks)`` with ``a`` the
+    call's :class:`FlashArgs` (``q``/``k``/``v``/``sinks`` repeated so autograd sees them)."""
+
+    @staticmethod
+    def forward(ctx, a: FlashArgs, q, k, v, sinks):
+        o, lse = _fwd_impl(a)
+        # q, k, v, sinks, o, lse through save_for_backward (version-checked, no reference cycle
+        # through o); the masks, packing, block lists and the key span ride along in ``a``.
+        ctx.save_for_backward(q, k, v, sinks, o, lse)
+        ctx.a = a
+        ctx.set_materialize_grads(False)  # an unused LSE output then costs nothing in backward
+        return o, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dlse):
+        q, k, v, sinks, o, lse = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv, dsinks = _bwd_impl(do, o, lse, dlse, ctx.a)
+        return None, dq, dk, dv, dsinks.to(sinks.dtype) if sinks is not None else None
+
+
+def _needs_grad(a: FlashArgs) -> bool:
+    return torch.is_grad_enabled() and (
+        a.q.requires_grad or a.k.requires_grad or a.v.requires_grad
+        or (a.sinks is not None and a.sinks.requires_grad))
+
+
+def flash_attention(call, *, use_op: bool | None = None):
     """Triton flash attention of a validated :class:`~attnkit.kernels.flash.call.AttentionCall`:
-    ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``."""
-    return torch.ops.attnkit.flash_attn_fwd(*FlashArgs.from_call(call).op_args())
+    ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``.
+
+    ``use_op``: go through the ``torch.library`` ops (default: only while ``torch.compile``
+    traces; tests set it to compare both paths)."""
+    a = FlashArgs.from_call(call)
+    if use_op is None:
+        use_op = torch.compiler.is_compiling()
+    if use_op:
+        return torch.ops.attnkit.flash_attn_fwd(*a.op_args())
+    if _needs_grad(a):
+        return _FlashFunction.apply(a, a.q, a.k, a.v, a.sinks)
+    return _fwd_impl(a)

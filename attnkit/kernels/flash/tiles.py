@@ -11,7 +11,7 @@ import os
 import torch
 import triton
 
-from ..autotune import first_only_if_asked
+from ..autotune import autotuned
 from .kernels_bwd import _bwd_dkdv_kernel
 from .kernels_dq import _bwd_dq_kernel
 from .kernels_fwd import _fwd_kernel
@@ -86,9 +86,7 @@ def _make(kernel, tiles):
         config.sparse_only = i >= len(tiles)
         configs.append(config)
     key = [k for k in _AUTOTUNE_KEY if k in kernel.arg_names]  # HAS_SINKS: forward only
-    tuned = triton.autotune(configs, key=key,
-                            prune_configs_by={"early_config_prune": first_only_if_asked(_prune)})
-    return tuned(kernel)
+    return autotuned(kernel, configs, key=key, prune=_prune)
 
 
 _fwd = _make(_fwd_kernel, _FWD_TILES)

@@ -1,0 +1,65 @@
+"""``attnkit bench --host-overhead``: the stubbed-launch host benchmark runs and reports every layer
+(in a subprocess: it needs TRITON_INTERPRET unset, which this test session sets). No timing is
+asserted; figures belong in benchmarks/NOTES.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from attnkit.bench.host_overhead import format_report, time_call
+
+SCRIPT = r"""
+import json, torch
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+from attnkit.bench.host_overhead import measure, stubbed_launches
+from attnkit.kernels import dispatch
+saved = (JITFunction.run, Autotuner.run, dispatch.tensor_device_reason)
+r = measure(shape=(1, 2, 16, 16), dtype=torch.float32, calls=3, repeats=1)
+r["restored"] = saved == (JITFunction.run, Autotuner.run, dispatch.tensor_device_reason)
+print(json.dumps(r))
+"""
+
+
+@pytest.fixture(scope="module")
+def result():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+    if proc.returncode != 0 and "GPUTarget" in proc.stderr:
+        pytest.skip(f"this triton cannot be imported without a GPU: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_layer_is_timed_and_the_stubs_are_removed(result):
+    assert result["restored"]
+    for mode in ("train", "no_grad"):
+        layers = result["modes"][mode]
+        for name in ("attention", "validate", "dispatch", "FlashArgs", "_fwd_impl", "_Launch",
+                     "custom_op", "autograd", "other"):
+            assert name in layers, (mode, name)
+        assert layers["attention"] > 0 and layers["_Launch"] > 0
+    assert result["modes"]["train_fwd_bwd"]["attention+backward"] > 0
+    text = format_report(result)
+    assert "validate" in text and "target" in text
+
+
+def test_time_call_takes_the_median_of_repeats():
+    ticks = iter([0.0, 1.0, 1.0, 4.0, 4.0, 6.0])  # repeats of 1 s, 3 s and 2 s for 1 call each
+    calls = []
+    us = time_call(lambda: calls.append(1), calls=1, repeats=3, clock=lambda: next(ticks))
+    assert us == pytest.approx(2e6) and len(calls) == 1 + 3
+
+
+def test_refused_under_the_interpreter(monkeypatch):
+    from attnkit.bench.host_overhead import stubbed_launches
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET unset"), stubbed_launches():
+        pass
