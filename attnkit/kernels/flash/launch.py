@@ -3,12 +3,14 @@ share for it (:class:`_Launch`), and the forward and backward launches."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 import triton
 
 from .kernels_bwd import _bwd_preprocess
+from .spec import split_full_partial
 from .tiles import INTERPRET, _block_d, _dkdv, _dq, _fwd, _n_bucket, _precision, _tile_meta
 
 #: Tests set this to fill every output with NaN before a kernel runs, so that an element a kernel
@@ -43,6 +45,32 @@ def _kv_span(kpm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     hi = torch.where(kpm, idx + 1, torch.zeros_like(idx)).amax(1).to(torch.int32)
     lo = torch.where(kpm, idx, torch.full_like(idx, nk)).amin(1).to(torch.int32)
     return lo, hi
+
+
+#: ``split_full_partial`` results per key-list tensor: a pattern compiles its lists once and every
+#: call passes the same tensors, so the reordering runs once, not per call (``id`` -> (weak
+#: reference, nk, block size, result); the weak reference guards against a reused ``id``).
+_SPLIT_CACHE: dict[int, tuple] = {}
+
+
+def _full_partial(kv_num, kv_idx, kv_part, block_size: int, nk: int):
+    hit = _SPLIT_CACHE.get(id(kv_idx))
+    if hit is not None and hit[0]() is kv_idx and hit[1:3] == (nk, block_size) \
+            and hit[3] == kv_idx._version:
+        return hit[4]
+    out = split_full_partial(kv_num, kv_idx, kv_part, block_size, nk)
+    if len(_SPLIT_CACHE) >= 64:
+        _SPLIT_CACHE.pop(next(iter(_SPLIT_CACHE)))
+    _SPLIT_CACHE[id(kv_idx)] = (weakref.ref(kv_idx), nk, block_size, kv_idx._version, out)
+    return out
+
+
+def _nk_align(a, nk: int, varlen: bool) -> int:
+    """The largest key tile (16 ... 128) that divides Nk when the walk has no band edge: the
+    kernels then compile one unmasked loop (``EVEN``); 1 (never even) otherwise."""
+    if varlen or a.sparse or a.left >= 0 or a.right >= 0:
+        return 1
+    return next((t for t in (128, 64, 32, 16) if nk % t == 0), 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,9 +194,17 @@ class _Launch:
             SPARSE=a.sparse, BS=a.block_size if a.sparse else 0,
             **_tile_meta(a.block_size if a.sparse else 0),
         )
-        self.rows_lists = dict(KV_LO=kv_lo, KV_HI=kv_hi, KV_NUM=kv_num, KV_IDX=kv_idx,
-                               KV_PART=kv_part, NROWB=kv_num.shape[1] if a.sparse else 0,
-                               MAXK=kv_idx.shape[2] if a.sparse else 0)
+        # what the query-row walkers (forward, dQ) take on top of `common`: the key lists with
+        # full blocks first (spec.split_full_partial), and the key-tile alignment
+        kv_full = None
+        if a.sparse:
+            kv_full, kv_idx, kv_part = _full_partial(kv_num, kv_idx, kv_part, a.block_size,
+                                                     self.rows_k)
+        self.rows_lists = dict(KV_LO=kv_lo, KV_HI=kv_hi, KV_NUM=kv_num, KV_NFULL=kv_full,
+                               KV_IDX=kv_idx, KV_PART=kv_part,
+                               NROWB=kv_num.shape[1] if a.sparse else 0,
+                               MAXK=kv_idx.shape[2] if a.sparse else 0,
+                               NK_ALIGN=_nk_align(a, self.Nk, self.varlen))
         self.cols_lists = dict(Q_NUM=q_num, Q_IDX=q_idx, Q_PART=q_part,
                                NCOLB=q_num.shape[1] if a.sparse else 0,
                                MAXQ=q_idx.shape[2] if a.sparse else 0)
@@ -195,9 +231,14 @@ def _fwd_impl(a: FlashArgs):
     lse = _alloc(q, shape=(q.shape[0], c.Hq, c.Nq), dtype=torch.float32,
                  tail=(a.cu_q, float("-inf")) if c.varlen else None)
     grid = lambda meta: (triton.cdiv(c.rows_q, meta["BLOCK_M"]), c.Hq, c.n_prog_b)
+    common = c.common
+    if a.scale < 0 and not (a.softcap > 0 or a.alibi is not None):
+        # the folded softmax tracks the max of raw scores (needs scale >= 0): softmax(s * q.k)
+        # = softmax(|s| * (-q).k), the same o and lse (a copy of q, for this rare case only)
+        q, common = -q, {**common, "sm_scale": -a.scale}
     _fwd[grid](
         Q=q, K=a.k, V=a.v, O=o, LSE=lse, SINKS=a.sinks, HAS_SINKS=a.sinks is not None,
-        **c.common, **c.rows_lists,
+        **common, **c.rows_lists,
         **_strides("sq", q), **_strides("sk", a.k), **_strides("sv", a.v), **_strides("so", o),
         **_strides("sl", lse), H=c.Hq,
     )
