@@ -6,6 +6,7 @@ which tile the autotuner is offered first on each path (no compile: the prune on
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import attnkit
@@ -126,3 +127,30 @@ def test_tiles_offered_first_per_path():
     kept = tiles._prune(tiles._configs(fwd), {"Q": torch.empty(1)}, BLOCK_D=64, SPARSE=False,
                         BS=0, NK_ALIGN=128, HAS_RIGHT=True)
     assert all(c.offer is None for c in kept)
+
+
+def test_tma_walk_matches_the_oracle(monkeypatch):
+    """The EVEN walk with K/V through tensor descriptors (the GPU's default where strides allow):
+    the interpreter runs descriptors too; fp16, since only the GPU branch is forced here and the
+    interpreter's bf16 dots need the UPCAST that branch drops."""
+    from attnkit.kernels.flash import launch, tma
+
+    if not tma.AVAILABLE:
+        pytest.skip("this triton has no tl.make_tensor_descriptor")
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    q = torch.randn(1, 2, 40, 16, dtype=torch.float16, device=DEVICE)
+    k, v = (torch.randn(1, 1, 64, 16, dtype=torch.float16, device=DEVICE) for _ in range(2))
+    assert tma.tma_ok(k, v)
+    o = attnkit.attention(q, k, v, Dense(), backend="triton")
+    ref, _ = attention_oracle(q, k, v, Dense())
+    assert max_err(o, ref) < 2e-3
+
+
+def test_tma_needs_aligned_strides():
+    from attnkit.kernels.flash import tma
+
+    ok = torch.empty(1, 2, 64, 16, dtype=torch.bfloat16)
+    assert tma.tma_ok(ok) == tma.AVAILABLE
+    assert not tma.tma_ok(torch.empty(1, 2, 64, 12, dtype=torch.bfloat16))  # 24-byte rows
+    assert not tma.tma_ok(ok.transpose(-1, -2))  # last stride not 1
+    assert not tma.tma_ok(torch.empty(1, 2, 64, 16))  # fp32

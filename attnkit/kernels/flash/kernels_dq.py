@@ -52,7 +52,7 @@ def _bwd_dq_kernel(
                                 KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK, offs_d, qk_scale, slope, cap,
                                 HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
                                 HAS_KPM, VARLEN, SPARSE, BS, NK_ALIGN, HAS_SOFTCAP, HAS_ALIBI, PRECISION,
-                                UPCAST)
+                                UPCAST, False)  # no TMA: the backward runs in autograd's thread
     dq = dq * sm_scale
     q_off = (q_start + start_m).to(tl.int64)
     dq_ptrs = (DQ + bb * sdqb + h64 * sdqh + q_off * sdqn

@@ -23,7 +23,7 @@ def _fwd_kernel(
     VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SPARSE: tl.constexpr, BS: tl.constexpr, NK_ALIGN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O[b, h, i] = softmax(q_i K^T * scale, masked) V; LSE[b, h, i] = logsumexp of the scores.
 
@@ -69,7 +69,7 @@ def _fwd_kernel(
                                KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK, offs_d, qk_scale, slope, cap,
                                HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
                                HAS_KPM, VARLEN, SPARSE, BS, NK_ALIGN, HAS_SOFTCAP, HAS_ALIBI, PRECISION,
-                               UPCAST)
+                               UPCAST, USE_TMA)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]

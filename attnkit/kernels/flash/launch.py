@@ -12,6 +12,7 @@ import triton
 from .kernels_bwd import _bwd_preprocess
 from .spec import split_full_partial
 from .tiles import INTERPRET, _block_d, _dkdv, _dq, _fwd, _n_bucket, _precision, _tile_meta
+from .tma import ensure_allocator, tma_ok
 
 #: Tests set this to fill every output with NaN before a kernel runs, so that an element a kernel
 #: forgets to write shows up as NaN instead of as stale memory that happens to look right.
@@ -236,8 +237,14 @@ def _fwd_impl(a: FlashArgs):
         # the folded softmax tracks the max of raw scores (needs scale >= 0): softmax(s * q.k)
         # = softmax(|s| * (-q).k), the same o and lse (a copy of q, for this rare case only)
         q, common = -q, {**common, "sm_scale": -a.scale}
+    # TMA for K/V on the one-loop (EVEN) walk, when the strides allow it (tma.py)
+    use_tma = (c.rows_lists["NK_ALIGN"] > 1 and a.kpm is None and not INTERPRET
+               and tma_ok(a.k, a.v))
+    if use_tma:
+        ensure_allocator()
     _fwd[grid](
         Q=q, K=a.k, V=a.v, O=o, LSE=lse, SINKS=a.sinks, HAS_SINKS=a.sinks is not None,
+        USE_TMA=use_tma,
         **common, **c.rows_lists,
         **_strides("sq", q), **_strides("sk", a.k), **_strides("sv", a.v), **_strides("so", o),
         **_strides("sl", lse), H=c.Hq,
