@@ -154,3 +154,24 @@ def test_tma_needs_aligned_strides():
     assert not tma.tma_ok(torch.empty(1, 2, 64, 12, dtype=torch.bfloat16))  # 24-byte rows
     assert not tma.tma_ok(ok.transpose(-1, -2))  # last stride not 1
     assert not tma.tma_ok(torch.empty(1, 2, 64, 16))  # fp32
+
+
+def test_tma_allocator_keeps_a_users_own():
+    from attnkit.kernels.flash import tma
+
+    if not tma.AVAILABLE:
+        pytest.skip("this triton has no tl.make_tensor_descriptor")
+    var = tma._allocation._allocator
+    saved = var.get()
+    try:
+        def mine(size, alignment, stream):
+            return torch.empty(size, dtype=torch.int8)
+        tma.triton.set_allocator(mine)
+        tma.ensure_allocator()
+        assert var.get() is mine
+        var.set(tma._allocation._NULL_ALLOCATOR) if hasattr(tma._allocation, "_NULL_ALLOCATOR") \
+            else None
+        tma.ensure_allocator()
+        assert var.get() is tma._torch_alloc or not hasattr(tma._allocation, "_NULL_ALLOCATOR")
+    finally:
+        var.set(saved)

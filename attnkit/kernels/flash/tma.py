@@ -16,26 +16,33 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 import triton.language as tl
 
-try:  # private in every version that has it; absent -> no TMA
+try:  # private (where Triton keeps the per-thread allocator); absent -> no TMA
     from triton.runtime import _allocation
 except ImportError:  # pragma: no cover - old triton
     _allocation = None
 
-AVAILABLE = hasattr(tl, "make_tensor_descriptor") and _allocation is not None and hasattr(
-    _allocation, "_allocator")
+AVAILABLE = (hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+             and _allocation is not None and hasattr(_allocation, "_allocator"))
 
 
 def _torch_alloc(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def _unset(current) -> bool:
+    null_type = getattr(_allocation, "NullAllocator", None)
+    return current is getattr(_allocation, "_NULL_ALLOCATOR", object()) or (
+        null_type is not None and isinstance(current, null_type))
+
+
 def ensure_allocator() -> None:
-    """Install a torch allocator for Triton's launch-time scratch if this thread has none."""
-    current = _allocation._allocator.get()
-    if isinstance(current, _allocation.NullAllocator):
-        _allocation._allocator.set(_torch_alloc)
+    """Install a torch allocator for Triton's launch-time scratch if this thread has none (a
+    user's own allocator is kept)."""
+    if _unset(_allocation._allocator.get()):
+        triton.set_allocator(_torch_alloc)
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
