@@ -113,7 +113,7 @@ def _first(tile_list, **flags):
 
 
 def test_tiles_offered_first_per_path():
-    """What the compile report measured spill-free at bf16 D = 128 (NOTES: Hopper forward)."""
+    """What the compile report measured spill-free at bf16 D = 128 (NOTES: Hopper forward / dQ)."""
     fwd = tiles._FWD_TILES
     assert _first(fwd, HAS_RIGHT=True) == (128, 128, 8, 2)  # causal
     assert _first(fwd, NK_ALIGN=128) == (128, 128, 8, 3)  # dense, whole 128-key tiles

@@ -25,7 +25,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Predicates of a launch's flags (``f``: its constexprs, ``f["ELEM"]`` the operand size in bytes)
 # for tiles that compile spill-free only on some paths (sm_90, triton 3.9, bf16 D = 128,
-# `attnkit compile-report` and NOTES "Hopper forward tiles"; D <= 64 has more room still).
+# `attnkit compile-report`; benchmarks/NOTES.md "Hopper forward / dQ"; D <= 64 has more room).
 
 
 def _wide_ok(f) -> bool:
