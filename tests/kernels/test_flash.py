@@ -264,16 +264,10 @@ def test_band_geometry_sweep(nq, nk, pattern):
 def test_autotuner_offers_sparse_calls_only_tiles_that_divide_the_block(block_size):
     """A GPU tile straddling two layout blocks would skip or mix keys (the interpreter runs its
     own tile, so this checks the GPU configuration directly)."""
-    import triton
-
     from attnkit.kernels.flash import tiles as flash
 
     for tiles in (flash._FWD_TILES, flash._BWD_DKDV_TILES, flash._BWD_DQ_TILES):
-        configs = []
-        for i, (bm, bn, w, s, d) in enumerate(tiles + flash._SPARSE_SMALL_TILES):
-            config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            config.max_block_d, config.sparse_only = d, i >= len(tiles)
-            configs.append(config)
+        configs = flash._configs(tiles)
         for head_dim, dtype in ((64, torch.bfloat16), (128, torch.float16), (256, torch.float32)):
             args = {"Q": torch.empty(1, dtype=dtype)}
             kept = flash._prune(configs, args, BLOCK_D=head_dim, SPARSE=True, BS=block_size)

@@ -1,19 +1,6 @@
-"""Triton helpers shared by the flash kernels: bounds, masks, tile loads, the score slot, and the
-one key walker that the forward and the dQ kernels both run.
-
-The flash family serves dense, causal, sliding-window and block-sparse attention. A query block
-never loops over all keys. Band specs visit only the key blocks ``[lo, hi)`` the band touches, in
-three phases
-
-    [lo, full_lo)       partial blocks on the band's left edge   -> element mask
-    [full_lo, full_hi)  blocks every query of the block fully sees -> no mask at all
-    [full_hi, hi)       partial blocks on the right edge / tail   -> element mask
-
-so the masking cost is paid only on the diagonal blocks (FlexAttention's full/partial split);
-block lists visit only the listed layout blocks, reading an element mask only for partial ones.
-:func:`_walk_keys` writes that walk once; ``MODE`` picks what each tile does (forward: online
-softmax; dQ: the dQ update), so the forward and the backward can never disagree on which keys a
-query sees. The dK/dV kernel walks the transpose (``kernels_bwd.py``).
+"""Triton helpers shared by the flash kernels: bounds, masks, tile loads and the score slot. The
+key walk that the forward and the dQ kernels both run is in :mod:`.kernels_walk`; the dK/dV
+kernel walks the transpose (``kernels_bwd.py``).
 
 Conventions (all kernels):
 * positions are bottom-right aligned: query ``i`` sits at key position ``i + nk - nq`` of its own
@@ -32,10 +19,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-#: ``MODE`` of :func:`_walk_keys`.
-MODE_FWD = tl.constexpr(0)
-MODE_DQ = tl.constexpr(1)
 
 
 @triton.jit
@@ -190,151 +173,23 @@ def _dscore(ds, s, cap, HAS_SOFTCAP: tl.constexpr):
     return ds
 
 
-# --------------------------------------------------------------------------------------------
-# One key tile, and the walk over a query block's key tiles (forward and dQ)
-# --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _key_tile(k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn, start_n, q_idx, shift, nk,
-              WIN_L, WIN_R, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-              BLOCK_N: tl.constexpr, ROW_MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
-              HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr):
-    """``k [BN, BD]``, ``v [BN, BDV]`` of the key tile at ``start_n`` and its mask ``[BM, BN]`` for
-    rows ``q_idx [BM]``: band, sequence end and key padding (the caller applies it or not)."""
-    arange_n = tl.arange(0, BLOCK_N)
-    offs_n = start_n + arange_n
-    n64 = tl.cast(start_n, tl.int64)
-    k = _load_rows(k_base + n64 * skn, arange_n, nk - start_n, skn, offs_d, skd,
-                   HEAD_DIM, BLOCK_D, ROW_MASK)
-    v = _load_rows(v_base + n64 * svn, arange_n, nk - start_n, svn, tl.arange(0, BLOCK_DV), svd,
-                   HEAD_DV, BLOCK_DV, ROW_MASK)  # values have their own head dim Dv
-    ok = _visible(q_idx[:, None], offs_n[None, :], shift, nk, WIN_L, WIN_R, HAS_LEFT, HAS_RIGHT)
-    if HAS_KPM:
-        keep = tl.load(KPM + kpm_off + offs_n * smn, mask=offs_n < nk, other=0)
-        ok = ok & (keep[None, :] != 0)
-    return k, v, ok
-
-
-@triton.jit
-def _fwd_update(acc, l_i, m_i, qk, v, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Online-softmax update of one tile: ``qk [BM, BN]`` masked scores (log2 units)."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    # A row with nothing visible so far has m = -inf; subtract 0 instead (no inf - inf).
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(qk - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = _dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)  # [BM, BN] @ [BN, BD]
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _tile_step(MODE: tl.constexpr, acc, a, b, q, do, k, v, ok, qk_scale, q_pos, start_n,
-               slope, cap, USE_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One key tile of a query block. Forward: ``(acc, a, b) = (o accumulator, l, m)``; dQ:
-    ``(acc, a, b) = (dq accumulator, lse in log2 units, delta)`` with ``a``, ``b`` read only.
-    ``q_pos [BM]``: the rows' aligned key positions; the tile's keys start at ``start_n``."""
-    s = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale  # [BM, BD] @ [BD, BN]
-    qk = _score(s, q_pos[:, None], (start_n + tl.arange(0, BLOCK_N))[None, :], slope, cap,
-                HAS_SOFTCAP, HAS_ALIBI)
-    if MODE == 0:
-        if USE_MASK:
-            qk = tl.where(ok, qk, float("-inf"))
-        acc, a, b = _fwd_update(acc, a, b, qk, v, PRECISION, UPCAST)
-    else:
-        p = tl.exp2(qk - a[:, None])
-        if USE_MASK:
-            p = tl.where(ok, p, 0.0)
-        dp = _dot(do, tl.trans(v), None, PRECISION, UPCAST)  # [BM, BD] @ [BD, BN]
-        ds = _dscore(p * (dp - b[:, None]), s, cap, HAS_SOFTCAP)
-        acc = _dot(ds.to(k.dtype), k, acc, PRECISION, UPCAST)  # [BM, BN] @ [BN, BD]
-    return acc, a, b
-
-
-@triton.jit
-def _band_tiles(MODE: tl.constexpr, acc, a, b, q, do, k_base, v_base, KPM, kpm_off,
-                skn, skd, svn, svd, smn, lo, hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale,
-                slope, cap, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Key tiles ``[lo, hi)`` of one band phase; ``MASKED`` only on the band's edge tiles."""
-    for start_n in range(lo, hi, BLOCK_N):
-        k, v, ok = _key_tile(k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn, start_n, offs_m, shift,
-                             nk, WIN_L, WIN_R, offs_d, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, MASKED,
-                             HAS_LEFT, HAS_RIGHT, HAS_KPM)  # [BN, BD|BDV], [BM, BN]
-        acc, a, b = _tile_step(MODE, acc, a, b, q, do, k, v, ok, qk_scale, offs_m + shift, start_n, slope,
-                               cap, MASKED or HAS_KPM, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
-    return acc, a, b
-
-
-@triton.jit
-def _walk_keys(MODE: tl.constexpr, acc, a, b, q, do, k_base, v_base, KPM, kpm_off,
-               skn, skd, svn, svd, smn, start_m, nq, nk, kv_lo, kv_hi, WIN_L, WIN_R,
-               KV_NUM, KV_IDX, KV_PART, PMASK, lay, NROWB, MAXK, offs_d, qk_scale, slope, cap,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               HAS_KPM: tl.constexpr, SPARSE: tl.constexpr, BS: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Every key tile the query block at ``start_m`` sees, in order: the band's three phases, or
-    the layout blocks listed for its block row (``lay``: the layout slice of this batch row and
-    head; an element mask is read only for partial blocks, ``part >= 0``)."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    shift = nk - nq
-    if SPARSE:
-        arange_n = tl.arange(0, BLOCK_N)
-        entry, num, r_in = _list_row(KV_NUM, lay, NROWB, MAXK, start_m, BS, BLOCK_M)
-        for i in range(num):
-            kb, part = _list_entry(KV_IDX, KV_PART, entry, i)
-            for t in range(BS // BLOCK_N):
-                start_n = kb * BS + t * BLOCK_N
-                if start_n < nk:  # the last layout block may hang past the sequence end
-                    k, v, ok = _key_tile(k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn, start_n, r_in,
-                                         0, nk, 0, 0, offs_d, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N,
-                                         True, False, False, HAS_KPM)
-                    if part >= 0:
-                        ok = ok & _block_mask(PMASK, part, r_in[:, None],
-                                              (t * BLOCK_N + arange_n)[None, :], BS)
-                    acc, a, b = _tile_step(MODE, acc, a, b, q, do, k, v, ok, qk_scale, offs_m + shift,
-                                           start_n, slope, cap, True, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-                                           PRECISION, UPCAST)
-    else:
-        lo, full_lo, full_hi, hi = _key_blocks(start_m, nq, nk, WIN_L, WIN_R, kv_lo, kv_hi,
-                                               BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-        # the three phases: left edge (masked), interior (no mask), right edge / tail (masked)
-        acc, a, b = _band_tiles(MODE, acc, a, b, q, do, k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn,
-                                lo, full_lo, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale, slope, cap,
-                                HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
-                                HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
-        acc, a, b = _band_tiles(MODE, acc, a, b, q, do, k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn,
-                                full_lo, full_hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale, slope,
-                                cap, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, HAS_LEFT,
-                                HAS_RIGHT, HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
-        acc, a, b = _band_tiles(MODE, acc, a, b, q, do, k_base, v_base, KPM, kpm_off, skn, skd, svn, svd, smn,
-                                full_hi, hi, offs_m, offs_d, shift, nk, WIN_L, WIN_R, qk_scale, slope, cap,
-                                HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
-                                HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
-    return acc, a, b
-
-
 @triton.jit
 def _query_block(Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, skb, skh,
                  skn, svb, svh, svn, smb, GROUP, NQ, NK,
                  HAS_KPM: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """:func:`_query_block_at` for query block ``program_id(0)`` (grid order)."""
+    return _query_block_at(tl.program_id(0), Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, skb,
+                           skh, skn, svb, svh, svn, smb, GROUP, NQ, NK, HAS_KPM, VARLEN, BLOCK_M)
+
+
+@triton.jit
+def _query_block_at(pid_m, Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, skb, skh,
+                    skn, svb, svh, svn, smb, GROUP, NQ, NK,
+                    HAS_KPM: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
     """What the forward and dQ programs share before they walk: the program's batch row ``b`` and
-    head ``h``, the sequence bounds, this query
-    block's start, int64 base pointers of its sequence's q rows and of K/V, the key mask's row
-    offset, and the unpadded key span.
+    head ``h``, the sequence bounds, the start of query block ``pid_m``, int64 base pointers of its
+    sequence's q rows and of K/V, the key mask's row offset, and the unpadded key span.
     ``bb`` is 0 when packed (one batch row; ``b`` then indexes the sequence)."""
-    pid_m = tl.program_id(0)
     h = tl.program_id(1)  # heads on y, batch rows (or packed sequences) on z: 65535 each
     b = tl.program_id(2)
     q_start, nq, k_start, nk = _seq_bounds(b, CU_Q, CU_K, NQ, NK, VARLEN)

@@ -4,6 +4,7 @@ share for it (:class:`_Launch`), and the forward and backward launches."""
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -11,7 +12,9 @@ import triton
 
 from ..autotune import relax_specialization
 from .kernels_bwd import _bwd_preprocess
+from .spec import split_full_partial
 from .tiles import INTERPRET, _block_d, _dkdv, _dq, _fwd, _n_bucket, _precision, _tile_meta
+from .tma import ensure_allocator, tma_ok
 
 #: Tests set this to fill every output with NaN before a kernel runs, so that an element a kernel
 #: forgets to write shows up as NaN instead of as stale memory that happens to look right.
@@ -45,6 +48,32 @@ def _kv_span(kpm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     hi = torch.where(kpm, idx + 1, torch.zeros_like(idx)).amax(1).to(torch.int32)
     lo = torch.where(kpm, idx, torch.full_like(idx, nk)).amin(1).to(torch.int32)
     return lo, hi
+
+
+#: ``split_full_partial`` results per key-list tensor: a pattern compiles its lists once and every
+#: call passes the same tensors, so the reordering runs once, not per call (``id`` -> (weak
+#: reference, nk, block size, result); the weak reference guards against a reused ``id``).
+_SPLIT_CACHE: dict[int, tuple] = {}
+
+
+def _full_partial(kv_num, kv_idx, kv_part, block_size: int, nk: int):
+    hit = _SPLIT_CACHE.get(id(kv_idx))
+    if hit is not None and hit[0]() is kv_idx and hit[1:3] == (nk, block_size) \
+            and hit[3] == kv_idx._version:
+        return hit[4]
+    out = split_full_partial(kv_num, kv_idx, kv_part, block_size, nk)
+    if len(_SPLIT_CACHE) >= 64:
+        _SPLIT_CACHE.pop(next(iter(_SPLIT_CACHE)))
+    _SPLIT_CACHE[id(kv_idx)] = (weakref.ref(kv_idx), nk, block_size, kv_idx._version, out)
+    return out
+
+
+def _nk_align(a, nk: int, varlen: bool) -> int:
+    """The largest key tile (16 ... 128) that divides Nk when the walk has no band edge: the
+    kernels then compile one unmasked loop (``EVEN``); 1 (never even) otherwise."""
+    if varlen or a.sparse or a.left >= 0 or a.right >= 0:
+        return 1
+    return next((t for t in (128, 64, 32, 16) if nk % t == 0), 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,18 +230,22 @@ class _Launch:
         if sparse:
             lb, lh, bs = a.layout_batch, a.layout_heads, a.block_size
             common.update(LB_STRIDE=lh if lb > 1 else 0, LH_STRIDE=1 if lh > 1 else 0, BS=bs)
-            self.rows_lists = dict(KV_LO=kv_lo, KV_HI=kv_hi, KV_NUM=kv_num, KV_IDX=kv_idx,
-                                   KV_PART=kv_part, NROWB=kv_num.shape[1], MAXK=kv_idx.shape[2])
+            # the query-row walkers (forward, dQ) take the key lists with full blocks first
+            # (spec.split_full_partial)
+            kv_full, kv_idx, kv_part = _full_partial(kv_num, kv_idx, kv_part, bs, self.rows_k)
+            self.rows_lists = dict(KV_LO=kv_lo, KV_HI=kv_hi, KV_NUM=kv_num, KV_NFULL=kv_full,
+                                   KV_IDX=kv_idx, KV_PART=kv_part, NROWB=kv_num.shape[1],
+                                   MAXK=kv_idx.shape[2])
             self.cols_lists = dict(Q_NUM=q_num, Q_IDX=q_idx, Q_PART=q_part,
                                    NCOLB=q_num.shape[1], MAXQ=q_idx.shape[2])
         else:
             bs = 0
             common.update(LB_STRIDE=0, LH_STRIDE=0, BS=0)
-            self.rows_lists = dict(KV_LO=kv_lo, KV_HI=kv_hi, KV_NUM=None, KV_IDX=None,
-                                   KV_PART=None, NROWB=0, MAXK=0)
+            self.rows_lists = dict(KV_LO=kv_lo, KV_HI=kv_hi, KV_NUM=None, KV_NFULL=None,
+                                   KV_IDX=None, KV_PART=None, NROWB=0, MAXK=0)
             self.cols_lists = dict(Q_NUM=None, Q_IDX=None, Q_PART=None, NCOLB=0, MAXQ=0)
-        if INTERPRET:
-            common.update(_tile_meta(bs))
+        self.rows_lists["NK_ALIGN"] = _nk_align(a, Nk, varlen)  # the key-tile alignment
+        common.update(_tile_meta(bs))  # {} on a GPU: the autotuner picks the tile
         self.common = common
 
 
@@ -237,9 +270,20 @@ def _fwd_impl(a: FlashArgs):
     lse = _alloc(q, shape=(q.shape[0], c.Hq, c.Nq), dtype=torch.float32,
                  tail=(a.cu_q, float("-inf")) if c.varlen else None)
     grid = lambda meta: (triton.cdiv(c.rows_q, meta["BLOCK_M"]), c.Hq, c.n_prog_b)
+    common = c.common
+    if a.scale < 0 and not (a.softcap > 0 or a.alibi is not None):
+        # the folded softmax tracks the max of raw scores (needs scale >= 0): softmax(s * q.k)
+        # = softmax(|s| * (-q).k), the same o and lse (a copy of q, for this rare case only)
+        q, common = -q, {**common, "sm_scale": -a.scale}
+    # TMA for K/V on the one-loop (EVEN) walk, when the strides allow it (tma.py)
+    use_tma = (c.rows_lists["NK_ALIGN"] > 1 and a.kpm is None and not INTERPRET
+               and tma_ok(a.k, a.v))
+    if use_tma:
+        ensure_allocator()
     _fwd[grid](
         Q=q, K=a.k, V=a.v, O=o, LSE=lse, SINKS=a.sinks, HAS_SINKS=a.sinks is not None,
-        **c.common, **c.rows_lists,
+        USE_TMA=use_tma,
+        **common, **c.rows_lists,
         **_strides("sq", q), **_strides("sk", a.k), **_strides("sv", a.v), **_strides("so", o),
         **_strides("sl", lse), H=c.Hq,
     )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Band", "BlockLists", "KernelSpec", "SPEC_KINDS"]
+__all__ = ["Band", "BlockLists", "KernelSpec", "SPEC_KINDS", "split_full_partial"]
 
 SPEC_KINDS = ("band", "block_sparse")
 
@@ -146,11 +146,39 @@ class BlockLists:
         slices = self.layout_batch * self.layout_heads
         return self.visited / slices if self.visited % slices else self.visited // slices
 
+    def full_partial(self, nk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The key lists as the forward and dQ kernels walk them: :func:`split_full_partial`."""
+        return split_full_partial(self.kv_num, self.kv_idx, self.kv_part, self.block_size, nk)
+
     def to(self, device: torch.device) -> BlockLists:
         moved = {name: getattr(self, name).to(device)
                  for name in ("kv_num", "kv_idx", "kv_part", "q_num", "q_idx", "q_part", "masks")}
         return BlockLists(**moved, layout_batch=self.layout_batch, layout_heads=self.layout_heads,
                           block_size=self.block_size, visited=self.visited)
+
+
+def split_full_partial(kv_num: torch.Tensor, kv_idx: torch.Tensor, kv_part: torch.Tensor,
+                       block_size: int, nk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reorder each query block row's key list so that its FULL blocks come first.
+
+    Returns ``(n_full [L, R], idx [L, R, maxK], part [L, R, maxK])`` int32 on ``kv_idx``'s
+    device (a few small tensor ops, no host sync). A block is FULL when it has no element mask
+    and ends inside the ``nk`` keys; the kernels walk those tiles with no mask load at all. The
+    other listed blocks follow (PARTIAL: an element mask, or ``part = -1`` for a full block that
+    hangs past ``nk``, which only the sequence-end check cuts); each group keeps its column
+    order. The layout's block size is the unit, not the kernel's key tile: the autotuner picks
+    ``BLOCK_N`` (a divisor of the block size) after the lists are built, and each entry is
+    ``block_size // BLOCK_N`` tiles of one flat loop. Tiles of a hanging block that lie wholly
+    past ``nk`` (at most ``block_size // BLOCK_N - 1`` per row) still run, fully masked."""
+    L, R, M = kv_idx.shape
+    entry = torch.arange(M, device=kv_idx.device)
+    listed = entry < kv_num[..., None]
+    full = listed & (kv_part < 0) & ((kv_idx.to(torch.int64) + 1) * block_size <= nk)
+    group = torch.where(full, 0, torch.where(listed, 1, 2))  # full, partial, unused
+    order = torch.argsort(group * M + entry, dim=-1)
+    idx = torch.gather(kv_idx, -1, order).to(torch.int32).contiguous()
+    part = torch.gather(kv_part, -1, order).to(torch.int32).contiguous()
+    return full.sum(-1).to(torch.int32).contiguous(), idx, part
 
 
 #: What a pattern compiles to.

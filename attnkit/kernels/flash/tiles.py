@@ -23,12 +23,39 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tile configurations
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, largest BLOCK_D the tile is offered for).
+# Predicates of a launch's flags (``f``: its constexprs, ``f["ELEM"]`` the operand size in bytes)
+# for tiles that compile spill-free only on some paths (sm_90, triton 3.9, bf16 D = 128,
+# `attnkit compile-report`; benchmarks/NOTES.md "Hopper forward / dQ"; D <= 64 has more room).
+
+
+def _wide_ok(f) -> bool:
+    """128x128 w8 s2: 255 regs, 0 B stack dense with whole key tiles (one loop) and causal; with a
+    left edge, a key mask, a score mod, varlen (48 B) or a ragged dense tail (88 B) it spills."""
+    if f["ELEM"] != 2 or f["VARLEN"] or f["HAS_LEFT"] or f["HAS_KPM"] or f["SPARSE"]:
+        return False
+    if f["HAS_SOFTCAP"] or f["HAS_ALIBI"]:
+        return False
+    return f["HAS_RIGHT"] or f["NK_ALIGN"] % 128 == 0
+
+
+def _wide3_ok(f) -> bool:
+    """128x128 w8 s3 (the tutorial's H100 tile): 254 regs, 0 B only on the one-loop dense path."""
+    return _wide_ok(f) and not f["HAS_RIGHT"]
+
+
+def _alibi(f) -> bool:
+    """ALiBi with a window: 128x64 s3 spills 48 B (fwd) / 40 B (dQ), s2 none (222 / 249 regs)."""
+    return f["HAS_ALIBI"]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, largest BLOCK_D the tile is offered for[, predicate]).
 # Chosen from Hopper compiles (`python -m attnkit.kernels.compile_check`): the first tile of each
 # list compiles for sm_90 at its largest head dim with no register spill and within shared
 # memory, which tests/kernels/test_compile_check.py asserts; the others are alternatives for the
-# autotuner (some spill a little, which only costs speed). Timings: benchmarks/NOTES.md.
+# autotuner (some spill a little, which only costs speed). A predicate offers a tile only on the
+# paths where it was measured not to spill. Timings: benchmarks/NOTES.md.
 _FWD_TILES = [
+    (128, 128, 8, 3, 128, _wide3_ok), (128, 128, 8, 2, 128, _wide_ok), (128, 64, 8, 2, 128, _alibi),
     (128, 64, 8, 3, 128), (128, 128, 8, 3, 64), (128, 128, 8, 2, 64), (128, 64, 8, 4, 64),
     (128, 64, 4, 3, 64), (64, 64, 4, 3, 128), (128, 32, 8, 3, 128), (64, 32, 8, 2, 256),
     (32, 32, 4, 2, 256),
@@ -37,9 +64,9 @@ _BWD_DKDV_TILES = [  # BLOCK_M is the inner (query) loop here, BLOCK_N the progr
     (16, 128, 8, 2, 128), (32, 128, 8, 3, 128), (32, 128, 8, 2, 128), (32, 64, 4, 3, 128),
     (64, 64, 8, 3, 64), (64, 128, 8, 3, 64), (16, 32, 8, 2, 256), (16, 64, 4, 2, 256),
 ]
-_BWD_DQ_TILES = [
-    (128, 64, 8, 3, 128), (128, 128, 8, 3, 64), (64, 64, 4, 3, 128), (128, 32, 8, 3, 128),
-    (32, 32, 4, 2, 256), (64, 32, 8, 2, 256),
+_BWD_DQ_TILES = [  # 128x128 spills 96-104 B in dQ even dense (measured): not offered at D = 128
+    (128, 64, 8, 2, 128, _alibi), (128, 64, 8, 3, 128), (128, 128, 8, 3, 64), (64, 64, 4, 3, 128),
+    (128, 32, 8, 3, 128), (32, 32, 4, 2, 256), (64, 32, 8, 2, 256),
 ]
 # Offered only to block-sparse calls whose layout block size the larger tiles do not divide
 # (16, 48, 80, ...): a tile must never straddle two layout blocks.
@@ -50,43 +77,63 @@ _INTERPRET_TILE = (32, 16, 4, 1)
 
 _AUTOTUNE_KEY = [
     "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "VARLEN", "N_BUCKET", "PRECISION", "SPARSE", "BS",
-    "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS",
+    "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS", "NK_ALIGN",
 ]
+
+#: The flags tile predicates read (absent ones count as off).
+_PREDICATE_FLAGS = ("HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "VARLEN", "SPARSE", "HAS_SOFTCAP", "HAS_ALIBI")
 
 
 def _prune(configs, named_args, **kwargs):
     """Offer each tile only up to its head dim (bigger head dims overflow registers/shared memory;
-    fp32 operands take twice the shared memory, so they get the tiles of twice the head dim), and
-    to a block-sparse call only tiles that divide its layout block size."""
+    fp32 operands take twice the shared memory, so they get the tiles of twice the head dim), only
+    on the paths its predicate allows, and to a block-sparse call only tiles that divide its
+    layout block size."""
     # the wider of the two head dims (values may have their own) decides the tile
     block_d = max(kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64)),
                   kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", 0)))
-    q = named_args.get("Q")
-    if q is not None and q.element_size() == 4:
+    q = named_args.get("Q", kwargs.get("Q"))
+    elem = q.element_size() if q is not None else 2
+    if elem == 4:
         block_d *= 2
+    flags = {n: bool(kwargs.get(n, named_args.get(n, False))) for n in _PREDICATE_FLAGS}
+    flags.update(ELEM=elem, NK_ALIGN=int(kwargs.get("NK_ALIGN", named_args.get("NK_ALIGN", 1))))
     bs = kwargs.get("BS", 0) if kwargs.get("SPARSE", False) else 0
     if bs:
         fitting = [c for c in configs
                    if bs % c.kwargs["BLOCK_M"] == 0 and bs % c.kwargs["BLOCK_N"] == 0]
     else:
         fitting = [c for c in configs if not c.sparse_only]
-    keep = [c for c in fitting if block_d <= c.max_block_d]
+    keep, seen = [], set()
+    for c in fitting:
+        tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        if block_d <= c.max_block_d and (c.offer is None or c.offer(flags)) and tile not in seen:
+            seen.add(tile)
+            keep.append(c)
     # Past every tile's head-dim limit (fp32 at D = 256) the smallest fitting tile still runs.
-    return keep or [min(fitting, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    plain = [c for c in fitting if c.offer is None] or fitting
+    return keep or [min(plain, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _configs(tiles) -> list:
+    """Autotuner configs of a tile list (plus the sparse-only small tiles), carrying what
+    :func:`_prune` reads: ``max_block_d``, ``offer`` (the predicate or None), ``sparse_only``."""
+    configs = []
+    for i, (bm, bn, w, s, max_d, *offer) in enumerate(tiles + _SPARSE_SMALL_TILES):
+        config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        config.max_block_d = max_d
+        config.offer = offer[0] if offer else None
+        config.sparse_only = i >= len(tiles)
+        configs.append(config)
+    return configs
 
 
 def _make(kernel, tiles):
     """The kernel under the autotuner (on a GPU) or as it is (the interpreter: one fixed tile)."""
     if INTERPRET:
         return kernel
-    configs = []
-    for i, (bm, bn, w, s, max_d) in enumerate(tiles + _SPARSE_SMALL_TILES):
-        config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        config.max_block_d = max_d
-        config.sparse_only = i >= len(tiles)
-        configs.append(config)
     key = [k for k in _AUTOTUNE_KEY if k in kernel.arg_names]  # HAS_SINKS: forward only
-    return autotuned(kernel, configs, key=key, prune=_prune)
+    return autotuned(kernel, _configs(tiles), key=key, prune=_prune)
 
 
 _fwd = _make(_fwd_kernel, _FWD_TILES)
