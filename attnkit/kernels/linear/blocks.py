@@ -139,9 +139,13 @@ def grad_rows(do_base, den_base, c_base, rows, mask_t, offs_v, mask_v, sdon, sdo
 
 
 @triton.jit
-def state_block(S, Z, s_off, z_off, offs_f, mask_f, offs_v, mask_v, DV):
-    """The ``[BK, BV]`` block of a dense ``[F, DV]`` fp32 state at ``S + s_off`` and the
-    ``[BK]`` block of its normaliser at ``Z + z_off`` (0 outside)."""
+def state_block(S, Z, head, chunk, s_head, s_chunk, z_head, z_chunk, offs_f, mask_f, offs_v,
+                mask_v, DV):
+    """The ``[BK, BV]`` block of the dense ``[F, DV]`` fp32 state of key/value head ``head``
+    (``b * HKV + hk``, int64) for ``chunk``, at ``S + head * s_head + chunk * s_chunk``, and the
+    ``[BK]`` block of its normaliser likewise in ``Z`` (0 outside)."""
+    s_off = head * s_head + chunk.to(tl.int64) * s_chunk
+    z_off = head * z_head + chunk.to(tl.int64) * z_chunk
     s = tl.load(S + s_off + offs_f[:, None] * DV + offs_v[None, :],
                 mask=mask_f[:, None] & mask_v[None, :], other=0.0)
     z = tl.load(Z + z_off + offs_f, mask=mask_f, other=0.0)

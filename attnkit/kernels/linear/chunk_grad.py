@@ -81,7 +81,7 @@ def _chunk_dq_kernel(
     g, c = grad_rows(DO + b64 * sdob + h64 * sdoh, DEN + row, C + row, rows, mask_t, offs_v,
                      mask_v, sdon, sdod, eps, NORMALIZE)
     head = b64 * HKV + hk64
-    s, z = state_block(HS, HZ, head * hs_head + i_c * hs_chunk, head * hz_head + i_c * hz_chunk,
+    s, z = state_block(HS, HZ, head, i_c, hs_head, hs_chunk, hz_head, hz_chunk,
                        offs_f, mask_f, offs_v, mask_v, DV)
     # inter-chunk: [BT, BV] @ [BV, BK] with the fp32 state
     dfq = dot(g, tl.trans(s), PRECISION, False) + c[:, None] * z[None, :]
@@ -89,8 +89,8 @@ def _chunk_dq_kernel(
         w_a, w_q, w_k, w_s = decay_weights(LG, hk, start, arange_t, N, BT, False)
         dfq = dfq * w_q[:, None]
     if CAUSAL:
-        _, fk = features(K + b64 * skb + hk64 * skh, rows, mask_t, skn, offs_f, mask_f, skd, 1.0,
-                         FEATURE)
+        xk_unused, fk = features(K + b64 * skb + hk64 * skh, rows, mask_t, skn, offs_f,
+                                 mask_f, skd, 1.0, FEATURE)
         v = load_rows(V + b64 * svb + hk64 * svh, rows, mask_t, svn, offs_v, mask_v, svd)
         # dA_ij = g_i . v_j + c_i: [BT, BV] @ [BV, BT], lower triangle
         da = dot(g.to(v.dtype), tl.trans(v), PRECISION, UPCAST) + c[:, None]
@@ -98,7 +98,8 @@ def _chunk_dq_kernel(
         if HAS_DECAY:
             da = da * w_a
         dfq += dot(da.to(v.dtype), fk.to(v.dtype), PRECISION, UPCAST)  # [BT, BT] @ [BT, BK]
-    xq, _ = features(Q + b64 * sqb + h64 * sqh, rows, mask_t, sqn, offs_f, mask_f, sqd, scale, 0)
+    xq, fq_unused = features(Q + b64 * sqb + h64 * sqh, rows, mask_t, sqn, offs_f, mask_f, sqd,
+                             scale, 0)
     dq = dfq * dphi(xq, FEATURE) * scale
     tl.store(DQ + b64 * sdqb + h64 * sdqh + rows[:, None] * sdqn + offs_f[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=mask_t[:, None] & mask_f[None, :])
@@ -126,7 +127,7 @@ def _chunk_dk_kernel(
                       FEATURE)
     v = load_rows(V + b64 * svb + hk64 * svh, rows, mask_t, svn, offs_v, mask_v, svd)
     head = b64 * HKV + hk64
-    ds, dz = state_block(HS, HZ, head * hs_head + i_c * hs_chunk, head * hz_head + i_c * hz_chunk,
+    ds, dz = state_block(HS, HZ, head, i_c, hs_head, hs_chunk, hz_head, hz_chunk,
                          offs_f, mask_f, offs_v, mask_v, DV)
     # inter-chunk: [BT, BV] @ [BV, BK] with the fp32 state gradient
     dfk = dot(v.to(tl.float32), tl.trans(ds), PRECISION, False) + dz[None, :]
@@ -140,8 +141,8 @@ def _chunk_dk_kernel(
             row = (b64 * HQ + h64) * N
             g, c = grad_rows(DO + b64 * sdob + h64 * sdoh, DEN + row, C + row, rows, mask_t,
                              offs_v, mask_v, sdon, sdod, eps, NORMALIZE)
-            _, fq = features(Q + b64 * sqb + h64 * sqh, rows, mask_t, sqn, offs_f, mask_f, sqd,
-                             scale, FEATURE)
+            xq_unused, fq = features(Q + b64 * sqb + h64 * sqh, rows, mask_t, sqn, offs_f, mask_f,
+                                     sqd, scale, FEATURE)
             # P_ji = v_j . g_i + c_i: [BT, BV] @ [BV, BT]
             p = dot(v, tl.trans(g.to(v.dtype)), PRECISION, UPCAST) + c[None, :]
             p = tl.where(upper, p, 0.0)
@@ -171,11 +172,11 @@ def _chunk_dv_kernel(
     arange_t = tl.arange(0, BT)
     start = i_c * BT
     offs_t, mask_t, rows = chunk_rows(start, arange_t, N)
-    _, fk = features(K + b64 * skb + hk64 * skh, rows, mask_t, skn, offs_f, mask_f, skd, 1.0,
-                     FEATURE)
+    xk_unused, fk = features(K + b64 * skb + hk64 * skh, rows, mask_t, skn, offs_f, mask_f,
+                             skd, 1.0, FEATURE)
     head = b64 * HKV + hk64
-    ds, _ = state_block(HS, HZ, head * hs_head + i_c * hs_chunk, head * hz_head + i_c * hz_chunk,
-                        offs_f, mask_f, offs_v, mask_v, DV)
+    ds, dz_unused = state_block(HS, HZ, head, i_c, hs_head, hs_chunk, hz_head, hz_chunk,
+                                offs_f, mask_f, offs_v, mask_v, DV)
     dv = dot(fk, ds, PRECISION, False)  # [BT, BK] @ [BK, BV], fp32 state gradient
     if CAUSAL:
         if HAS_DECAY:
@@ -185,10 +186,10 @@ def _chunk_dv_kernel(
         for hh in range(0, GROUP):
             h64 = (hk * GROUP + hh).to(tl.int64)
             row = (b64 * HQ + h64) * N
-            g, _ = grad_rows(DO + b64 * sdob + h64 * sdoh, DEN + row, DEN + row, rows, mask_t,
+            g, c_unused = grad_rows(DO + b64 * sdob + h64 * sdoh, DEN + row, DEN + row, rows, mask_t,
                              offs_v, mask_v, sdon, sdod, eps, NORMALIZE)
-            _, fq = features(Q + b64 * sqb + h64 * sqh, rows, mask_t, sqn, offs_f, mask_f, sqd,
-                             scale, FEATURE)
+            xq_unused, fq = features(Q + b64 * sqb + h64 * sqh, rows, mask_t, sqn, offs_f, mask_f,
+                                     sqd, scale, FEATURE)
             # A^T_ji = fk_j . fq_i: [BT, BK] @ [BK, BT]
             at = dot(fk.to(DO.dtype.element_ty), tl.trans(fq.to(DO.dtype.element_ty)), PRECISION,
                      UPCAST)

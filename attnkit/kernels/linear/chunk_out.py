@@ -54,7 +54,7 @@ def _chunk_out_kernel(
     xq, fq = features(Q + b64 * sqb + h64 * sqh, rows, mask_t, sqn, offs_f, mask_f, sqd, scale,
                       FEATURE)
     head = b64 * HKV + hk64
-    s, z = state_block(HS, HZ, head * hs_head + i_c * hs_chunk, head * hz_head + i_c * hz_chunk,
+    s, z = state_block(HS, HZ, head, i_c, hs_head, hs_chunk, hz_head, hz_chunk,
                        offs_f, mask_f, offs_v, mask_v, DV)
     # inter-chunk term with the fp32 state: [BT, BK] @ [BK, BV] (TF32 or IEEE, never 16-bit)
     num = dot(fq, s, PRECISION, False)
@@ -64,8 +64,8 @@ def _chunk_out_kernel(
         num = num * w_q[:, None]
         den = den * w_q
     if CAUSAL:
-        _, fk = features(K + b64 * skb + hk64 * skh, rows, mask_t, skn, offs_f, mask_f, skd, 1.0,
-                         FEATURE)
+        xk_unused, fk = features(K + b64 * skb + hk64 * skh, rows, mask_t, skn, offs_f,
+                                 mask_f, skd, 1.0, FEATURE)
         v = load_rows(V + b64 * svb + hk64 * svh, rows, mask_t, svn, offs_v, mask_v, svd)
         # intra-chunk term: [BT, BK] @ [BK, BT] -> [BT, BT], lower triangle (j <= i)
         a = dot(fq.to(v.dtype), tl.trans(fk.to(v.dtype)), PRECISION, UPCAST)

@@ -62,11 +62,27 @@ __all__ = ["linear_attention_triton", "FEATURES", "INTERPRET", "MAX_DIM"]
 #: Tests set this to fill every output with NaN before the kernels run (unwritten -> fails).
 POISON_OUTPUTS = False
 
-_state = tiles.autotuned(_chunk_state_kernel, "state")
-_out = tiles.autotuned(_chunk_out_kernel, "out")
-_dq = tiles.autotuned(_chunk_dq_kernel, "dq")
-_dk = tiles.autotuned(_chunk_dk_kernel, "dk")
-_dv = tiles.autotuned(_chunk_dv_kernel, "dv")
+# (kernel, meta): on a GPU the autotuned kernel, whose configs set BK/BV/BT (meta None); under
+# the interpreter the kernel and the blocks the launcher passes (tiles.autotuned)
+_KERNELS = {
+    "state": tiles.autotuned(_chunk_state_kernel, "state"),
+    "out": tiles.autotuned(_chunk_out_kernel, "out"),
+    "dq": tiles.autotuned(_chunk_dq_kernel, "dq"),
+    "dk": tiles.autotuned(_chunk_dk_kernel, "dk"),
+    "dv": tiles.autotuned(_chunk_dv_kernel, "dv"),
+}
+
+
+def _launch(which: str, shape: tuple, **args) -> None:
+    """Launch kernel ``which`` on grid ``(split blocks * nt, heads, B)``: axis 0 packs the split
+    dim's blocks (``BK`` for state/dq/dk, ``BV`` for out/dv; both for state) with the chunks."""
+    F, Dv, nt, heads, B = shape  # (F, Dv, chunks, heads on the grid, batch rows)
+    kernel, meta = _KERNELS[which]
+    b = tiles.blocks(which, F, Dv)
+    n_blocks = {"state": triton.cdiv(F, b["BK"]) * triton.cdiv(Dv, b["BV"]),
+                "dq": triton.cdiv(F, b["BK"]), "dk": triton.cdiv(F, b["BK"])}.get(
+                    which, triton.cdiv(Dv, b["BV"]))
+    kernel[(n_blocks * nt, heads, B)](**args, **(meta(F, Dv) if meta else {}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,18 +96,18 @@ def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     return t.fill_(float("nan")) if POISON_OUTPUTS else t
 
 
-def _chunk_states(x, y, den, c, hs, hz, lg, group, bt, backward, common):
+def _chunk_states(x, y, den, c, hs, hz, lg, group, backward, common):
     """Every chunk's local state into ``hs [B*HKV, NT, F, Dv]`` / ``hz [B*HKV, NT, F]``: from
     ``x = k``, ``y = v`` (forward) or ``x = q``, ``y = do`` with ``den``/``c`` (backward)."""
     B, _, N, F = x.shape
     nt, Dv, Hkv = hs.shape[1], y.shape[3], hs.shape[0] // B
-    bk, bv = tiles.split_block(F, 16), tiles.split_block(Dv, 16)
-    _state[(triton.cdiv(F, bk) * triton.cdiv(Dv, bv) * nt, Hkv, B)](
-        X=x, Y=y, DEN=den, C=c, HS=hs, HZ=hz, LG=lg, **_strides("sx", x), **_strides("sy", y),
+    _launch(
+        "state", (F, Dv, nt, Hkv, B), X=x, Y=y, DEN=den, C=c, HS=hs, HZ=hz, LG=lg,
+        **_strides("sx", x), **_strides("sy", y),
         scale=common["scale"] if backward else 1.0, eps=common["eps"], HX=x.shape[1], HKV=Hkv,
         GROUP=group, N=N, F=F, DV=Dv, NT=nt, FEATURE=common["FEATURE"], BACKWARD=backward,
         NORMALIZE=common["NORMALIZE"], HAS_DECAY=lg is not None, PRECISION=common["PRECISION"],
-        UPCAST=common["UPCAST"], BK=bk, BT=bt, BV=bv,
+        UPCAST=common["UPCAST"],
     )
 
 
@@ -127,7 +143,7 @@ def _forward_states(q, k, v, s0, z0, lg, bt, common, causal):
     hz = _empty((B * Hkv, nt, F), q, torch.float32)
     st = _empty((B, Hkv, F, Dv), q, torch.float32)
     zt = _empty((B, Hkv, F), q, torch.float32)
-    _chunk_states(k, v, None, None, hs, hz, lg, 1, bt, False, common)
+    _chunk_states(k, v, None, None, hs, hz, lg, 1, False, common)
     _scan(hs, hz, s0, z0, st, zt, lg, N, bt, reverse=False, store=causal)
     return hs, hz, st, zt
 
@@ -143,12 +159,11 @@ def _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale, lg=None):
     # without normalisation there is no denominator, but backward still takes the saved tensor
     den = (_empty((B, Hq, N), q, torch.float32) if normalize
            else q.new_zeros((B, Hq, N), dtype=torch.float32))
-    bv = tiles.split_block(Dv, F)
-    _out[(triton.cdiv(Dv, bv) * hs.shape[1], Hq, B)](
-        Q=q, K=k, V=v, OUT=o, DEN=den, LG=lg, **_state_args(causal, hs, hz, st, zt),
+    _launch(
+        "out", (F, Dv, hs.shape[1], Hq, B), Q=q, K=k, V=v, OUT=o, DEN=den, LG=lg,
+        **_state_args(causal, hs, hz, st, zt),
         **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("so", o),
-        **_sizes(q, k, v), NT=hs.shape[1], HAS_DECAY=lg is not None, BK=pow2(F), BT=bt, BV=bv,
-        **common,
+        **_sizes(q, k, v), NT=hs.shape[1], HAS_DECAY=lg is not None, **common,
     )
     return o, den, st, zt
 
@@ -163,7 +178,7 @@ def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize,
     s0, z0 = _dense(s0, z0)
     hs, hz, st, zt = _forward_states(q, k, v, s0, z0, lg, bt, common, causal)
     nt = hs.shape[1]
-    sizes = dict(**_sizes(q, k, v), NT=nt, HAS_DECAY=lg is not None, BT=bt, LG=lg, **common)
+    sizes = dict(**_sizes(q, k, v), NT=nt, HAS_DECAY=lg is not None, LG=lg, **common)
     qkv = dict(Q=q, K=k, **_strides("sq", q), **_strides("sk", k), **_strides("sdo", do))
     c = den  # read only when normalising
     if normalize:
@@ -173,13 +188,13 @@ def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize,
             eps=float(eps), HQ=Hq, N=N, DV=Dv, BT=bt, BV=pow2(Dv), num_warps=4,
         )
     dq = _empty(q.shape, q)
-    bk = tiles.split_block(F, Dv)
-    _dq[(triton.cdiv(F, bk) * nt, Hq, B)](
-        V=v, DO=do, DEN=den, C=c, DQ=dq, **qkv, **_strides("sv", v), **_strides("sdq", dq),
-        **_state_args(causal, hs, hz, st, zt), BK=bk, BV=pow2(Dv), **sizes,
+    _launch(
+        "dq", (F, Dv, nt, Hq, B), V=v, DO=do, DEN=den, C=c, DQ=dq, **qkv, **_strides("sv", v),
+        **_strides("sdq", dq),
+        **_state_args(causal, hs, hz, st, zt), **sizes,
     )
     # the gradients on the state leaving each chunk, into the same buffers (dq has read them)
-    _chunk_states(q, do, den, c, hs, hz, lg, Hq // Hkv, bt, True, common)
+    _chunk_states(q, do, den, c, hs, hz, lg, Hq // Hkv, True, common)
     ds0 = _empty((B, Hkv, F, Dv), q, torch.float32)
     dz0 = _empty((B, Hkv, F), q, torch.float32)
     if dst is not None or dzt is not None:  # one of the two unused: its gradient is zero
@@ -190,14 +205,14 @@ def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize,
     _scan(hs, hz, dst, dzt, ds0, dz0, lg, N, bt, reverse=True, store=causal)
     grads = _state_args(causal, hs, hz, ds0, dz0)
     dk = _empty(k.shape, k)
-    _dk[(triton.cdiv(F, bk) * nt, Hkv, B)](
-        V=v, DO=do, DEN=den, C=c, DK=dk, **qkv, **_strides("sv", v), **_strides("sdk", dk),
-        **grads, BK=bk, BV=pow2(Dv), **sizes,
+    _launch(
+        "dk", (F, Dv, nt, Hkv, B), V=v, DO=do, DEN=den, C=c, DK=dk, **qkv, **_strides("sv", v),
+        **_strides("sdk", dk),
+        **grads, **sizes,
     )
     dv = _empty(v.shape, v)
-    bv = tiles.split_block(Dv, F)
-    _dv[(triton.cdiv(Dv, bv) * nt, Hkv, B)](
-        DO=do, DEN=den, DV_=dv, **qkv, **_strides("sdv", dv), **grads, BK=pow2(F), BV=bv,
+    _launch(
+        "dv", (F, Dv, nt, Hkv, B), DO=do, DEN=den, DV_=dv, **qkv, **_strides("sdv", dv), **grads,
         **sizes,
     )
     if s0 is None:  # two tensors: outputs of a custom op must not alias each other

@@ -16,7 +16,7 @@ from ..dispatch import interpreting
 
 __all__ = [
     "INTERPRET", "MAX_DIM", "CHUNK", "INTERPRET_BT", "INTERPRET_BLOCK", "TUNED", "pow2", "chunk",
-    "split_block", "scan_block", "autotuned", "precision", "upcast", "launch_strides",
+    "split_block", "scan_block", "blocks", "autotuned", "precision", "upcast", "launch_strides",
     "launch_sizes", "launch_flags", "dense_state",
 ]
 
@@ -75,17 +75,53 @@ def scan_block() -> int:
     return INTERPRET_SCAN_BLOCK if INTERPRET else SCAN_BLOCK
 
 
+#: Which blocks each kernel takes at ``(F, DV)``: the split dim's :func:`split_block`, the held
+#: dim padded whole. ``state`` splits both (its ``[BK, BV]`` local state is all it holds).
+_BLOCKS = {
+    "state": lambda F, DV: (split_block(F, 16), split_block(DV, 16)),
+    "out": lambda F, DV: (pow2(F), split_block(DV, F)),
+    "dq": lambda F, DV: (split_block(F, DV), pow2(DV)),
+    "dk": lambda F, DV: (split_block(F, DV), pow2(DV)),
+    "dv": lambda F, DV: (pow2(F), split_block(DV, F)),
+}
+_WIDTHS = (16, 32, 64, 128, 256)
+
+
+def blocks(which: str, F: int, DV: int) -> dict:
+    """``{"BK", "BV", "BT"}`` of kernel ``which`` at ``(F, DV)`` (what the grid is sized by)."""
+    bk, bv = _BLOCKS[which](F, DV)
+    return dict(BK=bk, BV=bv, BT=chunk())
+
+
+def _pruner(which: str):
+    """An ``early_config_prune`` keeping the configs whose blocks :func:`blocks` gives for the
+    launch's ``F``/``DV`` (Triton passes positional arguments as ``named_args`` and keyword
+    ones as ``kwargs``; the launchers pass everything by keyword), in table order."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        want = blocks(which, args["F"], args["DV"])
+        return [c for c in configs if all(c.kwargs[k] == v for k, v in want.items())]
+
+    return prune
+
+
 def autotuned(kernel, which: str):
-    """The kernel to launch for ``which`` (a key of :data:`TUNED`): on a GPU under
-    ``triton.autotune`` over its ``(num_warps, num_stages)``; under the interpreter itself."""
+    """``(kernel to launch, meta)`` for ``which`` (a key of :data:`TUNED`): on a GPU the kernel
+    under ``triton.autotune`` over every block pair x its ``(num_warps, num_stages)``, pruned to
+    the launch's blocks, so the compile report shows them (``meta`` ``None``: the configs set
+    them); under the interpreter the kernel itself and ``meta = blocks`` (the launcher passes
+    them)."""
     if INTERPRET:
-        return kernel
+        return kernel, blocks
     import triton
 
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in TUNED[which]]
+    configs = [triton.Config(dict(BK=bk, BV=bv, BT=CHUNK), num_warps=w, num_stages=st)
+               for bk in _WIDTHS for bv in _WIDTHS for w, st in TUNED[which]]
     keys = [k for k in AUTOTUNE_KEY if k in kernel.arg_names]
-    return triton.autotune(configs, key=keys,
-                           prune_configs_by={"early_config_prune": first_only_if_asked()})(kernel)
+    prune = first_only_if_asked(_pruner(which))
+    tuned = triton.autotune(configs, key=keys, prune_configs_by={"early_config_prune": prune})
+    return tuned(kernel), None
 
 
 def precision(dtype: torch.dtype) -> str:
