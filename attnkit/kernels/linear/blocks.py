@@ -125,17 +125,20 @@ def load_rows(base, rows, mask_t, stride_n, offs, mask, stride_d):
 @triton.jit
 def grad_rows(do_base, den_base, c_base, rows, mask_t, offs_v, mask_v, sdon, sdod, eps,
               NORMALIZE: tl.constexpr):
-    """The backward's per-query factors of one chunk: ``g = do / (den + eps)`` ``[BT, BV]`` and
-    ``c = -(do . o) / (den + eps)`` ``[BT]`` (read from the prepass, ``chunk_grad``), fp32;
-    without normalisation ``g = do`` and ``c = 0``."""
-    g = load_rows(do_base, rows, mask_t, sdon, offs_v, mask_v, sdod).to(tl.float32)
+    """The backward's per-query factors of one chunk: ``do`` ``[BT, BV]`` as stored, ``r = 1 /
+    (den + eps)`` and ``c = -(do . o) r`` ``[BT]`` fp32 (``c`` from the prepass, ``chunk_grad``),
+    so the gradient on the numerator is ``g = r do``. The kernels apply ``r`` to whichever
+    product is smaller (a score row or column, a feature row) instead of forming ``g``: no fp32
+    ``[BT, BV]`` tile, and ``do`` enters the tensor-core products unrounded. Without
+    normalisation ``r = 1`` and ``c = 0``."""
+    do = load_rows(do_base, rows, mask_t, sdon, offs_v, mask_v, sdod)
     if NORMALIZE:
         r = 1.0 / (tl.load(den_base + rows, mask=mask_t, other=1.0) + eps)
-        g = g * r[:, None]
         c = tl.load(c_base + rows, mask=mask_t, other=0.0)
     else:
-        c = tl.zeros([g.shape[0]], dtype=tl.float32)
-    return g, c
+        r = tl.full([do.shape[0]], 1.0, dtype=tl.float32)
+        c = tl.zeros([do.shape[0]], dtype=tl.float32)
+    return do, r, c
 
 
 @triton.jit

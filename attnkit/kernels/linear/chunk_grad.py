@@ -78,13 +78,14 @@ def _chunk_dq_kernel(
     start = i_c * BT
     offs_t, mask_t, rows = chunk_rows(start, arange_t, N)
     row = (b64 * HQ + h64) * N
-    g, c = grad_rows(DO + b64 * sdob + h64 * sdoh, DEN + row, C + row, rows, mask_t, offs_v,
-                     mask_v, sdon, sdod, eps, NORMALIZE)
+    do, r, c = grad_rows(DO + b64 * sdob + h64 * sdoh, DEN + row, C + row, rows, mask_t, offs_v,
+                         mask_v, sdon, sdod, eps, NORMALIZE)
     head = b64 * HKV + hk64
     s, z = state_block(HS, HZ, head, i_c, hs_head, hs_chunk, hz_head, hz_chunk,
                        offs_f, mask_f, offs_v, mask_v, DV)
     # inter-chunk: [BT, BV] @ [BV, BK] with the fp32 state
-    dfq = dot(g, tl.trans(s), PRECISION, False) + c[:, None] * z[None, :]
+    dfq = (dot(do.to(tl.float32), tl.trans(s), PRECISION, False) * r[:, None]
+           + c[:, None] * z[None, :])
     if HAS_DECAY:
         w_a, w_q, w_k, w_s = decay_weights(LG, hk, start, arange_t, N, BT, False)
         dfq = dfq * w_q[:, None]
@@ -92,8 +93,8 @@ def _chunk_dq_kernel(
         xk_unused, fk = features(K + b64 * skb + hk64 * skh, rows, mask_t, skn, offs_f,
                                  mask_f, skd, 1.0, FEATURE)
         v = load_rows(V + b64 * svb + hk64 * svh, rows, mask_t, svn, offs_v, mask_v, svd)
-        # dA_ij = g_i . v_j + c_i: [BT, BV] @ [BV, BT], lower triangle
-        da = dot(g.to(v.dtype), tl.trans(v), PRECISION, UPCAST) + c[:, None]
+        # dA_ij = r_i (do_i . v_j) + c_i: [BT, BV] @ [BV, BT], lower triangle
+        da = dot(do, tl.trans(v), PRECISION, UPCAST) * r[:, None] + c[:, None]
         da = tl.where(causal_mask(arange_t, False), da, 0.0)
         if HAS_DECAY:
             da = da * w_a
@@ -139,12 +140,12 @@ def _chunk_dk_kernel(
         for hh in range(0, GROUP):
             h64 = (hk * GROUP + hh).to(tl.int64)
             row = (b64 * HQ + h64) * N
-            g, c = grad_rows(DO + b64 * sdob + h64 * sdoh, DEN + row, C + row, rows, mask_t,
-                             offs_v, mask_v, sdon, sdod, eps, NORMALIZE)
+            do, r, c = grad_rows(DO + b64 * sdob + h64 * sdoh, DEN + row, C + row, rows, mask_t,
+                                 offs_v, mask_v, sdon, sdod, eps, NORMALIZE)
             xq_unused, fq = features(Q + b64 * sqb + h64 * sqh, rows, mask_t, sqn, offs_f, mask_f,
                                      sqd, scale, FEATURE)
-            # P_ji = v_j . g_i + c_i: [BT, BV] @ [BV, BT]
-            p = dot(v, tl.trans(g.to(v.dtype)), PRECISION, UPCAST) + c[None, :]
+            # P_ji = r_i (v_j . do_i) + c_i: [BT, BV] @ [BV, BT]
+            p = dot(v, tl.trans(do), PRECISION, UPCAST) * r[None, :] + c[None, :]
             p = tl.where(upper, p, 0.0)
             if HAS_DECAY:
                 p = p * w_at
@@ -186,16 +187,15 @@ def _chunk_dv_kernel(
         for hh in range(0, GROUP):
             h64 = (hk * GROUP + hh).to(tl.int64)
             row = (b64 * HQ + h64) * N
-            g, c_unused = grad_rows(DO + b64 * sdob + h64 * sdoh, DEN + row, DEN + row, rows, mask_t,
-                             offs_v, mask_v, sdon, sdod, eps, NORMALIZE)
+            do, r, c_unused = grad_rows(DO + b64 * sdob + h64 * sdoh, DEN + row, DEN + row, rows,
+                                        mask_t, offs_v, mask_v, sdon, sdod, eps, NORMALIZE)
             xq_unused, fq = features(Q + b64 * sqb + h64 * sqh, rows, mask_t, sqn, offs_f, mask_f,
                                      sqd, scale, FEATURE)
-            # A^T_ji = fk_j . fq_i: [BT, BK] @ [BK, BT]
-            at = dot(fk.to(DO.dtype.element_ty), tl.trans(fq.to(DO.dtype.element_ty)), PRECISION,
-                     UPCAST)
+            # A^T_ji r_i = (fk_j . fq_i) r_i: [BT, BK] @ [BK, BT], so that dv += A^T diag(r) do
+            at = dot(fk.to(do.dtype), tl.trans(fq.to(do.dtype)), PRECISION, UPCAST) * r[None, :]
             at = tl.where(upper, at, 0.0)
             if HAS_DECAY:
                 at = at * w_at
-            dv += dot(at.to(DO.dtype.element_ty), g.to(DO.dtype.element_ty), PRECISION, UPCAST)
+            dv += dot(at.to(do.dtype), do, PRECISION, UPCAST)
     tl.store(DV_ + b64 * sdvb + hk64 * sdvh + rows[:, None] * sdvn + offs_v[None, :] * sdvd,
              dv.to(DV_.dtype.element_ty), mask=mask_t[:, None] & mask_v[None, :])

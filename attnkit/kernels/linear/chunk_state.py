@@ -74,11 +74,13 @@ def _chunk_state_kernel(
         y_base = Y + b64 * syb + h * syh
         xx, fx = features(x_base, rows, mask_t, sxn, offs_f, mask_f, sxd, scale, FEATURE)
         if BACKWARD:
-            y, c = grad_rows(y_base, DEN + (b64 * HX + h) * N, C + (b64 * HX + h) * N, rows,
-                             mask_t, offs_v, mask_v, syn, syd, eps, NORMALIZE)
+            y, r, c = grad_rows(y_base, DEN + (b64 * HX + h) * N, C + (b64 * HX + h) * N, rows,
+                                mask_t, offs_v, mask_v, syn, syd, eps, NORMALIZE)
             if HAS_DECAY:
                 fx = fx * w_q[:, None]
             z += tl.sum(fx * c[:, None], 0)
+            if NORMALIZE:  # phi(q_i) g_i^T = (r_i phi(q_i)) do_i^T
+                fx = fx * r[:, None]
         else:
             y = load_rows(y_base, rows, mask_t, syn, offs_v, mask_v, syd)
             if HAS_DECAY:

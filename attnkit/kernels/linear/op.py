@@ -74,15 +74,16 @@ _KERNELS = {
 
 
 def _launch(which: str, shape: tuple, **args) -> None:
-    """Launch kernel ``which`` on grid ``(split blocks * nt, heads, B)``: axis 0 packs the split
-    dim's blocks (``BK`` for state/dq/dk, ``BV`` for out/dv; both for state) with the chunks."""
+    """Launch kernel ``which`` on grid ``(split blocks * chunks, heads, B)``: axis 0 packs the
+    split dim's blocks (``BK`` for dq/dk, ``BV`` for out/dv, both for state) with the chunks."""
     F, Dv, nt, heads, B = shape  # (F, Dv, chunks, heads on the grid, batch rows)
     kernel, meta = _KERNELS[which]
-    b = tiles.blocks(which, F, Dv)
-    n_blocks = {"state": triton.cdiv(F, b["BK"]) * triton.cdiv(Dv, b["BV"]),
-                "dq": triton.cdiv(F, b["BK"]), "dk": triton.cdiv(F, b["BK"])}.get(
-                    which, triton.cdiv(Dv, b["BV"]))
-    kernel[(n_blocks * nt, heads, B)](**args, **(meta(F, Dv) if meta else {}))
+
+    def grid(m):
+        n_k, n_v = triton.cdiv(F, m["BK"]), triton.cdiv(Dv, m["BV"])
+        return ({"state": n_k * n_v, "dq": n_k, "dk": n_k}.get(which, n_v) * nt, heads, B)
+
+    kernel[grid](**args, **(meta(which, F, Dv) if meta else {}))
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,33 +75,42 @@ def scan_block() -> int:
     return INTERPRET_SCAN_BLOCK if INTERPRET else SCAN_BLOCK
 
 
-#: Which blocks each kernel takes at ``(F, DV)``: the split dim's :func:`split_block`, the held
-#: dim padded whole. ``state`` splits both (its ``[BK, BV]`` local state is all it holds).
+#: The blocks ``(BK, BV)`` each kernel is offered at ``(F, DV)``, the primary first: the split
+#: dim's :func:`split_block`, the held dim padded whole; ``state`` splits both (its ``[BK, BV]``
+#: local state is all it holds). dk also gets ``BK = 64`` at ``DV = 128`` as a second choice:
+#: at 64 it spills on sm_80 (mma.sync keeps its operands in registers: 392 B at 4 warps, 336 B at
+#: 8), at 32 on neither (sm_90: 160 registers, HGMMA), but recomputes its ``[BT, BT]`` scores
+#: over ``DV`` for twice as many feature blocks; the autotuner picks.
 _BLOCKS = {
-    "state": lambda F, DV: (split_block(F, 16), split_block(DV, 16)),
-    "out": lambda F, DV: (pow2(F), split_block(DV, F)),
-    "dq": lambda F, DV: (split_block(F, DV), pow2(DV)),
-    "dk": lambda F, DV: (split_block(F, DV), pow2(DV)),
-    "dv": lambda F, DV: (pow2(F), split_block(DV, F)),
+    "state": lambda F, DV: [(split_block(F, 16), split_block(DV, 16))],
+    "out": lambda F, DV: [(pow2(F), split_block(DV, F))],
+    "dq": lambda F, DV: [(split_block(F, DV), pow2(DV))],
+    "dk": lambda F, DV: list(dict.fromkeys([(min(split_block(F, DV), 32 if pow2(DV) >= 128
+                                                 else 64), pow2(DV)),
+                                            (split_block(F, DV), pow2(DV))])),
+    "dv": lambda F, DV: [(pow2(F), split_block(DV, F))],
 }
 _WIDTHS = (16, 32, 64, 128, 256)
 
 
 def blocks(which: str, F: int, DV: int) -> dict:
-    """``{"BK", "BV", "BT"}`` of kernel ``which`` at ``(F, DV)`` (what the grid is sized by)."""
-    bk, bv = _BLOCKS[which](F, DV)
+    """``{"BK", "BV", "BT"}``: the primary blocks of kernel ``which`` at ``(F, DV)`` (what the
+    interpreter runs)."""
+    bk, bv = _BLOCKS[which](F, DV)[0]
     return dict(BK=bk, BV=bv, BT=chunk())
 
 
 def _pruner(which: str):
-    """An ``early_config_prune`` keeping the configs whose blocks :func:`blocks` gives for the
-    launch's ``F``/``DV`` (Triton passes positional arguments as ``named_args`` and keyword
-    ones as ``kwargs``; the launchers pass everything by keyword), in table order."""
+    """An ``early_config_prune`` keeping the configs whose blocks :data:`_BLOCKS` offers at the
+    launch's ``F``/``DV``, in that order (Triton passes positional arguments as ``named_args``
+    and keyword ones as ``kwargs``; the launchers pass everything by keyword)."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        want = blocks(which, args["F"], args["DV"])
-        return [c for c in configs if all(c.kwargs[k] == v for k, v in want.items())]
+        offered = _BLOCKS[which](args["F"], args["DV"])
+        kept = [(offered.index((c.kwargs["BK"], c.kwargs["BV"])), i, c)
+                for i, c in enumerate(configs) if (c.kwargs["BK"], c.kwargs["BV"]) in offered]
+        return [c for _, _, c in sorted(kept, key=lambda t: t[:2])]
 
     return prune
 
@@ -109,9 +118,9 @@ def _pruner(which: str):
 def autotuned(kernel, which: str):
     """``(kernel to launch, meta)`` for ``which`` (a key of :data:`TUNED`): on a GPU the kernel
     under ``triton.autotune`` over every block pair x its ``(num_warps, num_stages)``, pruned to
-    the launch's blocks, so the compile report shows them (``meta`` ``None``: the configs set
-    them); under the interpreter the kernel itself and ``meta = blocks`` (the launcher passes
-    them)."""
+    the blocks offered at the launch's dims, so the compile report shows them (``meta`` ``None``:
+    the configs set them; the grid reads them); under the interpreter the kernel itself and
+    ``meta = blocks`` (the launcher passes them)."""
     if INTERPRET:
         return kernel, blocks
     import triton
