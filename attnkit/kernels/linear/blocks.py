@@ -107,12 +107,13 @@ def decay_weights(LG, hk, start, arange_t, N, BT: tl.constexpr, TRANSPOSED: tl.c
 
 
 @triton.jit
-def chunk_program(NT):
-    """The prologue of a program on grid ``(blocks * NT, heads, B)``: axis 0 packs the block of a
-    split dim with the chunk (``NT`` chunks), so heads (y) and batch rows (z) keep the full 65535
-    each. Returns ``(block, chunk, head, b64)``."""
+def chunk_program(NB):
+    """The prologue of a program on grid ``(NB * chunks, heads, B)``: axis 0 packs the ``NB``
+    blocks of a split dim with the chunk, blocks fastest, so the programs of one chunk run side
+    by side and share its tiles in L2 (each reads the chunk's q/k/v/do rows whole); heads (y) and
+    batch rows (z) keep the full 65535 each. Returns ``(block, chunk, head, b64)``."""
     pid = tl.program_id(0)
-    return pid // NT, pid % NT, tl.program_id(1), tl.program_id(2).to(tl.int64)
+    return pid % NB, pid // NB, tl.program_id(1), tl.program_id(2).to(tl.int64)
 
 
 @triton.jit

@@ -70,7 +70,7 @@ def _chunk_dq_kernel(
     """Grid ``(cdiv(F, BK) * NT, HQ, B)``, ``BV`` holds all of ``DV``: ``dq[:, kblock]`` of one
     chunk of one query head. ``HS``/``HZ``: the forward states (addressed as in
     ``chunk_out``)."""
-    i_k, i_c, h, b64 = chunk_program(NT)
+    i_k, i_c, h, b64 = chunk_program(tl.cdiv(F, BK))
     hk = h // GROUP
     h64, hk64 = h.to(tl.int64), hk.to(tl.int64)
     offs_f, mask_f, offs_v, mask_v = block_offsets(i_k * BK, 0, F, DV, BK, BV)
@@ -118,7 +118,7 @@ def _chunk_dk_kernel(
 ):
     """Grid ``(cdiv(F, BK) * NT, HKV, B)``, ``BV`` holds all of ``DV``: ``dk[:, kblock]`` of one
     chunk of one key/value head. ``HS``/``HZ``: the state gradients (reverse scan)."""
-    i_k, i_c, hk, b64 = chunk_program(NT)
+    i_k, i_c, hk, b64 = chunk_program(tl.cdiv(F, BK))
     hk64 = hk.to(tl.int64)
     offs_f, mask_f, offs_v, mask_v = block_offsets(i_k * BK, 0, F, DV, BK, BV)
     arange_t = tl.arange(0, BT)
@@ -134,7 +134,7 @@ def _chunk_dk_kernel(
     dfk = dot(v.to(tl.float32), tl.trans(ds), PRECISION, False) + dz[None, :]
     if CAUSAL:
         if HAS_DECAY:
-            w_at, w_q, w_k, w_s = decay_weights(LG, hk, start, arange_t, N, BT, True)
+            w_k = decay_weights(LG, hk, start, arange_t, N, BT, True)[2]
             dfk = dfk * w_k[:, None]
         upper = causal_mask(arange_t, True)  # key j (row) seen by query i (column)
         for hh in range(0, GROUP):
@@ -147,8 +147,8 @@ def _chunk_dk_kernel(
             # P_ji = r_i (v_j . do_i) + c_i: [BT, BV] @ [BV, BT]
             p = dot(v, tl.trans(do), PRECISION, UPCAST) * r[None, :] + c[None, :]
             p = tl.where(upper, p, 0.0)
-            if HAS_DECAY:
-                p = p * w_at
+            if HAS_DECAY:  # (made here, not before the loop: one tile fewer live across it)
+                p = p * decay_weights(LG, hk, start, arange_t, N, BT, True)[0]
             dfk += dot(p.to(v.dtype), fq.to(v.dtype), PRECISION, UPCAST)  # [BT, BT] @ [BT, BK]
     dk = dfk * dphi(xk, FEATURE)
     tl.store(DK + b64 * sdkb + hk64 * sdkh + rows[:, None] * sdkn + offs_f[None, :] * sdkd,
@@ -167,7 +167,7 @@ def _chunk_dv_kernel(
 ):
     """Grid ``(cdiv(DV, BV) * NT, HKV, B)``, ``BK`` holds all of ``F``: ``dv[:, vblock]`` of one
     chunk of one key/value head, complete (``dS[:, vblock]`` needs only ``g[:, vblock]``)."""
-    i_v, i_c, hk, b64 = chunk_program(NT)
+    i_v, i_c, hk, b64 = chunk_program(tl.cdiv(DV, BV))
     hk64 = hk.to(tl.int64)
     offs_f, mask_f, offs_v, mask_v = block_offsets(0, i_v * BV, F, DV, BK, BV)
     arange_t = tl.arange(0, BT)
@@ -181,7 +181,7 @@ def _chunk_dv_kernel(
     dv = dot(fk, ds, PRECISION, False)  # [BT, BK] @ [BK, BV], fp32 state gradient
     if CAUSAL:
         if HAS_DECAY:
-            w_at, w_q, w_k, w_s = decay_weights(LG, hk, start, arange_t, N, BT, True)
+            w_k = decay_weights(LG, hk, start, arange_t, N, BT, True)[2]
             dv = dv * w_k[:, None]
         upper = causal_mask(arange_t, True)
         for hh in range(0, GROUP):
@@ -194,8 +194,8 @@ def _chunk_dv_kernel(
             # A^T_ji r_i = (fk_j . fq_i) r_i: [BT, BK] @ [BK, BT], so that dv += A^T diag(r) do
             at = dot(fk.to(do.dtype), tl.trans(fq.to(do.dtype)), PRECISION, UPCAST) * r[None, :]
             at = tl.where(upper, at, 0.0)
-            if HAS_DECAY:
-                at = at * w_at
+            if HAS_DECAY:  # (made here, not before the loop: one tile fewer live across it)
+                at = at * decay_weights(LG, hk, start, arange_t, N, BT, True)[0]
             dv += dot(at.to(do.dtype), do, PRECISION, UPCAST)
     tl.store(DV_ + b64 * sdvb + hk64 * sdvh + rows[:, None] * sdvn + offs_v[None, :] * sdvd,
              dv.to(DV_.dtype.element_ty), mask=mask_t[:, None] & mask_v[None, :])

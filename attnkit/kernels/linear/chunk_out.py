@@ -43,7 +43,7 @@ def _chunk_out_kernel(
     Writes ``o [B, HQ, N, DV]`` and (value block 0) ``den [B, HQ, N]`` fp32. The state of key/value
     head ``head = b * HKV + h // GROUP`` for chunk ``c`` is at ``HS + head * hs_head + c *
     hs_chunk`` (``[F, DV]`` dense), its normaliser likewise in ``HZ``."""
-    i_v, i_c, h, b64 = chunk_program(NT)
+    i_v, i_c, h, b64 = chunk_program(tl.cdiv(DV, BV))
     hk = h // GROUP
     h64, hk64 = h.to(tl.int64), hk.to(tl.int64)
     offs_f, mask_f, offs_v, mask_v = block_offsets(0, i_v * BV, F, DV, BK, BV)

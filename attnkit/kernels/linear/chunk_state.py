@@ -52,8 +52,8 @@ def _chunk_state_kernel(
     (``HX = HQ``), ``Y = do``, over the ``GROUP`` query heads of the key/value head:
     ``V = sum_i w_i phi(q_i) g_i^T``, ``dz = sum_i w_i phi(q_i) c_i`` (``w_i = gamma^(i+1)``;
     ``g``, ``c`` from ``do``, ``den`` and the prepass ``C [B, HQ, N]``)."""
-    blk, i_c, hk, b64 = chunk_program(NT)
     n_v = tl.cdiv(DV, BV)
+    blk, i_c, hk, b64 = chunk_program(tl.cdiv(F, BK) * n_v)
     i_k, i_v = blk // n_v, blk % n_v
     offs_f, mask_f, offs_v, mask_v = block_offsets(i_k * BK, i_v * BV, F, DV, BK, BV)
     arange_t = tl.arange(0, BT)
@@ -97,18 +97,40 @@ def _chunk_state_kernel(
 
 
 @triton.jit
+def _compose(d1, v1, d2, v2):
+    """Two scan steps ``R -> d R + v``, first ``(d1, v1)`` then ``(d2, v2)``, as one."""
+    return d1 * d2, v1 * d2 + v2
+
+
+@triton.jit
+def _walk_decay(LG, hk, pos, NT, N, REVERSE: tl.constexpr, BT: tl.constexpr):
+    """``gamma^n`` of the chunk at walk position ``pos`` (``n`` its tokens: ``BT`` but for the
+    last chunk), and that chunk's index."""
+    if REVERSE:
+        c = NT - 1 - pos
+    else:
+        c = pos
+    return tl.exp(tl.load(LG + hk) * tl.minimum(N - c * BT, BT).to(tl.float32)), c
+
+
+@triton.jit
 def _state_scan_kernel(
     HS, HZ, S_IN, Z_IN, S_OUT, Z_OUT, LG,
     HKV, N, NT, F, DV,
     HAS_IN: tl.constexpr, REVERSE: tl.constexpr, HAS_DECAY: tl.constexpr, STORE: tl.constexpr,
-    BT: tl.constexpr, BLOCK: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Grid ``(cdiv(F * DV + F, BLOCK), HKV, B)``: ``BLOCK`` of the flat ``F * DV + F`` numbers
     (state then normaliser) of one head. Walks the chunks (``REVERSE``: last to first) carrying
     ``R`` (from ``S_IN [B, HKV, F, DV]`` / ``Z_IN [B, HKV, F]``, or 0): chunk ``c``'s slot of
     ``HS``/``HZ`` is replaced by ``R`` (``STORE``), then ``R = gamma^n R + (old slot)``; the last
     ``R`` goes to ``S_OUT`` / ``Z_OUT``. Forward this leaves the state entering each chunk and
-    ``S_N``; reverse the gradient on the state leaving each chunk and ``dS0``."""
+    ``S_N``; reverse the gradient on the state leaving each chunk and ``dS0``.
+
+    ``BC`` chunks per step: their slots are loaded at once (one memory latency per step, not per
+    chunk) and the recurrence inside the step is an associative scan over the pairs
+    ``(gamma^n, slot)`` (:func:`_compose`: products of decays, never their quotients, so a fast
+    decay underflows to 0 instead of dividing by it)."""
     hk = tl.program_id(1)
     head = tl.program_id(2).to(tl.int64) * HKV + hk
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -120,22 +142,48 @@ def _state_scan_kernel(
         r += tl.load(Z_IN + head * F + ez, mask=is_z, other=0.0)
     else:
         r = tl.zeros([BLOCK], dtype=tl.float32)
-    if HAS_DECAY:
-        lg = tl.load(LG + hk)
-    for i in range(0, NT):
-        if REVERSE:
-            c = NT - 1 - i
-        else:
-            c = i
-        hs = HS + (head * NT + c) * F * DV + e
-        hz = HZ + (head * NT + c) * F + ez
-        u = tl.load(hs, mask=is_s, other=0.0) + tl.load(hz, mask=is_z, other=0.0)
-        if STORE:
-            tl.store(hs, r, mask=is_s)
-            tl.store(hz, r, mask=is_z)
+    step = tl.arange(0, BC)
+    for p0 in range(0, NT, BC):
+        # the walk positions of this step, each paired with the slot of the position before it
+        # (the first one with the carry), so the inclusive scan gives the state entering each
+        pos = p0 + step
+        prev = pos - 1
+        has_prev = (prev >= p0) & (prev < NT)
+        d_prev = tl.full([BC], 1.0, dtype=tl.float32)
         if HAS_DECAY:
-            r = r * tl.exp(lg * tl.minimum(N - c * BT, BT).to(tl.float32))
-        r += u
+            d_prev = tl.where(has_prev, _walk_decay(LG, hk, prev, NT, N, REVERSE, BT)[0], 1.0)
+        if REVERSE:
+            c_prev = tl.where(has_prev, NT - 1 - prev, 0)
+        else:
+            c_prev = tl.where(has_prev, prev, 0)
+        row = (head * NT + c_prev)[:, None]
+        u_prev = tl.load(HS + row * F * DV + e[None, :], mask=has_prev[:, None] & is_s[None, :],
+                         other=0.0)
+        u_prev += tl.load(HZ + row * F + ez[None, :], mask=has_prev[:, None] & is_z[None, :],
+                          other=0.0)
+        d_all = tl.broadcast_to(d_prev[:, None], [BC, BLOCK])
+        d_acc, s_acc = tl.associative_scan((d_all, u_prev), 0, _compose)
+        into = d_acc * r[None, :] + s_acc  # [BC, BLOCK]: the state entering each position
+        # the last position of the step: its slot, decay and entering state give the next carry
+        last = tl.minimum(p0 + BC, NT) - 1
+        if REVERSE:
+            c_last = NT - 1 - last
+        else:
+            c_last = last
+        u_last = tl.load(HS + (head * NT + c_last) * F * DV + e, mask=is_s, other=0.0)
+        u_last += tl.load(HZ + (head * NT + c_last) * F + ez, mask=is_z, other=0.0)
+        into_last = tl.sum(tl.where((pos == last)[:, None], into, 0.0), 0)
+        if HAS_DECAY:
+            into_last = into_last * _walk_decay(LG, hk, last, NT, N, REVERSE, BT)[0]
+        if STORE:
+            valid = (pos < NT)[:, None]
+            if REVERSE:
+                c_all = tl.where(pos < NT, NT - 1 - pos, 0)
+            else:
+                c_all = tl.where(pos < NT, pos, 0)
+            row = (head * NT + c_all)[:, None]
+            tl.store(HS + row * F * DV + e[None, :], into, mask=valid & is_s[None, :])
+            tl.store(HZ + row * F + ez[None, :], into, mask=valid & is_z[None, :])
+        r = into_last + u_last
     tl.store(S_OUT + head * F * DV + e, r, mask=is_s)
     tl.store(Z_OUT + head * F + ez, r, mask=is_z)
-

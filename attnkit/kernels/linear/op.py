@@ -116,11 +116,11 @@ def _scan(hs, hz, s_in, z_in, s_out, z_out, lg, N, bt, reverse, store):
     """The scan of the chunk slots (``chunk_state._state_scan_kernel``), in place."""
     BH, nt, F, Dv = hs.shape
     B, Hkv = s_out.shape[0], s_out.shape[1]
-    block = tiles.scan_block()
+    block, chunks = tiles.scan_block()
     _state_scan_kernel[(triton.cdiv(F * Dv + F, block), Hkv, B)](
         HS=hs, HZ=hz, S_IN=s_in, Z_IN=z_in, S_OUT=s_out, Z_OUT=z_out, LG=lg, HKV=Hkv, N=N,
         NT=nt, F=F, DV=Dv, HAS_IN=s_in is not None, REVERSE=reverse, HAS_DECAY=lg is not None,
-        STORE=store, BT=bt, BLOCK=block, num_warps=4,
+        STORE=store, BT=bt, BC=chunks, BLOCK=block, num_warps=4,
     )
 
 

@@ -33,8 +33,11 @@ CHUNK = 64
 # so that F or Dv = 24..40 exercises the split over feature/value blocks.
 INTERPRET_BT = 16
 INTERPRET_BLOCK = 16
-#: The scan kernel's flat block (numbers of a head's state per program) on a GPU / interpreted.
-SCAN_BLOCK, INTERPRET_SCAN_BLOCK = 512, 64
+#: The scan kernel's flat block (numbers of a head's state per program) and chunks per step, on
+#: a GPU / interpreted (4 chunks per step there, so N = 100 at chunk 16 (7 chunks) walks 2 steps, the last
+#: one partial). 16 chunks per step: 16 sequential loads at N = 16k instead of 256.
+SCAN_BLOCK, INTERPRET_SCAN_BLOCK = 128, 64
+SCAN_CHUNKS, INTERPRET_SCAN_CHUNKS = 16, 4
 
 # (num_warps, num_stages) offered to each autotuned kernel, the first the primary (what
 # ATTNKIT_AUTOTUNE=0 runs and the compile tests hold to no spills). Blocks are derived from the
@@ -45,8 +48,8 @@ TUNED = {
     "state": [(4, 2), (8, 2), (4, 3)],
     "out": [(4, 2), (8, 2), (8, 3)],
     "dq": [(4, 2), (8, 2), (8, 3)],
-    "dk": [(4, 2), (8, 2), (8, 3)],
-    "dv": [(4, 2), (8, 2), (8, 3)],
+    "dk": [(8, 2), (4, 2), (8, 3)],
+    "dv": [(8, 2), (4, 2), (8, 3)],
 }
 #: What a tuned config depends on (the autotuner benchmarks once per distinct key).
 AUTOTUNE_KEY = ["F", "DV", "FEATURE", "NORMALIZE", "HAS_DECAY", "PRECISION", "GROUP"]
@@ -71,8 +74,10 @@ def split_block(width: int, held: int) -> int:
     return min(pow2(width), 64 if pow2(held) <= 128 else 32)
 
 
-def scan_block() -> int:
-    return INTERPRET_SCAN_BLOCK if INTERPRET else SCAN_BLOCK
+def scan_block() -> tuple[int, int]:
+    """``(BLOCK, BC)`` of the scan: numbers per program, chunks per step."""
+    return (INTERPRET_SCAN_BLOCK, INTERPRET_SCAN_CHUNKS) if INTERPRET else (SCAN_BLOCK,
+                                                                           SCAN_CHUNKS)
 
 
 #: The blocks ``(BK, BV)`` each kernel is offered at ``(F, DV)``, the primary first: the split
