@@ -41,9 +41,10 @@ SCAN_CHUNKS, INTERPRET_SCAN_CHUNKS = 16, 4
 
 # (num_warps, num_stages) offered to each autotuned kernel, the first the primary (what
 # ATTNKIT_AUTOTUNE=0 runs and the compile tests hold to no spills). Blocks are derived from the
-# dims (:func:`split_block`), not tuned. Measured with ``attnkit compile-report --arch 90 --op
-# linear_attention`` (bf16, D = 128, registers / stack bytes; benchmarks notes and
-# /work/notes/linkern.md): see the comments.
+# dims (:data:`_BLOCKS`), not searched. Measured with ``attnkit compile-report --arch 90 --op
+# linear_attention --first-only`` (bf16, causal, D = 128, registers / stack bytes, all wgmma):
+# state 77/0, out 226/0, dq 206/0 at 4 warps; dk 128/0 and dv 181/0 at 8 warps (at 4 warps
+# their decay + GQA variants spilled 8-32 B: the query-head loop keeps more tiles live).
 TUNED = {
     "state": [(4, 2), (8, 2), (4, 3)],
     "out": [(4, 2), (8, 2), (8, 3)],
