@@ -1,14 +1,16 @@
 """Compile the linear-attention and fused-LoRA kernels for sm_80 and sm_90 with Triton's own
 toolchain (no GPU needed), at the first config each autotuner is offered, as captured from the
 public API (:mod:`attnkit.kernels.compile_check`): linear attention bf16 at D = 128 and 64
-(causal, elu1, normalised; forward, dq, dk/dv), LoRA in = out = 4096 at r = 16 (bf16 and fp32)
-and r = 64 (bf16, with dropout), every kernel (shrink, fused GEMM forward and dx, both weight
-gradients, the multi-adapter pair).
+(causal, elu1, normalised; the chunk kernels: local states, the scan, outputs; the backward's
+prepass, dq, the state gradients, their reverse scan, dk, dv), LoRA in = out = 4096 at r = 16
+(bf16 and fp32) and r = 64 (bf16, with dropout), every kernel (shrink, fused GEMM forward and dx,
+both weight gradients, the multi-adapter pair).
 
 Asserted: every launch compiles and fits shared memory; on sm_90 (the H100 we tune for) none
-spills. On sm_80 the linear-attention tiles, chosen for sm_90, spill a little (measured: 16-48 B
-of stack with triton 3.9, 8-96 B with triton 3.6, the GPU machine's; the LoRA kernels none), so
-there the bound is 128 B, as for the flash kernels. With dropout, every config the fused dx GEMM
+spills, and every linear-attention kernel with a matmul runs it on wgmma (HGMMA) at D = 128,
+forward and backward. On sm_80 the linear-attention tiles, chosen for sm_90, spill a little
+(measured with triton 3.9: up to 120 B of stack, the output kernel at D = 128; the LoRA kernels
+none), so there the bound is 128 B, as for the flash kernels. With dropout, every config the fused dx GEMM
 is offered (not only the first) must not spill on sm_90: its prune drops the larger tiles, which
 spill 576-688 B per thread (``lora/op.py``). One subprocess, ~45 compiles.
 
@@ -77,7 +79,7 @@ def records():
 def test_linear_and_lora_kernels_compile_without_spills(records):
     first = records["first"]
     linear = [r for r in first if r["op"] == "linear_attention"]
-    assert len(linear) == 2 * 2 * 3, "\n".join(map(_name, linear))  # arch, D, kernels
+    assert len(linear) == 2 * 2 * 9, "\n".join(map(_name, linear))  # arch, D, launches
     for dtype, rank, _dropout, arch in LORA:
         seen = {(r["kernel"], r["tuned"]) for r in first if r["op"].startswith("lora")
                 and (r["dtype"], r["head_dim"], r["arch"]) == (dtype, rank, arch)}
@@ -90,6 +92,26 @@ def test_linear_and_lora_kernels_compile_without_spills(records):
     bad = [_name(r) for r in first
            if not r["fits"] or r["spill_bytes"] > (0 if r["arch"] == 90 else 128)]
     assert not bad, "spilling or oversized kernels:\n" + "\n".join(bad)
+
+
+#: The linear-attention kernels with matmuls (the scan and the backward's prepass have none).
+LINEAR_MMA = {"linear.chunk_state:_chunk_state_kernel", "linear.chunk_out:_chunk_out_kernel",
+              "linear.chunk_grad:_chunk_dq_kernel", "linear.chunk_grad:_chunk_dk_kernel",
+              "linear.chunk_grad:_chunk_dv_kernel"}
+
+
+def test_linear_kernels_use_wgmma_on_sm90(records):
+    """bf16, D = 128, sm_90: the forward (states, outputs) and the backward (state gradients,
+    dq, dk, dv) all take M = 64 tiles, so every product is a wgmma."""
+    linear = [r for r in records["first"] if r["op"] == "linear_attention" and r["arch"] == 90
+              and r["head_dim"] == 128]
+    kernels = {r["kernel"] for r in linear}
+    assert LINEAR_MMA <= kernels, sorted(kernels)
+    backward_state = [r for r in linear if "BACKWARD" in r["flags"]]
+    assert backward_state, "\n".join(map(_name, linear))
+    no_wgmma = [_name(r) for r in linear if r["kernel"] in LINEAR_MMA
+                and (r["hgmma"] == 0 or r["hmma"] > 0)]
+    assert not no_wgmma, "linear kernels without wgmma:\n" + "\n".join(no_wgmma)
 
 
 def test_dropout_dx_gemm_is_only_offered_tiles_that_do_not_spill(records):

@@ -48,8 +48,10 @@ KERNELS = (
     "flash.kernels_fwd:_fwd_kernel[tuned]", "flash.kernels_bwd:_bwd_dkdv_kernel[tuned]",
     "flash.kernels_dq:_bwd_dq_kernel[tuned]", "flash.kernels_bwd:_bwd_preprocess",
     "flash.decode:_decode_split_kernel", "flash.decode:_decode_merge_kernel",
-    "linear.op:_fwd_kernel[tuned]", "linear.op:_bwd_dq_kernel[tuned]",
-    "linear.op:_bwd_dkdv_kernel[tuned]", "lora.op:_fused_kernel[tuned]",
+    "linear.chunk_state:_chunk_state_kernel[tuned]", "linear.chunk_state:_state_scan_kernel",
+    "linear.chunk_out:_chunk_out_kernel[tuned]", "linear.chunk_grad:_bwd_prep_kernel",
+    "linear.chunk_grad:_chunk_dq_kernel[tuned]", "linear.chunk_grad:_chunk_dk_kernel[tuned]",
+    "linear.chunk_grad:_chunk_dv_kernel[tuned]", "lora.op:_fused_kernel[tuned]",
     "lora.op:_shrink_kernel[tuned]", "lora.op:_wgrad_kernel[tuned]", "lora.op:_fused_kernel",
     "lora.op:_shrink_kernel",
 )

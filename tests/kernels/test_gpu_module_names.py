@@ -13,7 +13,8 @@ import sys
 
 MODULES = ("flash.op", "flash.launch", "flash.tiles", "flash.kernels_common", "flash.kernels_fwd",
            "flash.kernels_bwd", "flash.kernels_dq", "flash.decode",
-           "linear.op", "lora.op")
+           "linear.op", "linear.tiles", "linear.blocks", "linear.chunk_state", "linear.chunk_out",
+           "linear.chunk_grad", "lora.op")
 
 SCRIPT = f"""
 import importlib, json

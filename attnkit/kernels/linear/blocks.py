@@ -1,9 +1,10 @@
-"""``@triton.jit`` building blocks of the linear-attention kernels (``op.py``).
+"""``@triton.jit`` building blocks of the chunked linear-attention kernels.
 
-Each block works on one chunk of ``BT`` tokens of one head: loading and mapping a feature tile,
-loading a key/value chunk, the per-query quantities of the backward, the state a walk starts
-from, and the program prologue (which head, where its tensors start). All accumulation is fp32;
-``PRECISION``/``UPCAST`` are the launch's numerics switches (``tiles.precision``/``tiles.upcast``).
+Each block works on one chunk of ``BT`` tokens of one head: mapping a feature tile, loading rows,
+the per-query gradient factors of the backward, a block of a per-chunk state, the decay weights
+of a chunk, and the program prologue (which block, chunk, head and batch row). All accumulation
+is fp32; ``PRECISION``/``UPCAST`` are the launch's numerics switches (``tiles.precision`` /
+``tiles.upcast``). The kernels are in ``chunk_state.py``, ``chunk_out.py`` and ``chunk_grad.py``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "phi", "dphi", "dot", "features", "key_chunk", "query_chunk", "start_state", "query_program",
-    "state_offsets", "block_offsets", "chunk_rows", "load_state",
+    "phi", "dphi", "dot", "features", "state_offsets", "block_offsets", "chunk_rows",
+    "decay_weights", "chunk_program", "load_rows", "grad_rows", "state_block", "causal_mask",
 ]
 
 
@@ -61,61 +62,11 @@ def features(base, rows, mask_t, stride_n, offs_f, mask_f, stride_d, scale, FEAT
 
 
 @triton.jit
-def key_chunk(k_base, v_base, rows, mask_t, skn, skd, svn, svd, offs_f, mask_f, offs_v, mask_v,
-              FEATURE: tl.constexpr):
-    """``(k [BT, BK] fp32, phi(k) [BT, BK] fp32, v [BT, BV] in v's dtype)`` of one chunk."""
-    xk, fk = features(k_base, rows, mask_t, skn, offs_f, mask_f, skd, 1.0, FEATURE)
-    v = tl.load(v_base + rows[:, None] * svn + offs_v[None, :] * svd,
-                mask=mask_t[:, None] & mask_v[None, :], other=0.0)
-    return xk, fk, v
-
-
-@triton.jit
-def query_chunk(q_base, do_base, o_base, den_base, rows, mask_t, offs_f, mask_f, offs_v, mask_v,
-                sqn, sqd, sdon, sdod, son, sod, scale, eps, FEATURE: tl.constexpr,
-                NORMALIZE: tl.constexpr):
-    """What the backward needs of one query head's chunk: ``(q * scale, phi(q * scale))``
-    ``[BT, BK]``, ``g = do / (den + eps)`` ``[BT, BV]`` and ``c = -(do . o) / (den + eps)``
-    ``[BT]`` (all fp32); without normalisation ``g = do`` and ``c = 0``."""
-    xq, fq = features(q_base, rows, mask_t, sqn, offs_f, mask_f, sqd, scale, FEATURE)
-    mask = mask_t[:, None] & mask_v[None, :]
-    do = tl.load(do_base + rows[:, None] * sdon + offs_v[None, :] * sdod, mask=mask, other=0.0)
-    g = do.to(tl.float32)
-    if NORMALIZE:
-        o = tl.load(o_base + rows[:, None] * son + offs_v[None, :] * sod, mask=mask, other=0.0)
-        r = 1.0 / (tl.load(den_base + rows, mask=mask_t, other=1.0) + eps)
-        c = -tl.sum(g * o.to(tl.float32), 1) * r
-        g = g * r[:, None]
-    else:
-        c = tl.zeros([do.shape[0]], dtype=tl.float32)
-    return xq, fq, g, c
-
-
-@triton.jit
 def state_offsets(b64, hk, HKV, F, DV):
     """Where key/value head ``hk`` of batch row ``b64`` starts in a dense ``[B, HKV, F, DV]``
     state and a ``[B, HKV, F]`` normaliser (int64)."""
     head = b64 * HKV + hk
     return head * F * DV, head * F
-
-
-@triton.jit
-def query_program(Q, K, V, OUT, DEN, sqb, sqh, skb, skh, svb, svh, sob, soh, HQ, HKV, GROUP, N, F,
-                  DV):
-    """The prologue of a program on grid ``(block, HQ, B)`` (heads on y, batch on z: each up to
-    65535): query head ``h`` reads key/value head ``h // GROUP``. Returns ``(h, b64, q_base,
-    k_base, v_base, o_base, den_base, st_off, zt_off)``, all offsets int64."""
-    h = tl.program_id(1)
-    b64 = tl.program_id(2).to(tl.int64)
-    hk = h // GROUP
-    h64, hk64 = h.to(tl.int64), hk.to(tl.int64)
-    q_base = Q + b64 * sqb + h64 * sqh
-    k_base = K + b64 * skb + hk64 * skh
-    v_base = V + b64 * svb + hk64 * svh
-    o_base = OUT + b64 * sob + h64 * soh
-    den_base = DEN + (b64 * HQ + h64) * N
-    st_off, zt_off = state_offsets(b64, hk64, HKV, F, DV)
-    return h, b64, q_base, k_base, v_base, o_base, den_base, st_off, zt_off
 
 
 @triton.jit
@@ -134,51 +85,82 @@ def chunk_rows(start, arange_t, N):
 
 
 @triton.jit
-def load_state(S, Z, st_off, zt_off, offs_f, mask_f, offs_v, mask_v, DV, PRESENT: tl.constexpr,
-               BK: tl.constexpr, BV: tl.constexpr):
-    """The ``[BK, BV]`` / ``[BK]`` fp32 block of a dense ``[B, HKV, F, DV]`` state and its
-    ``[B, HKV, F]`` normaliser, or zeros when they are absent (``PRESENT`` False: ``None``)."""
-    if PRESENT:
-        s = tl.load(S + st_off + offs_f[:, None] * DV + offs_v[None, :],
-                    mask=mask_f[:, None] & mask_v[None, :], other=0.0)
-        z = tl.load(Z + zt_off + offs_f, mask=mask_f, other=0.0)
-    else:
-        s = tl.zeros([BK, BV], dtype=tl.float32)
-        z = tl.zeros([BK], dtype=tl.float32)
-    return s, z
-
-
-@triton.jit
-def start_state(S0, Z0, st_off, zt_off, k_base, v_base, skn, skd, svn, svd, N, DV,
-                offs_f, mask_f, offs_v, mask_v, arange_t, FEATURE: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_S0: tl.constexpr, PRECISION: tl.constexpr,
-                UPCAST: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
-    """The state ``[BK, BV]`` / normaliser ``[BK]`` (fp32) a chunk walk starts from: the initial
-    state (or zeros) and, non-causal, plus the whole sequence's ``phi(k)^T v`` (a first pass)."""
-    s, z = load_state(S0, Z0, st_off, zt_off, offs_f, mask_f, offs_v, mask_v, DV, HAS_S0, BK, BV)
-    if not CAUSAL:
-        for start in range(0, N, BT):
-            offs_t, mask_t, rows = chunk_rows(start, arange_t, N)
-            xk, fk, v = key_chunk(k_base, v_base, rows, mask_t, skn, skd, svn, svd, offs_f, mask_f,
-                                 offs_v, mask_v, FEATURE)
-            s += dot(tl.trans(fk.to(v.dtype)), v, PRECISION, UPCAST)  # [BK, BT] @ [BT, BV]
-            z += tl.sum(fk, 0)
-    return s, z
-
-
-@triton.jit
-def decay_weights(LG, hk, start, arange_t, N, BT: tl.constexpr):
+def decay_weights(LG, hk, start, arange_t, N, BT: tl.constexpr, TRANSPOSED: tl.constexpr):
     """The decay of the chunk at token ``start`` for key/value head ``hk`` (``LG [HKV]``: fp32
     ``log gamma <= 0``), local positions ``i`` (query) and ``j`` (key), ``n`` real tokens:
-    ``(gamma^(i - j) [BT, BT] (0 above the diagonal), gamma^(i + 1) [BT] (what a query reads of
-    the incoming state), gamma^(n - 1 - j) [BT] (what key j adds to the outgoing state, 0 past
-    the tail), gamma^n (what the incoming state keeps))``. Every exponent is >= 0, so nothing
+    ``(gamma^(i - j) [BT, BT] (rows i, 0 above the diagonal; rows j with ``TRANSPOSED``, the
+    layout of the backward's key-side scores), gamma^(i + 1) [BT] (what a query reads of the
+    incoming state), gamma^(n - 1 - j) [BT] (what key j adds to the outgoing state, 0 past the
+    tail), gamma^n (what the incoming state keeps))``. Every exponent is >= 0: nothing
     overflows."""
     lg = tl.load(LG + hk)
     n = tl.minimum(N - start, BT).to(tl.float32)
     t = arange_t.to(tl.float32)
-    gap = t[:, None] - t[None, :]
+    if TRANSPOSED:
+        gap = t[None, :] - t[:, None]
+    else:
+        gap = t[:, None] - t[None, :]
     w_a = tl.where(gap >= 0, tl.exp(lg * tl.maximum(gap, 0.0)), 0.0)
     w_q = tl.exp(lg * (t + 1.0))
     w_k = tl.where(t < n, tl.exp(lg * tl.maximum(n - 1.0 - t, 0.0)), 0.0)
     return w_a, w_q, w_k, tl.exp(lg * n)
+
+
+@triton.jit
+def chunk_program(NB):
+    """The prologue of a program on grid ``(NB * chunks, heads, B)``: axis 0 packs the ``NB``
+    blocks of a split dim with the chunk, blocks fastest, so the programs of one chunk run side
+    by side and share its tiles in L2 (each reads the chunk's q/k/v/do rows whole); heads (y) and
+    batch rows (z) keep the full 65535 each. Returns ``(block, chunk, head, b64)``."""
+    pid = tl.program_id(0)
+    return pid % NB, pid // NB, tl.program_id(1), tl.program_id(2).to(tl.int64)
+
+
+@triton.jit
+def load_rows(base, rows, mask_t, stride_n, offs, mask, stride_d):
+    """A ``[BT, W]`` tile of a ``[N, D]`` head (0 outside), in the tensor's dtype."""
+    return tl.load(base + rows[:, None] * stride_n + offs[None, :] * stride_d,
+                   mask=mask_t[:, None] & mask[None, :], other=0.0)
+
+
+@triton.jit
+def grad_rows(do_base, den_base, c_base, rows, mask_t, offs_v, mask_v, sdon, sdod, eps,
+              NORMALIZE: tl.constexpr):
+    """The backward's per-query factors of one chunk: ``do`` ``[BT, BV]`` as stored, ``r = 1 /
+    (den + eps)`` and ``c = -(do . o) r`` ``[BT]`` fp32 (``c`` from the prepass, ``chunk_grad``),
+    so the gradient on the numerator is ``g = r do``. The kernels apply ``r`` to whichever
+    product is smaller (a score row or column, a feature row) instead of forming ``g``: no fp32
+    ``[BT, BV]`` tile, and ``do`` enters the tensor-core products unrounded. Without
+    normalisation ``r = 1`` and ``c = 0``."""
+    do = load_rows(do_base, rows, mask_t, sdon, offs_v, mask_v, sdod)
+    if NORMALIZE:
+        r = 1.0 / (tl.load(den_base + rows, mask=mask_t, other=1.0) + eps)
+        c = tl.load(c_base + rows, mask=mask_t, other=0.0)
+    else:
+        r = tl.full([do.shape[0]], 1.0, dtype=tl.float32)
+        c = tl.zeros([do.shape[0]], dtype=tl.float32)
+    return do, r, c
+
+
+@triton.jit
+def state_block(S, Z, head, chunk, s_head, s_chunk, z_head, z_chunk, offs_f, mask_f, offs_v,
+                mask_v, DV):
+    """The ``[BK, BV]`` block of the dense ``[F, DV]`` fp32 state of key/value head ``head``
+    (``b * HKV + hk``, int64) for ``chunk``, at ``S + head * s_head + chunk * s_chunk``, and the
+    ``[BK]`` block of its normaliser likewise in ``Z`` (0 outside)."""
+    s_off = head * s_head + chunk.to(tl.int64) * s_chunk
+    z_off = head * z_head + chunk.to(tl.int64) * z_chunk
+    s = tl.load(S + s_off + offs_f[:, None] * DV + offs_v[None, :],
+                mask=mask_f[:, None] & mask_v[None, :], other=0.0)
+    z = tl.load(Z + z_off + offs_f, mask=mask_f, other=0.0)
+    return s, z
+
+
+@triton.jit
+def causal_mask(arange_t, TRANSPOSED: tl.constexpr):
+    """``[BT, BT]``: query ``i`` sees key ``j <= i`` (rows = queries), or its transpose (rows =
+    keys, ``TRANSPOSED``)."""
+    if TRANSPOSED:
+        return arange_t[:, None] <= arange_t[None, :]
+    else:
+        return arange_t[:, None] >= arange_t[None, :]

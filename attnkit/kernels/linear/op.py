@@ -1,4 +1,4 @@
-"""Chunked linear attention in Triton: the kernels, their launchers and the ``torch.library`` ops.
+"""Chunked linear attention in Triton: the launchers and the ``torch.library`` ops.
 
 Definition (``phi`` = the feature map; ``fq = phi(q * scale)``, ``fk = phi(k)``, both ``[N, F]``)::
 
@@ -6,82 +6,50 @@ Definition (``phi`` = the feature map; ``fq = phi(q * scale)``, ``fk = phi(k)``,
     z_i = z0 + sum_{j <= i} fk_j            [F]
     o_i = fq_i S_i / (fq_i . z_i + eps)      (normalize=False: o_i = fq_i S_i)
 
-``HAS_DECAY`` (causal; ``LG = log gamma [HKV]``): ``S_i = gamma S_{i-1} + fk_i v_i^T``, so in a
-chunk of ``n`` tokens the scores take ``gamma^(i - j)``, query ``i`` reads ``gamma^(i + 1)`` of
-the incoming state and key ``j`` enters the outgoing one as ``gamma^(n - 1 - j)`` (the incoming
-one keeps ``gamma^n``); the backward weights the same terms (``blocks.decay_weights``).
+``HAS_DECAY`` (causal; ``LG = log gamma [HKV]``): ``S_i = gamma S_{i-1} + fk_i v_i^T``.
 
-Chunkwise-parallel form (chunk ``BT``, 64 on a GPU, 16 under the interpreter): within a chunk the
-masked quadratic term ``(fq fk^T * M) v``, across chunks the state ``S`` (and normaliser ``z``)
-carried in fp32 registers. One program walks the whole sequence of one head, so per-token states
-are never stored and memory stays O(N*D + F*Dv) per head. Backward recomputes the state in the
-same walk (forward direction for dq, reverse for dk/dv) instead of saving it.
+The chunk form, parallel over the sequence as well as the heads (chunk ``BT``: 64 on a GPU, 16
+under the interpreter; ``NT = cdiv(N, BT)`` chunks):
 
-Gradients. With ``r_i = 1 / (fq_i . z_i + eps)`` and upstream ``do_i``::
+* forward: ``chunk_state._chunk_state_kernel`` computes every chunk's local state
+  ``sum_j gamma^(n-1-j) fk_j v_j^T`` (and normaliser) at once; ``chunk_state._state_scan_kernel``
+  turns them, in place, into the state entering each chunk (sequential over chunks, but only a
+  multiply-add per number, parallel over small flat blocks of each head's state) and writes the
+  final state; ``chunk_out._chunk_out_kernel`` computes every chunk's output: the masked
+  quadratic term inside the chunk plus ``fq`` times the incoming state. Non-causal: the scan only
+  sums, and every chunk reads the total.
+* backward: the forward states are recomputed the same way; ``chunk_grad._bwd_prep_kernel``
+  computes ``c = -(do . o) / (den + eps)``; ``chunk_grad._chunk_dq_kernel`` computes dq; the same
+  state kernel (``BACKWARD``) and a reverse scan give the gradient on each chunk's outgoing state
+  (into the same buffer); ``_chunk_dk_kernel`` and ``_chunk_dv_kernel`` give dk and dv, each
+  block complete in one program (no fp32 partial planes). GQA: the state kernels and dk/dv loop
+  over the query heads of a group, so K/V are never expanded and nothing is reduced afterwards.
 
-    g_i = do_i * r_i                 [Dv]  gradient on the numerator fq_i S_i
-    c_i = -(do_i . o_i) * r_i        []    gradient on the denominator fq_i . z_i
+Memory: the per-chunk states, ``B * HKV * NT * (F * Dv + F)`` fp32 (at D = 128 and chunk 64,
+1 KiB per token and key/value head: four times a bf16 ``[N, 128]`` tensor), live during one
+forward or backward call; nothing but ``den [B, HQ, N]`` fp32 is saved for backward besides
+q, k, v, o.
 
-so the normaliser is just one more value column whose gradient is ``c``::
+Built-in feature maps are fused (``FEATURE``, the codes of ``feature_maps.FEATURES``). Numerics:
+states, denominators and all accumulators are fp32; intra-chunk products and the local states take
+fp16/bf16 operands for 16-bit inputs (tensor cores) with fp32 accumulation; products with a
+stored state take fp32 operands (TF32 unless ``torch.get_float32_matmul_precision() ==
+"highest"``), so the state is never rounded to 16 bits. Base offsets are int64.
 
-    dfq_i = S_i g_i + z_i c_i
-    dfk_j = dS_j v_j + dz_j,   dv_j = dS_j^T fk_j,   dS_j = sum_{i >= j} fq_i g_i^T (+ dS_N),
-                                                     dz_j = sum_{i >= j} fq_i c_i   (+ dz_N)
-    dS0 = dS_1, dz0 = dz_1
-
-Work split (why the tiles look the way they do):
-
-* forward: one program per ``(value block, b, query head)`` holds the full ``F`` (``BK`` = F padded
-  to a power of two) and a ``BV`` slice of ``Dv``; the denominator needs all of ``F``, and the
-  output columns are independent across value blocks.
-* dq: one program per ``(feature block, b, query head)`` holds all of ``Dv``; ``dfq[:, kblock]``
-  only needs ``S[kblock, :]``.
-* dk/dv: one program per ``(feature block, b, key/value head)`` walks the chunks backwards and,
-  inside each chunk, the ``Hq / Hkv`` query heads of its group, so GQA never expands K/V and dk/dv
-  need no reduction over heads. ``dk[:, kblock]`` is complete in one program; ``dv`` is linear in
-  the ``F`` split, so with more than one feature block each writes an fp32 partial that the
-  launcher sums.
-* GQA forward: each query head recomputes the state of its key/value head (the state costs as
-  much as the output's inter-chunk term, so this is at most a 2x on that term, and it keeps
-  programs independent). The first query head of each group writes the final state.
-
-Built-in feature maps are fused (``FEATURE``, the codes of ``feature_maps.FEATURES``): the kernels
-load raw q/k and apply ``phi`` and ``phi'`` in fp32. Any other map is applied outside by autograd and
-the kernels run with the identity.
-
-Numerics: states, denominators and all accumulators are fp32. Intra-chunk products take fp16/bf16
-operands (tensor cores) with fp32 accumulation; the inter-chunk product with the state takes fp32
-operands (TF32 unless ``torch.get_float32_matmul_precision() == "highest"``), so the state is never
-rounded to 16 bits (fp16 would overflow on long sequences). Base offsets are int64.
-
-Layout of the folder: the shared ``@triton.jit`` pieces are in ``blocks.py``, the tile tables and
-autotuning in ``tiles.py``; this module holds the three kernels (their module is what the launch
-dry run and the compile check name), the launchers, which allocate every output (hence
-``POISON_OUTPUTS`` here), and the custom ops. An absent initial state, or an absent gradient on
-the final state, is passed as ``None`` and its ``HAS_*`` flag derived from that.
+This module allocates every output (hence ``POISON_OUTPUTS`` here). An absent initial state, or
+an absent gradient on the final state, is passed as ``None`` and its ``HAS_*`` flag derived from
+that.
 """
 
 from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
 from . import tiles
-from .blocks import (
-    block_offsets,
-    chunk_rows,
-    decay_weights,
-    dot,
-    dphi,
-    features,
-    key_chunk,
-    load_state,
-    query_chunk,
-    query_program,
-    start_state,
-    state_offsets,
-)
+from .chunk_grad import _bwd_prep_kernel, _chunk_dk_kernel, _chunk_dq_kernel, _chunk_dv_kernel
+from .chunk_out import _chunk_out_kernel
+from .chunk_state import _chunk_state_kernel, _state_scan_kernel
 from .feature_maps import FEATURES
 from .tiles import INTERPRET, MAX_DIM, pow2
 from .tiles import dense_state as _dense
@@ -94,239 +62,28 @@ __all__ = ["linear_attention_triton", "FEATURES", "INTERPRET", "MAX_DIM"]
 #: Tests set this to fill every output with NaN before the kernels run (unwritten -> fails).
 POISON_OUTPUTS = False
 
-# The tile selection under the names the compile check and its tests read (``tiles.py``).
-_fwd_tiles, _bwd_tiles, _pow2 = tiles.fwd_tiles, tiles.bwd_tiles, pow2
-_dq_bk, _dkdv_bk = tiles.dq_block, tiles.dkdv_block
-_DQ_TILES, _DKDV_TILES = tiles.DQ_TILES, tiles.DKDV_TILES
+# (kernel, meta): on a GPU the autotuned kernel, whose configs set BK/BV/BT (meta None); under
+# the interpreter the kernel and the blocks the launcher passes (tiles.autotuned)
+_KERNELS = {
+    "state": tiles.autotuned(_chunk_state_kernel, "state"),
+    "out": tiles.autotuned(_chunk_out_kernel, "out"),
+    "dq": tiles.autotuned(_chunk_dq_kernel, "dq"),
+    "dk": tiles.autotuned(_chunk_dk_kernel, "dk"),
+    "dv": tiles.autotuned(_chunk_dv_kernel, "dv"),
+}
 
 
-# --------------------------------------------------------------------------------------------
-# Forward
-# --------------------------------------------------------------------------------------------
+def _launch(which: str, shape: tuple, **args) -> None:
+    """Launch kernel ``which`` on grid ``(split blocks * chunks, heads, B)``: axis 0 packs the
+    split dim's blocks (``BK`` for dq/dk, ``BV`` for out/dv, both for state) with the chunks."""
+    F, Dv, nt, heads, B = shape  # (F, Dv, chunks, heads on the grid, batch rows)
+    kernel, meta = _KERNELS[which]
 
+    def grid(m):
+        n_k, n_v = triton.cdiv(F, m["BK"]), triton.cdiv(Dv, m["BV"])
+        return ({"state": n_k * n_v, "dq": n_k, "dk": n_k}.get(which, n_v) * nt, heads, B)
 
-@triton.jit
-def _fwd_kernel(
-    Q, K, V, OUT, DEN, S0, Z0, ST, ZT, LG,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    scale, eps, HQ, HKV, GROUP, N, F, DV,
-    FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_S0: tl.constexpr,
-    HAS_DECAY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-):
-    """Grid ``(cdiv(DV, BV), HQ, B)``. Writes ``o``, the denominator ``den [B, HQ, N]`` (fp32,
-    value block 0 only) and the final state ``ST [B, HKV, F, DV]`` / ``ZT [B, HKV, F]``."""
-    i_v = tl.program_id(0)
-    h, b64, q_base, k_base, v_base, o_base, den_base, st_off, zt_off = query_program(
-        Q, K, V, OUT, DEN, sqb, sqh, skb, skh, svb, svh, sob, soh, HQ, HKV, GROUP, N, F, DV)
-
-    offs_f, mask_f, offs_v, mask_v = block_offsets(0, i_v * BV, F, DV, BK, BV)
-    mask_fv = mask_f[:, None] & mask_v[None, :]
-    s_ptrs = offs_f[:, None] * DV + offs_v[None, :]
-    arange_t = tl.arange(0, BT)
-
-    # Non-causal: pass 1 builds the whole sequence's state; pass 2 below reads it for every chunk.
-    s, z = start_state(S0, Z0, st_off, zt_off, k_base, v_base, skn, skd, svn, svd, N, DV,
-                       offs_f, mask_f, offs_v, mask_v, arange_t, FEATURE, CAUSAL, HAS_S0,
-                       PRECISION, UPCAST, BK, BT, BV)
-
-    for start in range(0, N, BT):
-        offs_t, mask_t, rows = chunk_rows(start, arange_t, N)
-        xq, fq = features(q_base, rows, mask_t, sqn, offs_f, mask_f, sqd, scale, FEATURE)
-        # inter-chunk term with the fp32 state: [BT, BK] @ [BK, BV] -> [BT, BV]
-        num = dot(fq, s, PRECISION, False)
-        if NORMALIZE:
-            den = tl.sum(fq * z[None, :], 1)  # [BT]
-        if HAS_DECAY:  # (causal only) query i reads gamma^(i + 1) of the incoming state
-            w_a, w_q, w_k, w_s = decay_weights(LG, h // GROUP, start, arange_t, N, BT)
-            num = num * w_q[:, None]
-            if NORMALIZE:
-                den = den * w_q
-        if CAUSAL:
-            xk, fk, v = key_chunk(k_base, v_base, rows, mask_t, skn, skd, svn, svd, offs_f, mask_f,
-                                 offs_v, mask_v, FEATURE)
-            # intra-chunk term: [BT, BK] @ [BK, BT] -> [BT, BT], lower triangle (j <= i)
-            a = dot(fq.to(v.dtype), tl.trans(fk.to(v.dtype)), PRECISION, UPCAST)
-            a = tl.where(arange_t[:, None] >= arange_t[None, :], a, 0.0)
-            if HAS_DECAY:
-                a = a * w_a
-                s, z, fk = s * w_s, z * w_s, fk * w_k[:, None]  # the outgoing state's weights
-            num += dot(a.to(v.dtype), v, PRECISION, UPCAST)  # [BT, BT] @ [BT, BV]
-            if NORMALIZE:
-                den += tl.sum(a, 1)
-            s += dot(tl.trans(fk.to(v.dtype)), v, PRECISION, UPCAST)  # [BK, BT] @ [BT, BV]
-            z += tl.sum(fk, 0)
-        if NORMALIZE:
-            num = num / (den + eps)[:, None]
-            tl.store(den_base + offs_t, den, mask=mask_t & ((arange_t * 0 + i_v) == 0))
-        tl.store(o_base + rows[:, None] * son + offs_v[None, :] * sod,
-                 num.to(OUT.dtype.element_ty), mask=mask_t[:, None] & mask_v[None, :])
-
-    # The first query head of each group writes its key/value head's final state.
-    # (scalar conditions are broadcast to tiles: the interpreter rejects scalar-and-tile masks)
-    first = (offs_f * 0 + h % GROUP) == 0  # [BK]
-    tl.store(ST + st_off + s_ptrs, s, mask=mask_fv & first[:, None])
-    tl.store(ZT + zt_off + offs_f, z, mask=mask_f & first & ((offs_f * 0 + i_v) == 0))
-
-
-# --------------------------------------------------------------------------------------------
-# Backward
-# --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _bwd_dq_kernel(
-    Q, K, V, OUT, DO, DEN, S0, Z0, DQ, LG,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
-    scale, eps, HQ, HKV, GROUP, N, F, DV,
-    FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_S0: tl.constexpr,
-    HAS_DECAY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-):
-    """Grid ``(cdiv(F, BK), HQ, B)``: ``dq[:, kblock] = phi'(q) * scale * (S g + z c)``,
-    recomputing ``S[kblock, :]`` chunk by chunk."""
-    i_k = tl.program_id(0)
-    h, b64, q_base, k_base, v_base, o_base, den_base, st_off, zt_off = query_program(
-        Q, K, V, OUT, DEN, sqb, sqh, skb, skh, svb, svh, sob, soh, HQ, HKV, GROUP, N, F, DV)
-    do_base = DO + b64 * sdob + h.to(tl.int64) * sdoh
-    dq_base = DQ + b64 * sdqb + h.to(tl.int64) * sdqh
-
-    offs_f, mask_f, offs_v, mask_v = block_offsets(i_k * BK, 0, F, DV, BK, BV)
-    arange_t = tl.arange(0, BT)
-
-    s, z = start_state(S0, Z0, st_off, zt_off, k_base, v_base, skn, skd, svn, svd, N, DV,
-                       offs_f, mask_f, offs_v, mask_v, arange_t, FEATURE, CAUSAL, HAS_S0,
-                       PRECISION, UPCAST, BK, BT, BV)
-
-    for start in range(0, N, BT):
-        offs_t, mask_t, rows = chunk_rows(start, arange_t, N)
-        xq, fq, g, c = query_chunk(q_base, do_base, o_base, den_base, rows, mask_t, offs_f, mask_f,
-                                  offs_v, mask_v, sqn, sqd, sdon, sdod, son, sod, scale, eps,
-                                  FEATURE, NORMALIZE)
-        # inter-chunk: [BT, BV] @ [BV, BK] -> [BT, BK]
-        dfq = dot(g, tl.trans(s), PRECISION, False) + c[:, None] * z[None, :]
-        if HAS_DECAY:
-            w_a, w_q, w_k, w_s = decay_weights(LG, h // GROUP, start, arange_t, N, BT)
-            dfq = dfq * w_q[:, None]
-        if CAUSAL:
-            xk, fk, v = key_chunk(k_base, v_base, rows, mask_t, skn, skd, svn, svd, offs_f, mask_f,
-                                 offs_v, mask_v, FEATURE)
-            # dA_ij = g_i . v_j + c_i: [BT, BV] @ [BV, BT] -> [BT, BT], lower triangle
-            da = dot(g.to(v.dtype), tl.trans(v), PRECISION, UPCAST) + c[:, None]
-            da = tl.where(arange_t[:, None] >= arange_t[None, :], da, 0.0)
-            if HAS_DECAY:
-                da = da * w_a
-            dfq += dot(da.to(v.dtype), fk.to(v.dtype), PRECISION, UPCAST)  # [BT, BT] @ [BT, BK]
-            if HAS_DECAY:
-                s, z, fk = s * w_s, z * w_s, fk * w_k[:, None]
-            s += dot(tl.trans(fk.to(v.dtype)), v, PRECISION, UPCAST)
-            z += tl.sum(fk, 0)
-        dq = dfq * dphi(xq, FEATURE) * scale
-        tl.store(dq_base + rows[:, None] * sdqn + offs_f[None, :] * sdqd,
-                 dq.to(DQ.dtype.element_ty), mask=mask_t[:, None] & mask_f[None, :])
-
-
-@triton.jit
-def _bwd_dkdv_kernel(
-    Q, K, V, OUT, DO, DEN, DST, DZT, DK, DV_, DS0, DZ0, LG,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    sdob, sdoh, sdon, sdod, sdkb, sdkh, sdkn, sdkd, sdvk, sdvb, sdvh, sdvn, sdvd,
-    scale, eps, HQ, HKV, GROUP, N, F, DV,
-    FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
-    HAS_DST: tl.constexpr, WRITE_DS0: tl.constexpr, HAS_DECAY: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-):
-    """Grid ``(cdiv(F, BK), HKV, B)``: a reverse walk carrying ``dS[kblock, :]`` / ``dz[kblock]``
-    over the chunks and, inside each chunk, over the ``GROUP`` query heads of this key/value head.
-    Writes ``dk[:, kblock]``, the ``kblock`` partial of ``dv`` (plane ``i_k`` of ``DV_``, the
-    ``[planes, B, HKV, N, DV]`` buffer) and, at the start of the sequence, ``dS0`` / ``dz0``."""
-    i_k = tl.program_id(0)
-    hk = tl.program_id(1)
-    b64 = tl.program_id(2).to(tl.int64)
-    k_base = K + b64 * skb + hk.to(tl.int64) * skh
-    v_base = V + b64 * svb + hk.to(tl.int64) * svh
-    dk_base = DK + b64 * sdkb + hk.to(tl.int64) * sdkh
-    dv_base = DV_ + i_k.to(tl.int64) * sdvk + b64 * sdvb + hk.to(tl.int64) * sdvh
-    st_off, zt_off = state_offsets(b64, hk.to(tl.int64), HKV, F, DV)
-
-    offs_f, mask_f, offs_v, mask_v = block_offsets(i_k * BK, 0, F, DV, BK, BV)
-    mask_fv = mask_f[:, None] & mask_v[None, :]
-    s_ptrs = offs_f[:, None] * DV + offs_v[None, :]
-    arange_t = tl.arange(0, BT)
-    n_chunks = tl.cdiv(N, BT)
-
-    # the gradient on the returned final state (zeros when unused) seeds the reverse walk
-    ds, dz = load_state(DST, DZT, st_off, zt_off, offs_f, mask_f, offs_v, mask_v, DV, HAS_DST, BK,
-                        BV)
-
-    if not CAUSAL:
-        # Pass 1: every key sees every query, so dS is the same total for all of them.
-        for start in range(0, N, BT):
-            offs_t, mask_t, rows = chunk_rows(start, arange_t, N)
-            for hh in range(0, GROUP):
-                h = (hk * GROUP + hh).to(tl.int64)
-                xq, fq, g, c = query_chunk(
-                    Q + b64 * sqb + h * sqh, DO + b64 * sdob + h * sdoh, OUT + b64 * sob + h * soh,
-                    DEN + (b64 * HQ + h) * N, rows, mask_t, offs_f, mask_f, offs_v, mask_v,
-                    sqn, sqd, sdon, sdod, son, sod, scale, eps, FEATURE, NORMALIZE)
-                ds += dot(tl.trans(fq), g, PRECISION, False)  # [BK, BT] @ [BT, BV]
-                dz += tl.sum(fq * c[:, None], 0)
-
-    for i in range(0, n_chunks):
-        start = (n_chunks - 1 - i) * BT  # reverse: dS must hold the chunks after this one
-        offs_t, mask_t, rows = chunk_rows(start, arange_t, N)
-        xk, fk, v = key_chunk(k_base, v_base, rows, mask_t, skn, skd, svn, svd, offs_f, mask_f,
-                              offs_v, mask_v, FEATURE)
-        # inter-chunk: [BT, BV] @ [BV, BK] -> [BT, BK] and [BT, BK] @ [BK, BV] -> [BT, BV]
-        dfk = dot(v.to(tl.float32), tl.trans(ds), PRECISION, False) + dz[None, :]
-        dv = dot(fk, ds, PRECISION, False)
-        if HAS_DECAY:
-            # key j entered the outgoing state as gamma^(n-1-j); the incoming one kept gamma^n,
-            # so dS now passes gamma^n back before this chunk's queries add theirs
-            w_a, w_q, w_k, w_s = decay_weights(LG, hk, start, arange_t, N, BT)
-            dfk, dv = dfk * w_k[:, None], dv * w_k[:, None]
-            ds, dz = ds * w_s, dz * w_s
-            w_at = tl.trans(w_a)  # [key j, query i]: gamma^(i - j)
-        if CAUSAL:
-            upper = arange_t[:, None] <= arange_t[None, :]  # key j (row) seen by query i (col)
-            for hh in range(0, GROUP):
-                h = (hk * GROUP + hh).to(tl.int64)
-                xq, fq, g, c = query_chunk(
-                    Q + b64 * sqb + h * sqh, DO + b64 * sdob + h * sdoh, OUT + b64 * sob + h * soh,
-                    DEN + (b64 * HQ + h) * N, rows, mask_t, offs_f, mask_f, offs_v, mask_v,
-                    sqn, sqd, sdon, sdod, son, sod, scale, eps, FEATURE, NORMALIZE)
-                # P_ji = v_j . g_i + c_i: [BT, BV] @ [BV, BT] -> [BT, BT]
-                p = dot(v, tl.trans(g.to(v.dtype)), PRECISION, UPCAST) + c[None, :]
-                p = tl.where(upper, p, 0.0)
-                if HAS_DECAY:
-                    p = p * w_at
-                dfk += dot(p.to(v.dtype), fq.to(v.dtype), PRECISION, UPCAST)  # [BT, BT] @ [BT, BK]
-                # A^T_ji = fk_j . fq_i over this feature block: [BT, BK] @ [BK, BT] -> [BT, BT]
-                at = dot(fk.to(v.dtype), tl.trans(fq.to(v.dtype)), PRECISION, UPCAST)
-                at = tl.where(upper, at, 0.0)
-                if HAS_DECAY:
-                    at = at * w_at
-                    fq = fq * w_q[:, None]  # query i read gamma^(i + 1) of the incoming state
-                dv += dot(at.to(v.dtype), g.to(v.dtype), PRECISION, UPCAST)  # [BT, BT] @ [BT, BV]
-                # the inter-chunk terms above already read dS, so this chunk joins it now
-                ds += dot(tl.trans(fq), g, PRECISION, False)  # [BK, BT] @ [BT, BV]
-                dz += tl.sum(fq * c[:, None], 0)
-        dk = dfk * dphi(xk, FEATURE)
-        tl.store(dk_base + rows[:, None] * sdkn + offs_f[None, :] * sdkd,
-                 dk.to(DK.dtype.element_ty), mask=mask_t[:, None] & mask_f[None, :])
-        tl.store(dv_base + rows[:, None] * sdvn + offs_v[None, :] * sdvd,
-                 dv.to(DV_.dtype.element_ty), mask=mask_t[:, None] & mask_v[None, :])
-
-    if WRITE_DS0:
-        tl.store(DS0 + st_off + s_ptrs, ds, mask=mask_fv)
-        tl.store(DZ0 + zt_off + offs_f, dz, mask=mask_f)
-
-
-_fwd, _FWD_META = tiles.autotuned(_fwd_kernel, "fwd")
-_dq, _DQ_META = tiles.autotuned(_bwd_dq_kernel, "dq")
-_dkdv, _DKDV_META = tiles.autotuned(_bwd_dkdv_kernel, "dkdv")
+    kernel[grid](**args, **(meta(which, F, Dv) if meta else {}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,23 +97,74 @@ def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     return t.fill_(float("nan")) if POISON_OUTPUTS else t
 
 
-def _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale, lg=None):
+def _chunk_states(x, y, den, c, hs, hz, lg, group, backward, common):
+    """Every chunk's local state into ``hs [B*HKV, NT, F, Dv]`` / ``hz [B*HKV, NT, F]``: from
+    ``x = k``, ``y = v`` (forward) or ``x = q``, ``y = do`` with ``den``/``c`` (backward)."""
+    B, _, N, F = x.shape
+    nt, Dv, Hkv = hs.shape[1], y.shape[3], hs.shape[0] // B
+    _launch(
+        "state", (F, Dv, nt, Hkv, B), X=x, Y=y, DEN=den, C=c, HS=hs, HZ=hz, LG=lg,
+        **_strides("sx", x), **_strides("sy", y),
+        scale=common["scale"] if backward else 1.0, eps=common["eps"], HX=x.shape[1], HKV=Hkv,
+        GROUP=group, N=N, F=F, DV=Dv, NT=nt, FEATURE=common["FEATURE"], BACKWARD=backward,
+        NORMALIZE=common["NORMALIZE"], HAS_DECAY=lg is not None, PRECISION=common["PRECISION"],
+        UPCAST=common["UPCAST"],
+    )
+
+
+def _scan(hs, hz, s_in, z_in, s_out, z_out, lg, N, bt, reverse, store):
+    """The scan of the chunk slots (``chunk_state._state_scan_kernel``), in place."""
+    BH, nt, F, Dv = hs.shape
+    B, Hkv = s_out.shape[0], s_out.shape[1]
+    block, chunks = tiles.scan_block()
+    _state_scan_kernel[(triton.cdiv(F * Dv + F, block), Hkv, B)](
+        HS=hs, HZ=hz, S_IN=s_in, Z_IN=z_in, S_OUT=s_out, Z_OUT=z_out, LG=lg, HKV=Hkv, N=N,
+        NT=nt, F=F, DV=Dv, HAS_IN=s_in is not None, REVERSE=reverse, HAS_DECAY=lg is not None,
+        STORE=store, BT=bt, BC=chunks, BLOCK=block, num_warps=4,
+    )
+
+
+def _state_args(causal, hs, hz, total_s, total_z) -> dict:
+    """Where the output/gradient kernels read a chunk's state: its slot (causal) or, for every
+    chunk, the whole sequence's (non-causal: chunk stride 0)."""
+    if causal:
+        nt, F, Dv = hs.shape[1:]
+        return dict(HS=hs, HZ=hz, hs_head=nt * F * Dv, hs_chunk=F * Dv, hz_head=nt * F,
+                    hz_chunk=F)
+    F, Dv = total_s.shape[2:]
+    return dict(HS=total_s, HZ=total_z, hs_head=F * Dv, hs_chunk=0, hz_head=F, hz_chunk=0)
+
+
+def _forward_states(q, k, v, s0, z0, lg, bt, common, causal):
+    """``(hs, hz, s_N, z_N)``: the state entering each chunk (causal) and the final one."""
     B, Hq, N, F = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
+    nt = triton.cdiv(N, bt)
+    hs = _empty((B * Hkv, nt, F, Dv), q, torch.float32)
+    hz = _empty((B * Hkv, nt, F), q, torch.float32)
+    st = _empty((B, Hkv, F, Dv), q, torch.float32)
+    zt = _empty((B, Hkv, F), q, torch.float32)
+    _chunk_states(k, v, None, None, hs, hz, lg, 1, False, common)
+    _scan(hs, hz, s0, z0, st, zt, lg, N, bt, reverse=False, store=causal)
+    return hs, hz, st, zt
+
+
+def _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale, lg=None):
+    B, Hq, N, F = q.shape
+    Dv = v.shape[3]
+    bt = tiles.chunk()
+    common = dict(scale=float(scale), eps=float(eps), **_flags(q, feature, causal, normalize))
+    s0, z0 = _dense(s0, z0)
+    hs, hz, st, zt = _forward_states(q, k, v, s0, z0, lg, bt, common, causal)
     o = _empty((B, Hq, N, Dv), q)
     # without normalisation there is no denominator, but backward still takes the saved tensor
     den = (_empty((B, Hq, N), q, torch.float32) if normalize
            else q.new_zeros((B, Hq, N), dtype=torch.float32))
-    st = _empty((B, Hkv, F, Dv), q, torch.float32)
-    zt = _empty((B, Hkv, F), q, torch.float32)
-    s0, z0 = _dense(s0, z0)
-    grid = lambda meta: (triton.cdiv(Dv, meta["BV"]), Hq, B)
-    _fwd[grid](
-        Q=q, K=k, V=v, OUT=o, DEN=den, S0=s0, Z0=z0, ST=st, ZT=zt, LG=lg,
+    _launch(
+        "out", (F, Dv, hs.shape[1], Hq, B), Q=q, K=k, V=v, OUT=o, DEN=den, LG=lg,
+        **_state_args(causal, hs, hz, st, zt),
         **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("so", o),
-        scale=float(scale), eps=float(eps), **_sizes(q, k, v),
-        HAS_S0=s0 is not None, HAS_DECAY=lg is not None, BK=pow2(F),
-        **_flags(q, feature, causal, normalize), **_FWD_META,
+        **_sizes(q, k, v), NT=hs.shape[1], HAS_DECAY=lg is not None, **common,
     )
     return o, den, st, zt
 
@@ -365,43 +173,49 @@ def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize,
               lg=None):
     B, Hq, N, F = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
-    common = dict(scale=float(scale), eps=float(eps), **_sizes(q, k, v), BV=pow2(Dv),
-                  LG=lg, HAS_DECAY=lg is not None,
-                  **_flags(q, feature, causal, normalize))
+    bt = tiles.chunk()
+    common = dict(scale=float(scale), eps=float(eps), **_flags(q, feature, causal, normalize))
     do = do if do.stride(-1) == 1 else do.contiguous()
     s0, z0 = _dense(s0, z0)
+    hs, hz, st, zt = _forward_states(q, k, v, s0, z0, lg, bt, common, causal)
+    nt = hs.shape[1]
+    sizes = dict(**_sizes(q, k, v), NT=nt, HAS_DECAY=lg is not None, LG=lg, **common)
+    qkv = dict(Q=q, K=k, **_strides("sq", q), **_strides("sk", k), **_strides("sdo", do))
+    c = den  # read only when normalising
+    if normalize:
+        c = _empty((B, Hq, N), q, torch.float32)
+        _bwd_prep_kernel[(triton.cdiv(N, bt), Hq, B)](
+            DO=do, OUT=o, DEN=den, C=c, **_strides("sdo", do), **_strides("so", o),
+            eps=float(eps), HQ=Hq, N=N, DV=Dv, BT=bt, BV=pow2(Dv), num_warps=4,
+        )
     dq = _empty(q.shape, q)
-    dk = _empty(k.shape, k)
-    block = tiles.feature_block(tiles.dq_block, F, Dv)
-    _dq[(triton.cdiv(F, block), Hq, B)](
-        Q=q, K=k, V=v, OUT=o, DO=do, DEN=den, S0=s0, Z0=z0, DQ=dq,
-        **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("so", o),
-        **_strides("sdo", do), **_strides("sdq", dq),
-        HAS_S0=s0 is not None, BK=block, **common, **_DQ_META,
+    _launch(
+        "dq", (F, Dv, nt, Hq, B), V=v, DO=do, DEN=den, C=c, DQ=dq, **qkv, **_strides("sv", v),
+        **_strides("sdq", dq),
+        **_state_args(causal, hs, hz, st, zt), **sizes,
     )
-    # dv is linear in the split over F: with one feature block it is written in place, with more
-    # each block writes an fp32 plane that is summed here (deterministic, unlike atomics).
-    block = tiles.feature_block(tiles.dkdv_block, F, Dv)
-    planes = triton.cdiv(F, block)
-    if planes == 1:
-        dv_parts = _empty(v.shape, v).unsqueeze(0)
-    else:
-        dv_parts = _empty((planes, *v.shape), v, torch.float32)
-    ds0 = _empty((B, Hkv, F, Dv), q, torch.float32) if s0 is not None else None
-    dz0 = _empty((B, Hkv, F), q, torch.float32) if s0 is not None else None
+    # the gradients on the state leaving each chunk, into the same buffers (dq has read them)
+    _chunk_states(q, do, den, c, hs, hz, lg, Hq // Hkv, True, common)
+    ds0 = _empty((B, Hkv, F, Dv), q, torch.float32)
+    dz0 = _empty((B, Hkv, F), q, torch.float32)
     if dst is not None or dzt is not None:  # one of the two unused: its gradient is zero
         dst = dst.contiguous() if dst is not None else q.new_zeros((B, Hkv, F, Dv),
                                                                   dtype=torch.float32)
         dzt = dzt.contiguous() if dzt is not None else q.new_zeros((B, Hkv, F),
                                                                   dtype=torch.float32)
-    _dkdv[(planes, Hkv, B)](
-        Q=q, K=k, V=v, OUT=o, DO=do, DEN=den, DST=dst, DZT=dzt, DK=dk, DV_=dv_parts,
-        DS0=ds0, DZ0=dz0,
-        **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("so", o),
-        **_strides("sdo", do), **_strides("sdk", dk), **_strides("sdv", dv_parts),
-        HAS_DST=dst is not None, WRITE_DS0=ds0 is not None, BK=block, **common, **_DKDV_META,
+    _scan(hs, hz, dst, dzt, ds0, dz0, lg, N, bt, reverse=True, store=causal)
+    grads = _state_args(causal, hs, hz, ds0, dz0)
+    dk = _empty(k.shape, k)
+    _launch(
+        "dk", (F, Dv, nt, Hkv, B), V=v, DO=do, DEN=den, C=c, DK=dk, **qkv, **_strides("sv", v),
+        **_strides("sdk", dk),
+        **grads, **sizes,
     )
-    dv = dv_parts[0] if planes == 1 else dv_parts.sum(0).to(v.dtype)
+    dv = _empty(v.shape, v)
+    _launch(
+        "dv", (F, Dv, nt, Hkv, B), DO=do, DEN=den, DV_=dv, **qkv, **_strides("sdv", dv), **grads,
+        **sizes,
+    )
     if s0 is None:  # two tensors: outputs of a custom op must not alias each other
         ds0, dz0 = (q.new_empty((0,), dtype=torch.float32) for _ in range(2))
     return dq, dk, dv, ds0, dz0

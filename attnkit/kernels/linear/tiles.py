@@ -1,9 +1,10 @@
-"""Tiles of the linear-attention kernels: the tables, their selection and the autotune wrapping.
+"""Tiles of the chunked linear-attention kernels: chunk, blocks, warps and the autotune wrapping.
 
 Plain Python (no ``@triton.jit``; triton is imported only to wrap a kernel, so the backends can
-read :data:`MAX_DIM` where triton is not installed): which ``(BT, BV, num_warps, num_stages)`` a
-launch is offered on a GPU, the single small tile of the CPU interpreter, the feature blocks of
-the backward, and the launch-time numerics switches (:func:`precision`, :func:`upcast`).
+read :data:`MAX_DIM` where triton is not installed): the chunk every kernel of a call shares, the
+blocks of the split dims, the ``(num_warps, num_stages)`` each kernel is offered on a GPU, the
+small tiles of the CPU interpreter, and the launch-time numerics switches (:func:`precision`,
+:func:`upcast`).
 """
 
 from __future__ import annotations
@@ -14,54 +15,45 @@ from ..autotune import first_only_if_asked
 from ..dispatch import interpreting
 
 __all__ = [
-    "INTERPRET", "MAX_DIM", "FWD_TILES", "DQ_TILES", "DKDV_TILES", "INTERPRET_BLOCK", "pow2",
-    "fwd_tiles", "bwd_tiles", "dq_block", "dkdv_block", "feature_block", "autotuned", "precision",
-    "upcast", "launch_strides", "launch_sizes", "launch_flags", "dense_state",
+    "INTERPRET", "MAX_DIM", "CHUNK", "INTERPRET_BT", "INTERPRET_BLOCK", "TUNED", "pow2", "chunk",
+    "split_block", "scan_block", "blocks", "autotuned", "precision", "upcast", "launch_strides",
+    "launch_sizes", "launch_flags", "dense_state",
 ]
 
 #: Read once, at import: Triton decides compiled vs interpreted when the kernels are decorated.
 INTERPRET = interpreting()
-#: The forward holds all of F in one tile and the backward all of Dv: both are capped here.
+#: The output and dv kernels hold all of F in one tile and dq/dk all of Dv: both are capped here.
 MAX_DIM = 256
 
-# Tiles by size class: each entry ends with the largest padded width it is meant for (``BK`` =
-# pow2(F) in the forward, ``BV`` = pow2(Dv) in the backward); a launch is offered the entries of
-# the smallest class that holds it, in order, so the first entry is the primary config. Chosen
-# from ahead-of-time sm_90 compiles (``python -m attnkit.kernels.compile_check --module linear``,
-# bf16, numbers in the comments: registers / stack bytes): the fp32 state, the fp32 feature tiles
-# and the chunk products are all register-resident, so the wide tiles of the first version
-# (chunk 64 x value block 64 at 4 warps, backward chunk 64) spilled 360 B (forward) to 1.9 KB
-# (dk/dv) per thread at D = 128. Not yet timed on a GPU (benchmarks/NOTES.md).
-# Forward (BT, BV, num_warps, num_stages, class of BK).
-FWD_TILES = [
-    # F <= 64: 240/0, 208/0, 215/0, 252/0
-    (64, 64, 4, 2, 64), (64, 64, 8, 2, 64), (64, 32, 4, 2, 64), (32, 64, 4, 2, 64),
-    (64, 128, 8, 2, 64),
-    # F = 128: 235/0, 237/0, 242/0, 250/0 (64x64 at 4 warps: 360 B of stack)
-    (64, 32, 8, 2, 128), (64, 32, 8, 1, 128), (16, 64, 8, 2, 128), (64, 16, 4, 2, 128),
-    # F = 256: all spill a little (smallest: 32 B at 16x16)
-    (16, 16, 8, 2, 256), (16, 32, 8, 2, 256), (32, 16, 8, 2, 256),
-]
-# dq (BT, num_warps, num_stages, class of BV); feature block :func:`dq_block`.
-DQ_TILES = [
-    (32, 4, 2, 64), (32, 8, 2, 64), (64, 8, 2, 64), (16, 8, 2, 64),  # 189/0 132/0 250/0 126/0
-    (32, 8, 2, 128), (16, 8, 2, 128),  # 171/0 134/0 (chunk 64: 144 B of stack)
-    (16, 8, 2, 256), (32, 8, 2, 256),  # 200 B, 408 B of stack
-]
-# dk/dv (BT, num_warps, num_stages, class of BV); feature block :func:`dkdv_block`. The reverse
-# walk holds dS [BK, BV], the dk and dv accumulators and four chunk products at once, so it takes
-# chunk 16 and a narrower feature block as Dv grows (chunk 64 at BK 64 spilled 1.9 KB at D = 128).
-DKDV_TILES = [
-    (16, 8, 1, 64), (16, 8, 2, 64), (16, 4, 2, 64),  # BK 64: 214/0 216/0 254/0
-    (16, 8, 2, 128), (16, 8, 1, 128), (16, 4, 1, 128),  # BK 32: 232/0 220/0 254/0
-    (16, 8, 1, 256), (16, 8, 2, 256),  # BK 16: 8 B, 24 B of stack
-]
-# Under the interpreter one small tile: chunk 16 so that N = 17 or 100 spans several chunks, and
-# 16-wide blocks so that F or Dv = 24 or 32 exercises the split over value/feature blocks.
+#: Tokens per chunk on a GPU: every kernel's row tile, so its products are M = 64 wgmma on sm_90
+#: (64 x 128 bf16 operands at D = 128). One chunk size serves all the kernels of a call (it sets
+#: the per-chunk state buffers), so it is fixed here, not tuned.
+CHUNK = 64
+# Under the interpreter: chunk 16 so that N = 17 or 100 spans several chunks, and 16-wide blocks
+# so that F or Dv = 24..40 exercises the split over feature/value blocks.
 INTERPRET_BT = 16
 INTERPRET_BLOCK = 16
+#: The scan kernel's flat block (numbers of a head's state per program) and chunks per step, on
+#: a GPU / interpreted (4 chunks per step there, so N = 100 at chunk 16 (7 chunks) walks 2 steps, the last
+#: one partial). 16 chunks per step: 16 sequential loads at N = 16k instead of 256.
+SCAN_BLOCK, INTERPRET_SCAN_BLOCK = 128, 64
+SCAN_CHUNKS, INTERPRET_SCAN_CHUNKS = 16, 4
+
+# (num_warps, num_stages) offered to each autotuned kernel, the first the primary (what
+# ATTNKIT_AUTOTUNE=0 runs and the compile tests hold to no spills). Blocks are derived from the
+# dims (:data:`_BLOCKS`), not searched. Measured with ``attnkit compile-report --arch 90 --op
+# linear_attention --first-only`` (bf16, causal, D = 128, registers / stack bytes, all wgmma):
+# state 77/0, out 226/0, dq 206/0 at 4 warps; dk 128/0 and dv 181/0 at 8 warps (at 4 warps
+# their decay + GQA variants spilled 8-32 B: the query-head loop keeps more tiles live).
+TUNED = {
+    "state": [(4, 2), (8, 2), (4, 3)],
+    "out": [(4, 2), (8, 2), (8, 3)],
+    "dq": [(4, 2), (8, 2), (8, 3)],
+    "dk": [(8, 2), (4, 2), (8, 3)],
+    "dv": [(8, 2), (4, 2), (8, 3)],
+}
 #: What a tuned config depends on (the autotuner benchmarks once per distinct key).
-AUTOTUNE_KEY = ["F", "DV", "FEATURE", "CAUSAL", "NORMALIZE", "PRECISION", "GROUP"]
+AUTOTUNE_KEY = ["F", "DV", "FEATURE", "NORMALIZE", "HAS_DECAY", "PRECISION", "GROUP"]
 
 
 def pow2(n: int) -> int:
@@ -69,83 +61,82 @@ def pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())  # triton.next_power_of_2, floored at 16
 
 
-def _size_class(width: int, tiles) -> int:
-    """The smallest class (last field of a tile) that holds ``width`` (the largest if none)."""
-    classes = sorted({t[-1] for t in tiles})
-    return next((c for c in classes if width <= c), classes[-1])
+def chunk() -> int:
+    """The chunk (row tile) of a launch."""
+    return INTERPRET_BT if INTERPRET else CHUNK
 
 
-def fwd_tiles(F: int, Dv: int) -> list[tuple]:
-    """Forward tiles offered at ``(F, Dv)``: the class of ``BK = pow2(F)``, ``BV <= pow2(Dv)``."""
-    cls = _size_class(pow2(F), FWD_TILES)
-    tiles = [t for t in FWD_TILES if t[-1] == cls]
-    return [t for t in tiles if t[1] <= pow2(Dv)] or tiles[-1:]
+def split_block(width: int, held: int) -> int:
+    """The block of a dim of ``width`` that a kernel splits over programs while it holds all of
+    a dim of ``held`` (padded): 64, or 32 when the held dim is 256 (register budget), never more
+    than the padded width; the interpreter's 16."""
+    if INTERPRET:
+        return min(pow2(width), INTERPRET_BLOCK)
+    return min(pow2(width), 64 if pow2(held) <= 128 else 32)
 
 
-def bwd_tiles(tiles, Dv: int) -> list[tuple]:
-    """Backward tiles (``DQ_TILES`` or ``DKDV_TILES``) offered at ``Dv`` (class of pow2(Dv))."""
-    cls = _size_class(pow2(Dv), tiles)
-    return [t for t in tiles if t[-1] == cls]
+def scan_block() -> tuple[int, int]:
+    """``(BLOCK, BC)`` of the scan: numbers per program, chunks per step."""
+    return (INTERPRET_SCAN_BLOCK, INTERPRET_SCAN_CHUNKS) if INTERPRET else (SCAN_BLOCK,
+                                                                           SCAN_CHUNKS)
 
 
-def dq_block(F: int, Dv: int) -> int:
-    """dq's feature block ``BK`` on a GPU (F above it is split over programs)."""
-    return min(pow2(F), 64 if pow2(Dv) <= 128 else 32)
+#: The blocks ``(BK, BV)`` each kernel is offered at ``(F, DV)``, the primary first: the split
+#: dim's :func:`split_block`, the held dim padded whole; ``state`` splits both (its ``[BK, BV]``
+#: local state is all it holds). dk also gets ``BK = 64`` at ``DV = 128`` as a second choice:
+#: at 64 it spills on sm_80 (mma.sync keeps its operands in registers: 392 B at 4 warps, 336 B at
+#: 8), at 32 on neither (sm_90: 160 registers, HGMMA), but recomputes its ``[BT, BT]`` scores
+#: over ``DV`` for twice as many feature blocks; the autotuner picks.
+_BLOCKS = {
+    "state": lambda F, DV: [(split_block(F, 16), split_block(DV, 16))],
+    "out": lambda F, DV: [(pow2(F), split_block(DV, F))],
+    "dq": lambda F, DV: [(split_block(F, DV), pow2(DV))],
+    "dk": lambda F, DV: list(dict.fromkeys([(min(split_block(F, DV), 32 if pow2(DV) >= 128
+                                                 else 64), pow2(DV)),
+                                            (split_block(F, DV), pow2(DV))])),
+    "dv": lambda F, DV: [(pow2(F), split_block(DV, F))],
+}
+_WIDTHS = (16, 32, 64, 128, 256)
 
 
-def dkdv_block(F: int, Dv: int) -> int:
-    """dk/dv's feature block ``BK`` on a GPU; with more than one block dv sums fp32 partials."""
-    bv = pow2(Dv)
-    return min(pow2(F), 64 if bv <= 64 else 32 if bv <= 128 else 16)
+def blocks(which: str, F: int, DV: int) -> dict:
+    """``{"BK", "BV", "BT"}``: the primary blocks of kernel ``which`` at ``(F, DV)`` (what the
+    interpreter runs)."""
+    bk, bv = _BLOCKS[which](F, DV)[0]
+    return dict(BK=bk, BV=bv, BT=chunk())
 
 
-def feature_block(rule, F: int, Dv: int) -> int:
-    """The ``BK`` a backward launch takes: ``rule`` (:func:`dq_block` or :func:`dkdv_block`) on a
-    GPU, the interpreter's 16 (or less) on the CPU so that F = 24..40 spans several blocks."""
-    return min(pow2(F), INTERPRET_BLOCK) if INTERPRET else rule(F, Dv)
-
-
-def _config_tile(c) -> tuple:
-    return tuple(c.kwargs[k] for k in ("BT", "BV") if k in c.kwargs) + (c.num_warps, c.num_stages)
-
-
-def _pruner(offered):
-    """An ``early_config_prune`` keeping the configs whose tile ``offered(args)`` lists. Triton
-    passes the positional arguments as ``named_args`` and the keyword ones as ``kwargs``; the
-    launchers pass everything by keyword, so both are read."""
+def _pruner(which: str):
+    """An ``early_config_prune`` keeping the configs whose blocks :data:`_BLOCKS` offers at the
+    launch's ``F``/``DV``, in that order (Triton passes positional arguments as ``named_args``
+    and keyword ones as ``kwargs``; the launchers pass everything by keyword)."""
 
     def prune(configs, named_args, **kwargs):
-        keep = {t[:-1] for t in offered({**named_args, **kwargs})}
-        return [c for c in configs if _config_tile(c) in keep] or configs[-1:]
+        args = {**named_args, **kwargs}
+        offered = _BLOCKS[which](args["F"], args["DV"])
+        kept = [(offered.index((c.kwargs["BK"], c.kwargs["BV"])), i, c)
+                for i, c in enumerate(configs) if (c.kwargs["BK"], c.kwargs["BV"]) in offered]
+        return [c for _, _, c in sorted(kept, key=lambda t: t[:2])]
 
     return prune
 
 
-_OFFERED = {
-    "fwd": (FWD_TILES, ("BT", "BV"), lambda a: fwd_tiles(a["F"], a["DV"])),
-    "dq": (DQ_TILES, ("BT",), lambda a: bwd_tiles(DQ_TILES, a["DV"])),
-    "dkdv": (DKDV_TILES, ("BT",), lambda a: bwd_tiles(DKDV_TILES, a["DV"])),
-}
-
-
 def autotuned(kernel, which: str):
-    """``(kernel to launch, its tile meta-parameters)`` for ``which`` in ``"fwd"``, ``"dq"``,
-    ``"dkdv"``: on a GPU the kernel under ``triton.autotune`` over its table (no meta: the configs
-    set them); under the interpreter the kernel itself with the one small tile."""
+    """``(kernel to launch, meta)`` for ``which`` (a key of :data:`TUNED`): on a GPU the kernel
+    under ``triton.autotune`` over every block pair x its ``(num_warps, num_stages)``, pruned to
+    the blocks offered at the launch's dims, so the compile report shows them (``meta`` ``None``:
+    the configs set them; the grid reads them); under the interpreter the kernel itself and
+    ``meta = blocks`` (the launcher passes them)."""
+    if INTERPRET:
+        return kernel, blocks
     import triton
 
-    tiles, names, offered = _OFFERED[which]
-    if INTERPRET:
-        small = (INTERPRET_BT, INTERPRET_BLOCK)[: len(names)]
-        return kernel, dict(zip(names, small, strict=True))
-    configs = [
-        triton.Config(dict(zip(names, t[: len(names)], strict=True)), num_warps=t[len(names)],
-                      num_stages=t[len(names) + 1])
-        for t in dict.fromkeys(t[:-1] for t in tiles)
-    ]
-    prune = first_only_if_asked(_pruner(offered))
-    tuned = triton.autotune(configs, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune})
-    return tuned(kernel), {}
+    configs = [triton.Config(dict(BK=bk, BV=bv, BT=CHUNK), num_warps=w, num_stages=st)
+               for bk in _WIDTHS for bv in _WIDTHS for w, st in TUNED[which]]
+    keys = [k for k in AUTOTUNE_KEY if k in kernel.arg_names]
+    prune = first_only_if_asked(_pruner(which))
+    tuned = triton.autotune(configs, key=keys, prune_configs_by={"early_config_prune": prune})
+    return tuned(kernel), None
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -162,13 +153,13 @@ def upcast(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 
 
-# The launchers' keyword arguments (op.py), shared by the three kernels.
+# The launchers' keyword arguments (op.py), shared by the kernels.
 
 
 def launch_strides(prefix: str, t: torch.Tensor) -> dict:
     """``{prefix + "b": ..., "h", "n", "d"}``: the strides of a ``[B, H, N, D]`` tensor under the
-    kernels' parameter names (``sqb, sqh, sqn, sqd`` for ``"sq"``); a 5-d dv buffer adds "k"."""
-    axes = "bhnd" if t.dim() == 4 else "kbhnd"
+    kernels' parameter names (``sqb, sqh, sqn, sqd`` for ``"sq"``)."""
+    axes = "bhnd"
     return {prefix + a: s for a, s in zip(axes, t.stride(), strict=True)}
 
 
