@@ -1,0 +1,64 @@
+"""How the flash backward gets dQ: fused into the dK/dV pass (atomics) or by its own kernel.
+
+* **fused** (the default): every dK/dV program adds its ``dS @ K`` contribution to an fp32 dQ
+  accumulator with ``tl.atomic_add`` (:func:`~.kernels_bwd._bwd_dkdv_kernel` with
+  ``FUSE_DQ``), then one elementwise pass scales and casts it. 5 matmuls per (query tile, key
+  block) pair instead of 7, as FlashAttention-2/3 do; the sums run in whatever order the
+  programs reach the accumulator, so dQ can differ in the last bits from run to run (dK, dV and
+  dsinks never do: each is written by one program).
+* **deterministic**: dK/dV first, then the separate dQ kernel (:mod:`.kernels_dq`), which
+  recomputes ``Q K^T`` and ``dO V^T``: slower, and bitwise identical on every run.
+
+The deterministic mode is used when PyTorch was asked for determinism
+(``torch.use_deterministic_algorithms(True)``, the switch PyTorch's own atomic-based kernels such
+as ``index_add_`` on CUDA follow) or when ``ATTNKIT_DETERMINISTIC=1`` is set; it is read at each
+backward call. The fused kernel's autotuner restores the accumulator after each benchmarked
+config (``restore_value``), so tuning does not add into it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ..autotune import first_only_if_asked
+from .kernels_bwd import _bwd_dkdv_kernel
+from .tiles import _AUTOTUNE_KEY, _BWD_DKDV_TILES, _SPARSE_SMALL_TILES, INTERPRET, _prune
+
+__all__ = ["ENV", "deterministic_backward"]
+
+#: Set to ``1`` to force the deterministic backward (``0`` or unset: follow PyTorch's setting).
+ENV = "ATTNKIT_DETERMINISTIC"
+
+
+def deterministic_backward() -> bool:
+    """True when the flash backward must be bitwise reproducible: PyTorch's
+    ``torch.are_deterministic_algorithms_enabled()`` (``warn_only`` included) or
+    ``ATTNKIT_DETERMINISTIC=1``."""
+    value = os.environ.get(ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{ENV}={value!r}: accepted are '1' (deterministic backward), '0' or unset "
+                         "(follow torch.are_deterministic_algorithms_enabled())")
+    return value == "1" or torch.are_deterministic_algorithms_enabled()
+
+
+def _make_fused(kernel, tiles):
+    """``kernel`` under an autotuner that, unlike :func:`~.tiles._make`'s, restores ``DQ`` (an
+    accumulator the kernel adds into) after each benchmarked config; the same configs and prune."""
+    if INTERPRET:
+        return kernel
+    configs = []
+    for i, (bm, bn, w, s, max_d) in enumerate(tiles + _SPARSE_SMALL_TILES):
+        config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        config.max_block_d = max_d
+        config.sparse_only = i >= len(tiles)
+        configs.append(config)
+    key = [k for k in _AUTOTUNE_KEY if k in kernel.arg_names]
+    return triton.autotune(configs, key=key, restore_value=["DQ"],
+                           prune_configs_by={"early_config_prune": first_only_if_asked(_prune)})(kernel)
+
+
+#: The dK/dV kernel that also accumulates dQ (launched with ``FUSE_DQ=True``).
+_dkdv_fused = _make_fused(_bwd_dkdv_kernel, _BWD_DKDV_TILES)
