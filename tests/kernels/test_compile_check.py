@@ -71,7 +71,8 @@ def test_flash_kernels_compile_without_spills_for_sm80_and_sm90(records):
             seen = {r["kernel"] for r in flash
                     if (r["arch"], r["head_dim"], r["case"]) == (arch, head_dim, name)}
             # the default backward fuses dQ into dK/dV; "... det" runs the separate dQ kernel
-            want = set(FLASH[:3]) if name.endswith(" det") else set(FLASH[:2])
+            # (its forward is the plain case's, which the report files there)
+            want = set(FLASH[1:3]) if name.endswith(" det") else set(FLASH[:2])
             assert seen >= want, f"sm_{arch} D={head_dim} {name}: only {sorted(seen)}"
     assert {r["kernel"] for r in flash} == set(FLASH)
     assert all(r["first"] for r in flash)

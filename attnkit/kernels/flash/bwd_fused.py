@@ -9,6 +9,9 @@
 * **deterministic**: dK/dV first, then the separate dQ kernel (:mod:`.kernels_dq`), which
   recomputes ``Q K^T`` and ``dO V^T``: slower, and bitwise identical on every run.
 
+Block-sparse calls always take the deterministic kernels: the fused kernel's nested list walk
+spills (measured 464 B at 32 x 128, 208 B at 16 x 128, sm_90 bf16 D = 128).
+
 The deterministic mode is used when PyTorch was asked for determinism
 (``torch.use_deterministic_algorithms(True)``, the switch PyTorch's own atomic-based kernels such
 as ``index_add_`` on CUDA follow) or when ``ATTNKIT_DETERMINISTIC=1`` is set; it is read at each
@@ -61,13 +64,16 @@ def _make_fused(kernel, tiles):
 
 
 #: Tiles of the fused dK/dV/dQ kernel, as in :mod:`.tiles` ``(BLOCK_M, BLOCK_N, warps, stages, max
-#: BLOCK_D)``. Measured (triton 3.9, sm_90, bf16, D = 128): 32 x 128 w8/s2 0 spill (247 regs
-#: dense, 246 causal; its dQ product has M = 32, so mma.sync); 64 x 128 w8/s1 spills 64 B dense /
-#: 120 B causal, w8/s2 296 / 232 B: the dQ tile (32 fp32 per thread) and the atomics' operands do
-#: not fit beside the 128 registers of dK/dV accumulators without TMA.
+#: BLOCK_D)``. Measured (triton 3.9, bf16, D = 128): 32 x 128 w8/s1 0 spill on sm_90 for every
+#: band case of the compile report (220-250 regs) and 96 B on sm_80 with a window and key mask;
+#: w8/s2 (prefetched loads) 0-16 B on sm_90 but 144 B on sm_80, so it comes second, for the
+#: autotuner. Their dQ product has M = 32 (mma.sync). 64 x 128 spills: w8/s1 64 B dense / 120 B
+#: causal, w8/s2 296 / 232 B (the dQ tile and the atomics' operands do not fit beside the 128
+#: registers of dK/dV accumulators with pointer loads).
 _BWD_DKDVQ_TILES = [
-    (32, 128, 8, 2, 128), (64, 128, 8, 1, 128), (16, 128, 8, 2, 128), (32, 64, 4, 3, 128),
-    (64, 64, 8, 3, 64), (64, 128, 8, 3, 64), (16, 32, 8, 2, 256), (16, 64, 4, 2, 256),
+    (32, 128, 8, 1, 128), (32, 128, 8, 2, 128), (64, 128, 8, 1, 128), (16, 128, 8, 2, 128),
+    (32, 64, 4, 3, 128), (64, 64, 8, 3, 64), (64, 128, 8, 3, 64), (16, 32, 8, 2, 256),
+    (16, 64, 4, 2, 256),
 ]
 
 #: The dK/dV kernel that also accumulates dQ (launched with ``FUSE_DQ=True``).

@@ -209,7 +209,7 @@ def _bwd_impl(do, o, lse, dlse, a: FlashArgs):
     """``(dq, dk, dv, dsinks)``. dQ is accumulated inside the dK/dV pass with fp32 atomics
     (5 matmuls per block pair), or, when :func:`~.bwd_fused.deterministic_backward` says so
     (``torch.use_deterministic_algorithms(True)`` or ``ATTNKIT_DETERMINISTIC=1``), by the
-    separate dQ kernel (7 matmuls, bitwise reproducible)."""
+    separate dQ kernel (7 matmuls, bitwise reproducible; block-sparse calls always)."""
     c = _Launch(a)
     q, k, v = a.q, a.k, a.v
     B = q.shape[0]
@@ -221,7 +221,8 @@ def _bwd_impl(do, o, lse, dlse, a: FlashArgs):
         HEAD_DIM=o.shape[-1], BLOCK_D=c.common["BLOCK_DV"], HAS_DLSE=dlse is not None,
         BLOCK_M=pre_block,
     )
-    fused = not deterministic_backward()
+    # block-sparse: the fused kernel's nested list walk spills (bwd_fused.py), so the split pair
+    fused = not deterministic_backward() and not a.sparse
     # packed rows past the last sequence: 0 (the fused accumulator starts at 0 everywhere)
     dq = _alloc(q, tail=(a.cu_q, 0.0) if c.varlen and not fused else None)
     dk = _alloc(k, tail=(a.cu_k, 0.0) if c.varlen else None)
