@@ -28,7 +28,7 @@ import triton
 
 from ..autotune import first_only_if_asked
 from .kernels_bwd import _bwd_dkdv_kernel
-from .tiles import _AUTOTUNE_KEY, _SPARSE_SMALL_TILES, INTERPRET, _prune
+from .tiles import _AUTOTUNE_KEY, _BWD_DKDV_TILES, _SPARSE_SMALL_TILES, INTERPRET, _prune
 
 __all__ = ["ENV", "deterministic_backward"]
 
@@ -47,9 +47,24 @@ def deterministic_backward() -> bool:
     return value == "1" or torch.are_deterministic_algorithms_enabled()
 
 
-def _make_fused(kernel, tiles):
-    """``kernel`` under an autotuner that, unlike :func:`~.tiles._make`'s, restores ``DQ`` (an
-    accumulator the kernel adds into) after each benchmarked config; the same configs and prune."""
+def _sparse_small_first(prune):
+    """``prune``, then for a block-sparse call the tiles of 64 or more query rows last: the nested
+    list walk spills at 64 x 128 (measured 280 B, sm_90 bf16 D = 128, key mask), while the 16-row
+    tile it was tuned with fits (72 B)."""
+
+    def pruned(configs, named_args, **kwargs):
+        kept = list(prune(configs, named_args, **kwargs))
+        if kwargs.get("SPARSE", False):
+            kept.sort(key=lambda c: c.kwargs["BLOCK_M"] >= 64)  # stable: list order otherwise
+        return kept
+
+    return pruned
+
+
+def _make_bwd(kernel, tiles, restore_value=None):
+    """``kernel`` under an autotuner like :func:`~.tiles._make`'s (same configs and prune, plus
+    :func:`_sparse_small_first`); ``restore_value``: accumulators the kernel adds into, restored
+    after each benchmarked config so that tuning does not add into them."""
     if INTERPRET:
         return kernel
     configs = []
@@ -59,8 +74,9 @@ def _make_fused(kernel, tiles):
         config.sparse_only = i >= len(tiles)
         configs.append(config)
     key = [k for k in _AUTOTUNE_KEY if k in kernel.arg_names]
-    return triton.autotune(configs, key=key, restore_value=["DQ"],
-                           prune_configs_by={"early_config_prune": first_only_if_asked(_prune)})(kernel)
+    prune = first_only_if_asked(_sparse_small_first(_prune))
+    return triton.autotune(configs, key=key, restore_value=restore_value,
+                           prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 #: Tiles of the fused dK/dV/dQ kernel, as in :mod:`.tiles` ``(BLOCK_M, BLOCK_N, warps, stages, max
@@ -77,4 +93,6 @@ _BWD_DKDVQ_TILES = [
 ]
 
 #: The dK/dV kernel that also accumulates dQ (launched with ``FUSE_DQ=True``).
-_dkdv_fused = _make_fused(_bwd_dkdv_kernel, _BWD_DKDVQ_TILES)
+_dkdv_fused = _make_bwd(_bwd_dkdv_kernel, _BWD_DKDVQ_TILES, restore_value=["DQ"])
+#: The deterministic mode's dK/dV kernel (``FUSE_DQ=False``), on :mod:`.tiles`' list.
+_dkdv_split = _make_bwd(_bwd_dkdv_kernel, _BWD_DKDV_TILES)

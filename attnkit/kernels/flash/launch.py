@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from .bwd_fused import _dkdv_fused, deterministic_backward
+from .bwd_fused import _dkdv_fused, _dkdv_split, deterministic_backward
 from .kernels_bwd import _bwd_preprocess
-from .tiles import INTERPRET, _block_d, _dkdv, _dq, _fwd, _n_bucket, _precision, _tile_meta
+from .tiles import INTERPRET, _block_d, _dq, _fwd, _n_bucket, _precision, _tile_meta
 
 #: Tests set this to fill every output with NaN before a kernel runs, so that an element a kernel
 #: forgets to write shows up as NaN instead of as stale memory that happens to look right.
@@ -241,7 +241,7 @@ def _bwd_impl(do, o, lse, dlse, a: FlashArgs):
                              **kv_args)
         torch.mul(dq_acc[:, :, :c.Nq], a.scale, out=dq)  # the scale and the cast in one pass
     else:
-        _dkdv[grid_kv](DQ=None, sdqb=0, sdqh=0, FUSE_DQ=False, **kv_args)
+        _dkdv_split[grid_kv](DQ=None, sdqb=0, sdqh=0, FUSE_DQ=False, **kv_args)
         grid_q = lambda m: (triton.cdiv(c.rows_q, m["BLOCK_M"]), c.Hq, c.n_prog_b)
         _dq[grid_q](DQ=dq, **shared, **c.rows_lists, **_strides("sdq", dq))
     if a.sinks is None:
