@@ -77,13 +77,13 @@ def autotuner_options() -> dict:
     return {}
 
 
-def autotuned(kernel, configs, key, prune: Callable | None = None, names=VARYING_INTS):
+def autotuned(kernel, configs, key, prune: Callable | None = None, names=VARYING_INTS, **extra):
     """``triton.autotune`` of ``kernel`` as every attnkit kernel gets it: the prune through
     :func:`first_only_if_asked`, :func:`autotuner_options`, and :func:`relax_specialization` on
-    the varying ints."""
+    the varying ints; ``extra``: more ``triton.autotune`` arguments (``restore_value``)."""
     import triton
 
     relax_specialization(kernel, names)
     return triton.autotune(configs, key=key,
                            prune_configs_by={"early_config_prune": first_only_if_asked(prune)},
-                           **autotuner_options())(kernel)
+                           **autotuner_options(), **extra)(kernel)

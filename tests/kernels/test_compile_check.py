@@ -32,7 +32,7 @@ print(json.dumps(out))
 # (arch, ops, head dim, workload case names: see compile_check/workload.py)
 CASES = [
     (90, ("attention",), 128, ("dense+lse", "window+kpm", "sparse128+kpm", "window+softcap",
-                               "window+sinks+alibi")),
+                               "window+sinks+alibi", "dense+lse det", "window+kpm det")),
     (90, ("attention",), 64, ("dense+lse", "sparse64", "sparse16")),
     (90, ("attention",), 256, ("dense+lse",)),
     (80, ("attention",), 128, ("dense+lse", "window+kpm")),
@@ -70,7 +70,10 @@ def test_flash_kernels_compile_without_spills_for_sm80_and_sm90(records):
         for name in names or ():
             seen = {r["kernel"] for r in flash
                     if (r["arch"], r["head_dim"], r["case"]) == (arch, head_dim, name)}
-            assert seen >= set(FLASH[:3]), f"sm_{arch} D={head_dim} {name}: only {sorted(seen)}"
+            # the default backward fuses dQ into dK/dV; "... det" runs the separate dQ kernel
+            # (its forward is the plain case's, which the report files there)
+            want = set(FLASH[1:3]) if name.endswith(" det") else set(FLASH[:2])
+            assert seen >= want, f"sm_{arch} D={head_dim} {name}: only {sorted(seen)}"
     assert {r["kernel"] for r in flash} == set(FLASH)
     assert all(r["first"] for r in flash)
     bad = [_name(r) for r in flash if not r["fits"] or r["spill_bytes"] > (
@@ -79,13 +82,24 @@ def test_flash_kernels_compile_without_spills_for_sm80_and_sm90(records):
 
 
 def test_flash_uses_wgmma_on_sm90(records):
-    """bf16, D = 128, dense: the forward and both backward kernels issue HGMMA (wgmma)."""
-    dense = {r["kernel"]: r for r in records
-             if r["op"] == "attention" and r["arch"] == 90 and r["head_dim"] == 128
-             and r["case"] == "dense+lse"}
-    for kernel in FLASH[:3]:
-        assert kernel in dense, f"{kernel} not compiled: {sorted(dense)}"
-        assert dense[kernel]["hgmma"] > 0, f"no HGMMA in {_name(dense[kernel])}"
+    """bf16, D = 128, dense: the forward and both backward kernels issue HGMMA (wgmma); the
+    deterministic backward's dK/dV loop runs 64 query rows per step (a 16-row tile makes both
+    score-side products N = 16 wgmma from shared memory) with no spill; the fused dK/dV/dQ
+    kernel's first tile does not spill either."""
+    def dense(case):
+        return {(r["kernel"], "FUSE_DQ" in r["flags"]): r for r in records
+                if r["op"] == "attention" and r["arch"] == 90 and r["head_dim"] == 128
+                and r["case"] == case}
+
+    default, det = dense("dense+lse"), dense("dense+lse det")
+    wanted = {"fwd": (default, (FLASH[0], False)), "dkdv+dq": (default, (FLASH[1], True)),
+              "dkdv": (det, (FLASH[1], False)), "dq": (det, (FLASH[2], False))}
+    for label, (recs, key) in wanted.items():
+        assert key in recs, f"{label} not compiled: {sorted(recs)}"
+        assert recs[key]["hgmma"] > 0, f"no HGMMA in {_name(recs[key])}"
+        assert recs[key]["spill_bytes"] == 0, _name(recs[key])
+    dkdv = det[(FLASH[1], False)]
+    assert dkdv["block_m"] >= 64, _name(dkdv)
 
 
 def test_decode_kernels_compile_without_spills(records):

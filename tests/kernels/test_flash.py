@@ -174,9 +174,11 @@ def test_wide_window_equals_dense_and_causal(backend):
     torch.testing.assert_close(attnkit.attention(q, k, v, SlidingWindow(44), backend=backend), causal)
 
 
-def test_backends_agree_and_backward_is_deterministic():
-    """Bitwise-repeatable backward (no atomics). Under the sequential CPU interpreter this only
-    checks repeatability; on a GPU it would catch a race or atomic accumulation."""
+def test_backends_agree_and_backward_is_deterministic(monkeypatch):
+    """Bitwise-repeatable backward in the deterministic mode (``ATTNKIT_DETERMINISTIC=1``: no
+    atomics; the default fuses dQ with atomics, see test_flash_bwd_modes.py). Under the sequential
+    CPU interpreter this only checks repeatability; on a GPU it would catch a race or atomics."""
+    monkeypatch.setenv("ATTNKIT_DETERMINISTIC", "1")
     q, k, v = (torch.randn(2, 4, 57, 64, device=DEVICE, requires_grad=True) for _ in range(3))
     do = torch.randn(2, 4, 57, 64, device=DEVICE)
     runs = []

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 MODULES = ("flash.op", "flash.launch", "flash.tiles", "flash.kernels_common", "flash.kernels_fwd",
-           "flash.kernels_bwd", "flash.kernels_dq", "flash.decode",
+           "flash.kernels_bwd", "flash.kernels_dq", "flash.bwd_fused", "flash.decode",
            "linear.op", "linear.tiles", "linear.blocks", "linear.chunk_state", "linear.chunk_out",
            "linear.chunk_grad", "lora.op")
 

@@ -97,6 +97,12 @@ def _attention_cases(D: int, dt: str) -> Iterator[Case]:
         name = f"sparse{bs}" + ("+kpm" if bs == 128 else "")
         yield Case("attention", name, D, dt,
                    train(sparse(bs), valid_keys=kpm if bs == 128 else None))
+    # the deterministic backward (dK/dV, then the separate dQ kernel): what
+    # torch.use_deterministic_algorithms selects; the default fuses dQ into the dK/dV kernel.
+    # Last, so that the report files each shared forward config under its plain case.
+    yield _deterministic(Case("attention", "dense+lse", D, dt, train(Dense(), lse=True)))
+    yield _deterministic(Case("attention", "window+kpm", D, dt,
+                              train(SlidingWindow(100), valid_keys=kpm)))
 
 
 def _decode_cases(D: int, dt: str) -> Iterator[Case]:
@@ -179,6 +185,21 @@ def _grid_cases(dt: str) -> Iterator[Case]:
         _backward(attnkit.linear_attention(q, k, v, backend="triton"), inputs=(q, k, v))
 
     yield Case("grid", "33000 sequences", 16, dt, run)
+
+
+def _deterministic(case: Case) -> Case:
+    """``case`` under ``torch.use_deterministic_algorithms(True)``, named ``"... det"``: the flash
+    backward then runs its deterministic kernels (dK/dV, then the separate dQ kernel)."""
+
+    def run():
+        saved = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            case.run()
+        finally:
+            torch.use_deterministic_algorithms(saved)
+
+    return Case(case.op, case.name + " det", case.head_dim, case.dtype, run)
 
 
 def _tf32(case: Case) -> Case:

@@ -1,6 +1,16 @@
 """The flash backward kernels: ``DELTA`` (preprocess) and dK/dV (one program per key block, summed
-over the query heads that share it: GQA without atomics, so the backward is deterministic). The
-dQ kernel is in :mod:`.kernels_dq`. Conventions: :mod:`.kernels_common`."""
+over the query heads that share it: GQA without atomics).
+
+Two ways to get dQ (the launcher picks one, :mod:`.bwd_fused`):
+
+* ``FUSE_DQ`` (the default): each dK/dV program also adds its ``dS @ K`` contribution to an fp32
+  dQ accumulator ``[B, Hq, Nq, D]`` with ``tl.atomic_add``: 5 matmuls per (query tile, key block)
+  pair, as FlashAttention-2/3 do. Float addition in the order the programs happen to run: not
+  bitwise reproducible.
+* deterministic: dK/dV only, then the separate dQ kernel (:mod:`.kernels_dq`), which recomputes
+  ``Q K^T`` and ``dO V^T``: 7 matmuls per pair, and the same bits on every run.
+
+Conventions: :mod:`.kernels_common`."""
 
 from __future__ import annotations
 
@@ -52,48 +62,67 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, 
 def _query_blocks(start_n, nq, nk, WIN_L, WIN_R,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Query phases ``lo <= full_lo <= full_hi <= hi`` that see the key block at ``start_n``."""
+    """Query tiles ``[lo, hi)`` (``lo`` a multiple of ``BLOCK_M``) that see the key block at
+    ``start_n``."""
     shift = nk - nq
     n_last = tl.minimum(start_n + BLOCK_N, nk) - 1
     lo = 0
     hi = nq
-    full_lo = 0
-    full_hi = nq
     if HAS_RIGHT:
         # key j is seen by query i iff i >= j - shift - WIN_R
         lo = tl.maximum(start_n - shift - WIN_R, 0)
-        full_lo = tl.maximum(n_last - shift - WIN_R, 0)
     if HAS_LEFT:
         # ... and iff i <= j - shift + WIN_L
         hi = tl.minimum(n_last - shift + WIN_L + 1, nq)
-        full_hi = tl.maximum(start_n - shift + WIN_L + 1, 0)
     lo = (lo // BLOCK_M) * BLOCK_M
     hi = tl.maximum(hi, lo)
-    full_lo = tl.cdiv(full_lo, BLOCK_M) * BLOCK_M
-    full_hi = (full_hi // BLOCK_M) * BLOCK_M
-    if not HAS_LEFT:
-        full_hi = hi  # rows past nq read dO = 0 and lse = +inf: they contribute nothing
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
-    return lo, full_lo, full_hi, hi
+    return lo, hi
 
 
 @triton.jit
 def _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, ok_t, q_pos, k_pos, slope, cap,
-                 USE_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                 dq_base, start_m, keep, USE_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, FUSE_DQ: tl.constexpr, HAS_KPM: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """dK/dV contribution of one query tile: ``q``/``do [BM, BD]``, ``lse``/``delta [BM]``;
-    ``q_pos [BM]`` the rows' aligned key positions, ``k_pos [BN]`` the keys'."""
+    ``q_pos [BM]`` the rows' aligned key positions, ``k_pos [BN]`` the keys'. ``FUSE_DQ``: also
+    add the tile's ``dS @ K`` (unscaled) to the dQ accumulator (:func:`_dq_atomic`), with
+    padded keys (``keep [BN]`` false) left out: their dK/dV are zeroed at the end, but their dS
+    must not reach dQ."""
     s_t = _dot(k, tl.trans(q), None, PRECISION, UPCAST) * qk_scale  # [BN, BD] @ [BD, BM]
     qk_t = _score(s_t, q_pos[None, :], k_pos[:, None], slope, cap, HAS_SOFTCAP, HAS_ALIBI)
     p_t = tl.exp2(qk_t - lse[None, :])
     if USE_MASK:
         p_t = tl.where(ok_t, p_t, 0.0)
+    if FUSE_DQ and HAS_KPM:
+        p_t = tl.where(keep[:, None], p_t, 0.0)
     dv = _dot(p_t.to(do.dtype), do, dv, PRECISION, UPCAST)  # [BN, BM] @ [BM, BD]
     dp_t = _dot(v, tl.trans(do), None, PRECISION, UPCAST)  # [BN, BD] @ [BD, BM]
-    ds_t = _dscore(p_t * (dp_t - delta[None, :]), s_t, cap, HAS_SOFTCAP)
-    dk = _dot(ds_t.to(q.dtype), q, dk, PRECISION, UPCAST)  # [BN, BM] @ [BM, BD]
+    ds_t = _dscore(p_t * (dp_t - delta[None, :]), s_t, cap, HAS_SOFTCAP).to(q.dtype)
+    dk = _dot(ds_t, q, dk, PRECISION, UPCAST)  # [BN, BM] @ [BM, BD]
+    if FUSE_DQ:
+        _dq_atomic(dq_base, start_m, ds_t, k, HEAD_DIM, PRECISION, UPCAST)
     return dk, dv
+
+
+@triton.jit
+def _dq_atomic(dq_base, start_m, ds_t, k, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """Add ``dS @ K`` (``ds_t [BN, BM]``, ``k [BN, BD]``) to the fp32 dQ accumulator rows of the
+    query tile at ``start_m`` (rows of ``HEAD_DIM``, contiguous, from ``dq_base``).
+
+    Rows past the sequence are not masked: their dS is exactly 0 (``dO = 0``, ``P = 0``), so they
+    add 0 to the next packed sequence's rows or to the ``BLOCK_M`` padding rows the launcher
+    allocates. A constant row stride and no row mask keep every address an immediate offset of
+    one base register (the tile's 64 x 128 atomics would otherwise hold their own addresses)."""
+    dq = _dot(tl.trans(ds_t), k, None, PRECISION, UPCAST)  # [BM, BN] @ [BN, BD]
+    rows = tl.arange(0, ds_t.shape[1])
+    cols = tl.arange(0, k.shape[1])
+    ptrs = dq_base + tl.cast(start_m, tl.int64) * HEAD_DIM + (rows[:, None] * HEAD_DIM + cols[None, :])
+    if k.shape[1] == HEAD_DIM:
+        tl.atomic_add(ptrs, dq, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, dq, mask=(rows[:, None] >= 0) & (cols[None, :] < HEAD_DIM), sem="relaxed")
 
 
 @triton.jit
@@ -116,40 +145,19 @@ def _load_query_tile(q_base, do_base, lse_base, delta_base, start_m, nq, sqn, sq
 
 
 @triton.jit
-def _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd, sln,
-                 lo, hi, offs_n, offs_d, shift, nq, nk, WIN_L, WIN_R, qk_scale, slope, cap,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Query tiles ``[lo, hi)`` of one band phase that see this key tile."""
-    arange_m = tl.arange(0, BLOCK_M)
-    for start_m in range(lo, hi, BLOCK_M):
-        q, do, lse, delta = _load_query_tile(q_base, do_base, lse_base, delta_base, start_m, nq, sqn, sqd,
-                                             sdn, sdd, sln, offs_d, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV,
-                                             BLOCK_M)
-        ok_t = _visible((start_m + arange_m)[None, :], offs_n[:, None], shift, nk, WIN_L, WIN_R,
-                        HAS_LEFT, HAS_RIGHT)
-        dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, ok_t, start_m + arange_m + shift,
-                              offs_n, slope, cap, MASKED, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
-    return dk, dv
-
-
-@triton.jit
-def _walk_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd, sln,
-                  start_n, nq, nk, WIN_L, WIN_R, Q_NUM, Q_IDX, Q_PART, PMASK, lay, NCOLB, MAXQ,
-                  offs_d, qk_scale, slope, cap, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _walk_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqn, sqd, sdn, sdd, sln,
+                  start_n, nq, nk, Q_NUM, Q_IDX, Q_PART, PMASK, lay, NCOLB, MAXQ,
+                  offs_d, qk_scale, slope, cap, keep, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
-                  HAS_RIGHT: tl.constexpr, SPARSE: tl.constexpr, BS: tl.constexpr,
-                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Every query tile that sees the key block at ``start_n``: the band's three phases, or the
-    layout blocks listed for its block column (the transpose of :func:`_walk_keys`)."""
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, BS: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FUSE_DQ: tl.constexpr,
+                  HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Block-sparse: every query tile of the layout blocks listed for the block column of the key
+    block at ``start_n`` (the transpose of :func:`_walk_keys`), for one query head."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     shift = nk - nq
     if SPARSE:
+        arange_m = tl.arange(0, BLOCK_M)
         entry, num, c_in = _list_row(Q_NUM, lay, NCOLB, MAXQ, start_n, BS, BLOCK_N)  # keys in it
         for i in range(num):
             qb, part = _list_entry(Q_IDX, Q_PART, entry, i)
@@ -160,40 +168,70 @@ def _walk_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd,
                                                          sqn, sqd, sdn, sdd, sln, offs_d, HEAD_DIM, BLOCK_D,
                                                          HEAD_DV, BLOCK_DV, BLOCK_M)
                     if part >= 0:
-                        em_t = _block_mask(PMASK, part,
-                                           (t * BLOCK_M + tl.arange(0, BLOCK_M))[None, :],
-                                           c_in[:, None], BS)  # [BN, BM]
+                        em_t = _block_mask(PMASK, part, (t * BLOCK_M + arange_m)[None, :], c_in[:, None],
+                                           BS)  # [BN, BM]
                         dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, em_t,
-                                              start_m + tl.arange(0, BLOCK_M) + shift, offs_n, slope, cap,
-                                              True, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+                                              start_m + arange_m + shift, offs_n, slope, cap, dq_base,
+                                              start_m, keep, True, HAS_SOFTCAP, HAS_ALIBI, FUSE_DQ, HAS_KPM,
+                                              HEAD_DIM, PRECISION, UPCAST)
                     else:
                         dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, None,
-                                              start_m + tl.arange(0, BLOCK_M) + shift, offs_n, slope, cap,
-                                              False, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
-    else:
-        lo, full_lo, full_hi, hi = _query_blocks(start_n, nq, nk, WIN_L, WIN_R, BLOCK_M, BLOCK_N,
-                                                 HAS_LEFT, HAS_RIGHT)
-        dk, dv = _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd, sln,
-                              lo, full_lo, offs_n, offs_d, shift, nq, nk, WIN_L, WIN_R, qk_scale, slope, cap,
-                              HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, HAS_LEFT, HAS_RIGHT,
-                              HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
-        dk, dv = _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd, sln,
-                              full_lo, full_hi, offs_n, offs_d, shift, nq, nk, WIN_L, WIN_R, qk_scale, slope,
-                              cap, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, False, HAS_LEFT, HAS_RIGHT,
-                              HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
-        dk, dv = _query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd, sln,
-                              full_hi, hi, offs_n, offs_d, shift, nq, nk, WIN_L, WIN_R, qk_scale, slope, cap,
-                              HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, HAS_LEFT, HAS_RIGHT,
-                              HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+                                              start_m + arange_m + shift, offs_n, slope, cap, dq_base,
+                                              start_m, keep, False, HAS_SOFTCAP, HAS_ALIBI, FUSE_DQ, HAS_KPM,
+                                              HEAD_DIM, PRECISION, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def _band_walk(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, ALIBI, bb, hk, q_start, sqb, sqh, sqn, sqd, sdb, sdh,
+               sdn, sdd, slb, slh, sln, sdqb, sdqh, sab, sah, softcap, H, GROUP, NQ, start_n, nq, nk,
+               WIN_L, WIN_R, offs_d, qk_scale, keep, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FUSE_DQ: tl.constexpr,
+               HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """A band: the query tiles ``[lo, hi)`` that see the key block at ``start_n``, for each of the
+    ``GROUP`` query heads, as ONE flat loop over (head, tile) pairs.
+
+    Measured (sm_90, bf16, D = 128, 64 x 128 tile, 8 warps, 2 stages, dQ fused): the per-head
+    loop around three per-phase loops (left edge / interior / right edge, the forward's split)
+    spilled 392 B (dense) and 688 B (causal); one flat loop with the band mask on every tile of a
+    band (none at all for dense: rows past ``nq`` read ``dO = 0``, ``lse = +inf``; keys past
+    ``nk`` are zero rows of K/V whose dK/dV are never stored) fits with no spill (see notes)."""
+    shift = nk - nq
+    lo, hi = _query_blocks(start_n, nq, nk, WIN_L, WIN_R, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    n_tiles = tl.cdiv(hi - lo, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    arange_m = tl.arange(0, BLOCK_M)
+    for i in range(GROUP * n_tiles):
+        g = i // n_tiles
+        start_m = lo + (i - g * n_tiles) * BLOCK_M
+        h = (hk * GROUP + g).to(tl.int64)
+        q64 = q_start.to(tl.int64)
+        dq_base = DQ
+        if FUSE_DQ:
+            dq_base = DQ + bb * sdqb + h * sdqh + q64 * HEAD_DIM
+        slope, cap = _score_mods(bb, h, ALIBI, sab, sah, softcap, HAS_SOFTCAP, HAS_ALIBI)
+        q, do, lse, delta = _load_query_tile(Q + bb * sqb + h * sqh + q64 * sqn,
+                                             DO + bb * sdb + h * sdh + q64 * sdn,
+                                             LSE + bb * slb + h * slh + q64 * sln,
+                                             DELTA + (bb * H + h) * NQ + q_start,  # contiguous
+                                             start_m, nq, sqn, sqd, sdn, sdd, sln, offs_d, HEAD_DIM, BLOCK_D,
+                                             HEAD_DV, BLOCK_DV, BLOCK_M)
+        ok_t = _visible((start_m + arange_m)[None, :], offs_n[:, None], shift, nk, WIN_L, WIN_R,
+                        HAS_LEFT, HAS_RIGHT)
+        dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, ok_t, start_m + arange_m + shift,
+                              offs_n, slope, cap, dq_base, start_m, keep, HAS_LEFT or HAS_RIGHT, HAS_SOFTCAP,
+                              HAS_ALIBI, FUSE_DQ, HAS_KPM, HEAD_DIM, PRECISION, UPCAST)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, Q_NUM, Q_IDX, Q_PART, PMASK, ALIBI, sm_scale,
-    softcap, sab, sah,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, KPM, CU_Q, CU_K, Q_NUM, Q_IDX, Q_PART, PMASK, ALIBI,
+    sm_scale, softcap, sab, sah,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-    slb, slh, sln, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smn,
+    slb, slh, sln, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, sdqb, sdqh, smb, smn,
     H, HKV, GROUP, NQ, NK, WIN_L, WIN_R, N_BUCKET, LB_STRIDE, LH_STRIDE, NCOLB, MAXQ,
     # the program's key block (BLOCK_N) and the inner loop's query tile (BLOCK_M) first: the
     # transpose of the forward's and dQ's tiling
@@ -201,9 +239,12 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
     SPARSE: tl.constexpr, BS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FUSE_DQ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dK, dV of one key block of one KV head, summed over the ``GROUP`` query heads sharing it.
+    """dK, dV of one key block of one KV head, summed over the ``GROUP`` query heads sharing it;
+    with ``FUSE_DQ`` also each query head's dQ rows, added (unscaled) into ``DQ`` fp32
+    ``[B or 1, Hq, Nq + BLOCK_M at least, D]`` (contiguous rows; strides ``sdqb``, ``sdqh``;
+    the caller zeroes it and applies the scale).
     Grid: ``(cdiv(max Nk, BLOCK_N), Hkv, B or sequences)``.
     """
     pid_n = tl.program_id(0)
@@ -219,34 +260,46 @@ def _bwd_dkdv_kernel(
     rows = tl.arange(0, BLOCK_N)
     offs_n = start_n + rows
     offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < nk - start_n
     k_off = (k_start + start_n).to(tl.int64)
     k = _load_rows(K + bb * skb + hk.to(tl.int64) * skh + k_off * skn, rows, nk - start_n, skn,
                    offs_d, skd, HEAD_DIM, BLOCK_D, True)
     offs_dv = tl.arange(0, BLOCK_DV)
     v = _load_rows(V + bb * svb + hk.to(tl.int64) * svh + k_off * svn, rows, nk - start_n, svn,
                    offs_dv, svd, HEAD_DV, BLOCK_DV, True)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-    for g in range(GROUP):
-        h = (hk * GROUP + g).to(tl.int64)
-        q_base = Q + bb * sqb + h * sqh + q_start.to(tl.int64) * sqn
-        do_base = DO + bb * sdb + h * sdh + q_start.to(tl.int64) * sdn
-        lse_base = LSE + bb * slb + h * slh + q_start.to(tl.int64) * sln
-        # DELTA is contiguous [B, Hq, N] (or [1, Hq, N] packed)
-        delta_base = DELTA + (bb * H + h) * NQ + q_start
-        lay = b * LB_STRIDE + (hk * GROUP + g) * LH_STRIDE
-        slope, cap = _score_mods(bb, h, ALIBI, sab, sah, softcap, HAS_SOFTCAP, HAS_ALIBI)
-        dk, dv = _walk_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd, sln,
-                               start_n, nq, nk, WIN_L, WIN_R, Q_NUM, Q_IDX, Q_PART, PMASK, lay, NCOLB, MAXQ,
-                               offs_d, qk_scale, slope, cap, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M,
-                               BLOCK_N, HAS_LEFT, HAS_RIGHT, SPARSE, BS, HAS_SOFTCAP, HAS_ALIBI, PRECISION,
-                               UPCAST)
-    dk = dk * sm_scale
-    row_ok = rows < nk - start_n
+    keep = row_ok
     if HAS_KPM:
         # padded keys were masked in the forward: their scores never reached the output
         keep = tl.load(KPM + bb * smb + offs_n * smn, mask=row_ok, other=0) != 0
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    if SPARSE:
+        for g in range(GROUP):
+            h = (hk * GROUP + g).to(tl.int64)
+            q_base = Q + bb * sqb + h * sqh + q_start.to(tl.int64) * sqn
+            do_base = DO + bb * sdb + h * sdh + q_start.to(tl.int64) * sdn
+            lse_base = LSE + bb * slb + h * slh + q_start.to(tl.int64) * sln
+            # DELTA is contiguous [B, Hq, N] (or [1, Hq, N] packed)
+            delta_base = DELTA + (bb * H + h) * NQ + q_start
+            dq_base = DQ
+            if FUSE_DQ:
+                dq_base = DQ + bb * sdqb + h * sdqh + q_start.to(tl.int64) * HEAD_DIM
+            lay = b * LB_STRIDE + (hk * GROUP + g) * LH_STRIDE
+            slope, cap = _score_mods(bb, h, ALIBI, sab, sah, softcap, HAS_SOFTCAP, HAS_ALIBI)
+            dk, dv = _walk_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqn, sqd,
+                                   sdn, sdd, sln, start_n, nq, nk, Q_NUM, Q_IDX, Q_PART, PMASK, lay, NCOLB,
+                                   MAXQ, offs_d, qk_scale, slope, cap, keep, HEAD_DIM, BLOCK_D, HEAD_DV,
+                                   BLOCK_DV, BLOCK_M, BLOCK_N, SPARSE, BS, HAS_SOFTCAP, HAS_ALIBI, FUSE_DQ,
+                                   HAS_KPM, PRECISION, UPCAST)
+    else:
+        dk, dv = _band_walk(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, ALIBI, bb, hk, q_start, sqb, sqh, sqn,
+                            sqd, sdb, sdh, sdn, sdd, slb, slh, sln, sdqb, sdqh, sab, sah, softcap, H, GROUP,
+                            NQ, start_n, nq, nk, WIN_L, WIN_R, offs_d, qk_scale, keep, HEAD_DIM, BLOCK_D,
+                            HEAD_DV, BLOCK_DV, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                            FUSE_DQ, HAS_KPM, PRECISION, UPCAST)
+    dk = dk * sm_scale
+    if HAS_KPM:
         dk = tl.where(keep[:, None], dk, 0.0)
         dv = tl.where(keep[:, None], dv, 0.0)
     st_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)

@@ -11,9 +11,10 @@ import torch
 import triton
 
 from ..autotune import relax_specialization
+from .bwd_fused import _dkdv_fused, _dkdv_split, deterministic_backward
 from .kernels_bwd import _bwd_preprocess
 from .spec import split_full_partial
-from .tiles import INTERPRET, _block_d, _dkdv, _dq, _fwd, _n_bucket, _precision, _tile_meta
+from .tiles import INTERPRET, _block_d, _dq, _fwd, _n_bucket, _precision, _tile_meta
 from .tma import ensure_allocator, tma_ok
 
 #: Tests set this to fill every output with NaN before a kernel runs, so that an element a kernel
@@ -291,6 +292,10 @@ def _fwd_impl(a: FlashArgs):
 
 
 def _bwd_impl(do, o, lse, dlse, a: FlashArgs):
+    """``(dq, dk, dv, dsinks)``. dQ is accumulated inside the dK/dV pass with fp32 atomics
+    (5 matmuls per block pair), or, when :func:`~.bwd_fused.deterministic_backward` says so
+    (``torch.use_deterministic_algorithms(True)`` or ``ATTNKIT_DETERMINISTIC=1``), by the
+    separate dQ kernel (7 matmuls, bitwise reproducible; block-sparse calls always)."""
     c = _Launch(a)
     q, k, v = a.q, a.k, a.v
     B = q.shape[0]
@@ -302,17 +307,29 @@ def _bwd_impl(do, o, lse, dlse, a: FlashArgs):
         HEAD_DIM=o.shape[-1], BLOCK_D=c.common["BLOCK_DV"], HAS_DLSE=dlse is not None,
         BLOCK_M=pre_block,
     )
-    dq = _alloc(q, tail=(a.cu_q, 0.0) if c.varlen else None)
+    # block-sparse: the fused kernel's nested list walk spills (bwd_fused.py), so the split pair
+    fused = not deterministic_backward() and not a.sparse
+    # packed rows past the last sequence: 0 (the fused accumulator starts at 0 everywhere)
+    dq = _alloc(q, tail=(a.cu_q, 0.0) if c.varlen and not fused else None)
     dk = _alloc(k, tail=(a.cu_k, 0.0) if c.varlen else None)
     dv = _alloc(v, tail=(a.cu_k, 0.0) if c.varlen else None)
     shared = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, **c.common, **_strides("sq", q),
                   **_strides("sk", k), **_strides("sv", v), **_strides("sd", do),
                   **_strides("sl", lse), H=c.Hq)
     grid_kv = lambda m: (triton.cdiv(c.rows_k, m["BLOCK_N"]), c.Hkv, c.n_prog_b)
-    _dkdv[grid_kv](DK=dk, DV=dv, **shared, **c.cols_lists, **_strides("sdk", dk),
+    kv_args = dict(DK=dk, DV=dv, **shared, **c.cols_lists, **_strides("sdk", dk),
                    **_strides("sdv", dv), HKV=c.Hkv)
-    grid_q = lambda m: (triton.cdiv(c.rows_q, m["BLOCK_M"]), c.Hq, c.n_prog_b)
-    _dq[grid_q](DQ=dq, **shared, **c.rows_lists, **_strides("sdq", dq))
+    if fused:
+        # contiguous rows, and BLOCK_M (<= 128) rows of padding that a query tile hanging past the
+        # last row may add its zeros to (the kernel leaves the atomics' rows unmasked)
+        dq_acc = torch.zeros((B, c.Hq, c.Nq + 128, c.D), device=q.device, dtype=torch.float32)
+        _dkdv_fused[grid_kv](DQ=dq_acc, sdqb=dq_acc.stride(0), sdqh=dq_acc.stride(1), FUSE_DQ=True,
+                             **kv_args)
+        torch.mul(dq_acc[:, :, :c.Nq], a.scale, out=dq)  # the scale and the cast in one pass
+    else:
+        _dkdv_split[grid_kv](DQ=None, sdqb=0, sdqh=0, FUSE_DQ=False, **kv_args)
+        grid_q = lambda m: (triton.cdiv(c.rows_q, m["BLOCK_M"]), c.Hq, c.n_prog_b)
+        _dq[grid_q](DQ=dq, **shared, **c.rows_lists, **_strides("sdq", dq))
     if a.sinks is None:
         return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
     # d sink_h = -sum_{b, i} p_sink * delta with p_sink = exp(sink - lse): the sink's probability

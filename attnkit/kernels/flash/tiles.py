@@ -12,7 +12,6 @@ import torch
 import triton
 
 from ..autotune import autotuned
-from .kernels_bwd import _bwd_dkdv_kernel
 from .kernels_dq import _bwd_dq_kernel
 from .kernels_fwd import _fwd_kernel
 
@@ -61,7 +60,12 @@ _FWD_TILES = [
     (32, 32, 4, 2, 256),
 ]
 _BWD_DKDV_TILES = [  # BLOCK_M is the inner (query) loop here, BLOCK_N the program's key block
-    (16, 128, 8, 2, 128), (32, 128, 8, 3, 128), (32, 128, 8, 2, 128), (32, 64, 4, 3, 128),
+    # The deterministic backward's dK/dV (no dQ): 64 x 128 w8/s1 compiles with 0 spill at bf16
+    # D = 128 on sm_90 (248 regs dense, 32 B causal; 2 stages spill 144-184 B). The fused dK/dV/dQ
+    # kernel has its own list (bwd_fused.py).
+    # Block-sparse calls get the 64-row tiles last (bwd_fused._sparse_small_first): their list
+    # walk spills 280 B at 64 x 128 w8/s1, 72 B at 16 x 128 w8/s2 (the first for them).
+    (64, 128, 8, 1, 128), (16, 128, 8, 2, 128), (32, 128, 8, 2, 128), (32, 64, 4, 3, 128),
     (64, 64, 8, 3, 64), (64, 128, 8, 3, 64), (16, 32, 8, 2, 256), (16, 64, 4, 2, 256),
 ]
 _BWD_DQ_TILES = [  # 128x128 spills 96-104 B in dQ even dense (measured): not offered at D = 128
@@ -137,7 +141,6 @@ def _make(kernel, tiles):
 
 
 _fwd = _make(_fwd_kernel, _FWD_TILES)
-_dkdv = _make(_bwd_dkdv_kernel, _BWD_DKDV_TILES)
 _dq = _make(_bwd_dq_kernel, _BWD_DQ_TILES)
 
 
