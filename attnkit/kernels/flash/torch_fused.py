@@ -125,6 +125,7 @@ def _stack_forward(p: _Piece, q, k, v, kpm, scale, out, lse_out, cache: dict):
                 lse = lse.masked_fill(~row_ok[:, None, :], float("-inf"))
             out[b, :, p.r0:p.r1].unflatten(1, (m, n)).copy_(o.transpose(0, 1))
             lse_out[b, :, p.r0:p.r1].unflatten(1, (m, n)).copy_(lse.transpose(0, 1))
+        del o, lse  # before the next call allocates its own: one call's output alive at a time
 
 
 def _add_windows(acc: torch.Tensor, g: torch.Tensor, k0: int, n: int):
@@ -167,6 +168,7 @@ def _stack_backward_call(p: _Piece, q, k, v, o, do, lse_b, kpm, scale, dq, dk, d
             dq[b, :, p.r0:p.r1].unflatten(1, (m, n)).add_(gq.transpose(0, 1))
             _add_windows(dk[b], gk, p.k0, n)
             _add_windows(dv[b], gv, p.k0, n)
+        del gq, gk, gv  # one call's gradients alive at a time
 
 
 def _batches(pieces):
@@ -280,7 +282,7 @@ class _Fused(torch.autograd.Function):
             if acc is None and batch[0].mode == "stack":
                 acc = _alloc(B, Hq, Nq, D, cdt)
             if batch[0].mode == "stack":
-                p = batch[0]
+                p, o, lse, po, pl = batch[0], None, None, None, None  # free earlier pieces
                 _stack_forward(p, q, k, v, kpm, scale, acc[0], acc[1], cache)
                 covered[p.r0:p.r1] = True
                 continue
@@ -356,6 +358,7 @@ class _Fused(torch.autograd.Function):
         cache: dict = {}
         for batch in batches:
             if batch[0].mode == "stack":
+                gq = gk = gv = None  # free an earlier piece's gradients
                 _stack_backward(batch[0], q, k, v, o, do, lse_b, kpm, ctx.scale, dq, dk, dv,
                                 cache)
                 continue
