@@ -19,10 +19,14 @@ attnkit's band (``p - left <= j <= p + right`` with bottom-right ``p = i + Nk - 
   causal (a copy of ``c x D`` rows and keys, against ``c x c x D`` work saved);
 * ``mask`` - anything else (sequence ends): a small additive mask built from the band's
   definition over that rectangle only;
-* ``stack`` - a bounded band (SlidingWindow): its chunks of 64 rows inside the sequence as one
-  call, rows stacked on the batch axis, keys as overlapping strided windows, one shared mask
-  (:func:`_plan_stacked`). ``causal`` + ``flip`` + ``full`` per chunk was the first plan for
-  windows; it is still what a band unbounded on the right (``Band(left, None)``) gets.
+* ``stack`` - a bounded band (SlidingWindow): whole chunks of 64 rows (32 for bands narrower
+  than 64) inside the sequence, up to 512 rows per call, stacked on the batch axis, keys as
+  overlapping strided windows (views, no copy), one shared ``[n, n + width]`` mask
+  (:func:`_plan_stacked`); the rows whose window starts at key 0 run on the causal flag. Stack
+  rows belong to no other piece: each call's output is copied straight into the result (never
+  merged), and its backward adds the window gradients with strided adds. ``causal`` + ``flip``
+  + ``full`` per chunk was the first plan for windows; it is still what a band unbounded on the
+  right (``Band(left, None)``) gets.
 
 Key padding is one more additive ``[B, 1, 1, L]`` mask on every piece; varlen runs each packed
 sequence on its own. Pieces are merged by their LSE. The backward reruns the same plan and calls
@@ -30,7 +34,9 @@ the fused backward per piece with the *final* ``O`` and LSE (so each piece's pro
 ``delta = rowsum(dO * O)`` are the global ones and the pieces' gradients simply add). A gradient
 on the LSE (``dS += P * dLSE``) enters through one extra head-dim column: ``q, k`` padded with 0,
 ``v`` with 1, ``dO`` with ``dLSE`` and ``O`` with 0 add exactly ``dLSE`` to ``dP``.
-Memory: ``O``, LSE, the fp32 gradient accumulators and one piece's mask - O(N).
+Memory: ``O``, LSE, the fp32 gradient accumulators, one call's output or gradients and one
+piece's mask - O(N); at N = 4096, window 255 the measured peaks equal SDPA-flash's (forward and
+forward+backward, benchmarks/NOTES.md).
 """
 
 from __future__ import annotations

@@ -129,15 +129,18 @@ def _plan_prefix(qs: int, r1: int, ks: int, nk: int, t: int):
         return
     if t > 0:
         yield _Piece(qs + first, qs + r1, ks, ks + min(t, nk), "full")
-    if max(t, 0) < nk:
-        yield _Piece(qs + first, qs + r1, ks + max(t, 0), ks + nk, "causal")
+    # keys up to the last row's reach only: the backward allocates dK/dV for every key it is
+    # given (a window's first rows over all N keys cost two [B, H, N, D] buffers, measured)
+    k1 = min(nk, r1 + t)
+    if max(t, 0) < k1:
+        yield _Piece(qs + first, qs + r1, ks + max(t, 0), ks + k1, "causal")
 
 
 def _plan_stacked(pattern: Band, qs: int, nq: int, ks: int, nk: int, width: int):
     """A bounded band as chunks of ``n`` rows, each over its ``L = n + width`` keys.
 
-    * rows whose window is cut by key 0 (``i + shift - left < 0``): :func:`_plan_prefix` (no
-      mask, the kernel's causal flag);
+    * rows whose window starts at or before key 0 (``i + shift - left <= 0``):
+      :func:`_plan_prefix` (no mask, the kernel's causal flag);
     * whole chunks whose keys lie inside the sequence: ``stack`` pieces of at most
       ``_MAX_STACK_ROWS`` rows (one kernel call each: chunks stacked on the batch axis, keys as
       overlapping strided windows, one shared ``[n, L]`` mask, no copy of q/k/v);
@@ -151,7 +154,7 @@ def _plan_stacked(pattern: Band, qs: int, nq: int, ks: int, nk: int, width: int)
     n = _stack_chunk(width)
     L = n + width
     shift = nk - nq
-    head = min(nq, max(0, pattern.left - shift))  # rows whose left bound is below key 0
+    head = min(nq, max(0, pattern.left - shift + 1))  # rows whose window starts at key <= 0
     yield from _plan_prefix(qs, head, ks, nk, shift + pattern.right)
     # whole chunks from ``head`` on whose window ends inside the keys: c0 + n + shift + right <= nk
     stop = min(nq, nk - shift - pattern.right)
