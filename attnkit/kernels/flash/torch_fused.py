@@ -35,8 +35,8 @@ the fused backward per piece with the *final* ``O`` and LSE (so each piece's pro
 on the LSE (``dS += P * dLSE``) enters through one extra head-dim column: ``q, k`` padded with 0,
 ``v`` with 1, ``dO`` with ``dLSE`` and ``O`` with 0 add exactly ``dLSE`` to ``dP``.
 Memory: ``O``, LSE, the fp32 gradient accumulators, one call's output or gradients and one
-piece's mask - O(N); at N = 4096, window 255 the measured peaks equal SDPA-flash's (forward and
-forward+backward, benchmarks/NOTES.md).
+piece's mask - O(N); at N = 4096, window 255 the measured peaks are SDPA-flash's within the
+measurement's spread (forward and forward+backward, benchmarks/NOTES.md).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ _MAX_CHUNK, _MIN_BAND = 512, 32
 _MAX_BATCH_ROWS = 4096
 #: Rows of one ``stack`` piece (one forward kernel call): its output is copied into the result,
 #: so this bounds the extra memory (512 rows: 1 MiB at H = 8, D = 64, fp32; measured peak at
-#: N = 4096 equal to SDPA-flash's) against the number of calls (each a parallel region, which
+#: N = 4096 SDPA-flash's within 1 MiB) against the number of calls (each a parallel region, which
 #: costs milliseconds on a loaded machine).
 _MAX_STACK_ROWS = 512
 #: Query rows per chunk of a stacked band (32 for bands narrower than this).
