@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .config import ATTENTION_HELP, LLAMA_TARGETS, FinetuneConfig
+from .config import ATTENTION_HELP, LLAMA_TARGETS, QUICK_ATTENTION, FinetuneConfig
 
 __all__ = ["add_finetune_parser", "add_arguments", "config_from_args", "run_finetune", "main"]
 
@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "them (default: the corpus shipped with attnkit)")
     g.add_argument("--out", default=d.out, help=f"output folder (default: {d.out})")
     g.add_argument("--quick", action="store_true",
-                   help="the quick preset: 150 steps of the built-in model, about 15 s on a 2-core CPU")
+                   help="the quick preset: 150 steps of the built-in model with its attention swapped "
+                        f"to --attention {QUICK_ATTENTION} on attnkit's kernels, about 15 s on a 2-core CPU")
     g.add_argument("--seq-len", type=int, help=f"tokens per packed sequence (default {d.seq_len})")
     g.add_argument("--eval-fraction", type=float,
                    help=f"share of the tokens held out for evaluation, as whole documents where there "
@@ -154,7 +155,9 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     given["progress"] = not args.no_progress
     given["fsdp"] = getattr(args, "fsdp", False)
     given["gradient_checkpointing"] = getattr(args, "gradient_checkpointing", False)
-    return FinetuneConfig.quick(**given) if args.quick else FinetuneConfig(**given)
+    if args.quick:  # the demo runs attnkit's attention kernels unless --attention says otherwise
+        return FinetuneConfig.quick(**{"attention": QUICK_ATTENTION, **given})
+    return FinetuneConfig(**given)
 
 
 def run_finetune(args: argparse.Namespace) -> int:

@@ -29,6 +29,13 @@ ATTENTION_HELP = (
 )
 
 
+#: ``attnkit finetune --quick``'s attention: a window on attnkit's kernels (half the quick preset's
+#: 128-token sequences), so the demo runs attnkit's attention, forward and backward, not only the
+#: model's own; ``--attention`` overrides it. (:meth:`FinetuneConfig.quick` itself keeps the
+#: model's attention.)
+QUICK_ATTENTION = "sliding:64"
+
+
 @dataclass(frozen=True)
 class AttentionChoice:
     """A parsed ``--attention`` value.

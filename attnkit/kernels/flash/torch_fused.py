@@ -19,10 +19,14 @@ attnkit's band (``p - left <= j <= p + right`` with bottom-right ``p = i + Nk - 
   causal (a copy of ``c x D`` rows and keys, against ``c x c x D`` work saved);
 * ``mask`` - anything else (sequence ends): a small additive mask built from the band's
   definition over that rectangle only;
-* ``stack`` - a bounded band (SlidingWindow): its chunks of 64 rows inside the sequence as one
-  call, rows stacked on the batch axis, keys as overlapping strided windows, one shared mask
-  (:func:`_plan_stacked`). ``causal`` + ``flip`` + ``full`` per chunk was the first plan for
-  windows; it is still what a band unbounded on the right (``Band(left, None)``) gets.
+* ``stack`` - a bounded band (SlidingWindow): whole chunks of 64 rows (32 for bands narrower
+  than 64) inside the sequence, up to 512 rows per call, stacked on the batch axis, keys as
+  overlapping strided windows (views, no copy), one shared ``[n, n + width]`` mask
+  (:func:`_plan_stacked`); the rows whose window starts at key 0 run on the causal flag. Stack
+  rows belong to no other piece: each call's output is copied straight into the result (never
+  merged), and its backward adds the window gradients with strided adds. ``causal`` + ``flip``
+  + ``full`` per chunk was the first plan for windows; it is still what a band unbounded on the
+  right (``Band(left, None)``) gets.
 
 Key padding is one more additive ``[B, 1, 1, L]`` mask on every piece; varlen runs each packed
 sequence on its own. Pieces are merged by their LSE. The backward reruns the same plan and calls
@@ -30,21 +34,44 @@ the fused backward per piece with the *final* ``O`` and LSE (so each piece's pro
 ``delta = rowsum(dO * O)`` are the global ones and the pieces' gradients simply add). A gradient
 on the LSE (``dS += P * dLSE``) enters through one extra head-dim column: ``q, k`` padded with 0,
 ``v`` with 1, ``dO`` with ``dLSE`` and ``O`` with 0 add exactly ``dLSE`` to ``dP``.
-Memory: ``O``, LSE, the fp32 gradient accumulators and one piece's mask - O(N).
+Memory: ``O``, LSE, the fp32 gradient accumulators, one call's output or gradients and one
+piece's mask - O(N); at N = 4096, window 255 the measured peaks are SDPA-flash's within the
+measurement's spread (forward and forward+backward, benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
 from .spec import Band
-from .torch_plan import _MAX_STACK_ROWS, _Piece, _pieces
+from .torch_plan import _MAX_BATCH_ROWS, _Piece, _pieces
 
 __all__ = ["FUSED_DTYPES", "fused_available", "attention_fused", "fused_tile"]
 
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: Rows of one backward kernel call of a stack piece (the forward's: ``_MAX_STACK_ROWS``).
+_BWD_STACK_ROWS = 256
 
+
+
+@contextlib.contextmanager
+def _serial():
+    """Run the glue between kernel calls (copies, window adds) on the calling thread only.
+    Measured on the 2-core machine under load: a 4 MiB copy took 0.17 ms at best but 10 ms at
+    the median on 2 threads (each parallel region waits for a descheduled worker), 0.33 ms on
+    one; the kernel calls keep every thread. (Global, like every torch thread setting: another
+    Python thread running torch ops meanwhile would run them on one thread too.)"""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
 
 
 def _ops():
@@ -72,51 +99,82 @@ def _chunks_of(x: torch.Tensor, b: int, p: _Piece, n: int) -> torch.Tensor:
     return y.unflatten(1, ((p.r1 - p.r0) // n, n)).transpose(0, 1)
 
 
-def _stack_mask(p: _Piece, b: int, kpm, dtype, n: int, L: int):
-    """Additive mask of a stack piece for batch row ``b``: ``[1, 1, n, L]`` (band only) or
-    ``[m, 1, n, L]`` with key padding; and ``row_ok [m, n]`` (``None``: every row sees a key)."""
+def _stack_mask(p: _Piece, b: int, kpm, dtype, n: int, L: int, cache: dict):
+    """Additive mask of a stack piece for batch row ``b``: ``[1, 1, n, L]`` (band only, built
+    once per call and dtype: every stack piece of a plan shares it) or ``[m, 1, n, L]`` with key
+    padding; and ``row_ok [m, n]`` (``None``: every row sees a key)."""
     band = p.band
     if kpm is None:
-        ok, row_ok = band[None, None], None
-    else:
-        m = (p.r1 - p.r0) // n
-        win = kpm[b].as_strided((m, L), (n * kpm.stride(1), kpm.stride(1)),
-                                kpm.storage_offset() + b * kpm.stride(0) + p.k0 * kpm.stride(1))
-        ok = band[None, None] & win[:, None, None, :]
-        row_ok = ok[:, 0].any(-1)
+        key = (id(band), dtype)
+        if key not in cache:
+            cache[key] = torch.zeros((1, 1, n, L), dtype=dtype).masked_fill_(~band, float("-inf"))
+        return cache[key], None
+    m = (p.r1 - p.r0) // n
+    win = kpm.as_strided((m, L), (n * kpm.stride(1), kpm.stride(1)),
+                         kpm.storage_offset() + b * kpm.stride(0) + p.k0 * kpm.stride(1))
+    ok = band[None, None] & win[:, None, None, :]
+    row_ok = ok[:, 0].any(-1)
     return torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, float("-inf")), row_ok
 
 
-def _stack_forward(p: _Piece, q, k, v, kpm, scale):
-    """``(o [B, H, m * n, D], lse [B, H, m * n])`` of a stack piece."""
-    n, L = p.band.shape
-    os_, ls_ = [], []
-    for b in range(q.shape[0]):
-        mask, row_ok = _stack_mask(p, b, kpm, q.dtype, n, L)
-        o, lse = _ops()(_chunks_of(q, b, p, n), _windows(k, b, p, n, L), _windows(v, b, p, n, L),
-                        0.0, False, attn_mask=mask, scale=scale)
-        if row_ok is not None:
-            lse = lse.masked_fill(~row_ok[:, None, :], float("-inf"))
-        os_.append(o.transpose(0, 1).flatten(1, 2))
-        ls_.append(lse.transpose(0, 1).flatten(1, 2))
-    return torch.stack(os_), torch.stack(ls_)
-
-
-def _stack_backward(p: _Piece, q, k, v, o, do, lse_b, kpm, scale, dq, dk, dv):
-    """Adds a stack piece's gradients into ``dq``/``dk``/``dv`` (overlapping key windows
-    accumulate through ``index_add_``)."""
+def _stack_forward(p: _Piece, q, k, v, kpm, scale, out, lse_out, cache: dict):
+    """A stack piece's rows of ``out [B, H, N, D]`` and ``lse_out [B, H, N]``, written in place
+    (no other piece shares its rows)."""
     n, L = p.band.shape
     m = (p.r1 - p.r0) // n
-    keys = (p.k0 + torch.arange(m)[:, None] * n + torch.arange(L)[None, :]).flatten()
+    for b in range(q.shape[0]):
+        mask, row_ok = _stack_mask(p, b, kpm, q.dtype, n, L, cache)
+        o, lse = _ops()(_chunks_of(q, b, p, n), _windows(k, b, p, n, L), _windows(v, b, p, n, L),
+                        0.0, False, attn_mask=mask, scale=scale)
+        with _serial():
+            if row_ok is not None:
+                lse = lse.masked_fill(~row_ok[:, None, :], float("-inf"))
+            out[b, :, p.r0:p.r1].unflatten(1, (m, n)).copy_(o.transpose(0, 1))
+            lse_out[b, :, p.r0:p.r1].unflatten(1, (m, n)).copy_(lse.transpose(0, 1))
+        del o, lse  # before the next call allocates its own: one call's output alive at a time
+
+
+def _add_windows(acc: torch.Tensor, g: torch.Tensor, k0: int, n: int):
+    """``acc [H, N, D] += g [m, H, L, D]`` where window ``i`` covers keys ``k0 + i * n + [0, L)``:
+    one strided add per ``n`` keys of the window (the windows of one slice are disjoint), not an
+    ``index_add_`` over ``m * L`` gathered rows."""
+    m, L = g.shape[0], g.shape[2]
+    sh, sn, sd = acc.stride()
+    for s0 in range(0, L, n):
+        w = min(n, L - s0)
+        view = acc.as_strided((m, acc.shape[0], w, acc.shape[2]), (n * sn, sh, sn, sd),
+                              acc.storage_offset() + (k0 + s0) * sn)
+        view.add_(g[:, :, s0:s0 + w])
+
+
+def _stack_backward(p: _Piece, q, k, v, o, do, lse_b, kpm, scale, dq, dk, dv, cache: dict):
+    """Adds a stack piece's gradients into ``dq``/``dk``/``dv`` (overlapping key windows
+    accumulate through :func:`_add_windows`), ``_BWD_STACK_ROWS`` rows per kernel call: the
+    kernel's dK/dV of a call hold ``L / n`` times its keys."""
+    n, L = p.band.shape
+    per = max(1, _BWD_STACK_ROWS // n)
+    m_all = (p.r1 - p.r0) // n
+    for a in range(0, m_all, per):
+        mm = min(per, m_all - a)
+        sub = _Piece(p.r0 + a * n, p.r0 + (a + mm) * n, p.k0 + a * n, p.k0 + a * n + L + (mm - 1) * n,
+                     "stack", p.band)
+        _stack_backward_call(sub, q, k, v, o, do, lse_b, kpm, scale, dq, dk, dv, cache)
+
+
+def _stack_backward_call(p: _Piece, q, k, v, o, do, lse_b, kpm, scale, dq, dk, dv, cache: dict):
+    n, L = p.band.shape
+    m = (p.r1 - p.r0) // n
     bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     for b in range(q.shape[0]):
-        mask, _ = _stack_mask(p, b, kpm, q.dtype, n, L)
+        mask, _ = _stack_mask(p, b, kpm, q.dtype, n, L, cache)
         gq, gk, gv = bwd(_chunks_of(do, b, p, n), _chunks_of(q, b, p, n),
                          _windows(k, b, p, n, L), _windows(v, b, p, n, L), _chunks_of(o, b, p, n),
                          _chunks_of(lse_b, b, p, n), 0.0, False, attn_mask=mask, scale=scale)
-        dq[b, :, p.r0:p.r1] += gq.transpose(0, 1).flatten(1, 2)
-        dk[b].index_add_(1, keys, gk.transpose(0, 1).flatten(1, 2).to(dk.dtype))
-        dv[b].index_add_(1, keys, gv.transpose(0, 1).flatten(1, 2).to(dv.dtype))
+        with _serial():
+            dq[b, :, p.r0:p.r1].unflatten(1, (m, n)).add_(gq.transpose(0, 1))
+            _add_windows(dk[b], gk, p.k0, n)
+            _add_windows(dv[b], gv, p.k0, n)
+        del gq, gk, gv  # one call's gradients alive at a time
 
 
 def _batches(pieces):
@@ -131,7 +189,7 @@ def _batches(pieces):
             continue
         key = (p.mode, p.r1 - p.r0, p.k1 - p.k0)
         batch = open_.get(key)
-        if batch and (batch[-1].r1 > p.r0 or len(batch) * key[1] >= _MAX_STACK_ROWS):
+        if batch and (batch[-1].r1 > p.r0 or len(batch) * key[1] >= _MAX_BATCH_ROWS):
             yield batch
             batch = None
         if not batch:
@@ -195,6 +253,12 @@ def _inputs(batch, q, k, v, kpm):
     return qp, kp, vp, p.mode in ("causal", "flip"), mask, row_ok, rows, keys
 
 
+def _alloc(B: int, H: int, N: int, D: int, dtype):
+    """Uninitialised ``(o [B, H, N, D], lse [B, H, N])``: every row is written by a piece or, at
+    the end, zeroed / set to ``-inf`` (a zero fill would be one more pass over ``O``)."""
+    return torch.empty(B, H, N, D, dtype=dtype), torch.empty(B, H, N, dtype=dtype)
+
+
 def _merge(acc, part):
     """LSE-merge of two ``(o, lse)`` over the same rows (rows neither sees stay 0 / -inf)."""
     (oa, la), (ob, lb) = acc, part
@@ -219,38 +283,46 @@ class _Fused(torch.autograd.Function):
         B, Hq, Nq, D = q.shape
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         fwd = _ops()
-        acc, covered = None, torch.zeros(Nq, dtype=torch.bool)
+        acc, covered, cache = None, torch.zeros(Nq, dtype=torch.bool), {}
         for batch in _batches(_pieces(pattern, Nq, k.shape[2], cu_q, cu_k)):
+            if acc is None and batch[0].mode == "stack":
+                acc = _alloc(B, Hq, Nq, D, cdt)
             if batch[0].mode == "stack":
-                o, lse = _stack_forward(batch[0], q, k, v, kpm, scale)
-                rows = torch.arange(batch[0].r0, batch[0].r1)  # [B, H, rows, D]: m = 1 below
-            else:
-                qp, kp, vp, causal, mask, row_ok, rows, _ = _inputs(batch, q, k, v, kpm)
-                o, lse = fwd(qp, kp, vp, 0.0, causal, attn_mask=mask, scale=scale)
-                if row_ok is not None:  # the kernel gives o = 0 but lse = 0 there
-                    lse = lse.masked_fill(~row_ok[:, None, :], float("-inf"))
+                p, o, lse, po, pl = batch[0], None, None, None, None  # free earlier pieces
+                _stack_forward(p, q, k, v, kpm, scale, acc[0], acc[1], cache)
+                covered[p.r0:p.r1] = True
+                continue
+            qp, kp, vp, causal, mask, row_ok, rows, _ = _inputs(batch, q, k, v, kpm)
+            o, lse = fwd(qp, kp, vp, 0.0, causal, attn_mask=mask, scale=scale)
+            if row_ok is not None:  # the kernel gives o = 0 but lse = 0 there
+                lse = lse.masked_fill(~row_ok[:, None, :], float("-inf"))
             if acc is None and len(rows) == Nq and len(batch) == 1 and batch[0].mode != "flip":
                 acc = (o, lse.to(cdt))  # one piece over every row: no copy
                 covered[:] = True
                 continue
             if acc is None or acc[0].dtype != cdt:
-                acc = (torch.zeros(B, Hq, Nq, D, dtype=cdt) if acc is None else acc[0].to(cdt),
-                       torch.full((B, Hq, Nq), float("-inf"), dtype=cdt) if acc is None
-                       else acc[1])
+                acc = _alloc(B, Hq, Nq, D, cdt) if acc is None else (acc[0].to(cdt), acc[1])
             if batch[0].mode == "flip":  # back to ascending rows within each piece
                 o, lse = o.flip(2), lse.flip(2)
                 rows = torch.cat([torch.arange(p.r0, p.r1) for p in batch])
             po, pl = _unstack(o, B).to(cdt), _unstack(lse, B).to(cdt)
             r0, r1 = int(rows[0]), int(rows[-1]) + 1
             span = r1 - r0 == len(rows)  # adjacent pieces: a slice, not a gather
-            if not bool(covered[rows].any()):  # first piece on these rows: a copy
+            seen = covered[rows]
+            if bool(seen.any()) and not bool(seen.all()):  # partly new rows: start them empty
+                fresh = rows[~seen]
+                acc[0][:, :, fresh] = 0
+                acc[1][:, :, fresh] = float("-inf")
+            elif not bool(seen.any()):  # first piece on these rows: a copy
                 if span:
                     acc[0][:, :, r0:r1] = po
                     acc[1][:, :, r0:r1] = pl
                 else:
                     acc[0].index_copy_(2, rows, po)
                     acc[1].index_copy_(2, rows, pl)
-            elif span:
+                covered[rows] = True
+                continue
+            if span:
                 _merge_((acc[0][:, :, r0:r1], acc[1][:, :, r0:r1]), (po, pl))
             else:
                 mo, ml = _merge((acc[0].index_select(2, rows), acc[1].index_select(2, rows)),
@@ -260,6 +332,9 @@ class _Fused(torch.autograd.Function):
             covered[rows] = True
         if acc is None:  # no query sees any key
             acc = (torch.zeros_like(q), torch.full((B, Hq, Nq), float("-inf"), dtype=cdt))
+        elif not bool(covered.all()):  # rows no piece reached (allocated uninitialised)
+            acc[0][:, :, ~covered] = 0
+            acc[1][:, :, ~covered] = float("-inf")
         out, lse_all = acc[0].to(q.dtype), acc[1]
         ctx.save_for_backward(q, k, v, out, lse_all, kpm, cu_q, cu_k)
         ctx.pattern, ctx.scale = pattern, scale
@@ -286,9 +361,12 @@ class _Fused(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=lse.dtype)
         dk = torch.zeros(k.shape, dtype=lse.dtype)
         dv = torch.zeros(v.shape, dtype=lse.dtype)
+        cache: dict = {}
         for batch in batches:
             if batch[0].mode == "stack":
-                _stack_backward(batch[0], q, k, v, o, do, lse_b, kpm, ctx.scale, dq, dk, dv)
+                gq = gk = gv = None  # free an earlier piece's gradients
+                _stack_backward(batch[0], q, k, v, o, do, lse_b, kpm, ctx.scale, dq, dk, dv,
+                                cache)
                 continue
             qp, kp, vp, causal, mask, _, rows, keys = _inputs(batch, q, k, v, kpm)
             m = len(batch)

@@ -4,7 +4,6 @@ band's definition; no kernel is called here."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +16,16 @@ __all__: list[str] = []  # private to torch_fused.py (and its tests)
 #: Query rows per chunk of a bounded band. The CPU kernel picks 64-row query tiles from 192 rows
 #: on (32 below): a chunk as wide as the band keeps the three edge pieces large.
 _MAX_CHUNK, _MIN_BAND = 512, 32
-#: Rows of one stacked kernel call: bounds the gathered copies of q/k/v (and the flip's).
-_MAX_STACK_ROWS = 4096
-#: Most query rows per chunk of a stacked band.
-_STACK_CHUNK = 512
+#: Rows of pieces stacked into one kernel call (``torch_fused._batches``): bounds the gathered
+#: copies of q/k/v (and the flip's).
+_MAX_BATCH_ROWS = 4096
+#: Rows of one ``stack`` piece (one forward kernel call): its output is copied into the result,
+#: so this bounds the extra memory (512 rows: 1 MiB at H = 8, D = 64, fp32; measured peak at
+#: N = 4096 SDPA-flash's within 1 MiB) against the number of calls (each a parallel region, which
+#: costs milliseconds on a loaded machine).
+_MAX_STACK_ROWS = 512
+#: Query rows per chunk of a stacked band (32 for bands narrower than this).
+_STACK_CHUNK = 64
 
 
 @dataclass
@@ -65,14 +70,7 @@ def _plan(pattern: Band, qs: int, nq: int, ks: int, nk: int):
         if right is None:
             yield _Piece(qs, qs + nq, ks, ks + nk, "full")
             return
-        t = shift + right  # query i sees keys j <= i + t
-        first = max(0, -t)  # rows before it see nothing
-        if first >= nq:
-            return
-        if t > 0:
-            yield _Piece(qs + first, qs + nq, ks, ks + min(t, nk), "full")
-        if max(t, 0) < nk:
-            yield _Piece(qs + first, qs + nq, ks + max(t, 0), ks + nk, "causal")
+        yield from _plan_prefix(qs, nq, ks, nk, shift + right)  # row i sees j <= i + t
         return
     width = left + (right if right is not None else nk)
     if right is not None:
@@ -116,44 +114,67 @@ def _plan(pattern: Band, qs: int, nq: int, ks: int, nk: int):
                 yield piece
 
 
+def _stack_chunk(width: int) -> int:
+    """Query rows per chunk of a stacked band of ``width`` (= left + right) keys beyond the
+    diagonal: a chunk computes ``n + width`` keys per row for ``width + 1`` visible ones."""
+    return _STACK_CHUNK if width >= _STACK_CHUNK else max(16, _STACK_CHUNK // 2)
+
+
+def _plan_prefix(qs: int, r1: int, ks: int, nk: int, t: int):
+    """Rows ``[0, r1)`` of one sequence where row ``i`` sees keys ``[0, i + t]`` (clipped to
+    ``nk``): a mask-free ``full`` piece for keys ``[0, t)`` and a top-left ``causal`` one for the
+    rest (the causal band's whole plan, and a bounded band's first rows)."""
+    first = max(0, -t)  # rows before it see nothing
+    if first >= r1 or nk == 0:
+        return
+    if t > 0:
+        yield _Piece(qs + first, qs + r1, ks, ks + min(t, nk), "full")
+    # keys up to the last row's reach only: the backward allocates dK/dV for every key it is
+    # given (a window's first rows over all N keys cost two [B, H, N, D] buffers, measured)
+    k1 = min(nk, r1 + t)
+    if max(t, 0) < k1:
+        yield _Piece(qs + first, qs + r1, ks + max(t, 0), ks + k1, "causal")
+
+
 def _plan_stacked(pattern: Band, qs: int, nq: int, ks: int, nk: int, width: int):
-    """A bounded band as chunks of ``n`` rows, each over its ``n + width`` keys. The chunks whose
-    keys lie inside the sequence are one ``stack`` piece (a single kernel call: rows stacked on
-    the batch axis, keys as overlapping strided windows, one shared ``[n, n + width]`` mask);
-    the rest are masked rectangles. Work is ``(n + width) / (width + 1)`` of the visited pairs
-    (3 for width 255 and n = 512) with no merge or flip. The kernel packs the overlapping windows
-    (``L / n`` times the keys), so a call takes at most ``_MAX_STACK_ROWS`` rows. Measured on
-    the loaded 2-core machine, the earlier flip/causal/interior pieces with LSE merges ran at
-    0.6-1.3x SDPA causal, this 1.4-2.7x (benchmarks/NOTES.md)."""
-    # twice the band's power of two, 32..512 rows: measured side by side at N = 4096, width 255
-    # (2 cores, loaded): 64-row chunks 1.7-2.0x SDPA causal, 256 2.2-2.4x, 512 2.7x; fewer,
-    # larger windows pack fewer duplicated keys than they waste on masked pairs
-    n = min(_STACK_CHUNK, max(32, 2 ** int(math.log2(width + 1)) * 2))
+    """A bounded band as chunks of ``n`` rows, each over its ``L = n + width`` keys.
+
+    * rows whose window starts at or before key 0 (``i + shift - left <= 0``):
+      :func:`_plan_prefix` (no mask, the kernel's causal flag);
+    * whole chunks whose keys lie inside the sequence: ``stack`` pieces of at most
+      ``_MAX_STACK_ROWS`` rows (one kernel call each: chunks stacked on the batch axis, keys as
+      overlapping strided windows, one shared ``[n, L]`` mask, no copy of q/k/v);
+    * the rest (the last rows, windows cut by the sequence end): one masked rectangle per chunk.
+
+    Stack rows are disjoint from every other piece, so nothing is merged there. Work is
+    ``L / (width + 1)`` of the visited pairs: 1.25x for width 255 and ``n = 64``. Measured side
+    by side at N = 4096, width 255, fp32, 2 threads (kernel calls only): n = 32 / 64 / 128 /
+    256 ran 4.4-4.9x / 4.4-4.8x / 4.1x / 3.1x faster than SDPA causal; the kernel keeps its
+    small tiles in cache (2x the pair rate of one N = 4096 call)."""
+    n = _stack_chunk(width)
     L = n + width
     shift = nk - nq
-    run: list[int] = []
-
-    def flush():
-        if run:
-            c0, a0 = run[0], run[0] + shift - pattern.left
-            band = _rect(pattern, 0, 0, c0, c0 + n, a0, a0 + L, nq, nk).band
-            yield _Piece(qs + c0, qs + run[-1] + n, ks + a0, ks + a0 + L + (len(run) - 1) * n,
-                         "stack", band)
-            run.clear()
-
-    for c0 in range(0, nq, n):
-        c1 = min(c0 + n, nq)
-        a0 = c0 + shift - pattern.left  # row 0's first key; row a sees keys a0 + a .. + width
-        if c1 - c0 == n and a0 >= 0 and a0 + L <= nk:
-            run.append(c0)
-            if len(run) * n >= _MAX_STACK_ROWS:  # the kernel packs the windows: bound the copy
-                yield from flush()
-            continue
-        yield from flush()
-        piece = _rect(pattern, qs, ks, c0, c1, a0, a0 + L, nq, nk)
+    head = min(nq, max(0, pattern.left - shift + 1))  # rows whose window starts at key <= 0
+    yield from _plan_prefix(qs, head, ks, nk, shift + pattern.right)
+    # whole chunks from ``head`` on whose window ends inside the keys: c0 + n + shift + right <= nk
+    stop = min(nq, nk - shift - pattern.right)
+    per_call = max(1, _MAX_STACK_ROWS // n)
+    c0 = head
+    band = None
+    while c0 + n <= stop:
+        m = min(per_call, (stop - c0) // n)
+        if band is None:  # the same [n, L] mask for every chunk
+            band = pattern.block(c0, c0 + n, c0 + shift - pattern.left,
+                                 c0 + shift - pattern.left + L, nq, nk)
+        a0 = c0 + shift - pattern.left
+        yield _Piece(qs + c0, qs + c0 + m * n, ks + a0, ks + a0 + L + (m - 1) * n, "stack", band)
+        c0 += m * n
+    for r0 in range(c0, nq, n):
+        r1 = min(r0 + n, nq)
+        lo, hi = pattern.key_range(r0, r1, nq, nk)
+        piece = _rect(pattern, qs, ks, r0, r1, lo, hi, nq, nk)
         if piece is not None:
             yield piece
-    yield from flush()
 
 
 def _pieces(pattern, nq, nk, cu_q, cu_k):
