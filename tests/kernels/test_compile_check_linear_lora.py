@@ -43,7 +43,7 @@ for dtype, r, dropout, arch in LORA_SETS:
     out += collect(arch, ops=("lora_linear", "lora_batched"), head_dims=(r,), dtypes=(dtype,),
                    first_only=True, cases_filter=names)
 dx = collect(90, ops=("lora_linear",), head_dims=(64,), dtypes=("bf16",), cases_filter={"dropout"},
-             kernels=("lora.op:_fused_kernel",), flags={"DROPOUT"})
+             kernels=("lora.op:_fused_kernel",), flags={"DROPOUT", "EVEN_K"})  # the case has K % 64 == 0
 print(json.dumps(dict(first=out, dropout_dx=dx)))
 """
 
