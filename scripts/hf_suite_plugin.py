@@ -8,6 +8,10 @@ PyTorch's SDPA (the default implementation, and ``attn_implementation="sdpa"``) 
 instead, with no change to the tests. attnkit's own fallbacks call transformers' sdpa functions
 by import, not through the registry, so they still reach the real SDPA.
 
+With ``ATTNKIT_SUITE_CLAIM_SDPA=module[,module]`` every model class in those modules declares
+SDPA support (``_supports_sdpa = True``): gpt-oss declines SDPA because SDPA has no attention
+sinks, so without this its tests would quietly run eager and never reach attnkit, which has them.
+
 With ``ATTNKIT_SUITE_COUNTS=FILE`` set, the number of attention calls that attnkit computed
 itself and the number it handed on (dense 4-D masks, eager for ``output_attentions``) are
 written to FILE as JSON at the end of the session, to show that attnkit really ran.
@@ -50,7 +54,20 @@ def _install() -> None:
     AttentionMaskInterface.register("sdpa", akhf.attnkit_mask)
 
 
+def _claim_sdpa() -> None:
+    import importlib
+
+    from transformers import PreTrainedModel
+
+    for name in filter(None, os.environ.get("ATTNKIT_SUITE_CLAIM_SDPA", "").split(",")):
+        module = importlib.import_module(name)
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, PreTrainedModel):
+                obj._supports_sdpa = True
+
+
 _install()
+_claim_sdpa()
 
 
 def pytest_sessionfinish(session, exitstatus):
