@@ -273,5 +273,34 @@ def _softmax_attention(q, k, v, pattern, scaling, kpm, packed, softcap=None, sin
         kw["softcap"] = float(softcap)
     if sinks is not None:
         kw["sinks"] = sinks
-    return attention(q, k, v, pattern, scale=scale, valid_keys=kpm, backend=runtime.get_backend(),
-                     **kw)
+    fn = attention
+    if q.device.type == "cpu" and torch.compiler.is_compiling():
+        fn = _outside_the_graph()
+    return fn(q, k, v, pattern, scale=scale, valid_keys=kpm, backend=runtime.get_backend(), **kw)
+
+
+_CPU_COMPILE = ("attnkit's CPU (torch) attention plans its pieces on the host from tensor values, "
+                "which torch.compile cannot trace: under torch.compile it runs outside the graph "
+                "(a graph break per layer), so fullgraph=True cannot compile a model on the CPU; "
+                "on CUDA the Triton kernels are custom ops that compile in the graph")
+
+
+def _outside_the_graph():
+    """:func:`attnkit.attention` marked ``torch.compiler.disable`` (made once): transformers'
+    ``torch.compile`` tests on the CPU traced into the torch backend and failed on a data-dependent
+    guard (``covered[rows].any()``), or recompiled per shape until the 180 s timeout."""
+    global _disabled
+    if _disabled is None:
+        try:
+            _disabled = torch.compiler.disable(_warned_attention, reason=_CPU_COMPILE)
+        except TypeError:  # torch without disable(reason=...)
+            _disabled = torch.compiler.disable(_warned_attention)
+    return _disabled
+
+
+_disabled = None
+
+
+def _warned_attention(*args, **kwargs):
+    _warn_once("cpu-compile", _CPU_COMPILE)
+    return attention(*args, **kwargs)
