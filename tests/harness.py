@@ -57,3 +57,23 @@ def padding_mask(B: int, N: int, device) -> torch.Tensor:
     if B > 2:
         m[2] = False
     return m
+
+
+def run_json_script(code: str, timeout: float):
+    """Run ``code`` in a fresh interpreter with ``TRITON_INTERPRET`` unset (real launches, compiles
+    for a GPU target, nothing run) and return the JSON its last stdout line prints. Skips the
+    test where this triton cannot target a GPU without one (``GPUTarget`` missing)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=timeout, check=False)
+    if proc.returncode != 0 and "GPUTarget" in proc.stderr:
+        pytest.skip(f"this triton cannot compile ahead of time without a GPU: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -4,14 +4,10 @@ asserted; figures belong in benchmarks/NOTES.md."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from attnkit.bench.host_overhead import format_report, time_call
+from tests.harness import run_json_script
 
 SCRIPT = r"""
 import json, torch
@@ -28,13 +24,7 @@ print(json.dumps(r))
 
 @pytest.fixture(scope="module")
 def result():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=300, check=False)
-    if proc.returncode != 0 and "GPUTarget" in proc.stderr:
-        pytest.skip(f"this triton cannot be imported without a GPU: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_script(SCRIPT, timeout=300)
 
 
 def test_every_layer_is_timed_and_the_stubs_are_removed(result):

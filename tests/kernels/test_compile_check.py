@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from tests.harness import run_json_script
+
 SCRIPT = """
 import json, warnings
 warnings.filterwarnings("ignore")
@@ -53,14 +55,7 @@ def _name(r):
 
 @pytest.fixture(scope="module")
 def records():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = SCRIPT.replace("CASES", repr(CASES))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=1200, check=False)
-    if proc.returncode != 0 and "ImportError" in proc.stderr and "GPUTarget" in proc.stderr:
-        pytest.skip(f"this triton cannot compile ahead of time: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_script(SCRIPT.replace("CASES", repr(CASES)), timeout=1200)
 
 
 def test_flash_kernels_compile_without_spills_for_sm80_and_sm90(records):
@@ -183,13 +178,7 @@ def test_flash_forward_offers_a_128x128_tile_first_at_bf16_d128():
     """Dense with whole 128-key tiles (the one-loop walk) and causal, bf16, D = 128: the first tile
     is 128 x 128 (the tutorial's Hopper tile; review 2.2a) and compiles for sm_90 without spills;
     the dense one-loop walk loads K/V through TMA descriptors."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", WIDE_SCRIPT], capture_output=True, text=True,
-                          env=env, timeout=900, check=False)
-    if proc.returncode != 0 and "ImportError" in proc.stderr and "GPUTarget" in proc.stderr:
-        pytest.skip(f"this triton cannot compile ahead of time: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = {r["case"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+    got = {r["case"]: r for r in run_json_script(WIDE_SCRIPT, timeout=900)}
     assert set(got) == {"dense256", "causal256"}, got
     for case, r in got.items():
         assert (r["tile"]["BLOCK_M"], r["tile"]["BLOCK_N"]) == (128, 128), (case, r)

@@ -21,12 +21,9 @@ PyTorch's default ("highest": IEEE fp32 dots) the sm_90 fused GEMM spills (measu
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+
+from tests.harness import run_json_script
 
 SCRIPT = """
 import json, warnings
@@ -66,14 +63,7 @@ def _name(r):
 
 @pytest.fixture(scope="module")
 def records():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = SCRIPT.replace("LORA_SETS", repr(LORA))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=1200, check=False)
-    if proc.returncode != 0 and "ImportError" in proc.stderr and "GPUTarget" in proc.stderr:
-        pytest.skip(f"this triton cannot compile ahead of time: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_script(SCRIPT.replace("LORA_SETS", repr(LORA)), timeout=1200)
 
 
 def test_linear_and_lora_kernels_compile_without_spills(records):

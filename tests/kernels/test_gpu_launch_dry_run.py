@@ -15,12 +15,9 @@ what they can see.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+
+from tests.harness import run_json_script
 
 SCRIPT = r"""
 import json, warnings
@@ -59,13 +56,7 @@ KERNELS = (
 
 @pytest.fixture(scope="module")
 def dry_run():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=600, check=False)
-    if proc.returncode != 0 and "GPUTarget" in proc.stderr:
-        pytest.skip(f"this triton cannot be imported without a GPU: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_script(SCRIPT, timeout=600)
 
 
 def test_gpu_launch_paths_pass_every_parameter_once(dry_run):

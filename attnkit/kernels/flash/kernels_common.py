@@ -176,9 +176,15 @@ def _dscore(ds, s, cap, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _query_block(Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, skb, skh,
                  skn, svb, svh, svn, smb, GROUP, NQ, NK,
-                 HAS_KPM: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
-    """:func:`_query_block_at` for query block ``program_id(0)`` (grid order)."""
-    return _query_block_at(tl.program_id(0), Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, skb,
+                 HAS_KPM: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+                 LONGEST_FIRST: tl.constexpr):
+    """:func:`_query_block_at` for this program's query block: in grid order, or with
+    ``LONGEST_FIRST`` (a right band limit: causal, windows) the last query block first, as FA2/FA3
+    schedule causal work, so that no long programs are left for the end of the grid."""
+    pid_m = tl.program_id(0)
+    if LONGEST_FIRST:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    return _query_block_at(pid_m, Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, skb,
                            skh, skn, svb, svh, svn, smb, GROUP, NQ, NK, HAS_KPM, VARLEN, BLOCK_M)
 
 

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .kernels_bwd import _load_query_tile
-from .kernels_common import _query_block_at, _score_mods
+from .kernels_common import _query_block, _score_mods
 from .kernels_walk import MODE_DQ, _walk_keys
 
 
@@ -27,12 +27,9 @@ def _bwd_dq_kernel(
 ):
     """dQ of one query block of one head. Grid: ``(cdiv(max Nq, BLOCK_M), Hq, B or sequences)``,
     longest first with a right band limit, as in the forward."""
-    pid_m = tl.program_id(0)
-    if HAS_RIGHT:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    b, h, q_start, nq, nk, start_m, bb, q_base, k_base, v_base, kpm_off, kv_lo, kv_hi = _query_block_at(
-        pid_m, Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, skb, skh, skn, svb, svh,
-        svn, smb, GROUP, NQ, NK, HAS_KPM, VARLEN, BLOCK_M)
+    b, h, q_start, nq, nk, start_m, bb, q_base, k_base, v_base, kpm_off, kv_lo, kv_hi = _query_block(
+        Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, skb, skh, skn, svb, svh,
+        svn, smb, GROUP, NQ, NK, HAS_KPM, VARLEN, BLOCK_M, HAS_RIGHT)
     if start_m >= nq:
         return
     h64 = h.to(tl.int64)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels_common import _load_rows, _query_block_at, _score_mods
+from .kernels_common import _load_rows, _query_block, _score_mods
 from .kernels_walk import MODE_FWD, _walk_keys
 
 
@@ -37,12 +37,9 @@ def _fwd_kernel(
     right band limit (causal) the last query block, which sees the most keys, runs first
     (longest-first, as FA2/FA3 schedule: no tail of long programs at the end of the grid).
     """
-    pid_m = tl.program_id(0)
-    if HAS_RIGHT:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    b, h, q_start, nq, nk, start_m, bb, q_base, k_base, v_base, kpm_off, kv_lo, kv_hi = _query_block_at(
-        pid_m, Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, skb, skh, skn, svb, svh,
-        svn, smb, GROUP, NQ, NK, HAS_KPM, VARLEN, BLOCK_M)
+    b, h, q_start, nq, nk, start_m, bb, q_base, k_base, v_base, kpm_off, kv_lo, kv_hi = _query_block(
+        Q, K, V, KV_LO, KV_HI, CU_Q, CU_K, sqb, sqh, sqn, skb, skh, skn, svb, svh,
+        svn, smb, GROUP, NQ, NK, HAS_KPM, VARLEN, BLOCK_M, HAS_RIGHT)
     if start_m >= nq:
         return
     rows = tl.arange(0, BLOCK_M)
