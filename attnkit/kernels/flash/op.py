@@ -130,12 +130,6 @@ class _FlashFunction(torch.autograd.Function):
         return None, dq, dk, dv, dsinks.to(sinks.dtype) if sinks is not None else None
 
 
-def _needs_grad(a: FlashArgs) -> bool:
-    return torch.is_grad_enabled() and (
-        a.q.requires_grad or a.k.requires_grad or a.v.requires_grad
-        or (a.sinks is not None and a.sinks.requires_grad))
-
-
 def flash_attention(call, *, use_op: bool | None = None):
     """Triton flash attention of a validated :class:`~attnkit.kernels.flash.call.AttentionCall`:
     ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``.
@@ -147,6 +141,6 @@ def flash_attention(call, *, use_op: bool | None = None):
         use_op = torch.compiler.is_compiling()
     if use_op:
         return torch.ops.attnkit.flash_attn_fwd(*a.op_args())
-    if _needs_grad(a):
+    if call.needs_grad:
         return _FlashFunction.apply(a, a.q, a.k, a.v, a.sinks)
     return _fwd_impl(a)

@@ -146,10 +146,6 @@ class BlockLists:
         slices = self.layout_batch * self.layout_heads
         return self.visited / slices if self.visited % slices else self.visited // slices
 
-    def full_partial(self, nk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The key lists as the forward and dQ kernels walk them: :func:`split_full_partial`."""
-        return split_full_partial(self.kv_num, self.kv_idx, self.kv_part, self.block_size, nk)
-
     def to(self, device: torch.device) -> BlockLists:
         moved = {name: getattr(self, name).to(device)
                  for name in ("kv_num", "kv_idx", "kv_part", "q_num", "q_idx", "q_part", "masks")}
