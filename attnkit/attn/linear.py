@@ -283,8 +283,9 @@ def linear_attention(
             ``exp(-max score)``: no overflow for large scores). The state is then a
             :class:`HybridAttentionState` (linear state of the keys that left the window, plus
             the last ``W - 1`` keys/values); ``initial_state`` takes one (``L <= W - 1``
-            window tokens) and ``return_state`` returns one. Torch backend only for now
-            (``backend="triton"`` refuses it; ``"auto"`` takes torch).
+            window tokens) and ``return_state`` returns one. Both backends: on Triton the
+            flash kernel computes the window part and the linear kernel the rest (value head
+            dim up to 255 there).
         softmax_scale: ``c`` of the hybrid's window scores; defaults to ``Dk ** -0.5``.
         cu_seqlens: int ``[S + 1]`` cumulative lengths of ``S`` sequences packed along N of
             ``B = 1`` tensors (flash-attention's varlen layout, as :func:`attnkit.attention`):
@@ -294,7 +295,7 @@ def linear_attention(
             backend only for now.
         backend: ``"auto"`` (Triton for CUDA tensors, torch on the CPU), ``"triton"`` (CUDA, or
             the CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, ``F``, ``Dv <= 256``; no
-            ``window``, no ``cu_seqlens``) or ``"torch"``. ``ATTNKIT_BACKEND`` overrides
+            ``cu_seqlens``) or ``"torch"``. ``ATTNKIT_BACKEND`` overrides
             ``"auto"``.
 
     Returns:

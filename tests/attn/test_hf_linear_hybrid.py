@@ -78,6 +78,29 @@ def test_hybrid_greedy_equals_teacher_forced(layers, window):
     assert torch.equal(res.sequences, ref.sequences)
 
 
+def test_hybrid_generate_on_triton_equals_torch(monkeypatch):
+    """The same swapped model and left-padded batch on the Triton composition (flash window +
+    shifted linear kernel, the interpreter here) and on the torch path: the same greedy tokens
+    and step logits, prefill and every one-token step through LinearAttentionCache."""
+    model = build("llama")
+    hf.swap_attention(model, hf.LinearAttention(window=3, decay=0.9))
+    ids, mask = batch("left", B=2, N=6)
+    ref = _generate(model, ids, mask, 5, LinearAttentionCache(model))
+    monkeypatch.setenv("ATTNKIT_BACKEND", "triton")
+    from attnkit.kernels.linear import hybrid_triton
+
+    calls = []
+    run = hybrid_triton.hybrid_attention_triton
+    monkeypatch.setattr(hybrid_triton, "hybrid_attention_triton",
+                        lambda call: calls.append(call.q.shape[2]) or run(call))
+    got = _generate(model, ids, mask, 5, LinearAttentionCache(model))
+    layers = calls.count(6)  # every layer's prefill, then one-token steps
+    assert layers >= 1 and calls[:layers] == [6] * layers and calls[layers:] == [1] * (4 * layers)
+    assert torch.equal(got.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(got.logits, 1), torch.stack(ref.logits, 1),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_hybrid_left_padded_row_equals_unpadded():
     model = build("llama")
     hf.swap_attention(model, hf.LinearAttention(window=4, feature_map="relu", eps=1e-3))

@@ -176,10 +176,8 @@ def test_varlen_against_oracle(window):
         _close(f"grad {i}", g, r, torch.float64, K_GRAD)
 
 
-def test_triton_declines_hybrid_and_varlen_with_reason():
+def test_triton_declines_varlen_with_reason():
     q, k, v = _qkv(1, 2, 2, 8, 16, 16, torch.float32)
-    with pytest.raises(ValueError, match="hybrid .window=4. has no 'triton' kernel"):
-        linear_attention(q, k, v, window=4, backend="triton")
     with pytest.raises(ValueError, match=r"packed sequences \(cu_seqlens, 2 sequences\) have no 'triton'"):
         linear_attention(q, k, v, cu_seqlens=torch.tensor([0, 3, 8]), backend="triton")
     with warnings.catch_warnings():  # auto on the CPU: torch, silently
@@ -195,9 +193,9 @@ def test_triton_backend_declares_the_reasons():
     call = LinearAttentionCall(q, k, v, None, None, "elu1", True, True, 1e-6, 1.0, window=2,
                                softmax_scale=0.25, q_raw=q, k_raw=k, segments=((0, 8),))
     triton, torch_ = BACKENDS
-    assert not triton.hybrid and not triton.varlen and torch_.hybrid and torch_.varlen
+    assert triton.hybrid and not triton.varlen and torch_.hybrid and torch_.varlen
     reasons = triton.special_reasons(call)
-    assert len(reasons) == 2 and "window=2" in reasons[0] and "cu_seqlens" in reasons[1]
+    assert len(reasons) == 1 and "cu_seqlens" in reasons[0]
     assert torch_.special_reasons(call) == []
 
 
@@ -223,24 +221,32 @@ def test_bad_arguments(kw, err, match):
         linear_attention(q, k, v, backend="torch", **kw)
 
 
-def test_auto_takes_torch_for_the_hybrid_on_cuda_and_warns_once():
-    """Under "auto" a CUDA call with a window passes Triton over (its declared reason) for torch,
-    saying so once. A stand-in call: only the attributes the dispatch reads (no GPU here)."""
+def test_auto_takes_triton_for_the_hybrid_on_cuda_and_torch_past_its_limits():
+    """Under "auto" a CUDA call with a window runs on Triton; one that Triton cannot take
+    (value head dim 256: the hybrid's denominator needs one more value column) goes to torch,
+    saying so once. Stand-in calls: only the attributes the dispatch reads (no GPU here)."""
     from types import SimpleNamespace
 
     from attnkit.kernels import dispatch
     from attnkit.kernels.linear.backends import BACKENDS
 
     cuda_like = SimpleNamespace(is_cuda=True, device=torch.device("cuda"), dtype=torch.float32)
-    call = SimpleNamespace(tensor=cuda_like, head_dim=16, v=torch.zeros(1, 1, 1, 16), window=5,
-                           segments=None, grid=(1, 2))
+
+    def call(dv):
+        return SimpleNamespace(tensor=cuda_like, head_dim=16, v=torch.zeros(1, 1, 1, dv),
+                               window=5, segments=None, grid=(1, 2),
+                               q_raw=torch.zeros(1, 2, 1, 16))
+
     dispatch._warned.clear()
-    with pytest.warns(UserWarning, match=r"slower 'torch' backend .*hybrid \(window=5\)"):
-        chosen = dispatch.select_backend(call, "auto", BACKENDS, op="linear_attention")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.select_backend(call(16), "auto", BACKENDS, op="linear_attention").name == "triton"
+    with pytest.warns(UserWarning, match=r"slower 'torch' backend .*value head dims up to 255"):
+        chosen = dispatch.select_backend(call(256), "auto", BACKENDS, op="linear_attention")
     assert chosen.name == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: the second call is silent
-        assert dispatch.select_backend(call, "auto", BACKENDS, op="linear_attention").name == "torch"
+        assert dispatch.select_backend(call(256), "auto", BACKENDS, op="linear_attention").name == "torch"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -1,9 +1,8 @@
 """The sliding-window + linear hybrid inside a Hugging Face model (``LinearAttention(window=W)``).
 
 Every path runs :func:`attnkit.attn.linear.linear_attention`'s hybrid through the linear
-dispatch (torch backend; ``"auto"`` says once when CUDA tensors land there), with the padding
-mask passed as key validity: a padded key takes part in neither the softmax window nor the
-linear state.
+dispatch (``"auto"``: Triton on CUDA, torch on the CPU), with the padding mask passed as key
+validity: a padded key takes part in neither the softmax window nor the linear state.
 
 * no cache / prefill: the parallel form over the new tokens;
 * transformers' ``DynamicCache`` (``Nk > Nq``): the cached keys are run first to rebuild the

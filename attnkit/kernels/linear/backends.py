@@ -4,11 +4,12 @@
   feature and value dims up to 256;
 * :class:`TorchLinear` — chunked PyTorch (``torch_impl.py``): any device, dtype and size.
 
-Both take ``decay`` (a per-KV-head decaying state, causal only). Only the torch backend takes
-the sliding-window + linear hybrid (``window``) and packed sequences (``cu_seqlens``): each
-backend declares both (:attr:`LinearBackend.hybrid`, :attr:`LinearBackend.varlen`), so
-``backend="triton"`` refuses such a call naming why, and ``"auto"`` takes torch (warning once
-when the tensors are on CUDA).
+Both take ``decay`` (a per-KV-head decaying state, causal only) and the sliding-window + linear
+hybrid (``window``; on Triton composed from the flash and linear kernels, :mod:`.hybrid_triton`).
+Each backend declares the hybrid and packed sequences (``cu_seqlens``) it takes
+(:attr:`LinearBackend.hybrid`, :attr:`LinearBackend.varlen`), so ``backend="triton"`` refuses a
+call it cannot run naming why, and ``"auto"`` takes torch (warning once when the tensors are on
+CUDA).
 
 (The CUDA decode step, ``cuda.py``, serves :func:`attnkit.linear_attention_step` only.)
 """
@@ -94,7 +95,7 @@ class TritonLinear(LinearBackend):
     # The forward holds all of F in one tile (declared: the call's head_dim is F) ...
     max_head_dim = MAX_DIM
     head_dim_name = "feature dim"
-    hybrid = False
+    hybrid = True
     varlen = False
 
     def special_reasons(self, call: LinearAttentionCall) -> list[str]:
@@ -103,10 +104,22 @@ class TritonLinear(LinearBackend):
         dv = call.v.shape[-1]
         if dv > MAX_DIM:
             reasons.append(f"value head dim {dv} is above the maximum of {MAX_DIM}")
+        elif call.window is not None and dv + 1 > MAX_DIM:
+            # the hybrid's linear launch carries the denominator as one more value column
+            reasons.append(f"the hybrid (window={call.window}) on Triton takes value head dims up "
+                           f"to {MAX_DIM - 1}, got {dv}")
+        if call.window is not None and call.q_raw is not None and call.q_raw.shape[-1] > MAX_DIM:
+            reasons.append(f"the hybrid's window part (the flash kernel) takes q/k head dims up "
+                           f"to {MAX_DIM}, got {call.q_raw.shape[-1]}")
         return reasons
 
     def run(self, call: LinearAttentionCall):
         from .op import linear_attention_triton
+
+        if call.window is not None:
+            from .hybrid_triton import hybrid_attention_triton
+
+            return hybrid_attention_triton(call)
 
         return linear_attention_triton(
             call.q, call.k, call.v, call.s0, call.z0, call.feature, call.causal, call.normalize,
