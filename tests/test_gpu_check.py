@@ -110,7 +110,7 @@ def test_compare_rule():
     assert smoke.compare("d0", ref + 1e-5, ref, ref, torch.float32)["ok"]
 
 
-@pytest.mark.parametrize("name", ["flash causal fwd+bwd"])
+@pytest.mark.parametrize("name", ["flash causal fwd+bwd", "linear hybrid (window + linear, decay) fwd+bwd"])
 def test_real_smoke_checks_pass_on_tiny_sizes(tmp_path, name):
     checks = [c for c in smoke.CHECKS if c[0] == name]
     doc = smoke.run_smoke(tmp_path / "smoke.json", float("inf"), device=DEVICE, dtype=torch.float32,
@@ -121,7 +121,7 @@ def test_real_smoke_checks_pass_on_tiny_sizes(tmp_path, name):
 
 def test_every_smoke_check_has_a_unique_name():
     names = [n for n, _ in smoke.CHECKS]
-    assert len(set(names)) == len(names) == 10
+    assert len(set(names)) == len(names) == 11
 
 
 def test_gpu_check_wiring_order_files_and_exit_code(tmp_path, monkeypatch):

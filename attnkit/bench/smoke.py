@@ -148,6 +148,19 @@ def _linear(device, dtype, size):
                        inputs, True, dtype)
 
 
+def _hybrid(device, dtype, size):
+    """The sliding-window + linear hybrid (Triton: the flash window part and the shifted linear
+    part), with a decay, against the torch path."""
+    import attnkit
+
+    B, H, N, D = SIZES[size]["linear"]
+    inputs = [_randn(B, H, N, D, device=device, seed=s) * 0.5 for s in (1, 2, 3)]
+    w = max(2, min(SIZES[size]["window"], N // 2))
+    return _three_ways(lambda backend, ts: attnkit.linear_attention(*ts, window=w, decay=0.99,
+                                                                    backend=backend),
+                       inputs, True, dtype)
+
+
 def _lora(device, dtype, size):
     import attnkit
 
@@ -177,6 +190,7 @@ CHECKS: list[tuple[str, Callable]] = [
     ("decode (split-KV, key padding)", _decode),
     ("linear attention fwd+bwd", _linear),
     ("LoRA linear fwd+bwd", _lora),
+    ("linear hybrid (window + linear, decay) fwd+bwd", _hybrid),
     ("flash causal fwd+bwd", _attention(lambda n, s: _causal())),
     ("flash window fwd+bwd", _attention(lambda n, s: _window(s["window"]))),
     ("flash block-sparse (BigBird) fwd+bwd", _attention(_bigbird)),

@@ -98,7 +98,7 @@ register_impl("linear", Impl("fla", _build_fla, True, _predict_linear(False), ti
 
 
 # --------------------------------------------------------------------------------------------
-# The sliding-window + linear hybrid (linear_attention(..., window=W)): torch path only for now
+# The sliding-window + linear hybrid (linear_attention(..., window=W)): Triton on CUDA, torch on the CPU
 # --------------------------------------------------------------------------------------------
 
 #: The hybrid's softmax window: the "window" kind's, so the two compare at one W.
@@ -114,9 +114,8 @@ def _build_hybrid_attnkit(point: Point, requires_grad: bool) -> Workload:
 
     q, k, v = _qkv(point, requires_grad)
     w = _window(point)
-    # backend="torch" named: the Triton kernels decline the hybrid (auto would warn on CUDA)
-    return Workload(lambda: linear_attention(q, k, v, feature_map="elu1", window=w,
-                                             backend="torch"), [q, k, v])
+    # "auto": on CUDA the Triton composition (flash window + shifted linear kernel)
+    return Workload(lambda: linear_attention(q, k, v, feature_map="elu1", window=w), [q, k, v])
 
 
 def _hybrid_flops(p: Point) -> float:

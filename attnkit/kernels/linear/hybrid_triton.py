@@ -48,9 +48,8 @@ _TINY = 1e-30  # log() floor of an empty linear denominator (as the torch path)
 
 
 def _shift(x: torch.Tensor, by: int) -> torch.Tensor:
-    """``[B, H, E, D]`` -> ``[B, H, E - L', D]`` read ``by`` tokens later: row ``t`` holds row
-    ``t - by`` of ``x`` (zeros before the start); ``by >= 0`` and the result keeps the last
-    ``E - (E - N)`` rows' span: callers cut it to the call's N."""
+    """``[B, H, E, D]`` -> ``[B, H, E + by, D]``: row ``t`` holds row ``t - by`` of ``x`` (zeros
+    for ``t < by``); the caller keeps the first N rows."""
     return nnf.pad(x, (0, 0, by, 0))
 
 
