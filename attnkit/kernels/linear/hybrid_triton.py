@@ -27,8 +27,11 @@ passes (the flash backward takes the LSE's gradient) and the merge's few element
 
 Cost against the torch path: two launches and ``O(B H N D)`` of elementwise work; the values gain
 one column (``Dv + 1``, one more value block of the linear kernel when ``Dv`` is a multiple of its
-block), and the shift copies k and v once. Packed sequences are not taken here (the backend
-declares it).
+block), and the shift copies k and v once.
+
+Packed sequences (``call.segments``, no state): the flash kernel's varlen path for the window,
+and the linear kernel's for the rest, each sequence's keys shifted within it (a gather whose
+slots before the sequence's start carry value row 0).
 """
 
 from __future__ import annotations
@@ -53,13 +56,62 @@ def _shift(x: torch.Tensor, by: int) -> torch.Tensor:
     return nnf.pad(x, (0, 0, by, 0))
 
 
+def _merge(o_w, lse, lin, eps: float) -> torch.Tensor:
+    """The two parts under one normaliser, in fp32 (the torch path's stabiliser): ``o_w
+    [B, Hq, N, Dv]`` and ``lse [B, Hq, N]`` of the window, ``lin [B, Hq, N, Dv + 1]`` the linear
+    numerator and (last column) denominator."""
+    num_l = lin[..., :-1].float()
+    den_l = lin[..., -1].float() + eps
+    with torch.no_grad():
+        m = torch.maximum(lse, torch.log(den_l.clamp(min=_TINY)))
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    a = torch.exp(lse - m)  # lse = -inf (no window key): 0
+    b = torch.exp(-m)
+    den = a + den_l * b
+    den = torch.where(den == 0, torch.ones_like(den), den)  # a row that sees nothing: o = 0
+    return (o_w.float() * a[..., None] + num_l * b[..., None]) / den[..., None]
+
+
+def _packed(call) -> torch.Tensor:
+    """``o [1, Hq, N, Dv]`` of a packed hybrid call (``call.segments``: host ``(start, end)``
+    pairs along N; no state, no key padding)."""
+    W, q, k, v = call.window, call.q, call.k, call.v
+    bounds = [0] + [b for _, b in call.segments]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
+    longest = max((b - a for a, b in call.segments), default=0)
+    wcall = AttentionCall(
+        q=call.q_raw, k=call.k_raw, v=v, pattern=f"the hybrid's window (W={W})",
+        spec=Band(W - 1, 0), scale=call.softmax_scale, valid_keys=None, cu_seqlens_q=cu,
+        cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest, return_lse=True,
+    )
+    o_w, lse = run_attention(wcall, "triton")
+    # token t of a sequence starting at a reads token t - W when t - W >= a, else value row 0
+    N = q.shape[2]
+    lengths = torch.tensor([b - a for a, b in call.segments], device=q.device)
+    starts = torch.repeat_interleave(cu[:-1].long(), lengths, output_size=N)
+    src = torch.arange(N, device=q.device) - W
+    inside = src >= starts
+    src = src.clamp(min=0)
+    ind = inside[None, None, :, None].to(v.dtype)
+    v_aug = torch.cat([v[:, :, src] * ind, ind.expand(*v.shape[:3], 1)], -1)
+    if call.decay is not None:
+        v_aug = v_aug * (call.decay.to(torch.float64) ** W).to(v.dtype)[None, :, None, None]
+    lin, _, _ = linear_attention_triton(q, k[:, :, src], v_aug, None, None, call.feature, True,
+                                        False, call.eps, call.scale, decay=call.decay,
+                                        cu_seqlens=cu, max_seqlen=longest)
+    return _merge(o_w, lse, lin, call.eps).to(v.dtype)
+
+
 def hybrid_attention_triton(call):
-    """Run a validated hybrid call (``call.window`` set, no packed sequences) on Triton.
+    """Run a validated hybrid call (``call.window`` set) on Triton.
 
     Returns ``(o [B, Hq, N, Dv], s [B, Hkv, F, Dv], z [B, Hkv, F], k_win [B, Hkv, L', Dk],
     v_win [B, Hkv, L', Dv], valid_win [B, L'] or None)`` with ``L' = min(W - 1, L + N)``, the
-    torch path's convention (:func:`.hybrid.hybrid_attention_torch`).
+    torch path's convention (:func:`.hybrid.hybrid_attention_torch`); packed calls
+    ``(o, None, None)``.
     """
+    if call.segments is not None:
+        return _packed(call), None, None
     W, eps = call.window, call.eps
     q, k, v = call.q, call.k, call.v  # linear part: raw for fused maps, mapped for "identity"
     qr, kr = call.q_raw, call.k_raw  # window part: raw
@@ -104,18 +156,7 @@ def hybrid_attention_triton(call):
     lin, s_aug, _ = linear_attention_triton(q, k_sh, v_sh, s0, z0, call.feature, True, False,
                                             eps, call.scale, decay=call.decay)
 
-    # the merge, in fp32 (the torch path's stabiliser)
-    num_l = lin[..., :Dv].float()
-    den_l = lin[..., Dv].float() + eps
-    with torch.no_grad():
-        m = torch.maximum(lse, torch.log(den_l.clamp(min=_TINY)))
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    a = torch.exp(lse - m)  # lse = -inf (no window key): 0
-    b = torch.exp(-m)
-    den = a + den_l * b
-    den = torch.where(den == 0, torch.ones_like(den), den)  # a row that sees nothing: o = 0
-    o = (o_w.float() * a[..., None] + num_l * b[..., None]) / den[..., None]
-    o = o.to(v.dtype)
+    o = _merge(o_w, lse, lin, eps).to(v.dtype)
 
     # the state after the last token: the kernel's holds the extended keys <= E - 1 - W; key
     # E - W leaves the window too (weight gamma^(W - 1) at the last token)
