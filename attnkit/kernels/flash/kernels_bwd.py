@@ -10,6 +10,10 @@ Two ways to get dQ (the launcher picks one, :mod:`.bwd_fused`):
 * deterministic: dK/dV only, then the separate dQ kernel (:mod:`.kernels_dq`), which recomputes
   ``Q K^T`` and ``dO V^T``: 7 matmuls per pair, and the same bits on every run.
 
+Either way, band walks on descriptor-addressable 2-byte tensors (``USE_TMA``, set per call by
+:func:`.bwd_fused.use_tma`) load q/dO through TMA and, fused, add dQ with one TMA reduce per
+tile: what lets the 64-query-row tile fit sm_90's registers (:func:`_band_walk`).
+
 Conventions: :mod:`.kernels_common`."""
 
 from __future__ import annotations
