@@ -84,13 +84,13 @@ def use_tma(kwargs: dict) -> bool:
     interpreter (it has no TMA reduce), not block-sparse (the list walk keeps pointer loads), q
     and dO descriptor-addressable (:func:`~.tma.tma_ok`: 2-byte elements, last stride 1, 16-byte
     aligned base and strides, ``ATTNKIT_TMA`` not 0) and, fused, the fp32 accumulator's rows a
-    multiple of 16 bytes (the launcher allocates it contiguous ``[B, Hq, Nq + 128, D]``)."""
+    multiple of 16 bytes: ``D % 4 == 0``, since the launcher allocates it contiguous
+    ``[B, Hq, Nq + 128, D]`` with ``torch.zeros``. Host cost: one :func:`~.tma.tma_ok` (measured
+    ~6 us on the loaded 2-core CI machine; the forward pays the same for K/V)."""
     if INTERPRET or kwargs.get("SPARSE", False):
         return False
     dq = kwargs.get("DQ")
-    if dq is not None and (dq.stride(-1) != 1 or (dq.shape[-1] * dq.element_size()) % 16
-                           or any((s * dq.element_size()) % 16 for s in dq.stride()[:-1])
-                           or dq.data_ptr() % 16):
+    if dq is not None and dq.shape[-1] % 4:
         return False
     return tma_ok(kwargs["Q"], kwargs["DO"])
 
