@@ -33,7 +33,7 @@ print(json.dumps(out))
 
 # (arch, ops, head dim, workload case names: see compile_check/workload.py)
 CASES = [
-    (90, ("attention",), 128, ("dense+lse", "window+kpm", "sparse128+kpm", "window+softcap",
+    (90, ("attention",), 128, ("dense+lse", "causal", "window+kpm", "sparse128+kpm", "window+softcap",
                                "window+sinks+alibi", "dense+lse det", "window+kpm det")),
     (90, ("attention",), 64, ("dense+lse", "sparse64", "sparse16")),
     (90, ("attention",), 256, ("dense+lse",)),
@@ -43,8 +43,9 @@ CASES = [
 ]
 FLASH = ("flash.kernels_fwd:_fwd_kernel", "flash.kernels_bwd:_bwd_dkdv_kernel",
          "flash.kernels_dq:_bwd_dq_kernel", "flash.kernels_bwd:_bwd_preprocess")
-#: Flags under which a flash kernel is on its dense path (HAS_DLSE: the lse is differentiated).
-DENSE = {"HAS_DLSE"}
+#: Flags under which a flash kernel is on its dense path (HAS_DLSE: the lse is differentiated;
+#: FUSE_DQ: dQ accumulated in the dK/dV kernel; USE_TMA: tensor-descriptor loads).
+DENSE = {"HAS_DLSE", "FUSE_DQ", "USE_TMA"}
 
 
 def _name(r):
@@ -95,6 +96,21 @@ def test_flash_uses_wgmma_on_sm90(records):
         assert recs[key]["spill_bytes"] == 0, _name(recs[key])
     dkdv = det[(FLASH[1], False)]
     assert dkdv["block_m"] >= 64, _name(dkdv)
+
+
+def test_fused_dkdv_offers_a_64_row_tile_first_on_sm90(records):
+    """bf16, D = 128, sm_90: the default (fused dK/dV/dQ) kernel's first tile has 64 query rows
+    (score products N = 64 instead of 32), loads q/dO through TMA and does not spill, dense and on
+    the band cases; soft-capping keeps the 32-row tile (64 rows spill 136 B there). On sm_80 the
+    same launch compiles without TMA (the kernel checks the target)."""
+    fused = {r["case"]: r for r in records if r["kernel"] == FLASH[1] and "FUSE_DQ" in r["flags"]
+             and r["arch"] == 90 and r["head_dim"] == 128}
+    for case in ("dense+lse", "causal", "window+kpm", "window+sinks+alibi"):
+        r = fused[case]
+        assert r["block_m"] >= 64 and r["spill_bytes"] == 0 and r["tma_loads"] > 0, _name(r)
+    assert fused["window+softcap"]["block_m"] == 32, _name(fused["window+softcap"])
+    sm80 = [r for r in records if r["kernel"] == FLASH[1] and r["arch"] == 80]
+    assert sm80 and all(r["tma_loads"] == 0 and r["hgmma"] == 0 for r in sm80), sm80
 
 
 def test_decode_kernels_compile_without_spills(records):

@@ -10,6 +10,10 @@ Two ways to get dQ (the launcher picks one, :mod:`.bwd_fused`):
 * deterministic: dK/dV only, then the separate dQ kernel (:mod:`.kernels_dq`), which recomputes
   ``Q K^T`` and ``dO V^T``: 7 matmuls per pair, and the same bits on every run.
 
+Either way, band walks on descriptor-addressable 2-byte tensors (``USE_TMA``, set per call by
+:func:`.bwd_fused.use_tma`) load q/dO through TMA and, fused, add dQ with one TMA reduce per
+tile: what lets the 64-query-row tile fit sm_90's registers (:func:`_band_walk`).
+
 Conventions: :mod:`.kernels_common`."""
 
 from __future__ import annotations
@@ -29,6 +33,30 @@ from .kernels_common import (
     _seq_bounds,
     _visible,
 )
+
+#: What :func:`_target_has_tma` answers under the interpreter (which runs descriptor loads; the
+#: TMA reduce-add it lacks is stood in for by tests/kernels/test_flash_bwd_tma.py). A test sets it
+#: False to run the pre-Hopper fallback.
+INTERPRET_HAS_TMA = True
+
+
+def _target_has_tma(_semantic=None):
+    """Compile-time ``tl.constexpr``: whether the target being compiled for has TMA (sm_90 or
+    newer), read from the compile options (``sm80``, ``sm90a``...); False when they cannot be
+    read, so that an unknown target takes the pointer loads. The launcher's ``USE_TMA`` only
+    says that the tensors are descriptor-addressable (as the forward's does, device unchecked:
+    the compile report compiles one captured launch for several targets), so the kernel itself
+    must not emit TMA for sm_80."""
+    if _semantic is None:  # the interpreter calls it as plain Python
+        return tl.constexpr(INTERPRET_HAS_TMA)
+    try:
+        arch = str(_semantic.builder.options.arch)
+        return tl.constexpr(int(arch.removeprefix("sm").rstrip("a")) >= 90)
+    except (AttributeError, ValueError):
+        return tl.constexpr(False)
+
+
+_target_has_tma.__triton_builtin__ = True  # called with the code generator's `_semantic`
 
 
 @triton.jit
@@ -81,14 +109,16 @@ def _query_blocks(start_n, nq, nk, WIN_L, WIN_R,
 
 @triton.jit
 def _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, ok_t, q_pos, k_pos, slope, cap,
-                 dq_base, start_m, keep, USE_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                 HAS_ALIBI: tl.constexpr, FUSE_DQ: tl.constexpr, HAS_KPM: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                 dq_base, start_m, keep, dq_desc, h, USE_TMA: tl.constexpr, USE_MASK: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FUSE_DQ: tl.constexpr,
+                 HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr):
     """dK/dV contribution of one query tile: ``q``/``do [BM, BD]``, ``lse``/``delta [BM]``;
     ``q_pos [BM]`` the rows' aligned key positions, ``k_pos [BN]`` the keys'. ``FUSE_DQ``: also
-    add the tile's ``dS @ K`` (unscaled) to the dQ accumulator (:func:`_dq_atomic`), with
-    padded keys (``keep [BN]`` false) left out: their dK/dV are zeroed at the end, but their dS
-    must not reach dQ."""
+    add the tile's ``dS @ K`` (unscaled) to the dQ accumulator, with padded keys (``keep [BN]``
+    false) left out: their dK/dV are zeroed at the end, but their dS must not reach dQ. The sum
+    goes through :func:`_dq_atomic` (pointer atomics), or with ``USE_TMA`` through ``dq_desc``
+    (a ``[Hq, nq, D]`` fp32 descriptor: one TMA reduce-add of the tile at query head ``h``)."""
     s_t = _dot(k, tl.trans(q), None, PRECISION, UPCAST) * qk_scale  # [BN, BD] @ [BD, BM]
     qk_t = _score(s_t, q_pos[None, :], k_pos[:, None], slope, cap, HAS_SOFTCAP, HAS_ALIBI)
     p_t = tl.exp2(qk_t - lse[None, :])
@@ -101,7 +131,13 @@ def _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, ok_t, q_pos, k_pos, 
     ds_t = _dscore(p_t * (dp_t - delta[None, :]), s_t, cap, HAS_SOFTCAP).to(q.dtype)
     dk = _dot(ds_t, q, dk, PRECISION, UPCAST)  # [BN, BM] @ [BM, BD]
     if FUSE_DQ:
-        _dq_atomic(dq_base, start_m, ds_t, k, HEAD_DIM, PRECISION, UPCAST)
+        if USE_TMA:
+            # the tile goes through shared memory to one bulk reduce (UTMAREDG): no per-thread
+            # addresses, and rows past nq are clipped by the descriptor's shape
+            dq = _dot(tl.trans(ds_t), k, None, PRECISION, UPCAST)  # [BM, BN] @ [BN, BD]
+            dq_desc.atomic_add([h, start_m, 0], dq.reshape([1, dq.shape[0], dq.shape[1]]))
+        else:
+            _dq_atomic(dq_base, start_m, ds_t, k, HEAD_DIM, PRECISION, UPCAST)
     return dk, dv
 
 
@@ -129,19 +165,28 @@ def _dq_atomic(dq_base, start_m, ds_t, k, HEAD_DIM: tl.constexpr, PRECISION: tl.
 def _load_query_tile(q_base, do_base, lse_base, delta_base, start_m, nq, sqn, sqd, sdn, sdd, sln,
                      offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
                      BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
-    """q, dO, LSE (log2 units; rows that saw nothing -> +inf so P = 0) and delta of a query tile."""
+    """q, dO (pointer loads, rows past ``nq`` zero), LSE and delta (:func:`_load_stats`) of a
+    query tile."""
     arange_m = tl.arange(0, BLOCK_M)
-    offs_m = start_m + arange_m
-    row_ok = offs_m < nq
     m64 = tl.cast(start_m, tl.int64)
     q = _load_rows(q_base + m64 * sqn, arange_m, nq - start_m, sqn, offs_d, sqd,
                    HEAD_DIM, BLOCK_D, True)  # [BM, BD]
     do = _load_rows(do_base + m64 * sdn, arange_m, nq - start_m, sdn, tl.arange(0, BLOCK_DV), sdd,
                     HEAD_DV, BLOCK_DV, True)  # [BM, BDV]
+    lse, delta = _load_stats(lse_base, delta_base, start_m, nq, sln, BLOCK_M)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _load_stats(lse_base, delta_base, start_m, nq, sln, BLOCK_M: tl.constexpr):
+    """LSE (log2 units; rows that saw nothing or lie past ``nq`` -> +inf so P = 0) and delta of
+    the query tile at ``start_m``."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < nq
     lse = tl.load(lse_base + offs_m * sln, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-    return q, do, lse, delta
+    return lse, delta
 
 
 @triton.jit
@@ -172,13 +217,13 @@ def _walk_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, 
                                            BS)  # [BN, BM]
                         dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, em_t,
                                               start_m + arange_m + shift, offs_n, slope, cap, dq_base,
-                                              start_m, keep, True, HAS_SOFTCAP, HAS_ALIBI, FUSE_DQ, HAS_KPM,
-                                              HEAD_DIM, PRECISION, UPCAST)
+                                              start_m, keep, None, 0, False, True, HAS_SOFTCAP, HAS_ALIBI,
+                                              FUSE_DQ, HAS_KPM, HEAD_DIM, PRECISION, UPCAST)
                     else:
                         dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, None,
                                               start_m + arange_m + shift, offs_n, slope, cap, dq_base,
-                                              start_m, keep, False, HAS_SOFTCAP, HAS_ALIBI, FUSE_DQ, HAS_KPM,
-                                              HEAD_DIM, PRECISION, UPCAST)
+                                              start_m, keep, None, 0, False, False, HAS_SOFTCAP, HAS_ALIBI,
+                                              FUSE_DQ, HAS_KPM, HEAD_DIM, PRECISION, UPCAST)
     return dk, dv
 
 
@@ -189,7 +234,8 @@ def _band_walk(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, ALIBI, bb, hk, q_start, sqb,
                HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FUSE_DQ: tl.constexpr,
-               HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+               HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+               USE_TMA: tl.constexpr):
     """A band: the query tiles ``[lo, hi)`` that see the key block at ``start_n``, for each of the
     ``GROUP`` query heads, as ONE flat loop over (head, tile) pairs.
 
@@ -197,32 +243,63 @@ def _band_walk(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, ALIBI, bb, hk, q_start, sqb,
     loop around three per-phase loops (left edge / interior / right edge, the forward's split)
     spilled 392 B (dense) and 688 B (causal); one flat loop with the band mask on every tile of a
     band (none at all for dense: rows past ``nq`` read ``dO = 0``, ``lse = +inf``; keys past
-    ``nk`` are zero rows of K/V whose dK/dV are never stored) fits with no spill (see notes)."""
+    ``nk`` are zero rows of K/V whose dK/dV are never stored) spills 296 / 232 B.
+
+    ``USE_TMA``: q and dO come through 3-D tensor descriptors over this sequence's ``[Hq, nq, D]``
+    rows (rows past ``nq`` read as zero, as the masked pointer loads give), and the fused dQ
+    goes out as one TMA reduce-add per tile (:func:`_dkdv_update`). The descriptors are built once
+    per program. Measured (sm_90a, bf16, D = 128, fused, 64 x 128 w8/s1): 255 regs / 64 B spill
+    (dense) and 120 B (causal) with pointers -> 247 / 0 and 254 / 0 (benchmarks/NOTES.md).
+    Compiled for a target without TMA (sm_80: :func:`_target_has_tma`), a ``USE_TMA`` launch
+    takes the pointer loads, and a 64-row tile walks as 32-row steps (``STEP_M``), which is
+    what mma.sync's registers hold (sm_80 fused 64 x 128 w8/s1 with a window and key mask
+    spills 160 B at 64 rows, 96 B at 32)."""
+    TMA: tl.constexpr = USE_TMA and _target_has_tma()
+    STEP_M: tl.constexpr = BLOCK_M if TMA or not USE_TMA or BLOCK_M <= 32 else 32
     shift = nk - nq
-    lo, hi = _query_blocks(start_n, nq, nk, WIN_L, WIN_R, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    n_tiles = tl.cdiv(hi - lo, BLOCK_M)
+    lo, hi = _query_blocks(start_n, nq, nk, WIN_L, WIN_R, STEP_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    n_tiles = tl.cdiv(hi - lo, STEP_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    arange_m = tl.arange(0, BLOCK_M)
+    arange_m = tl.arange(0, STEP_M)
+    q64 = q_start.to(tl.int64)
+    q_desc = None
+    do_desc = None
+    dq_desc = None
+    if TMA:
+        q_desc = tl.make_tensor_descriptor(Q + bb * sqb + q64 * sqn, shape=[H, nq, HEAD_DIM],
+                                           strides=[sqh, sqn, 1], block_shape=[1, STEP_M, BLOCK_D])
+        do_desc = tl.make_tensor_descriptor(DO + bb * sdb + q64 * sdn, shape=[H, nq, HEAD_DV],
+                                            strides=[sdh, sdn, 1], block_shape=[1, STEP_M, BLOCK_DV])
+        if FUSE_DQ:
+            dq_desc = tl.make_tensor_descriptor(DQ + bb * sdqb + q64 * HEAD_DIM, shape=[H, nq, HEAD_DIM],
+                                                strides=[sdqh, HEAD_DIM, 1],
+                                                block_shape=[1, STEP_M, BLOCK_D])
     for i in range(GROUP * n_tiles):
         g = i // n_tiles
-        start_m = lo + (i - g * n_tiles) * BLOCK_M
-        h = (hk * GROUP + g).to(tl.int64)
-        q64 = q_start.to(tl.int64)
+        start_m = lo + (i - g * n_tiles) * STEP_M
+        h32 = hk * GROUP + g
+        h = h32.to(tl.int64)
         dq_base = DQ
-        if FUSE_DQ:
+        if FUSE_DQ and not TMA:
             dq_base = DQ + bb * sdqb + h * sdqh + q64 * HEAD_DIM
         slope, cap = _score_mods(bb, h, ALIBI, sab, sah, softcap, HAS_SOFTCAP, HAS_ALIBI)
-        q, do, lse, delta = _load_query_tile(Q + bb * sqb + h * sqh + q64 * sqn,
-                                             DO + bb * sdb + h * sdh + q64 * sdn,
-                                             LSE + bb * slb + h * slh + q64 * sln,
-                                             DELTA + (bb * H + h) * NQ + q_start,  # contiguous
-                                             start_m, nq, sqn, sqd, sdn, sdd, sln, offs_d, HEAD_DIM, BLOCK_D,
-                                             HEAD_DV, BLOCK_DV, BLOCK_M)
+        lse_base = LSE + bb * slb + h * slh + q64 * sln
+        delta_base = DELTA + (bb * H + h) * NQ + q_start  # contiguous
+        if TMA:
+            q = q_desc.load([h32, start_m, 0]).reshape([STEP_M, BLOCK_D])
+            do = do_desc.load([h32, start_m, 0]).reshape([STEP_M, BLOCK_DV])
+            lse, delta = _load_stats(lse_base, delta_base, start_m, nq, sln, STEP_M)
+        else:
+            q, do, lse, delta = _load_query_tile(Q + bb * sqb + h * sqh + q64 * sqn,
+                                                 DO + bb * sdb + h * sdh + q64 * sdn, lse_base, delta_base,
+                                                 start_m, nq, sqn, sqd, sdn, sdd, sln, offs_d, HEAD_DIM,
+                                                 BLOCK_D, HEAD_DV, BLOCK_DV, STEP_M)
         ok_t = _visible((start_m + arange_m)[None, :], offs_n[:, None], shift, nk, WIN_L, WIN_R,
                         HAS_LEFT, HAS_RIGHT)
         dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse, delta, qk_scale, ok_t, start_m + arange_m + shift,
-                              offs_n, slope, cap, dq_base, start_m, keep, HAS_LEFT or HAS_RIGHT, HAS_SOFTCAP,
-                              HAS_ALIBI, FUSE_DQ, HAS_KPM, HEAD_DIM, PRECISION, UPCAST)
+                              offs_n, slope, cap, dq_base, start_m, keep, dq_desc, h32, TMA,
+                              HAS_LEFT or HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, FUSE_DQ, HAS_KPM, HEAD_DIM,
+                              PRECISION, UPCAST)
     return dk, dv
 
 
@@ -240,11 +317,14 @@ def _bwd_dkdv_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
     SPARSE: tl.constexpr, BS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     FUSE_DQ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     """dK, dV of one key block of one KV head, summed over the ``GROUP`` query heads sharing it;
     with ``FUSE_DQ`` also each query head's dQ rows, added (unscaled) into ``DQ`` fp32
     ``[B or 1, Hq, Nq + BLOCK_M at least, D]`` (contiguous rows; strides ``sdqb``, ``sdqh``;
-    the caller zeroes it and applies the scale).
+    the caller zeroes it and applies the scale). ``USE_TMA`` (band walks only; the launcher
+    checks that q, dO and the accumulator are descriptor-addressable and installs Triton's
+    allocator): q/dO loads and the dQ sums through TMA (:func:`_band_walk`).
     Grid: ``(cdiv(max Nk, BLOCK_N), Hkv, B or sequences)``.
     """
     pid_n = tl.program_id(0)
@@ -297,7 +377,7 @@ def _bwd_dkdv_kernel(
                             sqd, sdb, sdh, sdn, sdd, slb, slh, sln, sdqb, sdqh, sab, sah, softcap, H, GROUP,
                             NQ, start_n, nq, nk, WIN_L, WIN_R, offs_d, qk_scale, keep, HEAD_DIM, BLOCK_D,
                             HEAD_DV, BLOCK_DV, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                            FUSE_DQ, HAS_KPM, PRECISION, UPCAST)
+                            FUSE_DQ, HAS_KPM, PRECISION, UPCAST, USE_TMA)
     dk = dk * sm_scale
     if HAS_KPM:
         dk = tl.where(keep[:, None], dk, 0.0)

@@ -47,6 +47,13 @@ def _alibi(f) -> bool:
     return f["HAS_ALIBI"]
 
 
+def _tma_wide(f) -> bool:
+    """The fused dK/dV/dQ kernel's 64 x 128 w8/s1 tile: 0 spill (sm_90a, bf16, D = 128) when q/dO
+    load and dQ adds through TMA, except with soft-capping (136 B); with pointers 64-120 B
+    (bwd_fused.py)."""
+    return f["USE_TMA"] and not f["HAS_SOFTCAP"] and not f["SPARSE"]
+
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, largest BLOCK_D the tile is offered for[, predicate]).
 # Chosen from Hopper compiles (`python -m attnkit.kernels.compile_check`): the first tile of each
 # list compiles for sm_90 at its largest head dim with no register spill and within shared
@@ -61,8 +68,9 @@ _FWD_TILES = [
 ]
 _BWD_DKDV_TILES = [  # BLOCK_M is the inner (query) loop here, BLOCK_N the program's key block
     # The deterministic backward's dK/dV (no dQ): 64 x 128 w8/s1 compiles with 0 spill at bf16
-    # D = 128 on sm_90 (248 regs dense, 32 B causal; 2 stages spill 144-184 B). The fused dK/dV/dQ
-    # kernel has its own list (bwd_fused.py).
+    # D = 128 on sm_90 (248 regs dense, 32 B causal; 2 stages spill 144-184 B); with TMA q/dO
+    # loads (bwd_fused.use_tma) 238-255 regs and 0 spill on every band case but soft-capping
+    # (8 B). The fused dK/dV/dQ kernel has its own list (bwd_fused.py).
     # Block-sparse calls get the 64-row tiles last (bwd_fused._sparse_small_first): their list
     # walk spills 280 B at 64 x 128 w8/s1, 72 B at 16 x 128 w8/s2 (the first for them).
     (64, 128, 8, 1, 128), (16, 128, 8, 2, 128), (32, 128, 8, 2, 128), (32, 64, 4, 3, 128),
@@ -81,11 +89,12 @@ _INTERPRET_TILE = (32, 16, 4, 1)
 
 _AUTOTUNE_KEY = [
     "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "VARLEN", "N_BUCKET", "PRECISION", "SPARSE", "BS",
-    "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS", "NK_ALIGN",
+    "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS", "NK_ALIGN", "USE_TMA",
 ]
 
 #: The flags tile predicates read (absent ones count as off).
-_PREDICATE_FLAGS = ("HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "VARLEN", "SPARSE", "HAS_SOFTCAP", "HAS_ALIBI")
+_PREDICATE_FLAGS = ("HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "VARLEN", "SPARSE", "HAS_SOFTCAP", "HAS_ALIBI",
+                    "USE_TMA")
 
 
 def _prune(configs, named_args, **kwargs):
