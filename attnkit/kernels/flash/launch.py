@@ -255,84 +255,175 @@ def _strides(prefix: str, t: torch.Tensor) -> dict:
     return dict(zip((prefix + s for s in "bhnd"), t.stride(), strict=False))
 
 
+def _stride_names(prefix: str, strides) -> dict:
+    return dict(zip((prefix + s for s in "bhnd"), strides, strict=False))
+
+
+#: The kernel arguments that change from call to call of one signature (the tensors; the
+#: precision of fp32 follows torch's matmul setting; TMA needs aligned base pointers).
+_PER_CALL = frozenset(("Q", "K", "V", "O", "LSE", "SINKS", "KPM", "KV_LO", "KV_HI", "ALIBI",
+                       "CU_Q", "CU_K", "USE_TMA", "PRECISION"))
+
+
+class FlashPlan:
+    """The launches of one call *signature*, prebuilt: every keyword argument of the forward and
+    backward kernels that does not change from call to call (shapes, strides, flags, scale,
+    block lists, the grid), so that a call only allocates its outputs and adds its tensors.
+
+    A signature is everything a :class:`FlashArgs` fixes except its tensors' data: shapes,
+    strides and dtypes of ``q``/``k``/``v``/``kpm``/``alibi``, which optional inputs are present,
+    the band or block lists, the scale, soft-cap and packed maxima. The plan keeps no reference
+    to a call's tensors (only the pattern's block lists, which the pattern owns), so a cached plan
+    pins no activations. ``attnkit.attention`` caches one per signature
+    (``attnkit/attn/functional.py``); :func:`_fwd_impl` / :func:`_bwd_impl` build one per call.
+
+    Measured (``attnkit bench --host-overhead``, launches stubbed): the forward of a cached plan
+    costs ~8 us against ~30 us for building the arguments per call (``_Launch`` + seven stride
+    dicts + the merges)."""
+
+    def __init__(self, a: FlashArgs):
+        c = _Launch(a)
+        q = a.q
+        self.interpret = INTERPRET
+        self.varlen = c.varlen
+        self.Hq, self.Hkv, self.Nq, self.Nk, self.D = c.Hq, c.Hkv, c.Nq, c.Nk, c.D
+        self.dv = a.v.shape[-1]
+        self.device, self.dtype = q.device, q.dtype
+        self.fp32 = q.dtype == torch.float32
+        self.lse_shape = (q.shape[0], c.Hq, c.Nq)
+        self.o_shape = None if self.dv == c.D else (*q.shape[:3], self.dv)
+        self.scale = a.scale
+        self.sparse = a.sparse
+        # the sparse lists' source: the plan is stale if the pattern's lists were written in place
+        self.lists_src = a.lists[1]
+        self.lists_version = a.lists[1]._version if a.sparse else 0
+        # the folded softmax tracks the max of raw scores (needs scale >= 0): softmax(s * q.k) =
+        # softmax(|s| * (-q).k), the same o and lse (a negated copy of q, for this rare case only)
+        self.negate_q = a.scale < 0 and not (a.softcap > 0 or a.alibi is not None)
+        # TMA for K/V on the one-loop (EVEN) walk; the strides and pointers are checked per call
+        self.tma_walk = c.rows_lists["NK_ALIGN"] > 1 and a.kpm is None
+        rows_q, rows_k, n_prog_b, Hq, Hkv = c.rows_q, c.rows_k, c.n_prog_b, c.Hq, c.Hkv
+        self.grid_fwd = lambda meta: (triton.cdiv(rows_q, meta["BLOCK_M"]), Hq, n_prog_b)
+        self.grid_kv = lambda meta: (triton.cdiv(rows_k, meta["BLOCK_N"]), Hkv, n_prog_b)
+        common = {n: x for n, x in c.common.items() if n not in _PER_CALL}
+        if self.negate_q:
+            common["sm_scale"] = -a.scale
+        rows = {n: x for n, x in c.rows_lists.items() if n not in ("KV_LO", "KV_HI")}
+        o_strides = (torch.empty_like(q, device="meta") if self.o_shape is None
+                     else torch.empty(self.o_shape, device="meta")).stride()
+        lse_strides = (c.Hq * c.Nq, c.Nq, 1)
+        self.o_strides = o_strides
+        qkv = {**_strides("sq", q), **_strides("sk", a.k), **_strides("sv", a.v),
+               **_stride_names("sl", lse_strides)}
+        self.fwd = {**common, **rows, **qkv, **_stride_names("so", o_strides), "H": c.Hq,
+                    "HAS_SINKS": a.sinks is not None}
+        if not self.fp32:
+            self.fwd["PRECISION"] = c.common["PRECISION"]
+        # backward: the preprocess, the dK/dV pass (dQ fused or split) and the split dQ kernel
+        self.pre_block = 16 if INTERPRET else 64
+        self.pre = dict(**_stride_names("so", o_strides), H=c.Hq, N=c.Nq, HEAD_DIM=self.dv,
+                        BLOCK_D=c.common["BLOCK_DV"], BLOCK_M=self.pre_block)
+        self.grid_pre = (triton.cdiv(c.Nq, self.pre_block), c.Hq, q.shape[0])
+        self.shared = {**common, **qkv, "H": c.Hq}
+        # the gradients have their inputs' layouts (empty_like), so their strides are known now
+        self.kv = {**c.cols_lists, **_strides("sdk", torch.empty_like(a.k, device="meta")),
+                   **_strides("sdv", torch.empty_like(a.v, device="meta")), "HKV": c.Hkv}
+        self.dq = {**rows, **_strides("sdq", torch.empty_like(q, device="meta"))}
+        self.dq_acc_shape = (q.shape[0], c.Hq, c.Nq + 128, c.D)
+        self.dq_acc_strides = ((c.Nq + 128) * c.D * c.Hq, (c.Nq + 128) * c.D)
+
+    def valid(self) -> bool:
+        """False when something the plan baked in changed since it was built: the interpreter
+        switch (tests flip it) or a block list written in place."""
+        return self.interpret is INTERPRET and (
+            not self.sparse or self.lists_src._version == self.lists_version)
+
+    def forward(self, q, k, v, sinks=None, kpm=None, kv_lo=None, kv_hi=None, alibi=None,
+                cu_q=None, cu_k=None):
+        """``(o [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32)`` for one call of the plan's signature
+        (``kv_lo``/``kv_hi``: the key mask's span, :func:`_kv_span`)."""
+        varlen = self.varlen
+        o = _alloc(q, shape=self.o_shape, tail=(cu_q, 0.0) if varlen else None)
+        lse = _alloc(q, shape=self.lse_shape, dtype=torch.float32,
+                     tail=(cu_q, float("-inf")) if varlen else None)
+        if self.negate_q:
+            q = -q
+        use_tma = self.tma_walk and not INTERPRET and tma_ok(k, v)
+        if use_tma:
+            ensure_allocator()
+        kw = self.fwd
+        if self.fp32:
+            kw = {**kw, "PRECISION": _precision(torch.float32)}
+        # .run(grid=...) is what kernel[grid](...) calls, less one copy of the ~70 keywords
+        _fwd.run(grid=self.grid_fwd, warmup=False, Q=q, K=k, V=v, O=o, LSE=lse, SINKS=sinks,
+                 KPM=None if kpm is None else kpm.view(torch.uint8), KV_LO=kv_lo, KV_HI=kv_hi,
+                 ALIBI=alibi, CU_Q=cu_q, CU_K=cu_k, USE_TMA=use_tma, **kw)
+        return o, lse
+
+    def backward(self, do, o, lse, dlse, q, k, v, sinks=None, kpm=None, kv_lo=None, kv_hi=None,
+                 alibi=None, cu_q=None, cu_k=None):
+        """``(dq, dk, dv, dsinks)``. dQ is accumulated inside the dK/dV pass with fp32 atomics
+        (5 matmuls per block pair), or, when :func:`~.bwd_fused.deterministic_backward` says so
+        (``torch.use_deterministic_algorithms(True)`` or ``ATTNKIT_DETERMINISTIC=1``), by the
+        separate dQ kernel (7 matmuls, bitwise reproducible; block-sparse calls always)."""
+        varlen = self.varlen
+        delta = _alloc(q, shape=self.lse_shape, dtype=torch.float32)
+        dg = _strides("sg", dlse) if dlse is not None else _NO_DLSE
+        _bwd_preprocess[self.grid_pre](O=o, DO=do, DLSE=dlse, DELTA=delta, **_strides("sd", do),
+                                       **dg, HAS_DLSE=dlse is not None, **self.pre)
+        # block-sparse: the fused kernel's nested list walk spills (bwd_fused.py), so the split pair
+        fused = not deterministic_backward() and not self.sparse
+        # packed rows past the last sequence: 0 (the fused accumulator starts at 0 everywhere)
+        dq = _alloc(q, tail=(cu_q, 0.0) if varlen and not fused else None)
+        dk = _alloc(k, tail=(cu_k, 0.0) if varlen else None)
+        dv = _alloc(v, tail=(cu_k, 0.0) if varlen else None)
+        shared = {**self.shared, "Q": q, "K": k, "V": v, "DO": do, "LSE": lse, "DELTA": delta,
+                  "KPM": None if kpm is None else kpm.view(torch.uint8), "ALIBI": alibi,
+                  "CU_Q": cu_q, "CU_K": cu_k, "PRECISION": _precision(q.dtype),
+                  **_strides("sd", do)}
+        kv_args = {**shared, **self.kv, "DK": dk, "DV": dv}
+        if fused:
+            # contiguous rows, and BLOCK_M (<= 128) rows of padding that a query tile hanging past
+            # the last row may add its zeros to (the kernel leaves the atomics' rows unmasked)
+            dq_acc = torch.zeros(self.dq_acc_shape, device=q.device, dtype=torch.float32)
+            sdqb, sdqh = self.dq_acc_strides
+            _dkdv_fused.run(grid=self.grid_kv, warmup=False, DQ=dq_acc, sdqb=sdqb, sdqh=sdqh,
+                            FUSE_DQ=True, **kv_args)
+            torch.mul(dq_acc[:, :, :self.Nq], self.scale, out=dq)  # the scale and the cast in one
+        else:
+            _dkdv_split.run(grid=self.grid_kv, warmup=False, DQ=None, sdqb=0, sdqh=0,
+                            FUSE_DQ=False, **kv_args)
+            _dq.run(grid=self.grid_fwd, warmup=False, DQ=dq, KV_LO=kv_lo, KV_HI=kv_hi, **shared,
+                    **self.dq)
+        if sinks is None:
+            return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
+        # d sink_h = -sum_{b, i} p_sink * delta with p_sink = exp(sink - lse): the sink's
+        # probability in each row (rows that saw nothing but the sink have lse = sink, p_sink = 1).
+        p_sink = torch.exp(sinks.float()[None, :, None] - lse)  # [B, Hq, Nq]
+        return dq, dk, dv, -(p_sink * delta).sum((0, 2))
+
+
+_NO_DLSE = {"sgb": 0, "sgh": 0, "sgn": 0}
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
 
 
 def _fwd_impl(a: FlashArgs):
-    c = _Launch(a)
-    q = a.q
-    # Packed rows past the last sequence get 0 / -inf instead of uninitialised memory. The output
-    # has q's layout (a [B, N, H, D] view stays one), or is contiguous when Dv differs from D.
-    dv = a.v.shape[-1]
-    o = _alloc(q, shape=None if dv == c.D else (*q.shape[:3], dv),
-               tail=(a.cu_q, 0.0) if c.varlen else None)
-    lse = _alloc(q, shape=(q.shape[0], c.Hq, c.Nq), dtype=torch.float32,
-                 tail=(a.cu_q, float("-inf")) if c.varlen else None)
-    grid = lambda meta: (triton.cdiv(c.rows_q, meta["BLOCK_M"]), c.Hq, c.n_prog_b)
-    common = c.common
-    if a.scale < 0 and not (a.softcap > 0 or a.alibi is not None):
-        # the folded softmax tracks the max of raw scores (needs scale >= 0): softmax(s * q.k)
-        # = softmax(|s| * (-q).k), the same o and lse (a copy of q, for this rare case only)
-        q, common = -q, {**common, "sm_scale": -a.scale}
-    # TMA for K/V on the one-loop (EVEN) walk, when the strides allow it (tma.py)
-    use_tma = (c.rows_lists["NK_ALIGN"] > 1 and a.kpm is None and not INTERPRET
-               and tma_ok(a.k, a.v))
-    if use_tma:
-        ensure_allocator()
-    _fwd[grid](
-        Q=q, K=a.k, V=a.v, O=o, LSE=lse, SINKS=a.sinks, HAS_SINKS=a.sinks is not None,
-        USE_TMA=use_tma,
-        **common, **c.rows_lists,
-        **_strides("sq", q), **_strides("sk", a.k), **_strides("sv", a.v), **_strides("so", o),
-        **_strides("sl", lse), H=c.Hq,
-    )
-    return o, lse
+    """One forward from a :class:`FlashArgs` (the custom op's and the unplanned path): a plan
+    built for the call, used once."""
+    return FlashPlan(a).forward(a.q, a.k, a.v, a.sinks, a.kpm, *_span(a), a.alibi, a.cu_q, a.cu_k)
 
 
 def _bwd_impl(do, o, lse, dlse, a: FlashArgs):
-    """``(dq, dk, dv, dsinks)``. dQ is accumulated inside the dK/dV pass with fp32 atomics
-    (5 matmuls per block pair), or, when :func:`~.bwd_fused.deterministic_backward` says so
-    (``torch.use_deterministic_algorithms(True)`` or ``ATTNKIT_DETERMINISTIC=1``), by the
-    separate dQ kernel (7 matmuls, bitwise reproducible; block-sparse calls always)."""
-    c = _Launch(a)
-    q, k, v = a.q, a.k, a.v
-    B = q.shape[0]
-    delta = _alloc(q, shape=(B, c.Hq, c.Nq), dtype=torch.float32)
-    pre_block = 16 if INTERPRET else 64
-    _bwd_preprocess[(triton.cdiv(c.Nq, pre_block), c.Hq, B)](
-        O=o, DO=do, DLSE=dlse, DELTA=delta, **_strides("so", o), **_strides("sd", do),
-        **(_strides("sg", dlse) if dlse is not None else dict(sgb=0, sgh=0, sgn=0)), H=c.Hq, N=c.Nq,
-        HEAD_DIM=o.shape[-1], BLOCK_D=c.common["BLOCK_DV"], HAS_DLSE=dlse is not None,
-        BLOCK_M=pre_block,
-    )
-    # block-sparse: the fused kernel's nested list walk spills (bwd_fused.py), so the split pair
-    fused = not deterministic_backward() and not a.sparse
-    # packed rows past the last sequence: 0 (the fused accumulator starts at 0 everywhere)
-    dq = _alloc(q, tail=(a.cu_q, 0.0) if c.varlen and not fused else None)
-    dk = _alloc(k, tail=(a.cu_k, 0.0) if c.varlen else None)
-    dv = _alloc(v, tail=(a.cu_k, 0.0) if c.varlen else None)
-    shared = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, **c.common, **_strides("sq", q),
-                  **_strides("sk", k), **_strides("sv", v), **_strides("sd", do),
-                  **_strides("sl", lse), H=c.Hq)
-    grid_kv = lambda m: (triton.cdiv(c.rows_k, m["BLOCK_N"]), c.Hkv, c.n_prog_b)
-    kv_args = dict(DK=dk, DV=dv, **shared, **c.cols_lists, **_strides("sdk", dk),
-                   **_strides("sdv", dv), HKV=c.Hkv)
-    if fused:
-        # contiguous rows, and BLOCK_M (<= 128) rows of padding that a query tile hanging past the
-        # last row may add its zeros to (the kernel leaves the atomics' rows unmasked)
-        dq_acc = torch.zeros((B, c.Hq, c.Nq + 128, c.D), device=q.device, dtype=torch.float32)
-        _dkdv_fused[grid_kv](DQ=dq_acc, sdqb=dq_acc.stride(0), sdqh=dq_acc.stride(1), FUSE_DQ=True,
-                             **kv_args)
-        torch.mul(dq_acc[:, :, :c.Nq], a.scale, out=dq)  # the scale and the cast in one pass
-    else:
-        _dkdv_split[grid_kv](DQ=None, sdqb=0, sdqh=0, FUSE_DQ=False, **kv_args)
-        grid_q = lambda m: (triton.cdiv(c.rows_q, m["BLOCK_M"]), c.Hq, c.n_prog_b)
-        _dq[grid_q](DQ=dq, **shared, **c.rows_lists, **_strides("sdq", dq))
-    if a.sinks is None:
-        return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
-    # d sink_h = -sum_{b, i} p_sink * delta with p_sink = exp(sink - lse): the sink's probability
-    # in each row (rows that saw nothing but the sink have lse = sink, p_sink = 1).
-    p_sink = torch.exp(a.sinks.float()[None, :, None] - lse)  # [B, Hq, Nq]
-    return dq, dk, dv, -(p_sink * delta).sum((0, 2))
+    """``(dq, dk, dv, dsinks)`` of one call (:meth:`FlashPlan.backward`)."""
+    return FlashPlan(a).backward(do, o, lse, dlse, a.q, a.k, a.v, a.sinks, a.kpm, *_span(a),
+                                 a.alibi, a.cu_q, a.cu_k)
+
+
+def _span(a: FlashArgs):
+    if a.kpm is not None and a.kv_lo is None:  # a FlashArgs built by hand, not by from_call
+        return _kv_span(a.kpm)
+    return a.kv_lo, a.kv_hi
