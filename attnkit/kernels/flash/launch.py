@@ -306,8 +306,6 @@ class FlashPlan:
         self.grid_fwd = lambda meta: (triton.cdiv(rows_q, meta["BLOCK_M"]), Hq, n_prog_b)
         self.grid_kv = lambda meta: (triton.cdiv(rows_k, meta["BLOCK_N"]), Hkv, n_prog_b)
         common = {n: x for n, x in c.common.items() if n not in _PER_CALL}
-        if self.negate_q:
-            common["sm_scale"] = -a.scale
         rows = {n: x for n, x in c.rows_lists.items() if n not in ("KV_LO", "KV_HI")}
         o_strides = (torch.empty_like(q, device="meta") if self.o_shape is None
                      else torch.empty(self.o_shape, device="meta")).stride()
@@ -317,6 +315,8 @@ class FlashPlan:
                **_stride_names("sl", lse_strides)}
         self.fwd = {**common, **rows, **qkv, **_stride_names("so", o_strides), "H": c.Hq,
                     "HAS_SINKS": a.sinks is not None}
+        if self.negate_q:
+            self.fwd["sm_scale"] = -a.scale  # the backward keeps q and the signed scale
         if not self.fp32:
             self.fwd["PRECISION"] = c.common["PRECISION"]
         # backward: the preprocess, the dK/dV pass (dQ fused or split) and the split dQ kernel
