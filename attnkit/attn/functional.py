@@ -86,10 +86,9 @@ def attention(
     key = None
     if (cu_seqlens is None and max_seqlen is None and not torch.compiler.is_compiling()
             and backend.__class__ is str):
-        key = call_signature(q, k, v, pattern, scale, valid_keys, return_lse, softcap, sinks,
-                             alibi_slopes)
+        key = plan_key(q, k, v, pattern, scale, valid_keys, return_lse, softcap, sinks,
+                       alibi_slopes, backend)
         if key is not None:
-            key = (key, backend, os.environ.get("ATTNKIT_BACKEND") if backend == "auto" else None)
             try:
                 plan = _PLANS.get(key)
             except TypeError:  # a frozen pattern with an unhashable field
@@ -112,6 +111,17 @@ def attention(
         call = plan.call.bind(plan.fields, q, k, v, call.valid_keys, call.sinks, call.alibi_slopes)
     o, lse = chosen.run(call)
     return (o, lse) if return_lse else o
+
+
+def plan_key(q, k, v, pattern, scale, valid_keys, return_lse, softcap, sinks, alibi_slopes,
+             backend: str) -> tuple | None:
+    """The cache key of a call without ``cu_seqlens`` (``inputs.call_signature``, the backend
+    asked for and, for ``"auto"``, ``ATTNKIT_BACKEND``), or ``None``: not cached."""
+    key = call_signature(q, k, v, pattern, scale, valid_keys, return_lse, softcap, sinks,
+                         alibi_slopes)
+    if key is None:
+        return None
+    return key, backend, os.environ.get("ATTNKIT_BACKEND") if backend == "auto" else None
 
 
 class _CallPlan:

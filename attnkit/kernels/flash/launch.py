@@ -182,19 +182,21 @@ relax_specialization(_bwd_preprocess)
 
 
 class _Launch:
-    """What the three kernels share for one call: grid extents, pointers, ints and flags, as
-    keyword arguments named like the kernels' parameters.
+    """What the three kernels share for every call of one signature: grid extents, ints, flags
+    and the pattern's block lists, as keyword arguments named like the kernels' parameters
+    (:attr:`common`, :attr:`rows_lists` for the query-row walkers, :attr:`cols_lists` for the
+    key-column one). The call's own tensors (q/k/v, the key mask and its span, ALiBi slopes,
+    ``cu_seqlens``) and the fp32 precision setting are not in them: :class:`FlashPlan` passes
+    those per call, so a cached plan holds no activation.
 
-    Host time matters here (once per forward and once per backward; ~13 us before the helpers
-    above and the single pass over the optional inputs, ~5 us after, kernel launches stubbed):
-    every optional input is looked at once."""
+    Host time matters here (~13 us before the helpers above and the single pass over the optional
+    inputs, ~5 us after, kernel launches stubbed): every optional input is looked at once."""
 
     def __init__(self, a: FlashArgs):
         q, k = a.q, a.k
         B, Hq, Nq, D = q.shape
         Hkv, Nk = k.shape[1], k.shape[2]
         dv = a.v.shape[-1]
-        self.a = a
         self.Hq, self.Hkv, self.Nq, self.Nk, self.D = Hq, Hkv, Nq, Nk, D
         cu_q = a.cu_q
         varlen = self.varlen = cu_q is not None
@@ -204,65 +206,58 @@ class _Launch:
         kv_num, kv_idx, kv_part, q_num, q_idx, q_part, masks = a.lists
         sparse = kv_num is not None
         common = dict(
-            CU_Q=cu_q, CU_K=a.cu_k, PMASK=masks, sm_scale=a.scale, softcap=a.softcap,
+            PMASK=masks, sm_scale=a.scale, softcap=a.softcap,
             HAS_SOFTCAP=a.softcap > 0, GROUP=Hq // Hkv, NQ=Nq, NK=Nk,
             WIN_L=max(a.left, 0), WIN_R=max(a.right, 0), N_BUCKET=_n_bucket_of(rows_q),
             # flags: each derives from which inputs are present
             HEAD_DIM=D, BLOCK_D=_block_d_of(D), HEAD_DV=dv, BLOCK_DV=_block_d_of(dv),
             HAS_LEFT=a.left >= 0 and not sparse, HAS_RIGHT=a.right >= 0 and not sparse,
-            VARLEN=varlen, PRECISION=_precision(q.dtype),
-            UPCAST=INTERPRET and q.dtype == torch.bfloat16, SPARSE=sparse,
+            VARLEN=varlen, UPCAST=INTERPRET and q.dtype == torch.bfloat16, SPARSE=sparse,
         )
         alibi = a.alibi
         if alibi is None:
-            common.update(ALIBI=None, HAS_ALIBI=False, sab=0, sah=0)
+            common.update(HAS_ALIBI=False, sab=0, sah=0)
         else:
-            common.update(ALIBI=alibi, HAS_ALIBI=True, sah=alibi.stride(-1),
+            common.update(HAS_ALIBI=True, sah=alibi.stride(-1),
                           sab=alibi.stride(0) if alibi.dim() == 2 else 0)
         kpm = a.kpm
-        kv_lo, kv_hi = a.kv_lo, a.kv_hi
+        self.kv_lo, self.kv_hi = a.kv_lo, a.kv_hi
         if kpm is None:
-            common.update(KPM=None, HAS_KPM=False, smb=0, smn=0)
+            common.update(HAS_KPM=False, smb=0, smn=0)
         else:
-            if kv_lo is None:  # a FlashArgs built by hand, not by from_call
-                kv_lo, kv_hi = _kv_span(kpm)
-            common.update(KPM=kpm.view(torch.uint8), HAS_KPM=True, smb=kpm.stride(0),
-                          smn=kpm.stride(1))
+            if self.kv_lo is None:  # a FlashArgs built by hand, not by from_call
+                self.kv_lo, self.kv_hi = _kv_span(kpm)
+            common.update(HAS_KPM=True, smb=kpm.stride(0), smn=kpm.stride(1))
         if sparse:
             lb, lh, bs = a.layout_batch, a.layout_heads, a.block_size
             common.update(LB_STRIDE=lh if lb > 1 else 0, LH_STRIDE=1 if lh > 1 else 0, BS=bs)
             # the query-row walkers (forward, dQ) take the key lists with full blocks first
             # (spec.split_full_partial)
             kv_full, kv_idx, kv_part = _full_partial(kv_num, kv_idx, kv_part, bs, self.rows_k)
-            self.rows_lists = dict(KV_LO=kv_lo, KV_HI=kv_hi, KV_NUM=kv_num, KV_NFULL=kv_full,
-                                   KV_IDX=kv_idx, KV_PART=kv_part, NROWB=kv_num.shape[1],
-                                   MAXK=kv_idx.shape[2])
+            self.rows_lists = dict(KV_NUM=kv_num, KV_NFULL=kv_full, KV_IDX=kv_idx,
+                                   KV_PART=kv_part, NROWB=kv_num.shape[1], MAXK=kv_idx.shape[2])
             self.cols_lists = dict(Q_NUM=q_num, Q_IDX=q_idx, Q_PART=q_part,
                                    NCOLB=q_num.shape[1], MAXQ=q_idx.shape[2])
         else:
             bs = 0
             common.update(LB_STRIDE=0, LH_STRIDE=0, BS=0)
-            self.rows_lists = dict(KV_LO=kv_lo, KV_HI=kv_hi, KV_NUM=None, KV_NFULL=None,
-                                   KV_IDX=None, KV_PART=None, NROWB=0, MAXK=0)
+            self.rows_lists = dict(KV_NUM=None, KV_NFULL=None, KV_IDX=None, KV_PART=None,
+                                   NROWB=0, MAXK=0)
             self.cols_lists = dict(Q_NUM=None, Q_IDX=None, Q_PART=None, NCOLB=0, MAXQ=0)
         self.rows_lists["NK_ALIGN"] = _nk_align(a, Nk, varlen)  # the key-tile alignment
         common.update(_tile_meta(bs))  # {} on a GPU: the autotuner picks the tile
         self.common = common
 
 
+_STRIDE_NAMES: dict[str, tuple[str, ...]] = {}
+
+
 def _strides(prefix: str, t: torch.Tensor) -> dict:
     """``{prefix}b, {prefix}h, {prefix}n, {prefix}d`` (or the first three) strides of ``t``."""
-    return dict(zip((prefix + s for s in "bhnd"), t.stride(), strict=False))
-
-
-def _stride_names(prefix: str, strides) -> dict:
-    return dict(zip((prefix + s for s in "bhnd"), strides, strict=False))
-
-
-#: The kernel arguments that change from call to call of one signature (the tensors; the
-#: precision of fp32 follows torch's matmul setting; TMA needs aligned base pointers).
-_PER_CALL = frozenset(("Q", "K", "V", "O", "LSE", "SINKS", "KPM", "KV_LO", "KV_HI", "ALIBI",
-                       "CU_Q", "CU_K", "USE_TMA", "PRECISION"))
+    names = _STRIDE_NAMES.get(prefix)
+    if names is None:
+        names = _STRIDE_NAMES[prefix] = tuple(prefix + s for s in "bhnd")
+    return dict(zip(names, t.stride(), strict=False))
 
 
 class FlashPlan:
@@ -289,7 +284,6 @@ class FlashPlan:
         self.Hq, self.Hkv, self.Nq, self.Nk, self.D = c.Hq, c.Hkv, c.Nq, c.Nk, c.D
         self.dv = a.v.shape[-1]
         self.device, self.dtype = q.device, q.dtype
-        self.fp32 = q.dtype == torch.float32
         self.lse_shape = (q.shape[0], c.Hq, c.Nq)
         self.o_shape = None if self.dv == c.D else (*q.shape[:3], self.dv)
         self.scale = a.scale
@@ -305,32 +299,35 @@ class FlashPlan:
         rows_q, rows_k, n_prog_b, Hq, Hkv = c.rows_q, c.rows_k, c.n_prog_b, c.Hq, c.Hkv
         self.grid_fwd = lambda meta: (triton.cdiv(rows_q, meta["BLOCK_M"]), Hq, n_prog_b)
         self.grid_kv = lambda meta: (triton.cdiv(rows_k, meta["BLOCK_N"]), Hkv, n_prog_b)
-        common = {n: x for n, x in c.common.items() if n not in _PER_CALL}
-        rows = {n: x for n, x in c.rows_lists.items() if n not in ("KV_LO", "KV_HI")}
-        o_strides = (torch.empty_like(q, device="meta") if self.o_shape is None
-                     else torch.empty(self.o_shape, device="meta")).stride()
-        lse_strides = (c.Hq * c.Nq, c.Nq, 1)
-        self.o_strides = o_strides
-        qkv = {**_strides("sq", q), **_strides("sk", a.k), **_strides("sv", a.v),
-               **_stride_names("sl", lse_strides)}
-        self.fwd = {**common, **rows, **qkv, **_stride_names("so", o_strides), "H": c.Hq,
-                    "HAS_SINKS": a.sinks is not None}
+        self.common, self.rows, self.cols = c.common, c.rows_lists, c.cols_lists
+        self.qkv = {**_strides("sq", q), **_strides("sk", a.k), **_strides("sv", a.v),
+                    "slb": c.Hq * c.Nq, "slh": c.Nq, "sln": 1, "H": c.Hq}
+        self.has_sinks = a.sinks is not None
+        self.block_dv = c.common["BLOCK_DV"]
+        self.batch = q.shape[0]
+        # The kernels' keyword arguments, completed at the first forward / backward from the
+        # outputs' strides (empty_like keeps the inputs' layouts, which the signature fixes);
+        # deriving them up front with meta tensors cost ~40 us a plan, measured.
+        self.fwd = self.bwd = None
+
+    def _fwd_args(self, o: torch.Tensor) -> dict:
+        fwd = {**self.common, **self.rows, **self.qkv, **_strides("so", o),
+               "HAS_SINKS": self.has_sinks}
         if self.negate_q:
-            self.fwd["sm_scale"] = -a.scale  # the backward keeps q and the signed scale
-        if not self.fp32:
-            self.fwd["PRECISION"] = c.common["PRECISION"]
-        # backward: the preprocess, the dK/dV pass (dQ fused or split) and the split dQ kernel
-        self.pre_block = 16 if INTERPRET else 64
-        self.pre = dict(**_stride_names("so", o_strides), H=c.Hq, N=c.Nq, HEAD_DIM=self.dv,
-                        BLOCK_D=c.common["BLOCK_DV"], BLOCK_M=self.pre_block)
-        self.grid_pre = (triton.cdiv(c.Nq, self.pre_block), c.Hq, q.shape[0])
-        self.shared = {**common, **qkv, "H": c.Hq}
-        # the gradients have their inputs' layouts (empty_like), so their strides are known now
-        self.kv = {**c.cols_lists, **_strides("sdk", torch.empty_like(a.k, device="meta")),
-                   **_strides("sdv", torch.empty_like(a.v, device="meta")), "HKV": c.Hkv}
-        self.dq = {**rows, **_strides("sdq", torch.empty_like(q, device="meta"))}
-        self.dq_acc_shape = (q.shape[0], c.Hq, c.Nq + 128, c.D)
-        self.dq_acc_strides = ((c.Nq + 128) * c.D * c.Hq, (c.Nq + 128) * c.D)
+            fwd["sm_scale"] = -self.scale  # the backward keeps q and the signed scale
+        return fwd
+
+    def _bwd_args(self, dq, dk, dv) -> tuple:
+        """The preprocess', all backward kernels', the dK/dV pass' and the dQ kernel's
+        arguments that every call of the signature shares."""
+        pre_block = 16 if INTERPRET else 64
+        pre = {"H": self.Hq, "N": self.Nq, "HEAD_DIM": self.dv,
+               "BLOCK_D": self.block_dv, "BLOCK_M": pre_block}
+        shared = {**self.common, **self.qkv}
+        kv = {**self.cols, **_strides("sdk", dk), **_strides("sdv", dv), "HKV": self.Hkv}
+        dq_args = {**self.rows, **_strides("sdq", dq)}
+        grid_pre = (triton.cdiv(self.Nq, pre_block), self.Hq, self.batch)
+        return pre, grid_pre, shared, kv, dq_args
 
     def valid(self) -> bool:
         """False when something the plan baked in changed since it was built: the interpreter
@@ -342,22 +339,29 @@ class FlashPlan:
                 cu_q=None, cu_k=None):
         """``(o [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32)`` for one call of the plan's signature
         (``kv_lo``/``kv_hi``: the key mask's span, :func:`_kv_span`)."""
-        varlen = self.varlen
-        o = _alloc(q, shape=self.o_shape, tail=(cu_q, 0.0) if varlen else None)
-        lse = _alloc(q, shape=self.lse_shape, dtype=torch.float32,
-                     tail=(cu_q, float("-inf")) if varlen else None)
+        if self.varlen:
+            o = _alloc(q, shape=self.o_shape, tail=(cu_q, 0.0))
+            lse = _alloc(q, shape=self.lse_shape, dtype=torch.float32, tail=(cu_q, float("-inf")))
+        else:  # _alloc, inlined (the hot path)
+            o = torch.empty_like(q) if self.o_shape is None else \
+                torch.empty(self.o_shape, device=self.device, dtype=self.dtype)
+            lse = torch.empty(self.lse_shape, device=self.device, dtype=torch.float32)
+            if POISON_OUTPUTS:
+                o.fill_(float("nan"))
+                lse.fill_(float("nan"))
         if self.negate_q:
             q = -q
         use_tma = self.tma_walk and not INTERPRET and tma_ok(k, v)
         if use_tma:
             ensure_allocator()
         kw = self.fwd
-        if self.fp32:
-            kw = {**kw, "PRECISION": _precision(torch.float32)}
+        if kw is None:
+            kw = self.fwd = self._fwd_args(o)
         # .run(grid=...) is what kernel[grid](...) calls, less one copy of the ~70 keywords
         _fwd.run(grid=self.grid_fwd, warmup=False, Q=q, K=k, V=v, O=o, LSE=lse, SINKS=sinks,
                  KPM=None if kpm is None else kpm.view(torch.uint8), KV_LO=kv_lo, KV_HI=kv_hi,
-                 ALIBI=alibi, CU_Q=cu_q, CU_K=cu_k, USE_TMA=use_tma, **kw)
+                 ALIBI=alibi, CU_Q=cu_q, CU_K=cu_k, USE_TMA=use_tma,
+                 PRECISION=_precision(self.dtype), **kw)
         return o, lse
 
     def backward(self, do, o, lse, dlse, q, k, v, sinks=None, kpm=None, kv_lo=None, kv_hi=None,
@@ -368,33 +372,39 @@ class FlashPlan:
         separate dQ kernel (7 matmuls, bitwise reproducible; block-sparse calls always)."""
         varlen = self.varlen
         delta = _alloc(q, shape=self.lse_shape, dtype=torch.float32)
-        dg = _strides("sg", dlse) if dlse is not None else _NO_DLSE
-        _bwd_preprocess[self.grid_pre](O=o, DO=do, DLSE=dlse, DELTA=delta, **_strides("sd", do),
-                                       **dg, HAS_DLSE=dlse is not None, **self.pre)
         # block-sparse: the fused kernel's nested list walk spills (bwd_fused.py), so the split pair
         fused = not deterministic_backward() and not self.sparse
         # packed rows past the last sequence: 0 (the fused accumulator starts at 0 everywhere)
         dq = _alloc(q, tail=(cu_q, 0.0) if varlen and not fused else None)
         dk = _alloc(k, tail=(cu_k, 0.0) if varlen else None)
         dv = _alloc(v, tail=(cu_k, 0.0) if varlen else None)
-        shared = {**self.shared, "Q": q, "K": k, "V": v, "DO": do, "LSE": lse, "DELTA": delta,
+        if self.bwd is None:
+            self.bwd = self._bwd_args(dq, dk, dv)
+        pre, grid_pre, shared, kv, dq_args = self.bwd
+        dg = _strides("sg", dlse) if dlse is not None else _NO_DLSE
+        sd = _strides("sd", do)
+        # o and lse are the forward's (their strides are read anyway: the custom op's backward
+        # receives them from the graph)
+        _bwd_preprocess[grid_pre](O=o, DO=do, DLSE=dlse, DELTA=delta, HAS_DLSE=dlse is not None,
+                                  **_strides("so", o), **sd, **dg, **pre)
+        shared = {**shared, "Q": q, "K": k, "V": v, "DO": do, "LSE": lse, "DELTA": delta,
                   "KPM": None if kpm is None else kpm.view(torch.uint8), "ALIBI": alibi,
-                  "CU_Q": cu_q, "CU_K": cu_k, "PRECISION": _precision(q.dtype),
-                  **_strides("sd", do)}
-        kv_args = {**shared, **self.kv, "DK": dk, "DV": dv}
+                  "CU_Q": cu_q, "CU_K": cu_k, "PRECISION": _precision(q.dtype), **sd,
+                  **_strides("sl", lse)}
+        kv_args = {**shared, **kv, "DK": dk, "DV": dv}
         if fused:
             # contiguous rows, and BLOCK_M (<= 128) rows of padding that a query tile hanging past
             # the last row may add its zeros to (the kernel leaves the atomics' rows unmasked)
-            dq_acc = torch.zeros(self.dq_acc_shape, device=q.device, dtype=torch.float32)
-            sdqb, sdqh = self.dq_acc_strides
-            _dkdv_fused.run(grid=self.grid_kv, warmup=False, DQ=dq_acc, sdqb=sdqb, sdqh=sdqh,
-                            FUSE_DQ=True, **kv_args)
+            dq_acc = torch.zeros((self.batch, self.Hq, self.Nq + 128, self.D), device=q.device,
+                                 dtype=torch.float32)
+            _dkdv_fused.run(grid=self.grid_kv, warmup=False, DQ=dq_acc, sdqb=dq_acc.stride(0),
+                            sdqh=dq_acc.stride(1), FUSE_DQ=True, **kv_args)
             torch.mul(dq_acc[:, :, :self.Nq], self.scale, out=dq)  # the scale and the cast in one
         else:
             _dkdv_split.run(grid=self.grid_kv, warmup=False, DQ=None, sdqb=0, sdqh=0,
                             FUSE_DQ=False, **kv_args)
             _dq.run(grid=self.grid_fwd, warmup=False, DQ=dq, KV_LO=kv_lo, KV_HI=kv_hi, **shared,
-                    **self.dq)
+                    **dq_args)
         if sinks is None:
             return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
         # d sink_h = -sum_{b, i} p_sink * delta with p_sink = exp(sink - lse): the sink's
