@@ -94,7 +94,8 @@ def attention(
             except TypeError:  # a frozen pattern with an unhashable field
                 plan = key = None
             if plan is not None:
-                sinks, alibi_slopes = score_tensors(sinks, alibi_slopes)
+                if sinks is not None or alibi_slopes is not None:
+                    sinks, alibi_slopes = score_tensors(sinks, alibi_slopes)
                 call = plan.call.bind(plan.fields, q, k, v, valid_keys, sinks, alibi_slopes)
                 chosen = plan.dispatch.select(call) or select_backend(call, backend, BACKENDS,
                                                                      op="attention")
@@ -105,7 +106,7 @@ def attention(
     chosen = select_backend(call, backend, BACKENDS, op="attention")
     if key is not None:
         plan = _CallPlan(call, backend)
-        if len(_PLANS) >= _MAX_PLANS:
+        while len(_PLANS) >= _MAX_PLANS:
             _PLANS.pop(next(iter(_PLANS)))  # the oldest signature
         _PLANS[key] = plan
         call = plan.call.bind(plan.fields, q, k, v, call.valid_keys, call.sinks, call.alibi_slopes)

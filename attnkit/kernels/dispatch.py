@@ -187,8 +187,12 @@ class Backend:
             yield over
 
     def _grid_reason(self, call) -> str | None:
+        if not self.grid_limited:
+            return None
         grid = getattr(call, "grid", None)
-        return grid_reason(*grid) if self.grid_limited and grid is not None else None
+        if grid is None or (grid[0] <= GRID_AXIS_MAX and grid[1] <= GRID_AXIS_MAX):
+            return None  # the common case, without the message's list
+        return grid_reason(*grid)
 
     def _fixed_reasons(self, call):
         """The declared reasons that depend on nothing but the call's signature (its dtype, head
