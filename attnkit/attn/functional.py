@@ -91,8 +91,8 @@ def attention(
         if key is not None:
             try:
                 plan = _PLANS.get(key)
-            except TypeError:  # a frozen pattern with an unhashable field
-                plan = key = None
+            except (TypeError, RuntimeError):  # a frozen pattern with an unhashable field, or
+                plan = key = None  # tensor fields compared on a hash collision
             if plan is not None:
                 if sinks is not None or alibi_slopes is not None:
                     sinks, alibi_slopes = score_tensors(sinks, alibi_slopes)
