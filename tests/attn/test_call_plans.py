@@ -35,14 +35,20 @@ def _qkv(dtype=torch.float32, grad=False):
 
 
 class _Recorder:
-    """Stands in for the forward kernel: records its keyword arguments and the grid."""
+    """Stands in for a kernel: records its keyword arguments and the grid (in ``log``)."""
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, log=None, name="fwd"):
+        self.calls = [] if log is None else log
+        self.name = name
 
     def run(self, *args, grid, warmup, **kwargs):
         assert not args and not warmup
-        self.calls.append((grid({"BLOCK_M": 16, "BLOCK_N": 16}), kwargs))
+        if callable(grid):
+            grid = grid({"BLOCK_M": 16, "BLOCK_N": 16})
+        self.calls.append((grid, {"kernel": self.name, **kwargs}))
+
+    def __getitem__(self, grid):
+        return lambda **kwargs: self.run(grid=grid, warmup=False, **kwargs)
 
 
 def _normal(grid_kwargs):
@@ -52,9 +58,12 @@ def _normal(grid_kwargs):
         if isinstance(x, torch.Tensor):
             # outputs are fresh (and NaN-poisoned): their layout only; inputs: their values too
             x = (tuple(x.shape), x.stride(), x.dtype,
-                 None if name in ("O", "LSE") else x.float().tolist())
+                 None if name in _OUTPUTS else x.float().tolist())
         out[name] = x
     return out
+
+
+_OUTPUTS = ("O", "LSE", "DELTA", "DQ", "DK", "DV", "DO", "DLSE")
 
 
 def _variants():
@@ -106,6 +115,38 @@ def test_kernel_arguments_equal_a_fresh_build(monkeypatch):
             flash_attention(call)  # no slot: a plan built for this call only
             planned, fresh = rec.calls[-2:]
             assert _normal(planned) == _normal(fresh), spec
+
+
+@pytest.mark.parametrize("deterministic", ["0", "1"])
+def test_backward_arguments_equal_a_fresh_build(monkeypatch, deterministic):
+    """The backward kernels (preprocess, dK/dV fused or split, dQ) of a cached plan get what a
+    one-call backward (``_bwd_impl``) passes, for every variant, twice."""
+    from attnkit.kernels.flash.launch import FlashArgs, _bwd_impl
+
+    monkeypatch.setenv("ATTNKIT_DETERMINISTIC", deterministic)
+    log = []
+    for name in ("_fwd", "_bwd_preprocess", "_dkdv_fused", "_dkdv_split", "_dq"):
+        monkeypatch.setattr(launch, name, _Recorder(log, name))
+    for spec in _variants() * 2:
+        kwargs = dict(spec)
+        q, k, v = (kwargs.pop(n).detach().requires_grad_(True) for n in ("q", "k", "v"))
+        pattern = kwargs.pop("pattern")
+        o, lse = attnkit.attention(q, k, v, pattern, backend="triton", return_lse=True, **kwargs)
+        do = torch.randn_like(o)
+        dlse = torch.randn_like(lse)
+        del log[:]
+        torch.autograd.grad((o, lse), (q, k, v), (do, dlse))
+        planned = [_normal(c) for c in log]
+        del log[:]
+        call = validate(q, k, v, pattern, kwargs.get("scale"), kwargs.get("valid_keys"),
+                        None, None, True, kwargs.get("softcap"), kwargs.get("sinks"),
+                        kwargs.get("alibi_slopes"))
+        _bwd_impl(do, o.detach(), lse.detach(), dlse, FlashArgs.from_call(call))
+        fresh = [_normal(c) for c in log]
+        assert [c["kernel"] for c in planned] == (
+            ["_bwd_preprocess", "_dkdv_fused"] if deterministic == "0"
+            else ["_bwd_preprocess", "_dkdv_split", "_dq"])
+        assert planned == fresh, spec
 
 
 def test_fp32_precision_setting_is_read_per_call(monkeypatch):
