@@ -31,8 +31,9 @@ def test_every_layer_is_timed_and_the_stubs_are_removed(result):
     assert result["restored"]
     for mode in ("train", "no_grad"):
         layers = result["modes"][mode]
-        for name in ("attention", "validate", "dispatch", "FlashArgs", "_fwd_impl", "_Launch",
-                     "custom_op", "autograd", "other"):
+        for name in ("attention", "plan_key", "bind", "dispatch", "flash_attention",
+                     "plan.forward", "autograd", "other", "validate", "select_backend",
+                     "FlashArgs", "FlashPlan", "_Launch", "_fwd_impl", "uncached", "custom_op"):
             assert name in layers, (mode, name)
         assert layers["attention"] > 0 and layers["_Launch"] > 0
     assert result["modes"]["train_fwd_bwd"]["attention+backward"] > 0

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from ..kernels.flash.backends import run_attention
-from .inputs import refuse_unknown_kwargs, validate
+from ..kernels.dispatch import DispatchPlan, _resolve, select_backend
+from ..kernels.flash.backends import BACKENDS
+from ..kernels.flash.call import LaunchSlot
+from .inputs import call_signature, refuse_unknown_kwargs, score_tensors, validate
 from .patterns import Pattern
 
 __all__ = ["attention"]
@@ -77,8 +81,64 @@ def attention(
         TypeError / ValueError naming the offending argument for bad shapes, dtypes, devices,
         masks, patterns or backends.
     """
-    refuse_unknown_kwargs("attnkit.attention", removed)
+    if removed:
+        refuse_unknown_kwargs("attnkit.attention", removed)
+    key = None
+    if (cu_seqlens is None and max_seqlen is None and not torch.compiler.is_compiling()
+            and backend.__class__ is str):
+        key = plan_key(q, k, v, pattern, scale, valid_keys, return_lse, softcap, sinks,
+                       alibi_slopes, backend)
+        if key is not None:
+            try:
+                plan = _PLANS.get(key)
+            except (TypeError, RuntimeError):  # a frozen pattern with an unhashable field, or
+                plan = key = None  # tensor fields compared on a hash collision
+            if plan is not None:
+                if sinks is not None or alibi_slopes is not None:
+                    sinks, alibi_slopes = score_tensors(sinks, alibi_slopes)
+                call = plan.call.bind(plan.fields, q, k, v, valid_keys, sinks, alibi_slopes)
+                chosen = plan.dispatch.select(call) or select_backend(call, backend, BACKENDS,
+                                                                     op="attention")
+                o, lse = chosen.run(call)
+                return (o, lse) if return_lse else o
     call = validate(q, k, v, pattern, scale, valid_keys, cu_seqlens, max_seqlen, return_lse,
                     softcap, sinks, alibi_slopes)
-    o, lse = run_attention(call, backend)
+    chosen = select_backend(call, backend, BACKENDS, op="attention")
+    if key is not None:
+        plan = _CallPlan(call, backend)
+        while len(_PLANS) >= _MAX_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))  # the oldest signature
+        _PLANS[key] = plan
+        call = plan.call.bind(plan.fields, q, k, v, call.valid_keys, call.sinks, call.alibi_slopes)
+    o, lse = chosen.run(call)
     return (o, lse) if return_lse else o
+
+
+def plan_key(q, k, v, pattern, scale, valid_keys, return_lse, softcap, sinks, alibi_slopes,
+             backend: str) -> tuple | None:
+    """The cache key of a call without ``cu_seqlens`` (``inputs.call_signature``, the backend
+    asked for and, for ``"auto"``, ``ATTNKIT_BACKEND``), or ``None``: not cached."""
+    key = call_signature(q, k, v, pattern, scale, valid_keys, return_lse, softcap, sinks,
+                         alibi_slopes)
+    if key is None:
+        return None
+    return key, backend, os.environ.get("ATTNKIT_BACKEND") if backend == "auto" else None
+
+
+class _CallPlan:
+    """What one call signature (``inputs.call_signature``) needs on its next calls: the validated
+    call's non-tensor fields, the dispatch's choice to replay (:class:`DispatchPlan`) and the
+    backend's :class:`LaunchSlot` (the flash launch plan)."""
+
+    __slots__ = ("call", "fields", "dispatch")
+
+    def __init__(self, call, backend: str):
+        self.call = type(call)
+        self.fields = {**call.fields_of(), "launch_slot": LaunchSlot()}
+        self.dispatch = DispatchPlan(call, _resolve(backend, BACKENDS), BACKENDS)
+
+
+#: Call signature -> :class:`_CallPlan`; the oldest goes past :data:`_MAX_PLANS` (a model has a
+#: few signatures per layer shape; a sweep over lengths must not grow it without bound).
+_PLANS: dict[tuple, _CallPlan] = {}
+_MAX_PLANS = 256

@@ -12,7 +12,7 @@ import torch
 
 from ..kernels.flash.call import AttentionCall
 from ..kernels.flash.spec import SPEC_KINDS
-from .patterns import as_pattern
+from .patterns import Pattern, as_pattern
 
 #: Dtypes some backend can compute in; each backend narrows this in its capabilities.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -111,11 +111,17 @@ def _check_score_mods(softcap, sinks, alibi_slopes, B: int, Hq: int, device):
                                  f"{list(t.shape)}")
             if t.device != device:
                 raise ValueError(f"{name} is on {t.device} but q is on {device}")
-            if name == "alibi_slopes" and t.requires_grad:
-                t = t.detach()  # slopes are fixed per head (no gradient is computed for them)
-            t = t.float()
+            t = _as_score_tensor(name, t)
         out.append(t)
     return softcap, out[0], out[1]
+
+
+def _as_score_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A checked ``sinks`` / ``alibi_slopes`` tensor as the kernels take it: fp32 (the cast keeps
+    the sinks' gradient flowing to the caller's tensor; slopes get none)."""
+    if name == "alibi_slopes" and t.requires_grad:
+        t = t.detach()  # slopes are fixed per head (no gradient is computed for them)
+    return t.float()
 
 
 def _check_qkv(q: object, k: object, v: object) -> None:
@@ -250,3 +256,70 @@ def validate(
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
         return_lse=return_lse, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The cached path: a call whose signature validated once is not validated again
+# --------------------------------------------------------------------------------------------
+
+_Tensor = torch.Tensor
+#: Pattern classes whose instances are immutable values (a frozen dataclass declared on the class
+#: itself): only those may stand in a cache key. Filled per class on first sight.
+_IMMUTABLE_PATTERNS: dict[type, bool] = {}
+
+
+def _immutable_pattern(cls: type) -> bool:
+    known = _IMMUTABLE_PATTERNS.get(cls)
+    if known is None:
+        params = cls.__dict__.get("__dataclass_params__")
+        known = _IMMUTABLE_PATTERNS[cls] = bool(
+            issubclass(cls, Pattern) and params is not None and params.frozen)
+    return known
+
+
+def call_signature(q, k, v, pattern, scale, valid_keys, return_lse, softcap, sinks,
+                   alibi_slopes) -> tuple | None:
+    """Everything :func:`validate` and the dispatch read from a call without ``cu_seqlens``,
+    except the tensors' data: a hashable key, or ``None`` for a call that takes the full path
+    every time.
+
+    The key holds the shapes, strides, dtypes and devices of ``q``/``k``/``v`` and of each
+    optional tensor that is given, the pattern (by value: patterns are frozen dataclasses, and
+    ``BlockSparse`` compares by identity), ``scale`` and ``softcap`` (plain floats only: an int,
+    a bool or a NumPy scalar takes the full path, so no ``True == 1`` can pass for a checked
+    value), ``return_lse`` (a bool), and whether the call needs gradients. Validation is a pure
+    function of these (the ``cu_seqlens`` checks read values: packed calls are never keyed), so a
+    key that validated once validates again; :func:`validate` runs on every new key, with every
+    message. Tensor subclasses, unhashable or mutable patterns take the full path."""
+    if not (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor):
+        return None
+    if not (scale is None or scale.__class__ is float) or return_lse.__class__ is not bool:
+        return None
+    if not (softcap is None or softcap.__class__ is float):
+        return None
+    if pattern is not None and not _immutable_pattern(pattern.__class__):
+        return None
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    extra = None
+    if valid_keys is not None or sinks is not None or alibi_slopes is not None:
+        extra = []
+        for t in (valid_keys, sinks, alibi_slopes):
+            if t is None:
+                extra.append(None)
+            elif type(t) is not _Tensor:
+                return None
+            else:
+                extra.append((t.shape, t.stride(), t.dtype, t.device, t.requires_grad))
+        extra = tuple(extra)
+        if sinks is not None and not grad:
+            grad = torch.is_grad_enabled() and sinks.requires_grad
+    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype,
+            v.dtype, q.device, k.device, v.device, pattern, scale, softcap, return_lse, grad,
+            extra)
+
+
+def score_tensors(sinks, alibi_slopes):
+    """``(sinks, alibi_slopes)`` as :func:`validate` hands them on, for a call whose signature
+    validated (fp32; the slopes detached)."""
+    return (None if sinks is None else _as_score_tensor("sinks", sinks),
+            None if alibi_slopes is None else _as_score_tensor("alibi_slopes", alibi_slopes))

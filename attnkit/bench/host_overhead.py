@@ -4,13 +4,17 @@ Triton path, layer by layer, with every kernel launch stubbed (runs on the CPU, 
 What is stubbed: ``JITFunction.run`` and ``Autotuner.run`` return at once (Triton's own launcher,
 the driver and the GPU come on top on a real machine), and the Triton backends accept CPU tensors
 (:func:`attnkit.kernels.compile_check.capture.fake_cuda`). Everything of attnkit's runs as it
-would on a GPU: validation, the dispatch, :class:`FlashArgs`, autograd, ``_Launch``, the output
-allocations (CPU ``torch.empty`` here) and the kernels' ``kernel[grid](...)`` argument plumbing.
+would on a GPU: the call-signature cache (``attn/functional.py``), validation, the dispatch,
+:class:`FlashArgs`, autograd, the launch plan, the output allocations (CPU ``torch.empty`` here)
+and the kernels' ``kernel.run(...)`` argument plumbing. The headline figure is a call of a
+signature already seen (every call of a training step after the first); the first call's layers
+are timed too.
 
 Timing: each layer is called ``calls`` times per repeat; a repeat's figure is its thread CPU time
 per call (``time.thread_time``: time the 2-core shared machine spends running other processes is
 not counted), and the reported figure is the median over ``repeats``. Layers are timed
 separately, so ``autograd`` and ``other`` are differences of medians (approximate).
+``_fwd_impl`` and ``uncached`` allocate their outputs too.
 """
 
 from __future__ import annotations
@@ -69,27 +73,43 @@ def time_call(fn: Callable[[], object], calls: int, repeats: int,
 
 
 def _layers(q, k, v, pattern) -> dict[str, Callable[[], object]]:
-    """The layers of one call, outermost first, as thunks on fixed inputs."""
+    """The layers of one call, outermost first, as thunks on fixed inputs: the cached path that
+    every call of a seen signature takes, then the full path of a signature's first call."""
     import attnkit
 
+    from ..attn import functional
     from ..attn.inputs import validate
     from ..kernels.dispatch import select_backend
     from ..kernels.flash.backends import BACKENDS
-    from ..kernels.flash.launch import FlashArgs, _fwd_impl, _Launch
+    from ..kernels.flash.launch import FlashArgs, FlashPlan, _fwd_impl, _Launch
     from ..kernels.flash.op import flash_attention
 
-    call = validate(q, k, v, pattern, None, None, None, None, False)
-    a = FlashArgs.from_call(call)
+    attnkit.attention(q, k, v, pattern, backend="triton")  # the signature's plan is built here
+    key = functional.plan_key(q, k, v, pattern, None, None, False, None, None, None, "triton")
+    plan = functional._PLANS[key]
+    call = plan.call.bind(plan.fields, q, k, v, None, None, None)
+    flash_attention(call)  # the launch plan in the call's slot
+    fplan = call.launch_slot.plan
+    full = validate(q, k, v, pattern, None, None, None, None, False)
+    a = FlashArgs.from_call(full)
     return {
         "attention": lambda: attnkit.attention(q, k, v, pattern, backend="triton"),
-        "validate": lambda: validate(q, k, v, pattern, None, None, None, None, False),
-        "dispatch": lambda: select_backend(call, "triton", BACKENDS, op="attention"),
+        "plan_key": lambda: functional._PLANS.get(functional.plan_key(
+            q, k, v, pattern, None, None, False, None, None, None, "triton")),
+        "bind": lambda: plan.call.bind(plan.fields, q, k, v, None, None, None),
+        "dispatch": lambda: plan.dispatch.select(call),
         "flash_attention": lambda: flash_attention(call),
-        "FlashArgs": lambda: FlashArgs.from_call(call),
-        "_fwd_impl": lambda: _fwd_impl(a),
+        "plan.forward": lambda: fplan.forward(q, k, v),
+        # a signature's first call (and every packed call): the full path
+        "validate": lambda: validate(q, k, v, pattern, None, None, None, None, False),
+        "select_backend": lambda: select_backend(full, "triton", BACKENDS, op="attention"),
+        "FlashArgs": lambda: FlashArgs.from_call(full),
+        "FlashPlan": lambda: FlashPlan(a),
         "_Launch": lambda: _Launch(a),
+        "_fwd_impl": lambda: _fwd_impl(a),
+        "uncached": lambda: flash_attention(full),
         # for comparison: the torch.library op path that torch.compile takes
-        "custom_op": lambda: flash_attention(call, use_op=True),
+        "custom_op": lambda: flash_attention(full, use_op=True),
     }
 
 
@@ -108,8 +128,9 @@ def measure(shape=(2, 16, 512, 128), dtype=torch.bfloat16, calls: int = 1000, re
                        for _ in range(3))
             us = {name: time_call(fn, calls, repeats, clock)
                   for name, fn in _layers(q, k, v, Causal()).items()}
-            us["autograd"] = us["flash_attention"] - us["FlashArgs"] - us["_fwd_impl"]
-            us["other"] = us["attention"] - us["validate"] - us["dispatch"] - us["flash_attention"]
+            us["autograd"] = us["flash_attention"] - us["plan.forward"]
+            us["other"] = (us["attention"] - us["plan_key"] - us["bind"] - us["dispatch"]
+                           - us["flash_attention"])
             out["modes"][mode] = {n: round(x, 2) for n, x in us.items()}
         q, k, v = (torch.randn(B, H, N, D, dtype=dtype, requires_grad=True) for _ in range(3))
         do = torch.ones(B, H, N, D, dtype=dtype)
@@ -128,15 +149,21 @@ def measure(shape=(2, 16, 512, 128), dtype=torch.bfloat16, calls: int = 1000, re
 
 #: Rows of the report, with what each layer is.
 _ROWS = (
-    ("attention", "attnkit.attention(q, k, v, Causal(), backend='triton'), all layers"),
-    ("validate", "attn/inputs.py validate()"),
-    ("dispatch", "select_backend(): which backend runs it"),
-    ("flash_attention", "op.py flash_attention(): FlashArgs + autograd + launcher"),
+    ("attention", "attnkit.attention(q, k, v, Causal(), backend='triton'), a seen signature"),
+    ("plan_key", "  functional.plan_key() + the cache lookup (inputs.call_signature)"),
+    ("bind", "  AttentionCall.bind(): the validated fields + this call's tensors"),
+    ("dispatch", "  DispatchPlan.select(): the dispatch replayed"),
+    ("flash_attention", "  op.py flash_attention(): autograd + the launch plan"),
+    ("autograd", "    autograd (flash_attention - plan.forward)"),
+    ("plan.forward", "    launch.py FlashPlan.forward(): outputs, kernel.run(...)"),
+    ("other", "  the rest (attention - the four above)"),
+    ("validate", "first call of a signature: attn/inputs.py validate()"),
+    ("select_backend", "  select_backend(): the full dispatch"),
     ("FlashArgs", "  FlashArgs.from_call()"),
-    ("autograd", "  autograd (flash_attention - FlashArgs - _fwd_impl)"),
-    ("_fwd_impl", "  launch.py _fwd_impl(): _Launch, outputs, kernel[grid](...)"),
+    ("FlashPlan", "  FlashPlan(): the launch plan built (incl. _Launch)"),
     ("_Launch", "    _Launch(): the kernels' shared arguments"),
-    ("other", "the rest (attention - validate - dispatch - flash_attention)"),
+    ("_fwd_impl", "  _fwd_impl(): a plan built and used once (the custom op's launcher)"),
+    ("uncached", "  flash_attention() of a call without a plan slot"),
     ("custom_op", "for comparison: via torch.ops.attnkit.flash_attn_fwd (torch.compile's path)"),
 )
 

@@ -36,7 +36,7 @@ import torch
 __all__ = [
     "Backend", "select_backend", "triton_available", "interpreting", "tensor_device_reason",
     "TRITON_DTYPES", "GRID_AXIS_MAX", "grid_reason", "dtype_names", "check_backend_name",
-    "QueryCall",
+    "QueryCall", "DispatchPlan",
 ]
 
 
@@ -178,10 +178,28 @@ class Backend:
 
     def _declared(self, call):
         """:meth:`declared_reasons`, one at a time."""
-        t = call.tensor
-        where = self.device_reason(t)
+        where = self.device_reason(call.tensor)
         if where:
             yield where
+        yield from self._fixed_reasons(call)
+        over = self._grid_reason(call)
+        if over:
+            yield over
+
+    def _grid_reason(self, call) -> str | None:
+        if not self.grid_limited:
+            return None
+        grid = getattr(call, "grid", None)
+        if grid is None or (grid[0] <= GRID_AXIS_MAX and grid[1] <= GRID_AXIS_MAX):
+            return None  # the common case, without the message's list
+        return grid_reason(*grid)
+
+    def _fixed_reasons(self, call):
+        """The declared reasons that depend on nothing but the call's signature (its dtype, head
+        dims, query count, packing, autograd need, spec kind, score modifications) and this
+        class's attributes: the device (environment, the interpreter switch) and the grid limit
+        (a module constant tests patch) are left out. :class:`DispatchPlan` relies on this split."""
+        t = call.tensor
         if self.dtypes is not None and t.dtype not in self.dtypes:
             yield (f"dtype {t.dtype} is not supported ({dtype_names(self.dtypes)} are)")
         dim = getattr(call, "head_dim", None)
@@ -216,11 +234,6 @@ class Backend:
             have = ", ".join(self.score_mods) or "none"
             yield (f"score modification(s) {', '.join(missing)} not supported by the "
                    f"{self.name!r} {type(self).__name__} backend (it has: {have})")
-        grid = getattr(call, "grid", None)
-        if self.grid_limited and grid is not None:
-            over = grid_reason(*grid)
-            if over:
-                yield over
 
     def auto_reasons(self, call) -> list[str]:
         """Reasons to pass this backend over under ``"auto"``: the above, and for Triton, CPU
@@ -256,17 +269,7 @@ def select_backend(call, requested: str, backends: tuple[Backend, ...], op: str)
     ``requested`` is ``"auto"`` or a backend name (several backends may share a name, e.g. the
     Triton flash and Triton decode kernels are both ``"triton"``: the first that fits is taken).
     """
-    if not isinstance(requested, str):
-        raise TypeError(f"backend must be a str, got {type(requested).__name__}")
-    choices = _choices(backends)
-    if requested == "auto":
-        requested = os.environ.get("ATTNKIT_BACKEND", "auto") or "auto"
-        if requested not in choices and requested in ("cuda", "triton", "torch"):
-            # ATTNKIT_BACKEND is global; an op without that backend (linear attention has no
-            # "cuda" for prefill) keeps its own "auto" rather than failing a call that named none.
-            requested = "auto"
-    if requested not in choices:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, choices))}, got {requested!r}")
+    requested = _resolve(requested, backends)
     # Backends passed over are asked only whether they fit (Backend.fits stops at the first
     # reason); the reasons themselves are gathered only for a message.
     if requested != "auto":
@@ -287,6 +290,76 @@ def select_backend(call, requested: str, backends: tuple[Backend, ...], op: str)
             return backend
     detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in _rejected(backends, call).items())
     raise ValueError(f"no attnkit backend can run this {op} call ({detail})")
+
+
+def _resolve(requested: object, backends: tuple[Backend, ...]) -> str:
+    """The backend name a request stands for (``ATTNKIT_BACKEND`` replaces ``"auto"``), or the
+    ``TypeError`` / ``ValueError`` for a bad one."""
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a str, got {type(requested).__name__}")
+    choices = _choices(backends)
+    if requested == "auto":
+        requested = os.environ.get("ATTNKIT_BACKEND", "auto") or "auto"
+        if requested not in choices and requested in ("cuda", "triton", "torch"):
+            # ATTNKIT_BACKEND is global; an op without that backend (linear attention has no
+            # "cuda" for prefill) keeps its own "auto" rather than failing a call that named none.
+            requested = "auto"
+    if requested not in choices:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, choices))}, got {requested!r}")
+    return requested
+
+
+class DispatchPlan:
+    """:func:`select_backend`'s choice for every call of one *signature*, replayed cheaply.
+
+    A backend whose fixed reasons (:meth:`Backend._fixed_reasons`: dtype, head dims, queries,
+    autograd, spec kind, score modifications, packing) refuse the signature can never take a
+    call of it, so it is dropped once. The others stay in priority order and are asked per call
+    only what can change between calls of one signature: the device check (the environment,
+    ``TRITON_INTERPRET``, patched checks), the grid limit, and their special and extra reasons
+    (pointer alignment, the CUDA extension). A backend with its own ``fits`` /
+    ``not_supported_reasons`` / ``auto_reasons`` rule is asked in full. :meth:`select` gives the
+    backend ``select_backend`` would pick, or ``None`` where the full dispatch must speak (an
+    error, or the once-only warning for a CUDA tensor on the torch backend).
+
+    ``requested`` is the resolved name (``ATTNKIT_BACKEND`` applied): the caller keys its cache
+    on the environment variable for ``"auto"``."""
+
+    __slots__ = ("candidates", "auto")
+
+    def __init__(self, call, requested: str, backends: tuple[Backend, ...]):
+        self.auto = auto = requested == "auto"
+        cpu = call.tensor.device.type == "cpu"
+        candidates = []
+        for b in backends:
+            if not auto and b.name != requested:
+                continue
+            cls = type(b)
+            opaque = (cls.not_supported_reasons is not Backend.not_supported_reasons
+                      or cls.fits is not Backend.fits or cls._declared is not Backend._declared
+                      or cls.declared_reasons is not Backend.declared_reasons
+                      or (auto and cls.auto_reasons is not Backend.auto_reasons))
+            if opaque:
+                candidates.append((b, True))
+            elif auto and b.kind == "triton" and cpu:
+                continue  # the interpreter only runs when asked for by name
+            elif next(b._fixed_reasons(call), None) is None:
+                candidates.append((b, False))
+        self.candidates = tuple(candidates)
+
+    def select(self, call) -> Backend | None:
+        auto = self.auto
+        for b, opaque in self.candidates:
+            if opaque:
+                ok = _fits_auto(b, call) if auto else b.fits(call)
+            else:
+                ok = (not b.device_reason(call.tensor) and not b._grid_reason(call)
+                      and not b.special_reasons(call) and not b.extra_reasons(call))
+            if ok:
+                if auto and b.kind == "torch" and call.tensor.is_cuda:
+                    return None  # select_backend warns (once)
+                return b
+        return None
 
 
 _CHOICES: dict[tuple, tuple[str, ...]] = {}

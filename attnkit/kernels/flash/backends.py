@@ -61,9 +61,15 @@ class TritonFlash(Backend):
     value_head_dims = True
 
     def run(self, call: AttentionCall):
-        from .op import flash_attention
+        run = _flash_attention[0]
+        if run is None:  # imported on first use (it imports triton); an import per call cost ~2 us
+            from .op import flash_attention as run
 
-        return flash_attention(call)
+            _flash_attention[0] = run
+        return run(call)
+
+
+_flash_attention = [None]
 
 
 class TorchAttention(Backend):

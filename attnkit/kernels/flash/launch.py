@@ -1,5 +1,7 @@
 """Launchers of the flash kernels: one call's arguments (:class:`FlashArgs`), what the kernels
-share for it (:class:`_Launch`), and the forward and backward launches."""
+share for every call of its signature (:class:`_Launch`), the launches prebuilt for a signature
+(:class:`FlashPlan`: forward and backward, only the tensors added per call), and the one-call
+launchers :func:`_fwd_impl` / :func:`_bwd_impl` (the custom ops' implementations)."""
 
 from __future__ import annotations
 
@@ -182,19 +184,21 @@ relax_specialization(_bwd_preprocess)
 
 
 class _Launch:
-    """What the three kernels share for one call: grid extents, pointers, ints and flags, as
-    keyword arguments named like the kernels' parameters.
+    """What the three kernels share for every call of one signature: grid extents, ints, flags
+    and the pattern's block lists, as keyword arguments named like the kernels' parameters
+    (:attr:`common`, :attr:`rows_lists` for the query-row walkers, :attr:`cols_lists` for the
+    key-column one). The call's own tensors (q/k/v, the key mask and its span, ALiBi slopes,
+    ``cu_seqlens``) and the fp32 precision setting are not in them: :class:`FlashPlan` passes
+    those per call, so a cached plan holds no activation.
 
-    Host time matters here (once per forward and once per backward; ~13 us before the helpers
-    above and the single pass over the optional inputs, ~5 us after, kernel launches stubbed):
-    every optional input is looked at once."""
+    Host time matters here (~13 us before the helpers above and the single pass over the optional
+    inputs, ~5 us after, kernel launches stubbed): every optional input is looked at once."""
 
     def __init__(self, a: FlashArgs):
         q, k = a.q, a.k
         B, Hq, Nq, D = q.shape
         Hkv, Nk = k.shape[1], k.shape[2]
         dv = a.v.shape[-1]
-        self.a = a
         self.Hq, self.Hkv, self.Nq, self.Nk, self.D = Hq, Hkv, Nq, Nk, D
         cu_q = a.cu_q
         varlen = self.varlen = cu_q is not None
@@ -204,55 +208,217 @@ class _Launch:
         kv_num, kv_idx, kv_part, q_num, q_idx, q_part, masks = a.lists
         sparse = kv_num is not None
         common = dict(
-            CU_Q=cu_q, CU_K=a.cu_k, PMASK=masks, sm_scale=a.scale, softcap=a.softcap,
+            PMASK=masks, sm_scale=a.scale, softcap=a.softcap,
             HAS_SOFTCAP=a.softcap > 0, GROUP=Hq // Hkv, NQ=Nq, NK=Nk,
             WIN_L=max(a.left, 0), WIN_R=max(a.right, 0), N_BUCKET=_n_bucket_of(rows_q),
             # flags: each derives from which inputs are present
             HEAD_DIM=D, BLOCK_D=_block_d_of(D), HEAD_DV=dv, BLOCK_DV=_block_d_of(dv),
             HAS_LEFT=a.left >= 0 and not sparse, HAS_RIGHT=a.right >= 0 and not sparse,
-            VARLEN=varlen, PRECISION=_precision(q.dtype),
-            UPCAST=INTERPRET and q.dtype == torch.bfloat16, SPARSE=sparse,
+            VARLEN=varlen, UPCAST=INTERPRET and q.dtype == torch.bfloat16, SPARSE=sparse,
         )
         alibi = a.alibi
         if alibi is None:
-            common.update(ALIBI=None, HAS_ALIBI=False, sab=0, sah=0)
+            common.update(HAS_ALIBI=False, sab=0, sah=0)
         else:
-            common.update(ALIBI=alibi, HAS_ALIBI=True, sah=alibi.stride(-1),
+            common.update(HAS_ALIBI=True, sah=alibi.stride(-1),
                           sab=alibi.stride(0) if alibi.dim() == 2 else 0)
         kpm = a.kpm
-        kv_lo, kv_hi = a.kv_lo, a.kv_hi
+        self.kv_lo, self.kv_hi = a.kv_lo, a.kv_hi
         if kpm is None:
-            common.update(KPM=None, HAS_KPM=False, smb=0, smn=0)
+            common.update(HAS_KPM=False, smb=0, smn=0)
         else:
-            if kv_lo is None:  # a FlashArgs built by hand, not by from_call
-                kv_lo, kv_hi = _kv_span(kpm)
-            common.update(KPM=kpm.view(torch.uint8), HAS_KPM=True, smb=kpm.stride(0),
-                          smn=kpm.stride(1))
+            if self.kv_lo is None:  # a FlashArgs built by hand, not by from_call
+                self.kv_lo, self.kv_hi = _kv_span(kpm)
+            common.update(HAS_KPM=True, smb=kpm.stride(0), smn=kpm.stride(1))
         if sparse:
             lb, lh, bs = a.layout_batch, a.layout_heads, a.block_size
             common.update(LB_STRIDE=lh if lb > 1 else 0, LH_STRIDE=1 if lh > 1 else 0, BS=bs)
             # the query-row walkers (forward, dQ) take the key lists with full blocks first
             # (spec.split_full_partial)
             kv_full, kv_idx, kv_part = _full_partial(kv_num, kv_idx, kv_part, bs, self.rows_k)
-            self.rows_lists = dict(KV_LO=kv_lo, KV_HI=kv_hi, KV_NUM=kv_num, KV_NFULL=kv_full,
-                                   KV_IDX=kv_idx, KV_PART=kv_part, NROWB=kv_num.shape[1],
-                                   MAXK=kv_idx.shape[2])
+            self.rows_lists = dict(KV_NUM=kv_num, KV_NFULL=kv_full, KV_IDX=kv_idx,
+                                   KV_PART=kv_part, NROWB=kv_num.shape[1], MAXK=kv_idx.shape[2])
             self.cols_lists = dict(Q_NUM=q_num, Q_IDX=q_idx, Q_PART=q_part,
                                    NCOLB=q_num.shape[1], MAXQ=q_idx.shape[2])
         else:
             bs = 0
             common.update(LB_STRIDE=0, LH_STRIDE=0, BS=0)
-            self.rows_lists = dict(KV_LO=kv_lo, KV_HI=kv_hi, KV_NUM=None, KV_NFULL=None,
-                                   KV_IDX=None, KV_PART=None, NROWB=0, MAXK=0)
+            self.rows_lists = dict(KV_NUM=None, KV_NFULL=None, KV_IDX=None, KV_PART=None,
+                                   NROWB=0, MAXK=0)
             self.cols_lists = dict(Q_NUM=None, Q_IDX=None, Q_PART=None, NCOLB=0, MAXQ=0)
         self.rows_lists["NK_ALIGN"] = _nk_align(a, Nk, varlen)  # the key-tile alignment
         common.update(_tile_meta(bs))  # {} on a GPU: the autotuner picks the tile
         self.common = common
 
 
+_STRIDE_NAMES: dict[str, tuple[str, ...]] = {}
+
+
 def _strides(prefix: str, t: torch.Tensor) -> dict:
     """``{prefix}b, {prefix}h, {prefix}n, {prefix}d`` (or the first three) strides of ``t``."""
-    return dict(zip((prefix + s for s in "bhnd"), t.stride(), strict=False))
+    names = _STRIDE_NAMES.get(prefix)
+    if names is None:
+        names = _STRIDE_NAMES[prefix] = tuple(prefix + s for s in "bhnd")
+    return dict(zip(names, t.stride(), strict=False))
+
+
+class FlashPlan:
+    """The launches of one call *signature*, prebuilt: every keyword argument of the forward and
+    backward kernels that does not change from call to call (shapes, strides, flags, scale,
+    block lists, the grid), so that a call only allocates its outputs and adds its tensors.
+
+    A signature is everything a :class:`FlashArgs` fixes except its tensors' data: shapes,
+    strides and dtypes of ``q``/``k``/``v``/``kpm``/``alibi``, which optional inputs are present,
+    the band or block lists, the scale, soft-cap and packed maxima. The plan keeps no reference
+    to a call's tensors (only the pattern's block lists, which the pattern owns), so a cached plan
+    pins no activations. ``attnkit.attention`` caches one per signature
+    (``attnkit/attn/functional.py``); :func:`_fwd_impl` / :func:`_bwd_impl` build one per call.
+
+    Measured (``attnkit bench --host-overhead``, launches stubbed, causal B2 H16 N512 D128 bf16,
+    shared 2-core CPU): :meth:`forward` of a cached plan 9.4 - 10.2 us, outputs included, against
+    25 - 30 us for :func:`_fwd_impl` (``_Launch``, the plan and its first forward) and 35 - 38 us
+    for the per-call argument building this replaced. The backward's shared arguments are built at
+    its first backward (``_bwd_args``) and reused: only ``do``/``dlse``/``o``/``lse`` strides
+    are read per call."""
+
+    def __init__(self, a: FlashArgs, c: _Launch | None = None):
+        c = c or _Launch(a)
+        q = a.q
+        self.interpret = INTERPRET
+        self.varlen = c.varlen
+        self.Hq, self.Hkv, self.Nq, self.Nk, self.D = c.Hq, c.Hkv, c.Nq, c.Nk, c.D
+        self.dv = a.v.shape[-1]
+        self.device, self.dtype = q.device, q.dtype
+        self.lse_shape = (q.shape[0], c.Hq, c.Nq)
+        self.o_shape = None if self.dv == c.D else (*q.shape[:3], self.dv)
+        self.scale = a.scale
+        self.sparse = a.sparse
+        # the sparse lists' source: the plan is stale if the pattern's lists were written in place
+        self.lists_src = a.lists[1]
+        self.lists_version = a.lists[1]._version if a.sparse else 0
+        # the folded softmax tracks the max of raw scores (needs scale >= 0): softmax(s * q.k) =
+        # softmax(|s| * (-q).k), the same o and lse (a negated copy of q, for this rare case only)
+        self.negate_q = a.scale < 0 and not (a.softcap > 0 or a.alibi is not None)
+        # TMA for K/V on the one-loop (EVEN) walk; the strides and pointers are checked per call
+        self.tma_walk = c.rows_lists["NK_ALIGN"] > 1 and a.kpm is None
+        rows_q, rows_k, n_prog_b, Hq, Hkv = c.rows_q, c.rows_k, c.n_prog_b, c.Hq, c.Hkv
+        self.grid_fwd = lambda meta: (triton.cdiv(rows_q, meta["BLOCK_M"]), Hq, n_prog_b)
+        self.grid_kv = lambda meta: (triton.cdiv(rows_k, meta["BLOCK_N"]), Hkv, n_prog_b)
+        self.common, self.rows, self.cols = c.common, c.rows_lists, c.cols_lists
+        self.qkv = {**_strides("sq", q), **_strides("sk", a.k), **_strides("sv", a.v),
+                    "slb": c.Hq * c.Nq, "slh": c.Nq, "sln": 1, "H": c.Hq}
+        self.has_sinks = a.sinks is not None
+        self.block_dv = c.common["BLOCK_DV"]
+        self.batch = q.shape[0]
+        # The kernels' keyword arguments, completed at the first forward / backward from the
+        # outputs' strides (empty_like keeps the inputs' layouts, which the signature fixes);
+        # deriving them up front with meta tensors cost ~40 us a plan, measured.
+        self.fwd = self.bwd = None
+
+    def _fwd_args(self, o: torch.Tensor) -> dict:
+        fwd = {**self.common, **self.rows, **self.qkv, **_strides("so", o),
+               "HAS_SINKS": self.has_sinks}
+        if self.negate_q:
+            fwd["sm_scale"] = -self.scale  # the backward keeps q and the signed scale
+        return fwd
+
+    def _bwd_args(self, dq, dk, dv) -> tuple:
+        """The preprocess', all backward kernels', the dK/dV pass' and the dQ kernel's
+        arguments that every call of the signature shares."""
+        pre_block = 16 if INTERPRET else 64
+        pre = {"H": self.Hq, "N": self.Nq, "HEAD_DIM": self.dv,
+               "BLOCK_D": self.block_dv, "BLOCK_M": pre_block}
+        shared = {**self.common, **self.qkv}
+        kv = {**self.cols, **_strides("sdk", dk), **_strides("sdv", dv), "HKV": self.Hkv}
+        dq_args = {**self.rows, **_strides("sdq", dq)}
+        grid_pre = (triton.cdiv(self.Nq, pre_block), self.Hq, self.batch)
+        return pre, grid_pre, shared, kv, dq_args
+
+    def valid(self) -> bool:
+        """False when something the plan baked in changed since it was built: the interpreter
+        switch (tests flip it) or a block list written in place."""
+        return self.interpret is INTERPRET and (
+            not self.sparse or self.lists_src._version == self.lists_version)
+
+    def forward(self, q, k, v, sinks=None, kpm=None, kv_lo=None, kv_hi=None, alibi=None,
+                cu_q=None, cu_k=None):
+        """``(o [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32)`` for one call of the plan's signature
+        (``kv_lo``/``kv_hi``: the key mask's span, :func:`_kv_span`)."""
+        if self.varlen:
+            o = _alloc(q, shape=self.o_shape, tail=(cu_q, 0.0))
+            lse = _alloc(q, shape=self.lse_shape, dtype=torch.float32, tail=(cu_q, float("-inf")))
+        else:  # _alloc, inlined (the hot path)
+            o = torch.empty_like(q) if self.o_shape is None else \
+                torch.empty(self.o_shape, device=self.device, dtype=self.dtype)
+            lse = torch.empty(self.lse_shape, device=self.device, dtype=torch.float32)
+            if POISON_OUTPUTS:
+                o.fill_(float("nan"))
+                lse.fill_(float("nan"))
+        if self.negate_q:
+            q = -q
+        use_tma = self.tma_walk and not INTERPRET and tma_ok(k, v)
+        if use_tma:
+            ensure_allocator()
+        kw = self.fwd
+        if kw is None:
+            kw = self.fwd = self._fwd_args(o)
+        # .run(grid=...) is what kernel[grid](...) calls, less one copy of the ~70 keywords
+        _fwd.run(grid=self.grid_fwd, warmup=False, Q=q, K=k, V=v, O=o, LSE=lse, SINKS=sinks,
+                 KPM=None if kpm is None else kpm.view(torch.uint8), KV_LO=kv_lo, KV_HI=kv_hi,
+                 ALIBI=alibi, CU_Q=cu_q, CU_K=cu_k, USE_TMA=use_tma,
+                 PRECISION=_precision(self.dtype), **kw)
+        return o, lse
+
+    def backward(self, do, o, lse, dlse, q, k, v, sinks=None, kpm=None, kv_lo=None, kv_hi=None,
+                 alibi=None, cu_q=None, cu_k=None):
+        """``(dq, dk, dv, dsinks)``. dQ is accumulated inside the dK/dV pass with fp32 atomics
+        (5 matmuls per block pair), or, when :func:`~.bwd_fused.deterministic_backward` says so
+        (``torch.use_deterministic_algorithms(True)`` or ``ATTNKIT_DETERMINISTIC=1``), by the
+        separate dQ kernel (7 matmuls, bitwise reproducible; block-sparse calls always)."""
+        varlen = self.varlen
+        delta = _alloc(q, shape=self.lse_shape, dtype=torch.float32)
+        # block-sparse: the fused kernel's nested list walk spills (bwd_fused.py), so the split pair
+        fused = not deterministic_backward() and not self.sparse
+        # packed rows past the last sequence: 0 (the fused accumulator starts at 0 everywhere)
+        dq = _alloc(q, tail=(cu_q, 0.0) if varlen and not fused else None)
+        dk = _alloc(k, tail=(cu_k, 0.0) if varlen else None)
+        dv = _alloc(v, tail=(cu_k, 0.0) if varlen else None)
+        if self.bwd is None:
+            self.bwd = self._bwd_args(dq, dk, dv)
+        pre, grid_pre, shared, kv, dq_args = self.bwd
+        dg = _strides("sg", dlse) if dlse is not None else _NO_DLSE
+        sd = _strides("sd", do)
+        # o and lse are the forward's (their strides are read anyway: the custom op's backward
+        # receives them from the graph)
+        _bwd_preprocess[grid_pre](O=o, DO=do, DLSE=dlse, DELTA=delta, HAS_DLSE=dlse is not None,
+                                  **_strides("so", o), **sd, **dg, **pre)
+        shared = {**shared, "Q": q, "K": k, "V": v, "DO": do, "LSE": lse, "DELTA": delta,
+                  "KPM": None if kpm is None else kpm.view(torch.uint8), "ALIBI": alibi,
+                  "CU_Q": cu_q, "CU_K": cu_k, "PRECISION": _precision(q.dtype), **sd,
+                  **_strides("sl", lse)}
+        kv_args = {**shared, **kv, "DK": dk, "DV": dv}
+        if fused:
+            # contiguous rows, and BLOCK_M (<= 128) rows of padding that a query tile hanging past
+            # the last row may add its zeros to (the kernel leaves the atomics' rows unmasked)
+            dq_acc = torch.zeros((self.batch, self.Hq, self.Nq + 128, self.D), device=q.device,
+                                 dtype=torch.float32)
+            _dkdv_fused.run(grid=self.grid_kv, warmup=False, DQ=dq_acc, sdqb=dq_acc.stride(0),
+                            sdqh=dq_acc.stride(1), FUSE_DQ=True, **kv_args)
+            torch.mul(dq_acc[:, :, :self.Nq], self.scale, out=dq)  # the scale and the cast in one
+        else:
+            _dkdv_split.run(grid=self.grid_kv, warmup=False, DQ=None, sdqb=0, sdqh=0,
+                            FUSE_DQ=False, **kv_args)
+            _dq.run(grid=self.grid_fwd, warmup=False, DQ=dq, KV_LO=kv_lo, KV_HI=kv_hi, **shared,
+                    **dq_args)
+        if sinks is None:
+            return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
+        # d sink_h = -sum_{b, i} p_sink * delta with p_sink = exp(sink - lse): the sink's
+        # probability in each row (rows that saw nothing but the sink have lse = sink, p_sink = 1).
+        p_sink = torch.exp(sinks.float()[None, :, None] - lse)  # [B, Hq, Nq]
+        return dq, dk, dv, -(p_sink * delta).sum((0, 2))
+
+
+_NO_DLSE = {"sgb": 0, "sgh": 0, "sgn": 0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,78 +427,15 @@ def _strides(prefix: str, t: torch.Tensor) -> dict:
 
 
 def _fwd_impl(a: FlashArgs):
-    c = _Launch(a)
-    q = a.q
-    # Packed rows past the last sequence get 0 / -inf instead of uninitialised memory. The output
-    # has q's layout (a [B, N, H, D] view stays one), or is contiguous when Dv differs from D.
-    dv = a.v.shape[-1]
-    o = _alloc(q, shape=None if dv == c.D else (*q.shape[:3], dv),
-               tail=(a.cu_q, 0.0) if c.varlen else None)
-    lse = _alloc(q, shape=(q.shape[0], c.Hq, c.Nq), dtype=torch.float32,
-                 tail=(a.cu_q, float("-inf")) if c.varlen else None)
-    grid = lambda meta: (triton.cdiv(c.rows_q, meta["BLOCK_M"]), c.Hq, c.n_prog_b)
-    common = c.common
-    if a.scale < 0 and not (a.softcap > 0 or a.alibi is not None):
-        # the folded softmax tracks the max of raw scores (needs scale >= 0): softmax(s * q.k)
-        # = softmax(|s| * (-q).k), the same o and lse (a copy of q, for this rare case only)
-        q, common = -q, {**common, "sm_scale": -a.scale}
-    # TMA for K/V on the one-loop (EVEN) walk, when the strides allow it (tma.py)
-    use_tma = (c.rows_lists["NK_ALIGN"] > 1 and a.kpm is None and not INTERPRET
-               and tma_ok(a.k, a.v))
-    if use_tma:
-        ensure_allocator()
-    _fwd[grid](
-        Q=q, K=a.k, V=a.v, O=o, LSE=lse, SINKS=a.sinks, HAS_SINKS=a.sinks is not None,
-        USE_TMA=use_tma,
-        **common, **c.rows_lists,
-        **_strides("sq", q), **_strides("sk", a.k), **_strides("sv", a.v), **_strides("so", o),
-        **_strides("sl", lse), H=c.Hq,
-    )
-    return o, lse
+    """One forward from a :class:`FlashArgs` (the custom op's launcher, and every call without a
+    cached plan): a plan built for the call and used once."""
+    c = _Launch(a)  # its key span: from_call's, or computed for a FlashArgs built by hand
+    return FlashPlan(a, c).forward(a.q, a.k, a.v, a.sinks, a.kpm, c.kv_lo, c.kv_hi, a.alibi,
+                                   a.cu_q, a.cu_k)
 
 
 def _bwd_impl(do, o, lse, dlse, a: FlashArgs):
-    """``(dq, dk, dv, dsinks)``. dQ is accumulated inside the dK/dV pass with fp32 atomics
-    (5 matmuls per block pair), or, when :func:`~.bwd_fused.deterministic_backward` says so
-    (``torch.use_deterministic_algorithms(True)`` or ``ATTNKIT_DETERMINISTIC=1``), by the
-    separate dQ kernel (7 matmuls, bitwise reproducible; block-sparse calls always)."""
+    """``(dq, dk, dv, dsinks)`` of one call (:meth:`FlashPlan.backward`)."""
     c = _Launch(a)
-    q, k, v = a.q, a.k, a.v
-    B = q.shape[0]
-    delta = _alloc(q, shape=(B, c.Hq, c.Nq), dtype=torch.float32)
-    pre_block = 16 if INTERPRET else 64
-    _bwd_preprocess[(triton.cdiv(c.Nq, pre_block), c.Hq, B)](
-        O=o, DO=do, DLSE=dlse, DELTA=delta, **_strides("so", o), **_strides("sd", do),
-        **(_strides("sg", dlse) if dlse is not None else dict(sgb=0, sgh=0, sgn=0)), H=c.Hq, N=c.Nq,
-        HEAD_DIM=o.shape[-1], BLOCK_D=c.common["BLOCK_DV"], HAS_DLSE=dlse is not None,
-        BLOCK_M=pre_block,
-    )
-    # block-sparse: the fused kernel's nested list walk spills (bwd_fused.py), so the split pair
-    fused = not deterministic_backward() and not a.sparse
-    # packed rows past the last sequence: 0 (the fused accumulator starts at 0 everywhere)
-    dq = _alloc(q, tail=(a.cu_q, 0.0) if c.varlen and not fused else None)
-    dk = _alloc(k, tail=(a.cu_k, 0.0) if c.varlen else None)
-    dv = _alloc(v, tail=(a.cu_k, 0.0) if c.varlen else None)
-    shared = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, **c.common, **_strides("sq", q),
-                  **_strides("sk", k), **_strides("sv", v), **_strides("sd", do),
-                  **_strides("sl", lse), H=c.Hq)
-    grid_kv = lambda m: (triton.cdiv(c.rows_k, m["BLOCK_N"]), c.Hkv, c.n_prog_b)
-    kv_args = dict(DK=dk, DV=dv, **shared, **c.cols_lists, **_strides("sdk", dk),
-                   **_strides("sdv", dv), HKV=c.Hkv)
-    if fused:
-        # contiguous rows, and BLOCK_M (<= 128) rows of padding that a query tile hanging past the
-        # last row may add its zeros to (the kernel leaves the atomics' rows unmasked)
-        dq_acc = torch.zeros((B, c.Hq, c.Nq + 128, c.D), device=q.device, dtype=torch.float32)
-        _dkdv_fused[grid_kv](DQ=dq_acc, sdqb=dq_acc.stride(0), sdqh=dq_acc.stride(1), FUSE_DQ=True,
-                             **kv_args)
-        torch.mul(dq_acc[:, :, :c.Nq], a.scale, out=dq)  # the scale and the cast in one pass
-    else:
-        _dkdv_split[grid_kv](DQ=None, sdqb=0, sdqh=0, FUSE_DQ=False, **kv_args)
-        grid_q = lambda m: (triton.cdiv(c.rows_q, m["BLOCK_M"]), c.Hq, c.n_prog_b)
-        _dq[grid_q](DQ=dq, **shared, **c.rows_lists, **_strides("sdq", dq))
-    if a.sinks is None:
-        return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
-    # d sink_h = -sum_{b, i} p_sink * delta with p_sink = exp(sink - lse): the sink's probability
-    # in each row (rows that saw nothing but the sink have lse = sink, p_sink = 1).
-    p_sink = torch.exp(a.sinks.float()[None, :, None] - lse)  # [B, Hq, Nq]
-    return dq, dk, dv, -(p_sink * delta).sum((0, 2))
+    return FlashPlan(a, c).backward(do, o, lse, dlse, a.q, a.k, a.v, a.sinks, a.kpm, c.kv_lo,
+                                    c.kv_hi, a.alibi, a.cu_q, a.cu_k)

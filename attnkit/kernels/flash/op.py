@@ -11,7 +11,9 @@ runs torch's ``_library.utils.fill_defaults``, which re-reads the schema once pe
 with the 24-argument schema, a training forward cost 406 us of host time with kernel launches
 stubbed, ~300 us of it in the custom op and its autograd (``attnkit bench --host-overhead``, on a
 shared 2-core CPU; 110 us after). Eager calls take :class:`_FlashFunction` (the same launchers,
-the same saved tensors) or, without grad, the launcher directly.
+the same saved tensors) or, without grad, the launcher directly, both through the call
+signature's :class:`~.launch.FlashPlan` when ``attnkit.attention`` cached one (31 - 32 us for a
+training forward, 18.5 - 20.5 us without grad, same benchmark).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .launch import FlashArgs, _bwd_impl, _fwd_impl, _Opt
+from . import launch
+from .launch import FlashArgs, FlashPlan, _bwd_impl, _fwd_impl, _Opt
 from .tiles import INTERPRET
 
 __all__ = ["flash_attention", "FlashArgs", "INTERPRET"]
@@ -106,17 +109,22 @@ flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 
 
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
 class _FlashFunction(torch.autograd.Function):
-    """The eager twin of the custom ops' autograd: ``apply(a, q, k, v, sinks)`` with ``a`` the
-    call's :class:`FlashArgs` (``q``/``k``/``v``/``sinks`` repeated so autograd sees them)."""
+    """The eager twin of the custom ops' autograd: ``apply(plan, extra, q, k, v, sinks)`` with
+    ``plan`` the call signature's :class:`~.launch.FlashPlan` and ``extra = (kpm, kv_lo, kv_hi,
+    alibi, cu_q, cu_k)`` (``q``/``k``/``v``/``sinks`` apart so autograd sees them)."""
 
     @staticmethod
-    def forward(ctx, a: FlashArgs, q, k, v, sinks):
-        o, lse = _fwd_impl(a)
+    def forward(ctx, plan: FlashPlan, extra: tuple, q, k, v, sinks):
+        o, lse = plan.forward(q, k, v, sinks, *extra)
         # q, k, v, sinks, o, lse through save_for_backward (version-checked, no reference cycle
-        # through o); the masks, packing, block lists and the key span ride along in ``a``.
+        # through o); the masks, packing and the key span ride along in ``extra``, the shapes,
+        # strides and flags in the plan (built once per signature: nothing is recomputed here).
         ctx.save_for_backward(q, k, v, sinks, o, lse)
-        ctx.a = a
+        ctx.plan, ctx.extra = plan, extra
         ctx.set_materialize_grads(False)  # an unused LSE output then costs nothing in backward
         return o, lse
 
@@ -126,8 +134,24 @@ class _FlashFunction(torch.autograd.Function):
         q, k, v, sinks, o, lse = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
-        dq, dk, dv, dsinks = _bwd_impl(do, o, lse, dlse, ctx.a)
-        return None, dq, dk, dv, dsinks.to(sinks.dtype) if sinks is not None else None
+        dq, dk, dv, dsinks = ctx.plan.backward(do, o, lse, dlse, q, k, v, sinks, *ctx.extra)
+        return None, None, dq, dk, dv, dsinks.to(sinks.dtype) if sinks is not None else None
+
+
+#: ``torch.autograd.Function.apply`` less its Python wrapper (~3 us of the ~9 us that apply costs
+#: here, measured with launches stubbed): that wrapper binds defaults only for a Function with
+#: ``setup_context`` (this one has none), unwraps dead functorch wrappers (done below, per
+#: tensor) and sends calls under functorch transforms to ``custom_function_call``; those calls
+#: take ``_FlashFunction.apply`` itself, so they fail as before.
+_apply_c = super(torch.autograd.Function, _FlashFunction).apply
+
+
+def _apply(plan, extra, q, k, v, sinks):
+    if torch._C._are_functorch_transforms_active():
+        return _FlashFunction.apply(plan, extra, q, k, v, sinks)
+    if sinks is not None:
+        sinks = _unwrap_if_dead(sinks)
+    return _apply_c(plan, extra, _unwrap_if_dead(q), _unwrap_if_dead(k), _unwrap_if_dead(v), sinks)
 
 
 def flash_attention(call, *, use_op: bool | None = None):
@@ -135,12 +159,25 @@ def flash_attention(call, *, use_op: bool | None = None):
     ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``.
 
     ``use_op``: go through the ``torch.library`` ops (default: only while ``torch.compile``
-    traces; tests set it to compare both paths)."""
-    a = FlashArgs.from_call(call)
+    traces; tests set it to compare both paths). A call that ``attnkit.attention`` made for a
+    cached signature carries a :class:`~attnkit.kernels.flash.call.LaunchSlot`: its
+    :class:`~.launch.FlashPlan` is built on the first call and reused after."""
     if use_op is None:
         use_op = torch.compiler.is_compiling()
+    slot = call.launch_slot
     if use_op:
-        return torch.ops.attnkit.flash_attn_fwd(*a.op_args())
+        return torch.ops.attnkit.flash_attn_fwd(*FlashArgs.from_call(call).op_args())
+    plan = slot.plan if slot is not None else None
+    if plan is not None and plan.valid():
+        kpm = call.valid_keys
+        lo, hi = launch._kv_span(kpm) if kpm is not None else (None, None)
+        extra = (kpm, lo, hi, call.alibi_slopes, call.cu_seqlens_q, call.cu_seqlens_k)
+    else:
+        a = FlashArgs.from_call(call)  # the key span, once for the forward and the backward
+        plan = FlashPlan(a)
+        if slot is not None:
+            slot.plan = plan
+        extra = (a.kpm, a.kv_lo, a.kv_hi, a.alibi, a.cu_q, a.cu_k)
     if call.needs_grad:
-        return _FlashFunction.apply(a, a.q, a.k, a.v, a.sinks)
-    return _fwd_impl(a)
+        return _apply(plan, extra, call.q, call.k, call.v, call.sinks)
+    return plan.forward(call.q, call.k, call.v, call.sinks, *extra)
