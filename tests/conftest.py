@@ -28,6 +28,18 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
+def _fresh_call_plans():
+    """``attnkit.attention`` caches a launch plan per call signature; tests that patch module
+    globals the plan baked in (an interpreter tile, a backend's rule) start from an empty cache.
+    (tests/attn/test_call_plans.py checks the cache itself.)"""
+    from attnkit.attn import functional
+
+    functional._PLANS.clear()
+    yield
+    functional._PLANS.clear()
+
+
+@pytest.fixture(autouse=True)
 def _poison_kernel_outputs(monkeypatch):
     """Every Triton kernel output buffer is filled with NaN before its kernel runs, so an element
     a kernel forgets to write fails the comparison instead of passing on stale memory."""

@@ -97,23 +97,23 @@ def use_tma(kwargs: dict) -> bool:
 
 class _TmaLaunch:
     """``kernel[grid](**kwargs)`` with ``USE_TMA`` added from :func:`use_tma` (and Triton's
-    allocator installed for the device-side descriptors when it is on). The backward's launcher
-    (``launch.py``) calls the kernels by keyword; ``use_tma`` is looked up at each call (a test
-    may replace it)."""
+    allocator installed for the device-side descriptors when it is on), and the same for
+    ``kernel.run(grid=..., ...)``. The backward's launcher (``launch.py``) calls the kernels by
+    keyword; ``use_tma`` is looked up at each call (a test may replace it)."""
 
     def __init__(self, kernel):
         self.kernel = kernel
 
     def __getitem__(self, grid):
-        launch = self.kernel[grid]
+        return lambda **kwargs: self.run(grid=grid, warmup=False, **kwargs)
 
-        def run(**kwargs):
-            tma = use_tma(kwargs)
-            if tma:
-                ensure_allocator()
-            return launch(USE_TMA=tma, **kwargs)
-
-        return run
+    def run(self, **kwargs):
+        """What ``kernel[grid](...)`` calls (``grid=``, ``warmup=`` among the keywords): the
+        cached launch plan (``launch.FlashPlan``) launches through it."""
+        tma = use_tma(kwargs)
+        if tma:
+            ensure_allocator()
+        return self.kernel.run(USE_TMA=tma, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.kernel, name)
