@@ -99,28 +99,31 @@ def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
 
 def _chunk_states(x, y, den, c, hs, hz, lg, group, backward, common):
     """Every chunk's local state into ``hs [B*HKV, NT, F, Dv]`` / ``hz [B*HKV, NT, F]``: from
-    ``x = k``, ``y = v`` (forward) or ``x = q``, ``y = do`` with ``den``/``c`` (backward)."""
-    B, _, N, F = x.shape
+    ``x = k``, ``y = v`` (forward) or ``x = q``, ``y = do`` with ``den``/``c`` (backward).
+    Packed (``common["CU"]``): ``B`` is the number of sequences."""
+    _, _, N, F = x.shape
+    B = _rows(x, common["CU"])
     nt, Dv, Hkv = hs.shape[1], y.shape[3], hs.shape[0] // B
     _launch(
         "state", (F, Dv, nt, Hkv, B), X=x, Y=y, DEN=den, C=c, HS=hs, HZ=hz, LG=lg,
-        **_strides("sx", x), **_strides("sy", y),
+        CU=common["CU"], **_strides("sx", x), **_strides("sy", y),
         scale=common["scale"] if backward else 1.0, eps=common["eps"], HX=x.shape[1], HKV=Hkv,
         GROUP=group, N=N, F=F, DV=Dv, NT=nt, FEATURE=common["FEATURE"], BACKWARD=backward,
         NORMALIZE=common["NORMALIZE"], HAS_DECAY=lg is not None, PRECISION=common["PRECISION"],
-        UPCAST=common["UPCAST"],
+        UPCAST=common["UPCAST"], VARLEN=common["VARLEN"],
     )
 
 
-def _scan(hs, hz, s_in, z_in, s_out, z_out, lg, N, bt, reverse, store):
+def _scan(hs, hz, s_in, z_in, s_out, z_out, lg, N, bt, reverse, store, cu):
     """The scan of the chunk slots (``chunk_state._state_scan_kernel``), in place."""
     BH, nt, F, Dv = hs.shape
     B, Hkv = s_out.shape[0], s_out.shape[1]
     block, chunks = tiles.scan_block()
     _state_scan_kernel[(triton.cdiv(F * Dv + F, block), Hkv, B)](
-        HS=hs, HZ=hz, S_IN=s_in, Z_IN=z_in, S_OUT=s_out, Z_OUT=z_out, LG=lg, HKV=Hkv, N=N,
-        NT=nt, F=F, DV=Dv, HAS_IN=s_in is not None, REVERSE=reverse, HAS_DECAY=lg is not None,
-        STORE=store, BT=bt, BC=chunks, BLOCK=block, num_warps=4,
+        HS=hs, HZ=hz, S_IN=s_in, Z_IN=z_in, S_OUT=s_out, Z_OUT=z_out, LG=lg, CU=cu, HKV=Hkv,
+        N=N, NT=nt, F=F, DV=Dv, HAS_IN=s_in is not None, REVERSE=reverse,
+        HAS_DECAY=lg is not None, STORE=store, VARLEN=cu is not None, BT=bt, BC=chunks,
+        BLOCK=block, num_warps=4,
     )
 
 
@@ -135,33 +138,52 @@ def _state_args(causal, hs, hz, total_s, total_z) -> dict:
     return dict(HS=total_s, HZ=total_z, hs_head=F * Dv, hs_chunk=0, hz_head=F, hz_chunk=0)
 
 
-def _forward_states(q, k, v, s0, z0, lg, bt, common, causal):
+def _rows(q, cu) -> int:
+    """The state rows (and the grid's batch axis): q's batch, or the packed sequences."""
+    return q.shape[0] if cu is None else cu.shape[0] - 1
+
+
+def _chunks(q, cu, max_seqlen: int, bt: int) -> int:
+    """Chunk slots per head: of the sequence, or (packed) of the longest one."""
+    return triton.cdiv(q.shape[2] if cu is None else max_seqlen, bt)
+
+
+def _common(q, feature, causal, normalize, eps, scale, cu) -> dict:
+    """The scalars and flags every kernel of a call takes (``CU``/``VARLEN``: the packing)."""
+    return dict(scale=float(scale), eps=float(eps), **_flags(q, feature, causal, normalize),
+                CU=cu, VARLEN=cu is not None)
+
+
+def _forward_states(q, k, v, s0, z0, lg, bt, common, causal, nt):
     """``(hs, hz, s_N, z_N)``: the state entering each chunk (causal) and the final one."""
-    B, Hq, N, F = q.shape
+    _, Hq, N, F = q.shape
+    B = _rows(q, common["CU"])
     Hkv, Dv = k.shape[1], v.shape[3]
-    nt = triton.cdiv(N, bt)
     hs = _empty((B * Hkv, nt, F, Dv), q, torch.float32)
     hz = _empty((B * Hkv, nt, F), q, torch.float32)
     st = _empty((B, Hkv, F, Dv), q, torch.float32)
     zt = _empty((B, Hkv, F), q, torch.float32)
     _chunk_states(k, v, None, None, hs, hz, lg, 1, False, common)
-    _scan(hs, hz, s0, z0, st, zt, lg, N, bt, reverse=False, store=causal)
+    _scan(hs, hz, s0, z0, st, zt, lg, N, bt, reverse=False, store=causal, cu=common["CU"])
     return hs, hz, st, zt
 
 
-def _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale, lg=None):
-    B, Hq, N, F = q.shape
+def _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale, lg=None, cu=None,
+              max_seqlen=0):
+    _, Hq, N, F = q.shape
+    B = _rows(q, cu)
     Dv = v.shape[3]
     bt = tiles.chunk()
-    common = dict(scale=float(scale), eps=float(eps), **_flags(q, feature, causal, normalize))
+    nt = _chunks(q, cu, max_seqlen, bt)
+    common = _common(q, feature, causal, normalize, eps, scale, cu)
     s0, z0 = _dense(s0, z0)
-    hs, hz, st, zt = _forward_states(q, k, v, s0, z0, lg, bt, common, causal)
-    o = _empty((B, Hq, N, Dv), q)
+    hs, hz, st, zt = _forward_states(q, k, v, s0, z0, lg, bt, common, causal, nt)
+    o = _empty((q.shape[0], Hq, N, Dv), q)
     # without normalisation there is no denominator, but backward still takes the saved tensor
-    den = (_empty((B, Hq, N), q, torch.float32) if normalize
-           else q.new_zeros((B, Hq, N), dtype=torch.float32))
+    den = (_empty((q.shape[0], Hq, N), q, torch.float32) if normalize
+           else q.new_zeros((q.shape[0], Hq, N), dtype=torch.float32))
     _launch(
-        "out", (F, Dv, hs.shape[1], Hq, B), Q=q, K=k, V=v, OUT=o, DEN=den, LG=lg,
+        "out", (F, Dv, nt, Hq, B), Q=q, K=k, V=v, OUT=o, DEN=den, LG=lg,
         **_state_args(causal, hs, hz, st, zt),
         **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("so", o),
         **_sizes(q, k, v), NT=hs.shape[1], HAS_DECAY=lg is not None, **common,
@@ -170,23 +192,25 @@ def _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale, lg=None):
 
 
 def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize, eps, scale,
-              lg=None):
-    B, Hq, N, F = q.shape
+              lg=None, cu=None, max_seqlen=0):
+    _, Hq, N, F = q.shape
+    B = _rows(q, cu)
     Hkv, Dv = k.shape[1], v.shape[3]
     bt = tiles.chunk()
-    common = dict(scale=float(scale), eps=float(eps), **_flags(q, feature, causal, normalize))
+    nt = _chunks(q, cu, max_seqlen, bt)
+    common = _common(q, feature, causal, normalize, eps, scale, cu)
     do = do if do.stride(-1) == 1 else do.contiguous()
     s0, z0 = _dense(s0, z0)
-    hs, hz, st, zt = _forward_states(q, k, v, s0, z0, lg, bt, common, causal)
-    nt = hs.shape[1]
+    hs, hz, st, zt = _forward_states(q, k, v, s0, z0, lg, bt, common, causal, nt)
     sizes = dict(**_sizes(q, k, v), NT=nt, HAS_DECAY=lg is not None, LG=lg, **common)
     qkv = dict(Q=q, K=k, **_strides("sq", q), **_strides("sk", k), **_strides("sdo", do))
     c = den  # read only when normalising
     if normalize:
-        c = _empty((B, Hq, N), q, torch.float32)
-        _bwd_prep_kernel[(triton.cdiv(N, bt), Hq, B)](
-            DO=do, OUT=o, DEN=den, C=c, **_strides("sdo", do), **_strides("so", o),
-            eps=float(eps), HQ=Hq, N=N, DV=Dv, BT=bt, BV=pow2(Dv), num_warps=4,
+        c = _empty(den.shape, q, torch.float32)
+        _bwd_prep_kernel[(nt, Hq, B)](
+            DO=do, OUT=o, DEN=den, C=c, CU=cu, **_strides("sdo", do), **_strides("so", o),
+            eps=float(eps), HQ=Hq, N=N, DV=Dv, VARLEN=cu is not None, BT=bt, BV=pow2(Dv),
+            num_warps=4,
         )
     dq = _empty(q.shape, q)
     _launch(
@@ -203,7 +227,7 @@ def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize,
                                                                   dtype=torch.float32)
         dzt = dzt.contiguous() if dzt is not None else q.new_zeros((B, Hkv, F),
                                                                   dtype=torch.float32)
-    _scan(hs, hz, dst, dzt, ds0, dz0, lg, N, bt, reverse=True, store=causal)
+    _scan(hs, hz, dst, dzt, ds0, dz0, lg, N, bt, reverse=True, store=causal, cu=cu)
     grads = _state_args(causal, hs, hz, ds0, dz0)
     dk = _empty(k.shape, k)
     _launch(
@@ -230,22 +254,25 @@ def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize,
 def linear_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s0: torch.Tensor | None,
     z0: torch.Tensor | None, feature: int, causal: bool, normalize: bool, eps: float, scale: float,
-    lg: torch.Tensor | None = None,
+    lg: torch.Tensor | None = None, cu: torch.Tensor | None = None, max_seqlen: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Linear attention forward: ``(o [B, Hq, N, Dv], den [B, Hq, N] fp32, s [B, Hkv, F, Dv] fp32,
-    z [B, Hkv, F] fp32)``; ``den`` is saved for backward (zeros when ``normalize`` is False).
-    ``lg``: ``log gamma [Hkv]`` fp32 of a decaying state (causal only), or None."""
-    return _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale, lg)
+    """Linear attention forward: ``(o [B, Hq, N, Dv], den [B, Hq, N] fp32, s [R, Hkv, F, Dv] fp32,
+    z [R, Hkv, F] fp32)``; ``den`` is saved for backward (zeros when ``normalize`` is False).
+    ``lg``: ``log gamma [Hkv]`` fp32 of a decaying state (causal only), or None. ``cu``: int32
+    ``cu_seqlens [S + 1]`` of ``S`` sequences packed along N (``B = 1``), the longest
+    ``max_seqlen`` tokens, or None; the state rows ``R`` are ``B``, or ``S`` when packed."""
+    return _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale, lg, cu, max_seqlen)
 
 
 @linear_attn_fwd.register_fake
-def _(q, k, v, s0, z0, feature, causal, normalize, eps, scale, lg=None):
+def _(q, k, v, s0, z0, feature, causal, normalize, eps, scale, lg=None, cu=None, max_seqlen=0):
     B, Hq, N, F = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
+    rows = _rows(q, cu)
     return (
         q.new_empty((B, Hq, N, Dv)), q.new_empty((B, Hq, N), dtype=torch.float32),
-        q.new_empty((B, Hkv, F, Dv), dtype=torch.float32),
-        q.new_empty((B, Hkv, F), dtype=torch.float32),
+        q.new_empty((rows, Hkv, F, Dv), dtype=torch.float32),
+        q.new_empty((rows, Hkv, F), dtype=torch.float32),
     )
 
 
@@ -255,15 +282,17 @@ def linear_attn_bwd(
     den: torch.Tensor, s0: torch.Tensor | None, z0: torch.Tensor | None,
     dst: torch.Tensor | None, dzt: torch.Tensor | None, feature: int, causal: bool,
     normalize: bool, eps: float, scale: float, lg: torch.Tensor | None = None,
+    cu: torch.Tensor | None = None, max_seqlen: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Linear attention backward: ``(dq, dk, dv, ds0, dz0)``; ``ds0``/``dz0`` are empty when
     there is no initial state. ``dst``/``dzt`` are the gradients on the returned final state."""
     return _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize, eps, scale,
-                     lg)
+                     lg, cu, max_seqlen)
 
 
 @linear_attn_bwd.register_fake
-def _(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize, eps, scale, lg=None):
+def _(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize, eps, scale, lg=None,
+      cu=None, max_seqlen=0):
     if s0 is None:
         ds0, dz0 = (q.new_empty((0,), dtype=torch.float32) for _ in range(2))
     else:
@@ -272,43 +301,90 @@ def _(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize, eps, sc
 
 
 _NON_TENSOR_ARGS = ("feature", "causal", "normalize", "eps", "scale")
+#: The op's trailing optional inputs, with their defaults: decay, then the packing.
+_OPTIONAL_ARGS = {"lg": None, "cu": None, "max_seqlen": 0}
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, s0, z0, *rest = inputs
-    lg = rest[len(_NON_TENSOR_ARGS)] if len(rest) > len(_NON_TENSOR_ARGS) else None
+    n = len(_NON_TENSOR_ARGS)
+    lg, cu, max_seqlen = (rest[n + i] if len(rest) > n + i else default
+                          for i, default in enumerate(_OPTIONAL_ARGS.values()))
     o, den, _, _ = output
-    ctx.save_for_backward(q, k, v, o, den, s0, z0, lg)
-    ctx.args = dict(zip(_NON_TENSOR_ARGS, rest[:len(_NON_TENSOR_ARGS)], strict=True))
+    ctx.save_for_backward(q, k, v, o, den, s0, z0, lg, cu)
+    ctx.args = dict(zip(_NON_TENSOR_ARGS, rest[:n], strict=True))
+    ctx.max_seqlen = max_seqlen
     ctx.n_inputs = len(inputs)
     ctx.set_materialize_grads(False)  # unused state outputs then cost nothing in backward
 
 
 def _backward(ctx, do, dden, dst, dzt):
-    q, k, v, o, den, s0, z0, lg = ctx.saved_tensors
+    q, k, v, o, den, s0, z0, lg, cu = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv, ds0, dz0 = torch.ops.attnkit.linear_attn_bwd(
-        do, q, k, v, o, den, s0, z0, dst, dzt, *ctx.args.values(), lg
+        do, q, k, v, o, den, s0, z0, dst, dzt, *ctx.args.values(), lg, cu, ctx.max_seqlen
     )
     if s0 is None:
         ds0 = dz0 = None
-    # no gradient for the flags, nor for the decay (gamma is a fixed rate)
+    # no gradient for the flags, nor for the decay (gamma is a fixed rate) or the packing
     return (dq, dk, dv, ds0, dz0) + (None,) * (ctx.n_inputs - 5)
 
 
 linear_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check_packing(fq, fk, s0, cu_seqlens, max_seqlen):
+    """``(cu int32 [S + 1] contiguous on fq's device, max_seqlen)`` for a packed call. No
+    device sync when ``max_seqlen`` is given: the lengths themselves are the caller's to check
+    (``attnkit.attn.linear_checks.check_cu_seqlens`` does it on the host)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32/int64 torch.Tensor [S + 1] or None, got "
+                        f"{type(cu_seqlens).__name__}")
+    if (cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1
+            or cu_seqlens.numel() < 2):
+        raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor [S + 1] with S >= 1, got "
+                         f"{cu_seqlens.dtype} {list(cu_seqlens.shape)}")
+    if fq.shape[0] != 1:
+        raise ValueError(f"cu_seqlens packs the sequences along N of B = 1 tensors; fq has "
+                         f"B = {fq.shape[0]} (flatten the batch to [1, H, total, D])")
+    rows = cu_seqlens.numel() - 1
+    if s0 is not None and s0.shape[0] != rows:
+        raise ValueError(f"s0 must have one row per packed sequence ([S, Hkv, F, Dv] with "
+                         f"S = {rows}), got {list(s0.shape)}")
+    cu = cu_seqlens.to(device=fq.device, dtype=torch.int32).contiguous()
+    if max_seqlen is None:  # one device-to-host copy
+        max_seqlen = int((cu[1:] - cu[:-1]).max()) if fq.shape[2] else 0
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or not (
+            0 <= max_seqlen <= fq.shape[2]):
+        raise ValueError(f"max_seqlen must be an int in [0, N = {fq.shape[2]}] (the longest "
+                         f"packed sequence), got {max_seqlen!r}")
+    return cu, max_seqlen
+
+
 def linear_attention_triton(fq, fk, v, s0, z0, feature: str, causal: bool, normalize: bool,
-                            eps: float, scale: float, decay: torch.Tensor | None = None):
+                            eps: float, scale: float, decay: torch.Tensor | None = None,
+                            cu_seqlens: torch.Tensor | None = None,
+                            max_seqlen: int | None = None):
     """Run the Triton op. ``fq [B, Hq, N, F]``, ``fk [B, Hkv, N, F]``, ``v [B, Hkv, N, Dv]``:
     raw q/k when ``feature`` is a fused map, already mapped features when it is ``"identity"``;
     ``s0 [B, Hkv, F, Dv]`` / ``z0 [B, Hkv, F]`` fp32 or both None; ``decay`` ``[Hkv]`` gamma
-    in (0, 1] (causal only) or None. Returns ``(o, s, z)``."""
+    in (0, 1] (causal only) or None. Returns ``(o [B, Hq, N, Dv], s [B, Hkv, F, Dv],
+    z [B, Hkv, F])``, the states fp32.
+
+    Packed sequences: ``cu_seqlens`` int ``[S + 1]`` (flash-attention's varlen layout: ``B = 1``,
+    sequence ``i`` is tokens ``cu_seqlens[i]:cu_seqlens[i + 1]`` of N; it must start at 0, not
+    decrease and end at N) and ``max_seqlen`` (the longest sequence, at least; ``None``: read
+    from ``cu_seqlens``, one device sync). Every sequence runs on its own from its own initial
+    state: ``s0 [S, Hkv, F, Dv]`` / ``z0 [S, Hkv, F]``, and ``s``/``z`` come back ``[S, ...]``
+    (an empty sequence returns its initial state, or zeros). The kernels read the packed
+    tensors in place: no padded copy."""
     lg = None if decay is None else torch.log(decay.to(device=fq.device, dtype=torch.float32))
+    cu, longest = None, 0
+    if cu_seqlens is not None:
+        cu, longest = _check_packing(fq, fk, s0, cu_seqlens, max_seqlen)
     o, _, s, z = torch.ops.attnkit.linear_attn_fwd(
         fq, fk, v, s0, z0, FEATURES[feature], bool(causal), bool(normalize), float(eps),
-        float(scale), None if lg is None else lg.contiguous(),
+        float(scale), None if lg is None else lg.contiguous(), cu, longest,
     )
     return o, s, z

@@ -53,7 +53,7 @@ TUNED = {
     "dv": [(8, 2), (4, 2), (8, 3)],
 }
 #: What a tuned config depends on (the autotuner benchmarks once per distinct key).
-AUTOTUNE_KEY = ["F", "DV", "FEATURE", "NORMALIZE", "HAS_DECAY", "PRECISION", "GROUP"]
+AUTOTUNE_KEY = ["F", "DV", "FEATURE", "NORMALIZE", "HAS_DECAY", "PRECISION", "GROUP", "VARLEN"]
 
 
 def pow2(n: int) -> int:
