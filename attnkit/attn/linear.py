@@ -291,12 +291,11 @@ def linear_attention(
             ``B = 1`` tensors (flash-attention's varlen layout, as :func:`attnkit.attention`):
             every sequence runs on its own from its own initial state (``initial_state`` then
             has ``S`` rows: ``s [S, Hkv, F, Dv]``), and ``return_state`` gives ``S`` rows. Read
-            on the host (one sync). With ``window`` no state may be passed or returned. Torch
-            backend only for now.
+            on the host (one sync). With ``window`` no state may be passed or returned. Both
+            backends (Triton reads the packed tensors in place).
         backend: ``"auto"`` (Triton for CUDA tensors, torch on the CPU), ``"triton"`` (CUDA, or
-            the CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, ``F``, ``Dv <= 256``; no
-            ``cu_seqlens``) or ``"torch"``. ``ATTNKIT_BACKEND`` overrides
-            ``"auto"``.
+            the CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, ``F``, ``Dv <= 256``, the hybrid
+            ``Dv <= 255``) or ``"torch"``. ``ATTNKIT_BACKEND`` overrides ``"auto"``.
 
     Returns:
         ``o [B, Hq, N, Dv]`` in q's dtype, and with ``return_state=True`` also the

@@ -4,12 +4,12 @@
   feature and value dims up to 256;
 * :class:`TorchLinear` — chunked PyTorch (``torch_impl.py``): any device, dtype and size.
 
-Both take ``decay`` (a per-KV-head decaying state, causal only) and the sliding-window + linear
-hybrid (``window``; on Triton composed from the flash and linear kernels, :mod:`.hybrid_triton`).
-Each backend declares the hybrid and packed sequences (``cu_seqlens``) it takes
-(:attr:`LinearBackend.hybrid`, :attr:`LinearBackend.varlen`), so ``backend="triton"`` refuses a
-call it cannot run naming why, and ``"auto"`` takes torch (warning once when the tensors are on
-CUDA).
+Both take ``decay`` (a per-KV-head decaying state, causal only), the sliding-window + linear
+hybrid (``window``; on Triton composed from the flash and linear kernels, :mod:`.hybrid_triton`)
+and packed sequences (``cu_seqlens``; on Triton read in place, one grid row per sequence). Each
+backend declares the hybrid and packing (:attr:`LinearBackend.hybrid`,
+:attr:`LinearBackend.varlen`), so a backend that lacks one refuses such a call naming why, and
+``"auto"`` takes the next (warning once when CUDA tensors land on torch).
 
 (The CUDA decode step, ``cuda.py``, serves :func:`attnkit.linear_attention_step` only.)
 """
@@ -96,7 +96,7 @@ class TritonLinear(LinearBackend):
     max_head_dim = MAX_DIM
     head_dim_name = "feature dim"
     hybrid = True
-    varlen = False
+    varlen = True
 
     def special_reasons(self, call: LinearAttentionCall) -> list[str]:
         # ... and the backward all of Dv, the same cap: the dispatch declares one dim per call.
@@ -120,10 +120,14 @@ class TritonLinear(LinearBackend):
             from .hybrid_triton import hybrid_attention_triton
 
             return hybrid_attention_triton(call)
-
+        cu = longest = None
+        if call.segments is not None:  # the kernels read the packed tensors in place
+            cu = torch.tensor([0] + [b for _, b in call.segments], dtype=torch.int32,
+                              device=call.q.device)
+            longest = max((b - a for a, b in call.segments), default=0)
         return linear_attention_triton(
             call.q, call.k, call.v, call.s0, call.z0, call.feature, call.causal, call.normalize,
-            call.eps, call.scale, decay=call.decay,
+            call.eps, call.scale, decay=call.decay, cu_seqlens=cu, max_seqlen=longest,
         )
 
 
