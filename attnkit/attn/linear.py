@@ -284,8 +284,7 @@ def linear_attention(
             :class:`HybridAttentionState` (linear state of the keys that left the window, plus
             the last ``W - 1`` keys/values); ``initial_state`` takes one (``L <= W - 1``
             window tokens) and ``return_state`` returns one. Both backends: on Triton the
-            flash kernel computes the window part and the linear kernel the rest (value head
-            dim up to 255 there).
+            flash kernel computes the window part and the linear kernel the rest.
         softmax_scale: ``c`` of the hybrid's window scores; defaults to ``Dk ** -0.5``.
         cu_seqlens: int ``[S + 1]`` cumulative lengths of ``S`` sequences packed along N of
             ``B = 1`` tensors (flash-attention's varlen layout, as :func:`attnkit.attention`):
@@ -294,8 +293,8 @@ def linear_attention(
             on the host (one sync). With ``window`` no state may be passed or returned. Both
             backends (Triton reads the packed tensors in place).
         backend: ``"auto"`` (Triton for CUDA tensors, torch on the CPU), ``"triton"`` (CUDA, or
-            the CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, ``F``, ``Dv <= 256``, the hybrid
-            ``Dv <= 255``) or ``"torch"``. ``ATTNKIT_BACKEND`` overrides ``"auto"``.
+            the CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, ``F``, ``Dv <= 256``, the hybrid's
+            ``Dk <= 256``) or ``"torch"``. ``ATTNKIT_BACKEND`` overrides ``"auto"``.
 
     Returns:
         ``o [B, Hq, N, Dv]`` in q's dtype, and with ``return_state=True`` also the

@@ -217,8 +217,8 @@ def test_bad_arguments(kw, err, match):
 
 def test_auto_takes_triton_for_the_hybrid_on_cuda_and_torch_past_its_limits():
     """Under "auto" a CUDA call with a window runs on Triton; one that Triton cannot take
-    (value head dim 256: the hybrid's denominator needs one more value column) goes to torch,
-    saying so once. Stand-in calls: only the attributes the dispatch reads (no GPU here)."""
+    (q/k head dim 264: the window part's flash kernel stops at 256) goes to torch, saying so
+    once. Stand-in calls: only the attributes the dispatch reads (no GPU here)."""
     from types import SimpleNamespace
 
     from attnkit.kernels import dispatch
@@ -226,21 +226,21 @@ def test_auto_takes_triton_for_the_hybrid_on_cuda_and_torch_past_its_limits():
 
     cuda_like = SimpleNamespace(is_cuda=True, device=torch.device("cuda"), dtype=torch.float32)
 
-    def call(dv):
-        return SimpleNamespace(tensor=cuda_like, head_dim=16, v=torch.zeros(1, 1, 1, dv),
+    def call(dk):
+        return SimpleNamespace(tensor=cuda_like, head_dim=16, v=torch.zeros(1, 1, 1, 16),
                                window=5, segments=None, grid=(1, 2),
-                               q_raw=torch.zeros(1, 2, 1, 16))
+                               q_raw=torch.zeros(1, 2, 1, dk))
 
     dispatch._warned.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert dispatch.select_backend(call(16), "auto", BACKENDS, op="linear_attention").name == "triton"
-    with pytest.warns(UserWarning, match=r"slower 'torch' backend .*value head dims up to 255"):
-        chosen = dispatch.select_backend(call(256), "auto", BACKENDS, op="linear_attention")
+    with pytest.warns(UserWarning, match=r"slower 'torch' backend .*q/k head dims up to 256"):
+        chosen = dispatch.select_backend(call(264), "auto", BACKENDS, op="linear_attention")
     assert chosen.name == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: the second call is silent
-        assert dispatch.select_backend(call(256), "auto", BACKENDS, op="linear_attention").name == "torch"
+        assert dispatch.select_backend(call(264), "auto", BACKENDS, op="linear_attention").name == "torch"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

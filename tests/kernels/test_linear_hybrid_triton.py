@@ -173,8 +173,41 @@ def test_hybrid_triton_low_precision(dtype):
 
 
 def test_hybrid_triton_refuses_what_it_cannot_run():
-    """Value head dims above 255 (the denominator rides as one more value column): a clear
-    reason, and "auto" would take torch."""
-    q, k, v = _qkv(1, 2, 2, 4, 8, 256)
-    with pytest.raises(ValueError, match="value head dims up to 255, got 256"):
-        linear_attention(q, k, v, window=2, backend="triton")
+    """q/k head dims above 256 (the flash kernel's window part), even when a callable map gives
+    few features: a clear reason, and "auto" would take torch."""
+    from attnkit.attn import HedgehogFeatureMap
+
+    q, k, v = _qkv(1, 2, 2, 4, 264, 8)
+    with pytest.raises(ValueError, match="window part .the flash kernel. takes q/k head dims up "
+                                         "to 256, got 264"):
+        linear_attention(q, k, v, window=2, feature_map=HedgehogFeatureMap(264, 8),
+                         backend="triton")
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_kernel_returns_a_differentiable_denominator(normalize):
+    """``linear_attention_triton(..., return_den=True)``: ``den = phi(q) . z`` (no eps) against
+    the float64 oracle, and a gradient through ``den`` alone reaches q and k (the hybrid's merge
+    relies on it); without normalisation ``den`` is zeros and carries no gradient."""
+    from attnkit.kernels.linear.op import linear_attention_triton
+
+    q, k, v = _qkv(1, 4, 2, 21, 8, 6)
+    q.requires_grad_()
+    k.requires_grad_()
+    decay = torch.tensor([0.9, 0.7], dtype=torch.float64)
+    o, den, s, z = linear_attention_triton(q, k, v, None, None, "elu1", True, normalize, 1e-6,
+                                           0.5, decay=decay, return_den=True)
+    if not normalize:
+        assert den.abs().max() == 0
+        return
+    fq, fk = PHI(q.double() * 0.5), PHI(k.double())
+    g = torch.exp(torch.log(decay)[:, None, None] * (torch.arange(21.0)[:, None]
+                                                      - torch.arange(21.0)[None, :]).double())
+    w = torch.tril(g).repeat_interleave(2, 0)  # [Hq, N, N] decay weights, causal
+    ref = torch.einsum("bhnf,bhmf,hnm->bhn", fq, fk.repeat_interleave(2, 1), w)
+    _close("den", den, ref)
+    up = torch.randn_like(den)
+    got = torch.autograd.grad(den, (q, k), up)
+    want = torch.autograd.grad(ref, (q, k), up.double())
+    for name, a, b in zip(("dq", "dk"), got, want, strict=True):
+        _close(name, a, b, K_GRAD)

@@ -104,10 +104,6 @@ class TritonLinear(LinearBackend):
         dv = call.v.shape[-1]
         if dv > MAX_DIM:
             reasons.append(f"value head dim {dv} is above the maximum of {MAX_DIM}")
-        elif call.window is not None and dv + 1 > MAX_DIM:
-            # the hybrid's linear launch carries the denominator as one more value column
-            reasons.append(f"the hybrid (window={call.window}) on Triton takes value head dims up "
-                           f"to {MAX_DIM - 1}, got {dv}")
         if call.window is not None and call.q_raw is not None and call.q_raw.shape[-1] > MAX_DIM:
             reasons.append(f"the hybrid's window part (the flash kernel) takes q/k head dims up "
                            f"to {MAX_DIM}, got {call.q_raw.shape[-1]}")

@@ -40,12 +40,14 @@ __all__ = ["_bwd_prep_kernel", "_chunk_dq_kernel", "_chunk_dk_kernel", "_chunk_d
 
 @triton.jit
 def _bwd_prep_kernel(
-    DO, OUT, DEN, C, CU, sdob, sdoh, sdon, sdod, sob, soh, son, sod, eps, HQ, N, DV,
-    VARLEN: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    DO, OUT, DEN, DDEN, C, CU, sdob, sdoh, sdon, sdod, sob, soh, son, sod, eps, HQ, N, DV,
+    VARLEN: tl.constexpr, HAS_DDEN: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BT), HQ, B)``: ``C [B, HQ, N] = -(do . o) / (den + eps)`` fp32 (``BV``
-    holds all of ``DV``). ``VARLEN``: grid ``(chunks of the longest, HQ, S)`` over the packed
-    sequences (``CU [S + 1]``)."""
+    holds all of ``DV``): the gradient on the denominator, which every later kernel uses as
+    such. ``HAS_DDEN``: ``DDEN [B, HQ, N]`` fp32, a gradient on the returned denominator itself
+    (the hybrid's merge reads it), is added. ``VARLEN``: grid ``(chunks of the longest, HQ, S)``
+    over the packed sequences (``CU [S + 1]``)."""
     h64 = tl.program_id(1).to(tl.int64)
     b64 = tl.program_id(2).to(tl.int64)
     start = tl.program_id(0) * BT
@@ -58,6 +60,8 @@ def _bwd_prep_kernel(
         OUT += first * son
         DEN += first
         C += first
+        if HAS_DDEN:
+            DDEN += first
         b64 = 0
     offs_t, mask_t, rows = chunk_rows(start, tl.arange(0, BT), n)
     offs_v = tl.arange(0, BV)
@@ -67,6 +71,8 @@ def _bwd_prep_kernel(
     row = (b64 * HQ + h64) * N
     r = 1.0 / (tl.load(DEN + row + rows, mask=mask_t, other=1.0) + eps)
     c = -tl.sum(do.to(tl.float32) * o.to(tl.float32), 1) * r
+    if HAS_DDEN:
+        c += tl.load(DDEN + row + rows, mask=mask_t, other=0.0)
     tl.store(C + row + rows, c, mask=mask_t)
 
 

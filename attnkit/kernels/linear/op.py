@@ -192,7 +192,7 @@ def _fwd_impl(q, k, v, s0, z0, feature, causal, normalize, eps, scale, lg=None, 
 
 
 def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize, eps, scale,
-              lg=None, cu=None, max_seqlen=0):
+              lg=None, cu=None, max_seqlen=0, dden=None):
     _, Hq, N, F = q.shape
     B = _rows(q, cu)
     Hkv, Dv = k.shape[1], v.shape[3]
@@ -207,10 +207,12 @@ def _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize,
     c = den  # read only when normalising
     if normalize:
         c = _empty(den.shape, q, torch.float32)
+        if dden is not None:
+            dden = dden.to(torch.float32).contiguous()
         _bwd_prep_kernel[(nt, Hq, B)](
-            DO=do, OUT=o, DEN=den, C=c, CU=cu, **_strides("sdo", do), **_strides("so", o),
-            eps=float(eps), HQ=Hq, N=N, DV=Dv, VARLEN=cu is not None, BT=bt, BV=pow2(Dv),
-            num_warps=4,
+            DO=do, OUT=o, DEN=den, DDEN=dden, C=c, CU=cu, **_strides("sdo", do),
+            **_strides("so", o), eps=float(eps), HQ=Hq, N=N, DV=Dv, VARLEN=cu is not None,
+            HAS_DDEN=dden is not None, BT=bt, BV=pow2(Dv), num_warps=4,
         )
     dq = _empty(q.shape, q)
     _launch(
@@ -282,17 +284,18 @@ def linear_attn_bwd(
     den: torch.Tensor, s0: torch.Tensor | None, z0: torch.Tensor | None,
     dst: torch.Tensor | None, dzt: torch.Tensor | None, feature: int, causal: bool,
     normalize: bool, eps: float, scale: float, lg: torch.Tensor | None = None,
-    cu: torch.Tensor | None = None, max_seqlen: int = 0,
+    cu: torch.Tensor | None = None, max_seqlen: int = 0, dden: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Linear attention backward: ``(dq, dk, dv, ds0, dz0)``; ``ds0``/``dz0`` are empty when
-    there is no initial state. ``dst``/``dzt`` are the gradients on the returned final state."""
+    there is no initial state. ``dst``/``dzt`` are the gradients on the returned final state,
+    ``dden`` the gradient on the returned denominator (normalised calls; None: none)."""
     return _bwd_impl(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize, eps, scale,
-                     lg, cu, max_seqlen)
+                     lg, cu, max_seqlen, dden)
 
 
 @linear_attn_bwd.register_fake
 def _(do, q, k, v, o, den, s0, z0, dst, dzt, feature, causal, normalize, eps, scale, lg=None,
-      cu=None, max_seqlen=0):
+      cu=None, max_seqlen=0, dden=None):
     if s0 is None:
         ds0, dz0 = (q.new_empty((0,), dtype=torch.float32) for _ in range(2))
     else:
@@ -322,8 +325,10 @@ def _backward(ctx, do, dden, dst, dzt):
     q, k, v, o, den, s0, z0, lg, cu = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
+    if not ctx.args["normalize"]:
+        dden = None  # den is zeros there: nothing depends on it
     dq, dk, dv, ds0, dz0 = torch.ops.attnkit.linear_attn_bwd(
-        do, q, k, v, o, den, s0, z0, dst, dzt, *ctx.args.values(), lg, cu, ctx.max_seqlen
+        do, q, k, v, o, den, s0, z0, dst, dzt, *ctx.args.values(), lg, cu, ctx.max_seqlen, dden
     )
     if s0 is None:
         ds0 = dz0 = None
@@ -365,7 +370,7 @@ def _check_packing(fq, fk, s0, cu_seqlens, max_seqlen):
 def linear_attention_triton(fq, fk, v, s0, z0, feature: str, causal: bool, normalize: bool,
                             eps: float, scale: float, decay: torch.Tensor | None = None,
                             cu_seqlens: torch.Tensor | None = None,
-                            max_seqlen: int | None = None):
+                            max_seqlen: int | None = None, return_den: bool = False):
     """Run the Triton op. ``fq [B, Hq, N, F]``, ``fk [B, Hkv, N, F]``, ``v [B, Hkv, N, Dv]``:
     raw q/k when ``feature`` is a fused map, already mapped features when it is ``"identity"``;
     ``s0 [B, Hkv, F, Dv]`` / ``z0 [B, Hkv, F]`` fp32 or both None; ``decay`` ``[Hkv]`` gamma
@@ -378,13 +383,17 @@ def linear_attention_triton(fq, fk, v, s0, z0, feature: str, causal: bool, norma
     from ``cu_seqlens``, one device sync). Every sequence runs on its own from its own initial
     state: ``s0 [S, Hkv, F, Dv]`` / ``z0 [S, Hkv, F]``, and ``s``/``z`` come back ``[S, ...]``
     (an empty sequence returns its initial state, or zeros). The kernels read the packed
-    tensors in place: no padded copy."""
+    tensors in place: no padded copy.
+
+    ``return_den=True`` (normalised calls) returns ``(o, den, s, z)`` with ``den [B, Hq, N]``
+    fp32 = ``fq_i . z_i`` (without ``eps``), differentiable: the hybrid merges the numerator
+    ``o (den + eps)`` and ``den`` with its window part."""
     lg = None if decay is None else torch.log(decay.to(device=fq.device, dtype=torch.float32))
     cu, longest = None, 0
     if cu_seqlens is not None:
         cu, longest = _check_packing(fq, fk, s0, cu_seqlens, max_seqlen)
-    o, _, s, z = torch.ops.attnkit.linear_attn_fwd(
+    o, den, s, z = torch.ops.attnkit.linear_attn_fwd(
         fq, fk, v, s0, z0, FEATURES[feature], bool(causal), bool(normalize), float(eps),
         float(scale), None if lg is None else lg.contiguous(), cu, longest,
     )
-    return o, s, z
+    return (o, den, s, z) if return_den else (o, s, z)
