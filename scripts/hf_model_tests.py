@@ -70,6 +70,7 @@ def _args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="keep the torch.compile tests (deselected by default: slow on a CPU)")
     p.add_argument("--timeout", type=int, default=120, help="per-test timeout, seconds")
+    p.add_argument("--nice", type=int, default=15, help="niceness of the pytest runs")
     p.add_argument("--force", action="store_true", help="rerun even where results exist")
     p.add_argument("--table-only", action="store_true", help="only print the table from --out")
     a = p.parse_args(argv)
@@ -104,9 +105,10 @@ def run_family(a, family: str, mode: str) -> None:
         if not targets:
             (a.out / f"{family}.control.xml").write_text("<testsuites/>")
             return
-    cmd = ["nice", "-n", "10", sys.executable, "-m", "pytest", *targets, "-q",
+    cmd = ["nice", "-n", str(a.nice), sys.executable, "-m", "pytest", *targets, "-q",
            "-p", "no:cacheprovider", "-o", "addopts=", f"--junitxml={xml}", "-k", a.k]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # one thread: the tiny test models gain nothing from more, and the machine is shared
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     paths = [p for p in a.pythonpath.split(os.pathsep) if p] + [str(ROOT), str(HERE)]
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if importlib.util.find_spec("pytest_timeout") is not None:
