@@ -14,28 +14,74 @@ import attnkit.attn.hf as akhf  # noqa: E402
 from attnkit.attn.hf import interface  # noqa: E402
 
 
-def test_torch_compile_on_the_cpu_runs_attnkit_outside_the_graph():
-    """transformers' compile tests (GPT-2's test_generate_compile_model_forward_fullgraph and
-    friends) traced into the CPU torch backend and failed on a data-dependent guard; now the call
-    graph-breaks with a one-time warning and gives the eager numbers, and fullgraph=True fails
-    with the reason instead of a guard error deep in attnkit."""
+def _call(pattern, kpm=None, packed=None, softcap=None, sinks=None):
     def one_call(q, k, v):
-        return interface._softmax_attention(q, k, v, akhf.model_pattern(True, None, None), None,
-                                            None, None)
+        return interface._softmax_attention(q, k, v, pattern, None, kpm, packed,
+                                            softcap=softcap, sinks=sinks)
+    return one_call
 
-    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
-    want = one_call(q, k, v)
+
+def _compiled(fn, *args, fullgraph):
     torch._dynamo.reset()
     akhf._warned.discard("cpu-compile")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        got = torch.compile(one_call, backend="eager")(q, k, v)
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
-    assert any("outside the graph" in str(w.message) for w in seen)
-    torch._dynamo.reset()
-    with pytest.raises(Exception, match="torch.compile cannot trace"):
-        torch.compile(one_call, backend="eager", fullgraph=True)(q, k, v)
-    torch._dynamo.reset()
+        try:
+            out = torch.compile(fn, backend="eager", fullgraph=fullgraph)(*args)
+        finally:
+            torch._dynamo.reset()
+    return out, " ".join(str(w.message) for w in seen)
+
+
+@pytest.mark.parametrize("case", ["causal-padded", "window-gqa", "dense-softcap-sinks"])
+def test_torch_compile_on_the_cpu_compiles_band_patterns_in_the_graph(case):
+    """transformers' compile tests (GPT-2's test_generate_compile_model_forward_fullgraph asks for
+    fullgraph=True) traced into the CPU torch backend and failed on a data-dependent guard; band
+    patterns without packing now compile in the graph (plain tensor ops; no warning, since a
+    warning is itself a graph break) with attnkit's eager numbers, forward and every gradient, on left-padded
+    keys (a row that sees no key gives zeros), GQA and Nq != Nk, soft-capping and sinks."""
+    torch.manual_seed(0)
+    hq, hkv, nq, nk = {"causal-padded": (4, 4, 8, 8), "window-gqa": (4, 2, 5, 11),
+                       "dense-softcap-sinks": (4, 2, 7, 7)}[case]
+    pattern = {"causal-padded": akhf.model_pattern(True, None, None),
+               "window-gqa": akhf.model_pattern(True, 4, None),
+               "dense-softcap-sinks": akhf.model_pattern(False, None, None)}[case]
+    kpm = torch.ones(2, nk, dtype=torch.bool)
+    kpm[1, :3] = False  # left padding: row 1's first queries see no key under Causal
+    extra = dict(softcap=5.0, sinks=torch.randn(hq, requires_grad=True)) \
+        if case == "dense-softcap-sinks" else {}
+    q = torch.randn(2, hq, nq, 16, requires_grad=True)
+    k, v = (torch.randn(2, hkv, nk, 16, requires_grad=True) for _ in range(2))
+    fn = _call(pattern, kpm, **extra)
+    want = fn(q, k, v)
+    got, said = _compiled(fn, q, k, v, fullgraph=True)
+    assert "outside the graph" not in said
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(want)
+    leaves = [q, k, v] + ([extra["sinks"]] if extra else [])
+    want_grads = torch.autograd.grad(want, leaves, g)
+    got_grads = torch.autograd.grad(got, leaves, g)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_on_the_cpu_runs_packed_and_block_sparse_calls_outside_the_graph():
+    """What plain tensor ops do not cover (packed sequences; block-sparse patterns) graph-breaks
+    with a one-time warning and gives the eager numbers; fullgraph=True fails with the reason
+    instead of a guard error deep in attnkit."""
+    from attnkit import BlockSparse
+
+    q, k, v = (torch.randn(1, 2, 32, 16) for _ in range(3))
+    cu = torch.tensor([0, 13, 32], dtype=torch.int32)
+    layout = torch.tensor([[[1, 0], [1, 1]]], dtype=torch.bool)
+    for fn in (_call(akhf.model_pattern(True, None, None), packed=(cu, cu, 19, 19)),
+               _call(BlockSparse(layout, block_size=16))):
+        want = fn(q, k, v)
+        got, said = _compiled(fn, q, k, v, fullgraph=False)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        assert "outside the graph" in said
+        with pytest.raises(Exception, match="torch.compile cannot trace"):
+            _compiled(fn, q, k, v, fullgraph=True)
 
 
 def _bart(attn_implementation):

@@ -12,7 +12,7 @@ import torch
 
 from .packing import packing
 
-__all__ = ["eager_with_weights"]
+__all__ = ["eager_with_weights", "plain_attention"]
 
 
 def eager_with_weights(module, query, key, value, key_mask, pattern, scaling, softcap, sinks,
@@ -20,7 +20,7 @@ def eager_with_weights(module, query, key, value, key_mask, pattern, scaling, so
     """``query [B, Hq, Nq, D]``, ``key [B, Hkv, Nk, D]``, ``value [B, Hkv, Nk, Dv]``, ``key_mask``
     ``[B, L]`` bool (True = attend) or None -> ``(out [B, Nq, Hq, Dv], weights [B, Hq, Nq, Nk])``
     in the query's dtype (a row that sees no key has zero weights)."""
-    B, Hq, Nq, D = query.shape
+    B, Nq = query.shape[0], query.shape[2]
     if key_mask is not None and key_mask.shape[1] < key.shape[2]:  # static cache: unfilled slots
         key, value = key[:, :, : key_mask.shape[1]], value[:, :, : key_mask.shape[1]]
     elif key_mask is not None and key_mask.shape[1] > key.shape[2]:
@@ -29,6 +29,17 @@ def eager_with_weights(module, query, key, value, key_mask, pattern, scaling, so
     if packing(kwargs, B, Nq, Nk, key_mask is not None) is not None:
         raise ValueError("output_attentions=True with packed sequences is not supported by "
                          "attnkit; pass a padded batch, or load with attn_implementation='eager'")
+    out, w = plain_attention(query, key, value, key_mask, pattern, scaling, softcap, sinks)
+    return out.transpose(1, 2), w
+
+
+def plain_attention(query, key, value, key_mask, pattern, scaling, softcap, sinks):
+    """attnkit's attention written with plain tensor ops, in fp32: ``query [B, Hq, Nq, D]``,
+    ``key [B, Hkv, Nk, D]``, ``value [B, Hkv, Nk, Dv]``, ``key_mask [B, Nk]`` bool or None ->
+    ``(out [B, Hq, Nq, Dv], weights [B, Hq, Nq, Nk])`` in the query's dtype. Forms the whole score
+    matrix (O(N^2) memory); every op traces under ``torch.compile`` (band patterns)."""
+    B, Hq, Nq, D = query.shape
+    Nk = key.shape[2]
     g = Hq // key.shape[1]
     k = key.repeat_interleave(g, 1).float()
     v = value.repeat_interleave(g, 1).float()
@@ -48,5 +59,4 @@ def eager_with_weights(module, query, key, value, key_mask, pattern, scaling, so
         w = torch.softmax(torch.cat((s, sink), -1), -1)[..., :-1]
     else:
         w = torch.softmax(s, -1).nan_to_num(0.0)  # rows that see nothing: all -inf -> zeros
-    out = (w @ v).to(query.dtype)
-    return out.transpose(1, 2), w.to(query.dtype)
+    return (w @ v).to(query.dtype), w.to(query.dtype)

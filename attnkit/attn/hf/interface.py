@@ -43,7 +43,9 @@ from __future__ import annotations
 import torch
 
 from ..functional import attention
+from ..patterns import BandPattern
 from . import runtime
+from .eager import plain_attention
 from .linear import hf_linear_attention
 from .linear_cache import STATE_TAG
 from .packing import flatten, packing, segments, unflatten
@@ -275,20 +277,26 @@ def _softmax_attention(q, k, v, pattern, scaling, kpm, packed, softcap=None, sin
         kw["sinks"] = sinks
     fn = attention
     if q.device.type == "cpu" and torch.compiler.is_compiling():
+        if packed is None and isinstance(pattern, BandPattern):
+            # no warning here: warnings.warn is itself a graph break (fullgraph=True fails on it)
+            return plain_attention(q, k, v, kpm, pattern, scale, softcap, sinks)[0]
         fn = _outside_the_graph()
     return fn(q, k, v, pattern, scale=scale, valid_keys=kpm, backend=runtime.get_backend(), **kw)
 
 
 _CPU_COMPILE = ("attnkit's CPU (torch) attention plans its pieces on the host from tensor values, "
-                "which torch.compile cannot trace: under torch.compile it runs outside the graph "
-                "(a graph break per layer), so fullgraph=True cannot compile a model on the CPU; "
-                "on CUDA the Triton kernels are custom ops that compile in the graph")
+                "which torch.compile cannot trace: under torch.compile, packed sequences and "
+                "block-sparse patterns run outside the graph (a graph break per layer), so "
+                "fullgraph=True cannot compile them on the CPU; on CUDA the Triton kernels are "
+                "custom ops that compile in the graph")
 
 
 def _outside_the_graph():
     """:func:`attnkit.attention` marked ``torch.compiler.disable`` (made once): transformers'
     ``torch.compile`` tests on the CPU traced into the torch backend and failed on a data-dependent
-    guard (``covered[rows].any()``), or recompiled per shape until the 180 s timeout."""
+    guard (``covered[rows].any()``), or recompiled per shape until the 180 s timeout. Band
+    patterns without packing compile in the graph instead (:func:`~.eager.plain_attention`:
+    GPT-2's ``test_generate_compile_model_forward_fullgraph`` asks for ``fullgraph=True``)."""
     global _disabled
     if _disabled is None:
         try:
