@@ -125,3 +125,64 @@ def test_a_model_that_routes_without_the_backend_flag_is_swapped_and_matches_eag
     falcon = tf.FalconForCausalLM(tf.FalconConfig(vocab_size=64, hidden_size=32,
                                                   num_hidden_layers=1, num_attention_heads=4))
     assert not routes_through_interface(falcon)
+
+
+def _gemma3(attn_implementation):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    text = tf.Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                               head_dim=16, sliding_window=4, max_position_embeddings=64,
+                               layer_types=["full_attention", "sliding_attention"], pad_token_id=0)
+    vision = tf.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, image_size=20, patch_size=5)
+    cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          image_token_index=4, boi_token_index=5, eoi_token_index=6,
+                          attn_implementation=attn_implementation)
+    return tf.Gemma3ForConditionalGeneration(cfg).eval()
+
+
+def test_output_attentions_with_a_dense_mask_overlay_matches_eager():
+    """Gemma 3's image tokens see each other both ways: a mask overlay that reaches attnkit as a
+    dense 4-D mask. With output_attentions=True that mask went to the key-mask path and crashed
+    (``expand`` of a 6-D tensor; Gemma3Vision2TextModelTest's test_model_outputs_equivalence and
+    test_capture_outputs_decorator); now it is applied alone, as sdpa applies it: the logits of
+    real tokens and the weights of real query rows equal eager's (padded query rows see no key:
+    zeros under attnkit, eager's uniform row)."""
+    ids = torch.randint(7, 64, (2, 12))
+    ids[:, 3:7] = 4  # one image: 4 tokens
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    kw = dict(input_ids=ids, attention_mask=mask, token_type_ids=(ids == 4).long(),
+              pixel_values=torch.randn(2, 3, 20, 20), output_attentions=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = _gemma3("eager")(**kw)
+        got = _gemma3("attnkit")(**kw)
+    real = mask.bool()
+    torch.testing.assert_close(got.logits[real], want.logits[real], atol=1e-5, rtol=1e-5)
+    assert len(got.attentions) == len(want.attentions) == 2
+    for a, b in zip(got.attentions, want.attentions, strict=True):
+        torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a[1, :, 2:], b[1, :, 2:], atol=1e-6, rtol=1e-5)
+        assert a[1, :, :2].abs().sum() == 0
+
+
+def test_output_attentions_takes_an_additive_dense_mask_like_a_bool_one():
+    from attnkit.attn.hf.eager import eager_with_weights
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 5, 8)
+    k, v = (torch.randn(2, 2, 7, 8) for _ in range(2))
+    ok = torch.rand(2, 1, 5, 7) > 0.3
+    ok[1, 0, 2] = False  # a row that sees no key
+    additive = torch.zeros(ok.shape).masked_fill(~ok, float("-inf"))
+    # (module, q, k, v, mask, pattern, scaling, softcap, sinks, kwargs): the mask is the pattern
+    out_b, w_b = eager_with_weights(None, q, k, v, ok, None, 0.5, None, None, {})
+    out_f, w_f = eager_with_weights(None, q, k, v, additive, None, 0.5, None, None, {})
+    torch.testing.assert_close(out_f, out_b)
+    torch.testing.assert_close(w_f, w_b)
+    assert w_b[1, :, 2].abs().sum() == 0 and w_b[~ok.expand_as(w_b)].abs().sum() == 0
+    with pytest.raises(ValueError, match=r"dense attention mask of shape \[B, 1 or Hq, Nq=5, Nk=7\]"):
+        eager_with_weights(None, q, k, v, ok[:, :, :4], None, None, None, None, {})

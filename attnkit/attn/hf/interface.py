@@ -211,22 +211,31 @@ def attnkit_attention_forward(
         pattern = model_pattern(bool(is_causal), sliding_window, config_window)
     else:
         pattern = spec
+    dense = attention_mask is not None and (attention_mask.dim() != 2
+                                            or attention_mask.dtype != torch.bool)
+    if dense and spec is not None:
+        raise ValueError(
+            f"this layer runs the attnkit override {spec!r}, which cannot be combined with the "
+            f"dense {attention_mask.dim()}-D attention mask {tuple(attention_mask.shape)} the "
+            "model passed; give a 2-D padding mask, or restore_attention(model)"
+        )
     if kwargs.get("output_attentions"):
         from .eager import eager_with_weights
 
+        if isinstance(spec, LinearAttention):
+            raise ValueError(
+                f"output_attentions=True: this layer runs the attnkit override {spec!r}, linear "
+                "attention, which has no attention weights; call the model without "
+                "output_attentions, or restore_attention(model)"
+            )
         _warn_once("output-attentions", "output_attentions=True: attnkit never forms attention "
                    "weights, so these calls run the model's eager attention (slower, O(N^2) "
                    "memory) to return them")
+        # a dense mask (a custom 4-D mask, or an overlay such as Gemma 3's image-token blocks)
+        # already holds the layer's whole pattern: it is applied alone, as sdpa would
         return eager_with_weights(module, query, key, value, attention_mask, pattern, scaling,
                                   softcap, sinks, kwargs)
-
-    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
-        if spec is not None:
-            raise ValueError(
-                f"this layer runs the attnkit override {spec!r}, which cannot be combined with the "
-                f"dense {attention_mask.dim()}-D attention mask {tuple(attention_mask.shape)} the "
-                "model passed; give a 2-D padding mask, or restore_attention(model)"
-            )
+    if dense:
         return _sdpa_fallback(module, query, key, value, attention_mask, scaling, is_causal, kwargs)
 
     kpm = attention_mask
