@@ -38,6 +38,7 @@ import os
 import sys
 from collections import Counter
 
+import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -76,9 +77,16 @@ def _config_routes(config) -> bool:
     return _ROUTES[cls]
 
 
+def _count(name: str) -> None:
+    # not while torch.compile traces: dynamo would guard on the counter's value and recompile
+    # the model at every call (the counts then cover the eager calls only)
+    if not torch.compiler.is_compiling():
+        COUNTS[name] += 1
+
+
 def _counted(name, fn):
     def wrapper(*args, **kwargs):
-        COUNTS[name] += 1
+        _count(name)
         return fn(*args, **kwargs)
 
     wrapper.__name__ = getattr(fn, "__name__", name)
@@ -91,12 +99,12 @@ def _install() -> None:
     _iface._sdpa_fallback = _counted("handed_to_sdpa", _iface._sdpa_fallback)
 
     def attention(*args, **kwargs):
-        COUNTS["calls"] += 1
+        _count("calls")
         return akhf.attnkit_attention_forward(*args, **kwargs)
 
     def mask(*args, config=None, **kwargs):
         if config is not None and not _config_routes(config):
-            COUNTS["masks_left_to_sdpa"] += 1
+            _count("masks_left_to_sdpa")
             return _REAL_SDPA_MASK(*args, config=config, **kwargs)
         return akhf.attnkit_mask(*args, config=config, **kwargs)
 

@@ -186,3 +186,33 @@ def test_output_attentions_takes_an_additive_dense_mask_like_a_bool_one():
     assert w_b[1, :, 2].abs().sum() == 0 and w_b[~ok.expand_as(w_b)].abs().sum() == 0
     with pytest.raises(ValueError, match=r"dense attention mask of shape \[B, 1 or Hq, Nq=5, Nk=7\]"):
         eager_with_weights(None, q, k, v, ok[:, :, :4], None, None, None, None, {})
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_model_compiles_with_fullgraph_on_the_cpu_and_matches_eager(padded):
+    """A tiny GPT-2 under attnkit, its forward compiled with fullgraph=True on the CPU: the mask
+    function read the mask's values to drop an all-True mask (``bool(mask.all())``, a
+    data-dependent guard that fullgraph refuses) and the attention traced into the torch
+    backend; now the logits equal eager attention's, padded or not."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    model = tf.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :3] = 0
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    akhf.swap_attention(model)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            got = torch.compile(model, backend="eager", fullgraph=True)(
+                input_ids=ids, attention_mask=mask).logits
+    finally:
+        torch._dynamo.reset()
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
