@@ -28,14 +28,23 @@ so ``from_pretrained(..., attn_implementation="attnkit")`` and
   see each other;
 * **generation**: transformers' caches (dynamic, sliding-window, static: a static cache's unfilled
   tail is cut off using the padding mask's length, as transformers' flash path does); decoding
-  steps are ``Nq = 1`` calls against the cache, bottom-right aligned.
+  steps are ``Nq = 1`` calls against the cache, bottom-right aligned. That cut is why a compiled
+  ``generate`` on a static cache recompiles at every step (the key mask grows by one column;
+  padding it to the cache's length would need the queries' cache positions, which the
+  bottom-right aligned patterns do not take): GPT-2's
+  ``test_generate_compile_model_forward_fullgraph`` fails on that recompile alone.
 
-Not supported (a clear error, never wrong numbers): ``output_attentions=True`` (no weights are
-ever formed), logit soft-capping, attention sinks, additive position biases (T5), custom dense
-4-D masks together with a :func:`swap_attention` override. A 4-D mask given to a model that runs
-the model's own pattern (a custom mask, or mask overlays such as bidirectional image tokens) is
-handed to transformers' ``sdpa`` function after a one-time warning. Attention dropout is not
-applied (one-time warning).
+``output_attentions=True`` computes those calls the eager way (:mod:`~.eager`, one warning), so
+the weights come back; a dense 4-D mask is then applied as it is. Under ``torch.compile`` on the
+CPU, band patterns without packing compile in the graph as plain tensor ops (``fullgraph=True``
+works; they form the ``N x N`` scores); packed and block-sparse calls run outside the graph.
+
+Not supported (a clear error, never wrong numbers): additive position biases (T5),
+``head_mask``, chunked attention (Llama 4), custom dense 4-D masks together with a
+:func:`swap_attention` override, ``output_attentions=True`` on a linear-attention layer. A 4-D
+mask given to a model that runs the model's own pattern (a custom mask, or mask overlays such as
+bidirectional image tokens) is handed to transformers' ``sdpa`` function after a one-time
+warning. Attention dropout is not applied (one-time warning).
 """
 
 from __future__ import annotations
