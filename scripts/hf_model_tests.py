@@ -16,7 +16,14 @@ attention and mask functions under ``"sdpa"``), one family at a time, under ``ni
 per-test timeout when pytest-timeout is installed. Results are kept as junit XML under
 ``--out`` (``<family>.<mode>.xml``; a rerun skips the runs whose XML exists unless ``--force``),
 so ``--table-only`` rebuilds the table from earlier runs. Test-only needs: ``parameterized``
-(and ``pytest-timeout``); the test tree's pipeline modules import ``datasets`` at module level.
+(and ``pytest-timeout``); the test tree's pipeline modules import ``datasets`` at module level
+(a stub package whose ``load_dataset`` raises does: every use needs the hub). transformers 5.16's
+``src/`` needs ``huggingface_hub<2`` (and ``httpx``), e.g. ``pip install --target DEPS``.
+
+Before/after: run the same families a second time with an older attnkit first on the path
+(``--pythonpath ...:/path/to/old/tree``; the plugin handles the old single-module
+``attnkit/attn/hf.py``) into another folder, then
+``--table-only --out AFTER --before BEFORE`` prints both side by side (docs/hf-suite-results.md).
 """
 
 from __future__ import annotations
