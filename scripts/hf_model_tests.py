@@ -236,6 +236,7 @@ def compare(a) -> str:
             "pass / fail / skip (only under attnkit) | sdpa on those tests: fail / rerun "
             "(before; after) | attnkit calls after (handed to sdpa) |", "|---|---|---|---|---|"]
     left, fixed, tot = [], [], [0, 0]
+    sums = [[0, 0, 0], [0, 0, 0]]
     for fam in a.families:
         b, af = _summary(a.before, fam), _summary(a.out, fam)
         if b is None and af is None:
@@ -251,12 +252,15 @@ def compare(a) -> str:
         rows.append(f"| {fam} | {_cell(b)} | {_cell(af)} | {ctl(b)}; {ctl(af)} | {call_cell} |")
         for i, s in enumerate((b, af)):
             tot[i] += len(s["only"] or {}) if s else 0
+            for j in range(3):
+                sums[i][j] += s["counts"][j] if s else 0
         if af and af["only"]:
             left += [f"- {fam}: `{t.split('.')[-1]}` — {m}" for t, m in sorted(af["only"].items())]
         if b and b["only"] and af:
             gone = sorted(t for t in b["only"] if af["fails"].get(t) is None)
             fixed += [f"- {fam} ({len(gone)}): " + ", ".join(f"`{t.split('::')[-1]}`" for t in gone)]
-    rows.append(f"| **attnkit-only failures** | {tot[0]} | {tot[1]} | | |")
+    cells = [" / ".join(map(str, x)) + f" ({t})" for x, t in zip(sums, tot, strict=True)]
+    rows.append(f"| **total** | {cells[0]} | {cells[1]} | | |")
     return ("\n".join(rows) + "\n\nFailing only under attnkit, after:\n" + ("\n".join(left) or "- none")
             + "\n\nFailing only under attnkit before, passing after:\n" + ("\n".join(fixed) or "- none"))
 
