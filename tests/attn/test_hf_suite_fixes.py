@@ -122,6 +122,13 @@ def test_a_model_that_routes_without_the_backend_flag_is_swapped_and_matches_eag
     assert len(calls) == 2 + 2 * 2  # encoder layers, then self- and cross-attention per decoder layer
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
+    t5 = tf.T5Model(tf.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=32, num_layers=1,
+                                num_heads=4))
+    assert routes_through_interface(t5)  # it routes, but its position bias is refused up front
+    with pytest.raises(ValueError, match=r"T5Model adds a relative position bias .*T5Attention"):
+        akhf.swap_attention(t5)
+    assert t5.config._attn_implementation != "attnkit"
+
     falcon = tf.FalconForCausalLM(tf.FalconConfig(vocab_size=64, hidden_size=32,
                                                   num_hidden_layers=1, num_attention_heads=4))
     assert not routes_through_interface(falcon)

@@ -128,10 +128,23 @@ def routes_through_interface(model) -> bool:
 
 
 def check_attention_backend_support(model) -> None:
-    """Raise ``ValueError`` for a model that does not route attention through transformers'
+    """Raise ``ValueError`` for a model with T5's relative position bias (attnkit refuses
+    ``position_bias``), and for one that does not route attention through transformers'
     ``AttentionInterface`` (:func:`routes_through_interface`; e.g. Falcon, which calls torch's SDPA
     itself): asking it for "attnkit" would silently run its own attention (or, through
     ``from_config(attn_implementation="attnkit")``, fail with a bare ``KeyError``)."""
+    biased = next((m for m in model.modules() if getattr(m, "has_relative_attention_bias", False)
+                   is True), None)
+    if biased is not None:
+        # T5 and its kin route through the interface but add a dense relative position bias to
+        # every layer's scores (position_bias): refused here, before any call, rather than at
+        # the first forward
+        raise ValueError(
+            f"{type(model).__name__} adds a relative position bias to its attention scores "
+            f"({type(biased).__name__}.has_relative_attention_bias; passed as position_bias, as "
+            "in T5), which attnkit does not support; keep attn_implementation='sdpa' or 'eager' "
+            "for this model"
+        )
     if not routes_through_interface(model):
         name = type(model).__name__
         raise ValueError(
