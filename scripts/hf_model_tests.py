@@ -16,7 +16,14 @@ attention and mask functions under ``"sdpa"``), one family at a time, under ``ni
 per-test timeout when pytest-timeout is installed. Results are kept as junit XML under
 ``--out`` (``<family>.<mode>.xml``; a rerun skips the runs whose XML exists unless ``--force``),
 so ``--table-only`` rebuilds the table from earlier runs. Test-only needs: ``parameterized``
-(and ``pytest-timeout``); the test tree's pipeline modules import ``datasets`` at module level.
+(and ``pytest-timeout``); the test tree's pipeline modules import ``datasets`` at module level
+(a stub package whose ``load_dataset`` raises does: every use needs the hub). transformers 5.16's
+``src/`` needs ``huggingface_hub<2`` (and ``httpx``), e.g. ``pip install --target DEPS``.
+
+Before/after: run the same families a second time with an older attnkit first on the path
+(``--pythonpath ...:/path/to/old/tree``; the plugin handles the old single-module
+``attnkit/attn/hf.py``) into another folder, then
+``--table-only --out AFTER --before BEFORE`` prints both side by side (docs/hf-suite-results.md).
 """
 
 from __future__ import annotations
@@ -70,8 +77,13 @@ def _args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="keep the torch.compile tests (deselected by default: slow on a CPU)")
     p.add_argument("--timeout", type=int, default=120, help="per-test timeout, seconds")
+    p.add_argument("--nice", type=int, default=15, help="niceness of the pytest runs")
     p.add_argument("--force", action="store_true", help="rerun even where results exist")
     p.add_argument("--table-only", action="store_true", help="only print the table from --out")
+    p.add_argument("--before", type=Path, default=None,
+                   help="with --table-only: a result folder of the same families at an older "
+                        "attnkit (--pythonpath putting that tree first); print a before/after "
+                        "table, --out being the after")
     a = p.parse_args(argv)
     if not a.compile:
         a.k += NO_COMPILE_K
@@ -104,9 +116,10 @@ def run_family(a, family: str, mode: str) -> None:
         if not targets:
             (a.out / f"{family}.control.xml").write_text("<testsuites/>")
             return
-    cmd = ["nice", "-n", "10", sys.executable, "-m", "pytest", *targets, "-q",
+    cmd = ["nice", "-n", str(a.nice), sys.executable, "-m", "pytest", *targets, "-q",
            "-p", "no:cacheprovider", "-o", "addopts=", f"--junitxml={xml}", "-k", a.k]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # one thread: the tiny test models gain nothing from more, and the machine is shared
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     paths = [p for p in a.pythonpath.split(os.pathsep) if p] + [str(ROOT), str(HERE)]
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if importlib.util.find_spec("pytest_timeout") is not None:
@@ -187,6 +200,71 @@ def table(a) -> str:
     return "\n".join(rows) + "\n\nFailing only under attnkit:\n" + ("\n".join(details) or "- none")
 
 
+def _summary(out: Path, fam: str) -> dict | None:
+    """One family's attnkit run in ``out``: counts, the failures also seen under sdpa (``both``),
+    the ones only attnkit has (``only``: test id -> message), the calls file."""
+    ak_xml, ctl_xml = out / f"{fam}.attnkit.xml", out / f"{fam}.control.xml"
+    if not ak_xml.exists():
+        return None
+    ak = parse(ak_xml)
+    ctl = parse(ctl_xml) if ctl_xml.exists() else None
+    fails = {t: m for t, (o, m) in ak.items() if o == "fail"}
+    res = dict(counts=_counts(ak), fails=fails, control=ctl, both=None, only=None)
+    if ctl is not None:
+        res["both"] = [t for t in fails if ctl.get(t, ("?", ""))[0] == "fail"]
+        res["only"] = {t: m for t, m in fails.items()
+                       if ctl.get(t, ("?", ""))[0] in ("pass", "skip")}
+    cfile = out / f"{fam}.counts.json"
+    res["calls"] = json.loads(cfile.read_text()) if cfile.exists() else None
+    return res
+
+
+def _cell(s: dict | None) -> str:
+    if s is None:
+        return "not run"
+    p, f, k = s["counts"]
+    only = "?" if s["only"] is None else len(s["only"])
+    return f"{p} / {f} / {k} ({only})"
+
+
+def compare(a) -> str:
+    """Markdown: per family, attnkit's pass / fail / skip before and after (in brackets: the
+    failures only attnkit has), what the real SDPA gave on the tests attnkit failed (failures /
+    tests rerun, before; after), and attnkit's calls after; then the attnkit-only failures after,
+    and the ones fixed since before."""
+    rows = ["| family | before: attnkit pass / fail / skip (only under attnkit) | after: attnkit "
+            "pass / fail / skip (only under attnkit) | sdpa on those tests: fail / rerun "
+            "(before; after) | attnkit calls after (handed to sdpa) |", "|---|---|---|---|---|"]
+    left, fixed, tot = [], [], [0, 0]
+    sums = [[0, 0, 0], [0, 0, 0]]
+    for fam in a.families:
+        b, af = _summary(a.before, fam), _summary(a.out, fam)
+        if b is None and af is None:
+            continue
+
+        def ctl(s):
+            if s is None or s["control"] is None:
+                return "-"
+            return f"{len(s['both'])} / {len(s['fails'])}"
+
+        calls = (af or {}).get("calls")
+        call_cell = f"{calls.get('calls', 0)} ({calls.get('handed_to_sdpa', 0)})" if calls else "-"
+        rows.append(f"| {fam} | {_cell(b)} | {_cell(af)} | {ctl(b)}; {ctl(af)} | {call_cell} |")
+        for i, s in enumerate((b, af)):
+            tot[i] += len(s["only"] or {}) if s else 0
+            for j in range(3):
+                sums[i][j] += s["counts"][j] if s else 0
+        if af and af["only"]:
+            left += [f"- {fam}: `{t.split('.')[-1]}` — {m}" for t, m in sorted(af["only"].items())]
+        if b and b["only"] and af:
+            gone = sorted(t for t in b["only"] if af["fails"].get(t) is None)
+            fixed += [f"- {fam} ({len(gone)}): " + ", ".join(f"`{t.split('::')[-1]}`" for t in gone)]
+    cells = [" / ".join(map(str, x)) + f" ({t})" for x, t in zip(sums, tot, strict=True)]
+    rows.append(f"| **total** | {cells[0]} | {cells[1]} | | |")
+    return ("\n".join(rows) + "\n\nFailing only under attnkit, after:\n" + ("\n".join(left) or "- none")
+            + "\n\nFailing only under attnkit before, passing after:\n" + ("\n".join(fixed) or "- none"))
+
+
 def main(argv=None) -> int:
     a = _args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +272,7 @@ def main(argv=None) -> int:
         for fam in a.families:
             for mode in a.modes:
                 run_family(a, fam, mode)
-    print(table(a))
+    print(compare(a) if a.before is not None else table(a))
     return 0
 
 

@@ -28,14 +28,23 @@ so ``from_pretrained(..., attn_implementation="attnkit")`` and
   see each other;
 * **generation**: transformers' caches (dynamic, sliding-window, static: a static cache's unfilled
   tail is cut off using the padding mask's length, as transformers' flash path does); decoding
-  steps are ``Nq = 1`` calls against the cache, bottom-right aligned.
+  steps are ``Nq = 1`` calls against the cache, bottom-right aligned. That cut is why a compiled
+  ``generate`` on a static cache recompiles at every step (the key mask grows by one column;
+  padding it to the cache's length would need the queries' cache positions, which the
+  bottom-right aligned patterns do not take): GPT-2's
+  ``test_generate_compile_model_forward_fullgraph`` fails on that recompile alone.
 
-Not supported (a clear error, never wrong numbers): ``output_attentions=True`` (no weights are
-ever formed), logit soft-capping, attention sinks, additive position biases (T5), custom dense
-4-D masks together with a :func:`swap_attention` override. A 4-D mask given to a model that runs
-the model's own pattern (a custom mask, or mask overlays such as bidirectional image tokens) is
-handed to transformers' ``sdpa`` function after a one-time warning. Attention dropout is not
-applied (one-time warning).
+``output_attentions=True`` computes those calls the eager way (:mod:`~.eager`, one warning), so
+the weights come back; a dense 4-D mask is then applied as it is. Under ``torch.compile`` on the
+CPU, band patterns without packing compile in the graph as plain tensor ops (``fullgraph=True``
+works; they form the ``N x N`` scores); packed and block-sparse calls run outside the graph.
+
+Not supported (a clear error, never wrong numbers): additive position biases (T5),
+``head_mask``, chunked attention (Llama 4), custom dense 4-D masks together with a
+:func:`swap_attention` override, ``output_attentions=True`` on a linear-attention layer. A 4-D
+mask given to a model that runs the model's own pattern (a custom mask, or mask overlays such as
+bidirectional image tokens) is handed to transformers' ``sdpa`` function after a one-time
+warning. Attention dropout is not applied (one-time warning).
 """
 
 from __future__ import annotations
@@ -43,7 +52,9 @@ from __future__ import annotations
 import torch
 
 from ..functional import attention
+from ..patterns import BandPattern
 from . import runtime
+from .eager import plain_attention
 from .linear import hf_linear_attention
 from .linear_cache import STATE_TAG
 from .packing import flatten, packing, segments, unflatten
@@ -93,6 +104,13 @@ def attnkit_mask(
         return None
     mask = attention_mask[:, -kv_length:] if attention_mask.shape[-1] > kv_length else attention_mask
     mask = mask.to(torch.bool)
+    if torch.compiler.is_compiling():
+        # no all-True check under torch.compile: it reads the mask's values (a graph break, so
+        # fullgraph=True failed, and the resumed frame recompiled for every new mask length:
+        # GPT-2's test_generate_compile_model_forward_fullgraph and
+        # test_static_cache_no_recompile_with_smaller_length); an all-True key mask gives the
+        # same result as none
+        return mask
     if mask.shape[-1] == kv_length and bool(mask.all()):  # one sync per forward, as transformers' FA2
         return None
     return mask
@@ -209,22 +227,31 @@ def attnkit_attention_forward(
         pattern = model_pattern(bool(is_causal), sliding_window, config_window)
     else:
         pattern = spec
+    dense = attention_mask is not None and (attention_mask.dim() != 2
+                                            or attention_mask.dtype != torch.bool)
+    if dense and spec is not None:
+        raise ValueError(
+            f"this layer runs the attnkit override {spec!r}, which cannot be combined with the "
+            f"dense {attention_mask.dim()}-D attention mask {tuple(attention_mask.shape)} the "
+            "model passed; give a 2-D padding mask, or restore_attention(model)"
+        )
     if kwargs.get("output_attentions"):
         from .eager import eager_with_weights
 
+        if isinstance(spec, LinearAttention):
+            raise ValueError(
+                f"output_attentions=True: this layer runs the attnkit override {spec!r}, linear "
+                "attention, which has no attention weights; call the model without "
+                "output_attentions, or restore_attention(model)"
+            )
         _warn_once("output-attentions", "output_attentions=True: attnkit never forms attention "
                    "weights, so these calls run the model's eager attention (slower, O(N^2) "
                    "memory) to return them")
+        # a dense mask (a custom 4-D mask, or an overlay such as Gemma 3's image-token blocks)
+        # already holds the layer's whole pattern: it is applied alone, as sdpa would
         return eager_with_weights(module, query, key, value, attention_mask, pattern, scaling,
                                   softcap, sinks, kwargs)
-
-    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
-        if spec is not None:
-            raise ValueError(
-                f"this layer runs the attnkit override {spec!r}, which cannot be combined with the "
-                f"dense {attention_mask.dim()}-D attention mask {tuple(attention_mask.shape)} the "
-                "model passed; give a 2-D padding mask, or restore_attention(model)"
-            )
+    if dense:
         return _sdpa_fallback(module, query, key, value, attention_mask, scaling, is_causal, kwargs)
 
     kpm = attention_mask
@@ -275,20 +302,26 @@ def _softmax_attention(q, k, v, pattern, scaling, kpm, packed, softcap=None, sin
         kw["sinks"] = sinks
     fn = attention
     if q.device.type == "cpu" and torch.compiler.is_compiling():
+        if packed is None and isinstance(pattern, BandPattern):
+            # no warning here: warnings.warn is itself a graph break (fullgraph=True fails on it)
+            return plain_attention(q, k, v, kpm, pattern, scale, softcap, sinks)[0]
         fn = _outside_the_graph()
     return fn(q, k, v, pattern, scale=scale, valid_keys=kpm, backend=runtime.get_backend(), **kw)
 
 
 _CPU_COMPILE = ("attnkit's CPU (torch) attention plans its pieces on the host from tensor values, "
-                "which torch.compile cannot trace: under torch.compile it runs outside the graph "
-                "(a graph break per layer), so fullgraph=True cannot compile a model on the CPU; "
-                "on CUDA the Triton kernels are custom ops that compile in the graph")
+                "which torch.compile cannot trace: under torch.compile, packed sequences and "
+                "block-sparse patterns run outside the graph (a graph break per layer), so "
+                "fullgraph=True cannot compile them on the CPU; on CUDA the Triton kernels are "
+                "custom ops that compile in the graph")
 
 
 def _outside_the_graph():
     """:func:`attnkit.attention` marked ``torch.compiler.disable`` (made once): transformers'
     ``torch.compile`` tests on the CPU traced into the torch backend and failed on a data-dependent
-    guard (``covered[rows].any()``), or recompiled per shape until the 180 s timeout."""
+    guard (``covered[rows].any()``), or recompiled per shape until the 180 s timeout. Band
+    patterns without packing compile in the graph instead (:func:`~.eager.plain_attention`:
+    GPT-2's ``test_generate_compile_model_forward_fullgraph`` asks for ``fullgraph=True``)."""
     global _disabled
     if _disabled is None:
         try:

@@ -20,7 +20,8 @@ from .persist import (
 from .runtime import NAME, _warn_once
 from .specs import FEATURE_MAP_ATTR, Spec, check_spec
 
-__all__ = ["swap_attention", "restore_attention", "check_attention_backend_support"]
+__all__ = ["swap_attention", "restore_attention", "check_attention_backend_support",
+           "routes_through_interface"]
 
 
 def _base_model(model):
@@ -96,18 +97,62 @@ def _entry(spec: Spec | None, modules: list) -> dict | None:
     return raw
 
 
+#: The registry a modeling module must look its attention function up in to run attnkit.
+_REGISTRY_NAME = "ALL_ATTENTION_FUNCTIONS"
+
+
+def routes_through_interface(model) -> bool:
+    """Whether ``model`` computes attention through transformers' ``AttentionInterface``.
+
+    ``_supports_attention_backend = True`` says so; but it is not the whole truth: BART, T5,
+    Whisper and many encoder-decoders leave it ``False`` (the class default) and still look their
+    attention function up in ``ALL_ATTENTION_FUNCTIONS`` (transformers 5.16 and 5.24; refusing on
+    the flag alone refused BART, which runs on attnkit). So a model also routes when a module it is
+    built of comes from a modeling file that uses that registry; Falcon's picks an attention class
+    by name from a dict of its own and calls torch's SDPA itself, so it does not.
+    """
+    import sys
+
+    if getattr(type(model), "_supports_attention_backend", False):
+        return True
+    seen = set()
+    for m in model.modules():
+        name = type(m).__module__
+        if name in seen:
+            continue
+        seen.add(name)
+        module = sys.modules.get(name)
+        if module is not None and _REGISTRY_NAME in vars(module):
+            return True
+    return False
+
+
 def check_attention_backend_support(model) -> None:
-    """Raise ``ValueError`` for a model that does not route attention through transformers'
-    ``AttentionInterface`` (``_supports_attention_backend = False``, e.g. Falcon, which calls
-    torch's SDPA itself): asking it for "attnkit" would silently run its own attention (or, through
+    """Raise ``ValueError`` for a model with T5's relative position bias (attnkit refuses
+    ``position_bias``), and for one that does not route attention through transformers'
+    ``AttentionInterface`` (:func:`routes_through_interface`; e.g. Falcon, which calls torch's SDPA
+    itself): asking it for "attnkit" would silently run its own attention (or, through
     ``from_config(attn_implementation="attnkit")``, fail with a bare ``KeyError``)."""
-    if not getattr(type(model), "_supports_attention_backend", False):
+    biased = next((m for m in model.modules() if getattr(m, "has_relative_attention_bias", False)
+                   is True), None)
+    if biased is not None:
+        # T5 and its kin route through the interface but add a dense relative position bias to
+        # every layer's scores (position_bias): refused here, before any call, rather than at
+        # the first forward
+        raise ValueError(
+            f"{type(model).__name__} adds a relative position bias to its attention scores "
+            f"({type(biased).__name__}.has_relative_attention_bias; passed as position_bias, as "
+            "in T5), which attnkit does not support; keep attn_implementation='sdpa' or 'eager' "
+            "for this model"
+        )
+    if not routes_through_interface(model):
         name = type(model).__name__
         raise ValueError(
             f"{name} does not route its attention through transformers' AttentionInterface "
-            f"({name}._supports_attention_backend is False: it calls its own attention code), so "
-            "attnkit cannot run it; keep attn_implementation='sdpa' or 'eager' for this model "
-            "(the README lists the families known to route through the interface)"
+            f"(none of its modules looks attention up in {_REGISTRY_NAME}: it calls its own "
+            "attention code), so attnkit cannot run it; keep attn_implementation='sdpa' or "
+            "'eager' for this model (the README lists the families known to route through the "
+            "interface)"
         )
 
 
