@@ -303,7 +303,7 @@ def _softmax_attention(q, k, v, pattern, scaling, kpm, packed, softcap=None, sin
     fn = attention
     if q.device.type == "cpu" and torch.compiler.is_compiling():
         if packed is None and isinstance(pattern, BandPattern):
-            # no warning here: warnings.warn is itself a graph break (fullgraph=True fails on it)
+            _say_plain_under_compile(_CPU_COMPILE_PLAIN)  # runs at trace time, not in the graph
             return plain_attention(q, k, v, kpm, pattern, scale, softcap, sinks)[0]
         fn = _outside_the_graph()
     return fn(q, k, v, pattern, scale=scale, valid_keys=kpm, backend=runtime.get_backend(), **kw)
@@ -314,6 +314,26 @@ _CPU_COMPILE = ("attnkit's CPU (torch) attention plans its pieces on the host fr
                 "block-sparse patterns run outside the graph (a graph break per layer), so "
                 "fullgraph=True cannot compile them on the CPU; on CUDA the Triton kernels are "
                 "custom ops that compile in the graph")
+
+
+_CPU_COMPILE_PLAIN = ("under torch.compile on the CPU, dense, causal and sliding-window attention "
+                      "runs as plain tensor ops inside the graph, forming the N x N scores "
+                      "(O(N^2) memory, the eager way), so that fullgraph=True compiles; run the "
+                      "model without torch.compile on the CPU for attnkit's O(N) path")
+
+
+def _plain_under_compile_said(message: str) -> bool:
+    """Warn once that a compiled CPU call takes the plain path. Under ``torch.compile`` this runs
+    for real while dynamo traces (``assume_constant_result``, applied below: its result is baked
+    in as a constant), so the warning comes once, at compile time, and is no graph break (a
+    ``warnings.warn`` in the traced code is one, which ``fullgraph=True`` refuses)."""
+    _warn_once("cpu-compile-plain", message)
+    return True
+
+
+_say_plain_under_compile = _plain_under_compile_said
+if hasattr(torch, "_dynamo") and hasattr(torch._dynamo, "assume_constant_result"):
+    _say_plain_under_compile = torch._dynamo.assume_constant_result(_plain_under_compile_said)
 
 
 def _outside_the_graph():
