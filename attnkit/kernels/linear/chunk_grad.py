@@ -90,6 +90,10 @@ def _chunk_dq_kernel(
     chunk of one query head. ``HS``/``HZ``: the forward states (addressed as in
     ``chunk_out``; ``VARLEN`` as there)."""
     i_k, i_c, h, b64 = chunk_program(tl.cdiv(F, BK))
+    hk = h // GROUP
+    h64, hk64 = h.to(tl.int64), hk.to(tl.int64)
+    offs_f, mask_f, offs_v, mask_v = block_offsets(i_k * BK, 0, F, DV, BK, BV)
+    arange_t = tl.arange(0, BT)
     start = i_c * BT
     seq = b64
     n = N
@@ -105,10 +109,6 @@ def _chunk_dq_kernel(
         DEN += first
         C += first
         b64 = 0
-    hk = h // GROUP
-    h64, hk64 = h.to(tl.int64), hk.to(tl.int64)
-    offs_f, mask_f, offs_v, mask_v = block_offsets(i_k * BK, 0, F, DV, BK, BV)
-    arange_t = tl.arange(0, BT)
     offs_t, mask_t, rows = chunk_rows(start, arange_t, n)
     row = (b64 * HQ + h64) * N
     do, r, c = grad_rows(DO + b64 * sdob + h64 * sdoh, DEN + row, C + row, rows, mask_t, offs_v,
@@ -153,6 +153,9 @@ def _chunk_dk_kernel(
     chunk of one key/value head. ``HS``/``HZ``: the state gradients (reverse scan).
     ``VARLEN`` as in ``chunk_out``."""
     i_k, i_c, hk, b64 = chunk_program(tl.cdiv(F, BK))
+    hk64 = hk.to(tl.int64)
+    offs_f, mask_f, offs_v, mask_v = block_offsets(i_k * BK, 0, F, DV, BK, BV)
+    arange_t = tl.arange(0, BT)
     start = i_c * BT
     seq = b64
     n = N
@@ -168,9 +171,6 @@ def _chunk_dk_kernel(
         DEN += first
         C += first
         b64 = 0
-    hk64 = hk.to(tl.int64)
-    offs_f, mask_f, offs_v, mask_v = block_offsets(i_k * BK, 0, F, DV, BK, BV)
-    arange_t = tl.arange(0, BT)
     offs_t, mask_t, rows = chunk_rows(start, arange_t, n)
     xk, fk = features(K + b64 * skb + hk64 * skh, rows, mask_t, skn, offs_f, mask_f, skd, 1.0,
                       FEATURE)
@@ -217,6 +217,9 @@ def _chunk_dv_kernel(
     chunk of one key/value head, complete (``dS[:, vblock]`` needs only ``g[:, vblock]``).
     ``VARLEN`` as in ``chunk_out``."""
     i_v, i_c, hk, b64 = chunk_program(tl.cdiv(DV, BV))
+    hk64 = hk.to(tl.int64)
+    offs_f, mask_f, offs_v, mask_v = block_offsets(0, i_v * BV, F, DV, BK, BV)
+    arange_t = tl.arange(0, BT)
     start = i_c * BT
     seq = b64
     n = N
@@ -230,9 +233,6 @@ def _chunk_dv_kernel(
         DV_ += first * sdvn
         DEN += first
         b64 = 0
-    hk64 = hk.to(tl.int64)
-    offs_f, mask_f, offs_v, mask_v = block_offsets(0, i_v * BV, F, DV, BK, BV)
-    arange_t = tl.arange(0, BT)
     offs_t, mask_t, rows = chunk_rows(start, arange_t, n)
     xk_unused, fk = features(K + b64 * skb + hk64 * skh, rows, mask_t, skn, offs_f, mask_f,
                              skd, 1.0, FEATURE)

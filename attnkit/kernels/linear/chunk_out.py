@@ -46,6 +46,10 @@ def _chunk_out_kernel(
     hs_chunk`` (``[F, DV]`` dense), its normaliser likewise in ``HZ``. ``VARLEN``: ``b`` is a
     packed sequence (``CU [S + 1]``, as in ``chunk_state``)."""
     i_v, i_c, h, b64 = chunk_program(tl.cdiv(DV, BV))
+    hk = h // GROUP
+    h64, hk64 = h.to(tl.int64), hk.to(tl.int64)
+    offs_f, mask_f, offs_v, mask_v = block_offsets(0, i_v * BV, F, DV, BK, BV)
+    arange_t = tl.arange(0, BT)
     start = i_c * BT
     seq = b64
     n = N
@@ -59,10 +63,6 @@ def _chunk_out_kernel(
         OUT += first * son
         DEN += first
         b64 = 0
-    hk = h // GROUP
-    h64, hk64 = h.to(tl.int64), hk.to(tl.int64)
-    offs_f, mask_f, offs_v, mask_v = block_offsets(0, i_v * BV, F, DV, BK, BV)
-    arange_t = tl.arange(0, BT)
     offs_t, mask_t, rows = chunk_rows(start, arange_t, n)
 
     xq, fq = features(Q + b64 * sqb + h64 * sqh, rows, mask_t, sqn, offs_f, mask_f, sqd, scale,

@@ -67,6 +67,8 @@ def _chunk_state_kernel(
     n_v = tl.cdiv(DV, BV)
     blk, i_c, hk, b64 = chunk_program(tl.cdiv(F, BK) * n_v)
     i_k, i_v = blk // n_v, blk % n_v
+    offs_f, mask_f, offs_v, mask_v = block_offsets(i_k * BK, i_v * BV, F, DV, BK, BV)
+    arange_t = tl.arange(0, BT)
     start = i_c * BT
     seq = b64  # the state's row: the batch row, or the packed sequence
     n = N
@@ -80,8 +82,6 @@ def _chunk_state_kernel(
             DEN += first
             C += first
         b64 = 0  # the tensors have one batch row
-    offs_f, mask_f, offs_v, mask_v = block_offsets(i_k * BK, i_v * BV, F, DV, BK, BV)
-    arange_t = tl.arange(0, BT)
     offs_t, mask_t, rows = chunk_rows(start, arange_t, n)
     if HAS_DECAY:
         w_a, w_q, w_k, w_s = decay_weights(LG, hk, start, arange_t, n, BT, False)

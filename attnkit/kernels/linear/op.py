@@ -30,6 +30,15 @@ Memory: the per-chunk states, ``B * HKV * NT * (F * Dv + F)`` fp32 (at D = 128 a
 forward or backward call; nothing but ``den [B, HQ, N]`` fp32 is saved for backward besides
 q, k, v, o.
 
+Packed sequences (``cu_seqlens [S + 1]`` int32, flash-attention's varlen layout: ``B = 1``, the
+sequences concatenated along N): every kernel's ``VARLEN`` variant puts the ``S`` sequences on
+the grid's batch axis; a program loads its sequence's first token and length from ``CU``, moves
+its base pointers there and masks by that length (``N``, the packed length, stays the row stride
+of ``den``/``c``); a chunk past its sequence's end exits at once, and the scan walks only the
+sequence's own chunks, so the slots past it are neither written nor read. The chunk-state
+buffers are ``[S * HKV, cdiv(max_seqlen, BT), ...]``; the initial and final states ``[S, HKV,
+...]``. The packed tensors are read in place (no padded copy).
+
 Built-in feature maps are fused (``FEATURE``, the codes of ``feature_maps.FEATURES``). Numerics:
 states, denominators and all accumulators are fp32; intra-chunk products and the local states take
 fp16/bf16 operands for 16-bit inputs (tensor cores) with fp32 accumulation; products with a
