@@ -62,7 +62,9 @@ class LinearAttentionCall(QueryCall):
 
     @property
     def grid(self) -> tuple[int, int]:
-        return self.q.shape[0], self.q.shape[1]
+        """(rows, query heads) of the kernels' grid: the packed sequences' count when packed."""
+        rows = self.q.shape[0] if self.segments is None else len(self.segments)
+        return rows, self.q.shape[1]
 
 
 class LinearBackend(Backend):
