@@ -87,6 +87,8 @@ def _attention_cases(D: int, dt: str) -> Iterator[Case]:
     yield Case("attention", "dense+lse", D, dt, train(Dense(), lse=True))
     yield Case("attention", "causal", D, dt, train(Causal()))
     yield Case("attention", "window+kpm", D, dt, train(SlidingWindow(100), valid_keys=kpm))
+    yield Case("attention", "window", D, dt, train(SlidingWindow(100)))
+    yield Case("attention", "window+lse", D, dt, train(SlidingWindow(63), lse=True))
     yield Case("attention", "varlen", D, dt, train(Causal(), packed=True))
     # score modifications: Gemma-2-style (softcap + window) and gpt-oss-style (sinks + window),
     # and ALiBi on top of both
@@ -138,8 +140,26 @@ def _linear_cases(D: int, dt: str) -> Iterator[Case]:
             _backward(out, inputs=(q, k, v))
         return run
 
+    def packed():  # three sequences (one empty) read in place, per-sequence states with gradients
+        q, k = (_empty(1, 4, 600, D, dtype=dtype, grad=True) for _ in range(2))
+        v = _empty(1, 4, 600, D, dtype=dtype, grad=True)
+        state = (_empty(3, 4, D, D, dtype=torch.float32, grad=True),
+                 _empty(3, 4, D, dtype=torch.float32, grad=True))
+        cu = torch.tensor([0, 300, 300, 600], dtype=torch.int32)
+        o, st = attnkit.linear_attention(q, k, v, decay=0.9, cu_seqlens=cu, initial_state=state,
+                                         return_state=True, backend="triton")
+        _backward(o, st.s, st.z, inputs=(q, k, v, *state))
+
+    def hybrid():  # the flash window part and the linear kernel on mapped (identity) features
+        q, k = (_empty(2, 4, 300, D, dtype=dtype, grad=True) for _ in range(2))
+        v = _empty(2, 4, 300, D, dtype=dtype, grad=True)
+        out = attnkit.linear_attention(q, k, v, window=64, decay=0.9, backend="triton")
+        _backward(out, inputs=(q, k, v))
+
     yield Case("linear_attention", "causal", D, dt, train(True, D))
     yield Case("linear_attention", "noncausal", D, dt, train(False, D))
+    yield Case("linear_attention", "varlen causal decay", D, dt, packed)
+    yield Case("linear_attention", "hybrid W=64 decay", D, dt, hybrid)
 
 
 def _lora_cases(r: int, dt: str) -> Iterator[Case]:

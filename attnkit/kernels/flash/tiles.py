@@ -42,9 +42,13 @@ def _wide3_ok(f) -> bool:
     return _wide_ok(f) and not f["HAS_RIGHT"]
 
 
-def _alibi(f) -> bool:
-    """ALiBi with a window: 128x64 s3 spills 48 B (fwd) / 40 B (dQ), s2 none (222 / 249 regs)."""
-    return f["HAS_ALIBI"]
+def _s3_spills(f) -> bool:
+    """Where 128x64 w8 s3 spills and s2 does not, so s2 goes first: ALiBi with a window, 48 B
+    (fwd) / 40 B (dQ), s2 222 / 249 regs; a left band edge without a key mask (a plain
+    SlidingWindow, the hybrid's window part), 48 B fwd at 255 regs, s2 229 / 0 (with a key mask,
+    or soft-capping, s3 is 252 / 0 and 255 / 0 and stays first)."""
+    return f["HAS_ALIBI"] or (f["HAS_LEFT"] and not f["HAS_KPM"] and not f["SPARSE"]
+                              and not f["HAS_SOFTCAP"])
 
 
 def _tma_wide(f) -> bool:
@@ -61,7 +65,7 @@ def _tma_wide(f) -> bool:
 # autotuner (some spill a little, which only costs speed). A predicate offers a tile only on the
 # paths where it was measured not to spill. Timings: benchmarks/NOTES.md.
 _FWD_TILES = [
-    (128, 128, 8, 3, 128, _wide3_ok), (128, 128, 8, 2, 128, _wide_ok), (128, 64, 8, 2, 128, _alibi),
+    (128, 128, 8, 3, 128, _wide3_ok), (128, 128, 8, 2, 128, _wide_ok), (128, 64, 8, 2, 128, _s3_spills),
     (128, 64, 8, 3, 128), (128, 128, 8, 3, 64), (128, 128, 8, 2, 64), (128, 64, 8, 4, 64),
     (128, 64, 4, 3, 64), (64, 64, 4, 3, 128), (128, 32, 8, 3, 128), (64, 32, 8, 2, 256),
     (32, 32, 4, 2, 256),
@@ -77,7 +81,7 @@ _BWD_DKDV_TILES = [  # BLOCK_M is the inner (query) loop here, BLOCK_N the progr
     (64, 64, 8, 3, 64), (64, 128, 8, 3, 64), (16, 32, 8, 2, 256), (16, 64, 4, 2, 256),
 ]
 _BWD_DQ_TILES = [  # 128x128 spills 96-104 B in dQ even dense (measured): not offered at D = 128
-    (128, 64, 8, 2, 128, _alibi), (128, 64, 8, 3, 128), (128, 128, 8, 3, 64), (64, 64, 4, 3, 128),
+    (128, 64, 8, 2, 128, _s3_spills), (128, 64, 8, 3, 128), (128, 128, 8, 3, 64), (64, 64, 4, 3, 128),
     (128, 32, 8, 3, 128), (32, 32, 4, 2, 256), (64, 32, 8, 2, 256),
 ]
 # Offered only to block-sparse calls whose layout block size the larger tiles do not divide
