@@ -2,7 +2,8 @@
 the flash kernel's window part and the linear kernel's shifted part, merged per row), against
 the float64 oracle of ``attnkit/kernels/linear/naive.py``: forward, the returned state, and
 every gradient (q, k, v, the initial linear state and window, and the gradient flowing back in
-through the returned state); key padding, large scores, low precision, and prefix + steps.
+through the returned state); key padding, large scores, low precision (prefill + one-token
+steps on both backends: test_linear_hybrid.py).
 Under the interpreter on the CPU (kernel outputs poisoned by tests/conftest.py)."""
 
 from __future__ import annotations
@@ -136,21 +137,6 @@ def test_hybrid_triton_large_scores_are_stable():
     gr, = torch.autograd.grad(ref.sum(), q)
     assert torch.isfinite(g).all()
     _close("dq", g, gr, K_GRAD)
-
-
-def test_hybrid_triton_pieces_equal_whole():
-    """Prefill (return_state) then one-token steps from the state == the whole sequence."""
-    q, k, v = _qkv(1, 2, 1, 10, 8, 8)
-    kw = dict(window=4, decay=0.9, backend="triton")
-    whole = linear_attention(q, k, v, **kw)
-    o, st = linear_attention(q[:, :, :3], k[:, :, :3], v[:, :, :3], return_state=True, **kw)
-    outs = [o]
-    for t in range(3, 10):
-        o, st = linear_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
-                                 initial_state=st, return_state=True, **kw)
-        assert st.k.shape[2] == 3
-        outs.append(o)
-    torch.testing.assert_close(torch.cat(outs, 2), whole, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
