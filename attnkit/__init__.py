@@ -3,7 +3,7 @@
 Importing attnkit is light: kernels (and triton), PEFT and transformers load on first use.
 """
 
-from . import finetune
+from . import _mkl_warmup, finetune
 from ._version import __version__
 from .attn import (
     BlockSparse,
@@ -24,6 +24,8 @@ from .attn import (
     strided,
 )
 from .finetune import LoRALinear, lora_batched, lora_linear
+
+_mkl_warmup.warm_up()
 
 __all__ = [
     "attention", "Pattern", "Dense", "Causal", "SlidingWindow", "MultiheadSelfAttention",
