@@ -15,7 +15,7 @@ import torch
 
 import attnkit
 from attnkit import BlockSparse, Causal, Dense, SlidingWindow
-from attnkit.kernels.flash import torch_fused, torch_plan
+from attnkit.kernels.flash import torch_fused, torch_plan, torch_stack
 from attnkit.kernels.flash.naive import attention_naive
 from tests.harness import assert_close_to_oracle, max_err, padding_mask
 
@@ -114,14 +114,16 @@ def test_fully_masked_rows_are_zero_with_finite_zero_gradients():
     assert torch.equal(gv[2], torch.zeros_like(gv[2]))
 
 
-def test_window_plan_visits_each_pair_once():
+@pytest.mark.parametrize("chunk", [torch_plan.STACK_CHUNK_MATMUL, torch_plan.STACK_CHUNK_FUSED])
+def test_window_plan_visits_each_pair_once(chunk):
     """The pieces of a band tile exactly its visible pairs: no pair twice, none missed (a piece
-    is counted by its visible pairs: causal/flip triangles, full rectangles, masks)."""
+    is counted by its visible pairs: causal/flip triangles, full rectangles, masks), with the
+    stack chunks of either executor."""
     for pattern, nq, nk in [(SlidingWindow(255), 4096, 4096), (SlidingWindow(40, 9), 301, 333),
                             (Causal(), 300, 200), (SlidingWindow(3, 2), 90, 90)]:
         spec = pattern.compile(nq, nk, "cpu")
         seen = torch.zeros(nq, nk, dtype=torch.int32)
-        for p in torch_plan._plan(spec, 0, nq, 0, nk):
+        for p in torch_plan._plan(spec, 0, nq, 0, nk, chunk):
             r, c = p.r1 - p.r0, p.k1 - p.k0
             if p.mode == "full":
                 m = torch.ones(r, c, dtype=torch.bool)
@@ -182,15 +184,17 @@ def test_window_split_into_many_stack_calls(monkeypatch):
     """A window cut into several stack calls (forward 2 chunks, backward 1 chunk per call) and key
     padding that hides whole windows: the same answer as the oracle, forward and gradients, no
     NaN on rows that see nothing."""
-    monkeypatch.setattr(torch_plan, "_MAX_STACK_ROWS", 64)
-    monkeypatch.setattr(torch_fused, "_BWD_STACK_ROWS", 32)
+    monkeypatch.setattr(torch_stack, "_FWD_STACK_ROWS", 64)
+    monkeypatch.setattr(torch_stack, "_BWD_STACK_ROWS", 32)
+    monkeypatch.setattr(torch_stack, "_SLAB_BYTES", 1)  # one chunk per matmul slab
     pattern = SlidingWindow(20, 3)
     q, k, v = _inputs(3, 4, 2, 200, 200, 32, torch.float32, seed=3)
     kpm = padding_mask(3, 200, "cpu")
     kpm[0, 90:130] = False  # a gap wider than the window inside the stacked rows
     spec = pattern.compile(200, 200, "cpu")
     stacks = [p for p in torch_plan._plan(spec, 0, 200, 0, 200) if p.mode == "stack"]
-    assert len(stacks) > 2, "the case must reach several stack calls"
+    assert len(stacks) == 1 and len(list(torch_stack._sub_pieces(stacks[0], 64))) > 2, (
+        "the case must reach several stack calls")
     o, lse = attnkit.attention(q, k, v, pattern, valid_keys=kpm, backend="torch", return_lse=True)
     ref_o, ref_lse = attention_naive(q, k, v, pattern, valid_keys=kpm)
     low_o, _ = attention_naive(q, k, v, pattern, valid_keys=kpm, dtype=torch.float32)

@@ -98,11 +98,14 @@ class TorchAttention(Backend):
 
         # The fused CPU flash kernel where it serves (CPU, fp32/fp64/bf16/fp16); the chunked
         # generic path on every other device and dtype (torch_fused.py says why).
-        run = attention_fused if fused_available(call.q, call.k) else attention_torch
-        return run(
-            call.q, call.k, call.v, call.spec, call.scale, call.valid_keys,
-            call.cu_seqlens_q, call.cu_seqlens_k,
-        )
+        args = (call.q, call.k, call.v, call.spec, call.scale, call.valid_keys,
+                call.cu_seqlens_q, call.cu_seqlens_k)
+        if not fused_available(call.q, call.k):
+            return attention_torch(*args)
+        # the LSE costs a pass over the scores there; the caller drops it unless asked or trained
+        need_lse = call.return_lse or (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (call.q, call.k, call.v)))
+        return attention_fused(*args, need_lse=need_lse)
 
 
 #: ``"auto"`` tries these in order; "cuda" and the Triton decode entry take only decode shapes.

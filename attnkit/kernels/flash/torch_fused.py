@@ -19,14 +19,15 @@ attnkit's band (``p - left <= j <= p + right`` with bottom-right ``p = i + Nk - 
   causal (a copy of ``c x D`` rows and keys, against ``c x c x D`` work saved);
 * ``mask`` - anything else (sequence ends): a small additive mask built from the band's
   definition over that rectangle only;
-* ``stack`` - a bounded band (SlidingWindow): whole chunks of 64 rows (32 for bands narrower
-  than 64) inside the sequence, up to 512 rows per call, stacked on the batch axis, keys as
-  overlapping strided windows (views, no copy), one shared ``[n, n + width]`` mask
-  (:func:`_plan_stacked`); the rows whose window starts at key 0 run on the causal flag. Stack
-  rows belong to no other piece: each call's output is copied straight into the result (never
-  merged), and its backward adds the window gradients with strided adds. ``causal`` + ``flip``
-  + ``full`` per chunk was the first plan for windows; it is still what a band unbounded on the
-  right (``Band(left, None)``) gets.
+* ``stack`` - a bounded band (SlidingWindow): whole chunks inside the sequence (32 rows for
+  the matmul executor, 64 for the fused kernel, half as many for narrower bands:
+  ``torch_plan``), stacked on the batch axis, keys as overlapping strided windows (views, no
+  copy), one shared ``[n, n + width]`` band (:func:`_plan_stacked`); the rows whose window
+  starts at key 0 run on the causal flag. ``torch_stack`` runs these pieces: batched matmuls
+  and an in-place softmax for fp32/fp64, the fused kernel for half types; stack rows belong to
+  no other piece, so their outputs are written, never merged, and the backward adds the window
+  gradients with strided adds. ``causal`` + ``flip`` + ``full`` per chunk was the first plan
+  for windows; it is still what a band unbounded on the right (``Band(left, None)``) gets.
 
 Key padding is one more additive ``[B, 1, 1, L]`` mask on every piece; varlen runs each packed
 sequence on its own. Pieces are merged by their LSE. The backward reruns the same plan and calls
@@ -41,37 +42,16 @@ measurement's spread (forward and forward+backward, benchmarks/NOTES.md).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from .spec import Band
-from .torch_plan import _MAX_BATCH_ROWS, _Piece, _pieces
+from .torch_plan import _MAX_BATCH_ROWS, STACK_CHUNK_FUSED, STACK_CHUNK_MATMUL, _pieces
+from .torch_stack import MATMUL_DTYPES, stack_backward, stack_forward
 
 __all__ = ["FUSED_DTYPES", "fused_available", "attention_fused", "fused_tile"]
 
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-#: Rows of one backward kernel call of a stack piece (the forward's: ``_MAX_STACK_ROWS``).
-_BWD_STACK_ROWS = 256
-
-
-
-@contextlib.contextmanager
-def _serial():
-    """Run the glue between kernel calls (copies, window adds) on the calling thread only.
-    Measured on the 2-core machine under load: a 4 MiB copy took 0.17 ms at best but 10 ms at
-    the median on 2 threads (each parallel region waits for a descheduled worker), 0.33 ms on
-    one; the kernel calls keep every thread. (Global, like every torch thread setting: another
-    Python thread running torch ops meanwhile would run them on one thread too.)"""
-    n = torch.get_num_threads()
-    if n > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n > 1:
-            torch.set_num_threads(n)
 
 
 def _ops():
@@ -82,99 +62,6 @@ def fused_available(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the fused CPU kernel can serve this call (CPU tensor, a dtype it takes, GQA)."""
     return (q.device.type == "cpu" and q.dtype in FUSED_DTYPES and _ops() is not None
             and q.numel() > 0 and k.numel() > 0 and q.shape[1] % k.shape[1] == 0)
-
-
-def _windows(x: torch.Tensor, b: int, p: _Piece, n: int, L: int) -> torch.Tensor:
-    """Batch row ``b`` of ``x [B, H, N, D]``: the ``m`` overlapping key windows of a stack piece,
-    ``[m, H, L, D]`` (chunk ``i`` starts ``i * n`` after ``p.k0``); a strided view, no copy."""
-    m = (p.r1 - p.r0) // n
-    sb, sh, sn, sd = x.stride()
-    return x.as_strided((m, x.shape[1], L, x.shape[3]), (n * sn, sh, sn, sd),
-                        x.storage_offset() + b * sb + p.k0 * sn)
-
-
-def _chunks_of(x: torch.Tensor, b: int, p: _Piece, n: int) -> torch.Tensor:
-    """Rows ``[r0, r1)`` of batch row ``b`` of ``x [B, H, N, ...]`` as ``[m, H, n, ...]``."""
-    y = x[b, :, p.r0:p.r1]
-    return y.unflatten(1, ((p.r1 - p.r0) // n, n)).transpose(0, 1)
-
-
-def _stack_mask(p: _Piece, b: int, kpm, dtype, n: int, L: int, cache: dict):
-    """Additive mask of a stack piece for batch row ``b``: ``[1, 1, n, L]`` (band only, built
-    once per call and dtype: every stack piece of a plan shares it) or ``[m, 1, n, L]`` with key
-    padding; and ``row_ok [m, n]`` (``None``: every row sees a key)."""
-    band = p.band
-    if kpm is None:
-        key = (id(band), dtype)
-        if key not in cache:
-            cache[key] = torch.zeros((1, 1, n, L), dtype=dtype).masked_fill_(~band, float("-inf"))
-        return cache[key], None
-    m = (p.r1 - p.r0) // n
-    win = kpm.as_strided((m, L), (n * kpm.stride(1), kpm.stride(1)),
-                         kpm.storage_offset() + b * kpm.stride(0) + p.k0 * kpm.stride(1))
-    ok = band[None, None] & win[:, None, None, :]
-    row_ok = ok[:, 0].any(-1)
-    return torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, float("-inf")), row_ok
-
-
-def _stack_forward(p: _Piece, q, k, v, kpm, scale, out, lse_out, cache: dict):
-    """A stack piece's rows of ``out [B, H, N, D]`` and ``lse_out [B, H, N]``, written in place
-    (no other piece shares its rows)."""
-    n, L = p.band.shape
-    m = (p.r1 - p.r0) // n
-    for b in range(q.shape[0]):
-        mask, row_ok = _stack_mask(p, b, kpm, q.dtype, n, L, cache)
-        o, lse = _ops()(_chunks_of(q, b, p, n), _windows(k, b, p, n, L), _windows(v, b, p, n, L),
-                        0.0, False, attn_mask=mask, scale=scale)
-        with _serial():
-            if row_ok is not None:
-                lse = lse.masked_fill(~row_ok[:, None, :], float("-inf"))
-            out[b, :, p.r0:p.r1].unflatten(1, (m, n)).copy_(o.transpose(0, 1))
-            lse_out[b, :, p.r0:p.r1].unflatten(1, (m, n)).copy_(lse.transpose(0, 1))
-        del o, lse  # before the next call allocates its own: one call's output alive at a time
-
-
-def _add_windows(acc: torch.Tensor, g: torch.Tensor, k0: int, n: int):
-    """``acc [H, N, D] += g [m, H, L, D]`` where window ``i`` covers keys ``k0 + i * n + [0, L)``:
-    one strided add per ``n`` keys of the window (the windows of one slice are disjoint), not an
-    ``index_add_`` over ``m * L`` gathered rows."""
-    m, L = g.shape[0], g.shape[2]
-    sh, sn, sd = acc.stride()
-    for s0 in range(0, L, n):
-        w = min(n, L - s0)
-        view = acc.as_strided((m, acc.shape[0], w, acc.shape[2]), (n * sn, sh, sn, sd),
-                              acc.storage_offset() + (k0 + s0) * sn)
-        view.add_(g[:, :, s0:s0 + w])
-
-
-def _stack_backward(p: _Piece, q, k, v, o, do, lse_b, kpm, scale, dq, dk, dv, cache: dict):
-    """Adds a stack piece's gradients into ``dq``/``dk``/``dv`` (overlapping key windows
-    accumulate through :func:`_add_windows`), ``_BWD_STACK_ROWS`` rows per kernel call: the
-    kernel's dK/dV of a call hold ``L / n`` times its keys."""
-    n, L = p.band.shape
-    per = max(1, _BWD_STACK_ROWS // n)
-    m_all = (p.r1 - p.r0) // n
-    for a in range(0, m_all, per):
-        mm = min(per, m_all - a)
-        sub = _Piece(p.r0 + a * n, p.r0 + (a + mm) * n, p.k0 + a * n, p.k0 + a * n + L + (mm - 1) * n,
-                     "stack", p.band)
-        _stack_backward_call(sub, q, k, v, o, do, lse_b, kpm, scale, dq, dk, dv, cache)
-
-
-def _stack_backward_call(p: _Piece, q, k, v, o, do, lse_b, kpm, scale, dq, dk, dv, cache: dict):
-    n, L = p.band.shape
-    m = (p.r1 - p.r0) // n
-    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    for b in range(q.shape[0]):
-        mask, _ = _stack_mask(p, b, kpm, q.dtype, n, L, cache)
-        gq, gk, gv = bwd(_chunks_of(do, b, p, n), _chunks_of(q, b, p, n),
-                         _windows(k, b, p, n, L), _windows(v, b, p, n, L), _chunks_of(o, b, p, n),
-                         _chunks_of(lse_b, b, p, n), 0.0, False, attn_mask=mask, scale=scale)
-        with _serial():
-            dq[b, :, p.r0:p.r1].unflatten(1, (m, n)).add_(gq.transpose(0, 1))
-            _add_windows(dk[b], gk, p.k0, n)
-            _add_windows(dv[b], gv, p.k0, n)
-        del gq, gk, gv  # one call's gradients alive at a time
 
 
 def _batches(pieces):
@@ -279,17 +166,19 @@ def _merge_(acc, part):
 
 class _Fused(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pattern, scale, kpm, cu_q, cu_k):
+    def forward(ctx, q, k, v, pattern, scale, kpm, cu_q, cu_k, need_lse):
         B, Hq, Nq, D = q.shape
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         fwd = _ops()
         acc, covered, cache = None, torch.zeros(Nq, dtype=torch.bool), {}
-        for batch in _batches(_pieces(pattern, Nq, k.shape[2], cu_q, cu_k)):
+        # o and LSE are per row, so the backward may chunk stack rows its own way
+        chunk = STACK_CHUNK_MATMUL if q.dtype in MATMUL_DTYPES else STACK_CHUNK_FUSED
+        for batch in _batches(_pieces(pattern, Nq, k.shape[2], cu_q, cu_k, chunk)):
             if acc is None and batch[0].mode == "stack":
                 acc = _alloc(B, Hq, Nq, D, cdt)
             if batch[0].mode == "stack":
                 p, o, lse, po, pl = batch[0], None, None, None, None  # free earlier pieces
-                _stack_forward(p, q, k, v, kpm, scale, acc[0], acc[1], cache)
+                stack_forward(p, q, k, v, kpm, scale, acc[0], acc[1], need_lse, cache)
                 covered[p.r0:p.r1] = True
                 continue
             qp, kp, vp, causal, mask, row_ok, rows, _ = _inputs(batch, q, k, v, kpm)
@@ -356,7 +245,7 @@ class _Fused(torch.autograd.Function):
             qp, kp, vp, causal, mask, _, _, _ = _inputs(batches[0], q, k, v, kpm)
             gq, gk, gv = bwd(do, qp, kp, vp, o, lse_b, 0.0, causal, attn_mask=mask,
                              scale=ctx.scale)
-            return gq[..., :D], gk[..., :D], gv[..., :D], None, None, None, None, None
+            return gq[..., :D], gk[..., :D], gv[..., :D], None, None, None, None, None, None
         # fp32 accumulators (fp64 for fp64): pieces that share rows or keys add up here
         dq = torch.zeros(q.shape, dtype=lse.dtype)
         dk = torch.zeros(k.shape, dtype=lse.dtype)
@@ -365,8 +254,8 @@ class _Fused(torch.autograd.Function):
         for batch in batches:
             if batch[0].mode == "stack":
                 gq = gk = gv = None  # free an earlier piece's gradients
-                _stack_backward(batch[0], q, k, v, o, do, lse_b, kpm, ctx.scale, dq, dk, dv,
-                                cache)
+                stack_backward(batch[0], q, k, v, o, do, lse_b, kpm, ctx.scale, dq, dk, dv,
+                               cache)
                 continue
             qp, kp, vp, causal, mask, _, rows, keys = _inputs(batch, q, k, v, kpm)
             m = len(batch)
@@ -377,7 +266,7 @@ class _Fused(torch.autograd.Function):
             dk.index_add_(2, keys, _unstack(gk, B).to(dk.dtype))
             dv.index_add_(2, keys, _unstack(gv, B).to(dv.dtype))
         return (dq[..., :D].to(q.dtype), dk[..., :D].to(k.dtype), dv[..., :D].to(v.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def _backward_inputs(q, k, v, o, lse, do, dlse):
@@ -430,11 +319,13 @@ def fused_tile(q, k, v, ok: torch.Tensor, scale: float):
 
 
 def attention_fused(q, k, v, pattern: Band, scale: float, valid_keys=None,
-                    cu_seqlens_q=None, cu_seqlens_k=None):
+                    cu_seqlens_q=None, cu_seqlens_k=None, need_lse: bool = True):
     """Band attention on the fused CPU kernel: ``(o [B, Hq, Nq, D], lse [B, Hq, Nq] fp32)``.
 
     Same contract as :func:`attnkit.kernels.flash.torch_band.attention_torch` (``q [B, Hq, Nq,
     D]``, ``k``/``v [B, Hkv, Nk, D]``, ``valid_keys [B, Nk]`` True = attend,
-    ``cu_seqlens_* [S + 1]`` with ``B == 1``); call only when :func:`fused_available`.
+    ``cu_seqlens_* [S + 1]`` with ``B == 1``); call only when :func:`fused_available`. With
+    ``need_lse=False`` (no gradient, no ``return_lse``) stack rows may return NaN in the LSE.
     """
-    return _Fused.apply(q, k, v, pattern, scale, valid_keys, cu_seqlens_q, cu_seqlens_k)
+    return _Fused.apply(q, k, v, pattern, scale, valid_keys, cu_seqlens_q, cu_seqlens_k,
+                        need_lse)

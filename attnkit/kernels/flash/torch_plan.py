@@ -19,13 +19,12 @@ _MAX_CHUNK, _MIN_BAND = 512, 32
 #: Rows of pieces stacked into one kernel call (``torch_fused._batches``): bounds the gathered
 #: copies of q/k/v (and the flip's).
 _MAX_BATCH_ROWS = 4096
-#: Rows of one ``stack`` piece (one forward kernel call): its output is copied into the result,
-#: so this bounds the extra memory (512 rows: 1 MiB at H = 8, D = 64, fp32; measured peak at
-#: N = 4096 SDPA-flash's within 1 MiB) against the number of calls (each a parallel region, which
-#: costs milliseconds on a loaded machine).
-_MAX_STACK_ROWS = 512
-#: Query rows per chunk of a stacked band (32 for bands narrower than this).
-_STACK_CHUNK = 64
+#: Query rows per chunk of a stacked band (half as many for bands narrower than this), by
+#: executor (``torch_stack``). Each chunk computes ``n + width`` keys per row for ``width + 1``
+#: visible ones. The matmul forward ran N = 4096, width 255 in 14.6 / 14.4 / 14.9 / 14.5 ms at
+#: n = 32 / 40 / 48 / 64 (fp32, 2 threads, side by side); the fused kernel ran alike at 32 and
+#: 64, but its backward's dK/dV per call grow with ``L / n``, so it keeps 64.
+STACK_CHUNK_MATMUL, STACK_CHUNK_FUSED = 32, 64
 
 
 @dataclass
@@ -61,8 +60,9 @@ def _rect(pattern: Band, qs: int, ks: int, c0: int, c1: int, lo: int, hi: int, n
     return _Piece(qs + c0, qs + c1, ks + lo, ks + hi, "mask", ok)
 
 
-def _plan(pattern: Band, qs: int, nq: int, ks: int, nk: int):
-    """Yield the pieces of one sequence (rows ``qs + [0, nq)``, keys ``ks + [0, nk)``)."""
+def _plan(pattern: Band, qs: int, nq: int, ks: int, nk: int, chunk: int = STACK_CHUNK_FUSED):
+    """Yield the pieces of one sequence (rows ``qs + [0, nq)``, keys ``ks + [0, nk)``); a bounded
+    band's stack chunks have ``chunk`` rows (:func:`_stack_chunk`)."""
     if nq == 0 or nk == 0:
         return
     shift, left, right = nk - nq, pattern.left, pattern.right
@@ -74,7 +74,7 @@ def _plan(pattern: Band, qs: int, nq: int, ks: int, nk: int):
         return
     width = left + (right if right is not None else nk)
     if right is not None:
-        yield from _plan_stacked(pattern, qs, nq, ks, nk, width)
+        yield from _plan_stacked(pattern, qs, nq, ks, nk, width, chunk)
         return
     if width < _MIN_BAND:  # narrow band: one masked rectangle per chunk
         c = 64
@@ -114,10 +114,10 @@ def _plan(pattern: Band, qs: int, nq: int, ks: int, nk: int):
                 yield piece
 
 
-def _stack_chunk(width: int) -> int:
+def _stack_chunk(width: int, chunk: int) -> int:
     """Query rows per chunk of a stacked band of ``width`` (= left + right) keys beyond the
     diagonal: a chunk computes ``n + width`` keys per row for ``width + 1`` visible ones."""
-    return _STACK_CHUNK if width >= _STACK_CHUNK else max(16, _STACK_CHUNK // 2)
+    return chunk if width >= chunk else max(8, chunk // 2)
 
 
 def _plan_prefix(qs: int, r1: int, ks: int, nk: int, t: int):
@@ -136,37 +136,33 @@ def _plan_prefix(qs: int, r1: int, ks: int, nk: int, t: int):
         yield _Piece(qs + first, qs + r1, ks + max(t, 0), ks + k1, "causal")
 
 
-def _plan_stacked(pattern: Band, qs: int, nq: int, ks: int, nk: int, width: int):
+def _plan_stacked(pattern: Band, qs: int, nq: int, ks: int, nk: int, width: int, chunk: int):
     """A bounded band as chunks of ``n`` rows, each over its ``L = n + width`` keys.
 
     * rows whose window starts at or before key 0 (``i + shift - left <= 0``):
       :func:`_plan_prefix` (no mask, the kernel's causal flag);
-    * whole chunks whose keys lie inside the sequence: ``stack`` pieces of at most
-      ``_MAX_STACK_ROWS`` rows (one kernel call each: chunks stacked on the batch axis, keys as
-      overlapping strided windows, one shared ``[n, L]`` mask, no copy of q/k/v);
+    * whole chunks whose keys lie inside the sequence: one ``stack`` piece (chunks stacked on the
+      batch axis, keys as overlapping strided windows, one shared ``[n, L]`` band, no copy of
+      q/k/v; ``torch_stack`` runs it in slabs);
     * the rest (the last rows, windows cut by the sequence end): one masked rectangle per chunk.
 
     Stack rows are disjoint from every other piece, so nothing is merged there. Work is
     ``L / (width + 1)`` of the visited pairs: 1.25x for width 255 and ``n = 64``. Measured side
-    by side at N = 4096, width 255, fp32, 2 threads (kernel calls only): n = 32 / 64 / 128 /
-    256 ran 4.4-4.9x / 4.4-4.8x / 4.1x / 3.1x faster than SDPA causal; the kernel keeps its
-    small tiles in cache (2x the pair rate of one N = 4096 call)."""
-    n = _stack_chunk(width)
+    by side at N = 4096, width 255, fp32, 2 threads (fused-kernel calls only): n = 32 / 64 / 128 /
+    256 ran 4.4-4.9x / 4.4-4.8x / 4.1x / 3.1x faster than SDPA causal (the matmul executor:
+    ``STACK_CHUNK_MATMUL``)."""
+    n = _stack_chunk(width, chunk)
     L = n + width
     shift = nk - nq
     head = min(nq, max(0, pattern.left - shift + 1))  # rows whose window starts at key <= 0
     yield from _plan_prefix(qs, head, ks, nk, shift + pattern.right)
     # whole chunks from ``head`` on whose window ends inside the keys: c0 + n + shift + right <= nk
     stop = min(nq, nk - shift - pattern.right)
-    per_call = max(1, _MAX_STACK_ROWS // n)
     c0 = head
-    band = None
-    while c0 + n <= stop:
-        m = min(per_call, (stop - c0) // n)
-        if band is None:  # the same [n, L] mask for every chunk
-            band = pattern.block(c0, c0 + n, c0 + shift - pattern.left,
-                                 c0 + shift - pattern.left + L, nq, nk)
+    if c0 + n <= stop:
+        m = (stop - c0) // n
         a0 = c0 + shift - pattern.left
+        band = pattern.block(c0, c0 + n, a0, a0 + L, nq, nk)  # the same [n, L] for every chunk
         yield _Piece(qs + c0, qs + c0 + m * n, ks + a0, ks + a0 + L + (m - 1) * n, "stack", band)
         c0 += m * n
     for r0 in range(c0, nq, n):
@@ -177,9 +173,9 @@ def _plan_stacked(pattern: Band, qs: int, nq: int, ks: int, nk: int, width: int)
             yield piece
 
 
-def _pieces(pattern, nq, nk, cu_q, cu_k):
+def _pieces(pattern, nq, nk, cu_q, cu_k, chunk: int = STACK_CHUNK_FUSED):
     for qs, qe, ks, ke in _segments(nq, nk, cu_q, cu_k):
-        yield from _plan(pattern, qs, qe - qs, ks, ke - ks)
+        yield from _plan(pattern, qs, qe - qs, ks, ke - ks, chunk)
 
 
 
