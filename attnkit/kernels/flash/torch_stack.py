@@ -16,11 +16,15 @@ Two executors, by dtype:
   72-88 ms for SDPA causal. When the LSE is needed (training, ``return_lse``) the softmax is
   split into ``amax``, ``sub``, ``exp``, ``sum`` and ``O`` is divided after the GEMM (+2 ms
   there); otherwise the LSE rows are NaN ("not computed", never read).
-* **fused** (bf16, fp16): PyTorch's CPU flash kernel on ``_FWD_STACK_ROWS`` rows per call with one
-  shared additive mask; it keeps ``P`` in fp32 where a bf16 GEMM chain would not.
+* **fused** (bf16, fp16, and every backward): PyTorch's CPU flash kernel on
+  ``_FWD_STACK_ROWS`` / ``_BWD_STACK_ROWS`` rows per call with one shared additive mask; it keeps
+  ``P`` in fp32 where a bf16 GEMM chain would not. A matmul backward was built and measured
+  (benchmarks/NOTES.md): a query-major pass for dQ and a key-major pass for dK/dV (so no
+  overlapping windows to add) is 7 GEMMs where the fused kernel does 5, and it ran no faster
+  (62 against 58-65 ms at N = 4096, width 255) with 5 MiB more peak memory, so it was dropped.
 
-The score buffer of a slab is at most ``_SLAB_BYTES`` (fp32 ``[S, n, L]``), the memory this path
-adds beyond ``O`` and the LSE.
+The score buffer of a slab is at most ``_SLAB_BYTES`` (``[S, L, n]``), the memory this path adds
+beyond ``O`` and the LSE.
 """
 
 from __future__ import annotations
@@ -117,17 +121,17 @@ def _stack_mask(p: _Piece, b: int, kpm, dtype, n: int, L: int, cache: dict):
 
 def _edges(band: torch.Tensor, dtype, cache: dict):
     """``(left, right)`` additive ``[n, n]`` masks of the band's first and last ``n`` keys,
-    transposed (key by row; ``-inf`` where a pair is hidden), or ``None`` when a middle column
-    hides a pair (the matmul executor then cannot serve). Where ``L < 2n`` the two blocks
-    overlap and add up right."""
+    transposed (key by row; ``-inf`` where a pair is hidden), or ``None`` unless row ``a`` sees
+    exactly key offsets ``[a, a + L - n]`` (what a ``Band`` stacks). Where ``L < 2n`` the two
+    blocks overlap and add up right."""
     key = ("edges", id(band), dtype)
     if key not in cache:
         n, L = band.shape
-        if not bool(band[:, n:L - n].all()):
+        a, j = torch.arange(n)[:, None], torch.arange(L)[None, :]
+        if not torch.equal(band, (j >= a) & (j <= a + L - n)):
             cache[key] = None
         else:
-            inf = float("-inf")
-            # transposed, as the scores are kept (_Scores)
+            inf = float("-inf")  # transposed, as the scores are kept (_Scores)
             cache[key] = (torch.zeros(n, n, dtype=dtype).masked_fill_(~band[:, :n].T, inf),
                           torch.zeros(n, n, dtype=dtype).masked_fill_(~band[:, L - n:].T, inf))
     return cache[key]
