@@ -46,6 +46,13 @@ def bnhd(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2).detach().requires_grad_(x.requires_grad)
 
 
+def cpu_qkv(B: int, Hq: int, Hkv: int, Nq: int, Nk: int, D: int, dtype, seed: int = 0):
+    """Seeded ``q [B, Hq, Nq, D]``, ``k``/``v [B, Hkv, Nk, D]`` on the CPU, requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda h, n: torch.randn(B, h, n, D, generator=g).to(dtype).requires_grad_()  # noqa: E731
+    return mk(Hq, Nq), mk(Hkv, Nk), mk(Hkv, Nk)
+
+
 def padding_mask(B: int, N: int, device) -> torch.Tensor:
     """``valid_keys [B, N]``: row 0 right-padded, row 1 left-padded, row 2 fully padded (a row that
     sees no key must give zeros, never NaN), the rest full."""

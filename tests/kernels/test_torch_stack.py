@@ -17,7 +17,7 @@ import attnkit
 from attnkit import SlidingWindow
 from attnkit.kernels.flash import torch_fused, torch_stack
 from attnkit.kernels.flash.naive import attention_naive
-from tests.harness import assert_close_to_oracle, bnhd, max_err, padding_mask
+from tests.harness import assert_close_to_oracle, bnhd, cpu_qkv, max_err, padding_mask
 
 # (id, B, Hq, Hkv, Nq, Nk, D, pattern, padded)
 CASES = [
@@ -30,10 +30,7 @@ CASES = [
 ]
 
 
-def _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mk = lambda h, n: torch.randn(B, h, n, D, generator=g).to(dtype).requires_grad_()  # noqa: E731
-    return mk(Hq, Nq), mk(Hkv, Nk), mk(Hkv, Nk)
+_inputs = cpu_qkv
 
 
 @pytest.fixture
