@@ -44,14 +44,16 @@ _FWD_STACK_ROWS = 512
 #: Rows of one fused-kernel backward call: the kernel's dK/dV of a call hold ``L / n`` times
 #: its keys.
 _BWD_STACK_ROWS = 256
-#: Score-buffer budget of one matmul slab. Measured (fp32, n = 32, L = 287, 8 heads): 12 / 25 /
-#: 51 chunks per slab ran N = 4096 in 18.6 / 16.6 / 15.4 ms (each op is a parallel region;
-#: fewer, larger ops win) - 2 MiB is the 51-chunk point.
+#: Score-buffer budget of one matmul slab. Measured (fp32, n = 32, L = 287, 8 heads, 2
+#: threads): 12 / 24 / 40 / 60 chunks per slab ran the N = 4096 forward's stack in 17.2 / 15.0 /
+#: 13.5 / 13.2 ms (each op is a parallel region: fewer, larger ops win; on 1 thread all four
+#: were within 9 %). 2 MiB gives 40-chunk slabs there (1.5 MiB of scores) and a peak at
+#: SDPA-flash's; 3 MiB (60 chunks) was 0.3 MiB over it.
 _SLAB_BYTES = 2 << 20
 
 
 @contextlib.contextmanager
-def serial():
+def _serial():
     """Run the glue between kernel calls (copies, window adds) on the calling thread only.
     Measured on the 2-core machine under load: a 4 MiB copy took 0.17 ms at best but 10 ms at
     the median on 2 threads (each parallel region waits for a descheduled worker), 0.33 ms on
@@ -249,7 +251,7 @@ def _fused_forward(p: _Piece, q, k, v, kpm, scale, out, lse_out, cache: dict):
             o, lse = _fused_op()(_chunks_of(q, b, sub, n), _windows(k, b, sub, n, L),
                                  _windows(v, b, sub, n, L), 0.0, False, attn_mask=mask,
                                  scale=scale)
-            with serial():
+            with _serial():
                 if row_ok is not None:
                     lse = lse.masked_fill(~row_ok[:, None, :], float("-inf"))
                 out[b, :, sub.r0:sub.r1].unflatten(1, (m, n)).copy_(o.transpose(0, 1))
@@ -291,7 +293,7 @@ def _fused_backward(p: _Piece, q, k, v, o, do, lse_b, kpm, scale, dq, dk, dv, ca
                              _windows(k, b, sub, n, L), _windows(v, b, sub, n, L),
                              _chunks_of(o, b, sub, n), _chunks_of(lse_b, b, sub, n), 0.0, False,
                              attn_mask=mask, scale=scale)
-            with serial():
+            with _serial():
                 dq[b, :, sub.r0:sub.r1].unflatten(1, (m, n)).add_(gq.transpose(0, 1))
                 add_windows(dk[b], gk, sub.k0, n)
                 add_windows(dv[b], gv, sub.k0, n)
