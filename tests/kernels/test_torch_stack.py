@@ -1,8 +1,10 @@
 """The stack executors of the torch backend (``torch_stack.py``) against the float64 oracle.
 
-The matmul executor (fp32/fp64) must serve every bounded band the planner stacks: the result
-buffers are poisoned with NaN before it runs, every case checks that it ran, and each case runs
-with one slab and with a slab per chunk. Cases: GQA, key padding that hides whole windows (rows
+Each case runs twice: with the C++ band kernel (``csrc/band_cpu.cpp``; it takes fp32 without key
+padding, the matmul executor the rest) and with the kernel turned off (the matmul executor,
+fp32/fp64, must then serve every bounded band the planner stacks). The result buffers are
+poisoned with NaN before they run, every case checks which executor ran, and the matmul cases
+run with one slab and with a slab per chunk. Cases: GQA, key padding that hides whole windows (rows
 that see nothing), narrow bands whose edge triangles overlap, anti-causal bands, ``Nq != Nk``,
 ``[B, N, H, D]`` memory, the LSE and its gradient, and the no-LSE forward (no grad, no
 ``return_lse``).
@@ -15,6 +17,7 @@ import torch
 
 import attnkit
 from attnkit import SlidingWindow
+from attnkit.kernels import cpu_ext
 from attnkit.kernels.flash import torch_fused, torch_stack
 from attnkit.kernels.flash.naive import attention_naive
 from tests.harness import assert_close_to_oracle, bnhd, cpu_qkv, max_err, padding_mask
@@ -33,23 +36,54 @@ CASES = [
 _inputs = cpu_qkv
 
 
-@pytest.fixture
-def matmul_runs(monkeypatch):
-    """Poisons the fused path's result buffers and counts the matmul executor's pieces."""
+EXECUTORS = ["kernel", "matmul"]
+
+
+@pytest.fixture(params=EXECUTORS)
+def matmul_runs(request, monkeypatch):
+    """Poisons the fused path's result buffers and counts the pieces of the executor under test:
+    ``kernel`` (the C++ band kernel; it serves fp32 without key padding, the matmul executor
+    the rest) or ``matmul`` (the kernel turned off)."""
     runs = []
-    real_alloc, real_fwd = torch_fused._alloc, torch_stack._matmul_forward
+    real_alloc, real_mm, real_kernel = (torch_fused._alloc, torch_stack._matmul_forward,
+                                        torch_stack._kernel_forward)
 
     def poisoned(*a, **kw):
         o, lse = real_alloc(*a, **kw)
         return o.fill_(float("nan")), lse.fill_(float("nan"))
 
-    def counting(*a, **kw):
-        runs.append(a[0])
-        return real_fwd(*a, **kw)
+    def counting(real, name):
+        def run(*a, **kw):
+            runs.append(name)
+            return real(*a, **kw)
+        return run
 
+    if request.param == "kernel" and cpu_ext.available() is not None:
+        pytest.skip(f"the CPU band kernel cannot be built here: {cpu_ext.available()}")
+    if request.param == "matmul":
+        monkeypatch.setattr(torch_stack, "_kernel", lambda *a, **kw: None)
     monkeypatch.setattr(torch_fused, "_alloc", poisoned)
-    monkeypatch.setattr(torch_stack, "_matmul_forward", counting)
-    return runs
+    monkeypatch.setattr(torch_stack, "_matmul_forward", counting(real_mm, "matmul"))
+    monkeypatch.setattr(torch_stack, "_kernel_forward", counting(real_kernel, "kernel"))
+    return _Runs(runs, request.param)
+
+
+class _Runs(list):
+    """The executors that ran (one name per stack piece) and the one under test."""
+
+    def __init__(self, runs: list, executor: str):
+        super().__init__()
+        self.log, self.executor = runs, executor
+
+    def __bool__(self):
+        return bool(self.log)
+
+    def expect(self, dtype, padded: bool):
+        """Assert that the executor this call should take ran, and only it."""
+        kernel = self.executor == "kernel" and dtype == torch.float32 and not padded
+        want = "kernel" if kernel else "matmul"
+        assert self.log, "no stack executor ran"
+        assert set(self.log) == {want}, f"expected the {want} executor, ran {sorted(set(self.log))}"
 
 
 @pytest.mark.parametrize("slabs", ["one-slab", "slab-per-chunk"])
@@ -65,7 +99,7 @@ def test_matmul_executor_matches_oracle(case, dtype, slabs, matmul_runs, monkeyp
         kpm[0, 60:110] = False  # a gap wider than the window inside the stacked rows
     o, lse = attnkit.attention(q, k, v, pattern, valid_keys=kpm, backend="torch",
                                return_lse=True)
-    assert matmul_runs, "the matmul executor did not run"
+    matmul_runs.expect(dtype, padded)
     ref_o, ref_lse = attention_naive(q, k, v, pattern, valid_keys=kpm)
     low_o, low_lse = attention_naive(q, k, v, pattern, valid_keys=kpm, dtype=dtype)
     assert torch.isfinite(o).all() and not torch.isnan(lse).any()
@@ -102,7 +136,7 @@ def test_forward_without_lse_matches_oracle(case, matmul_runs):
         o = attnkit.attention(q, k, v, pattern, valid_keys=kpm, backend="torch")
         o_lse, lse = attnkit.attention(q, k, v, pattern, valid_keys=kpm, backend="torch",
                                        return_lse=True)
-    assert matmul_runs
+    matmul_runs.expect(torch.float32, padded)
     ref_o, ref_lse = attention_naive(q, k, v, pattern, valid_keys=kpm)
     low_o, _ = attention_naive(q, k, v, pattern, valid_keys=kpm, dtype=torch.float32)
     assert torch.isfinite(o).all()
@@ -118,7 +152,7 @@ def test_bnhd_memory_and_large_scores(matmul_runs):
     q = bnhd((q * 40).detach()).requires_grad_()
     k, v = bnhd(k), bnhd(v)
     o, lse = attnkit.attention(q, k, v, SlidingWindow(60), backend="torch", return_lse=True)
-    assert matmul_runs
+    matmul_runs.expect(torch.float32, False)
     assert float(lse.detach().max()) > 100, "the case must reach scores beyond fp32's exp range"
     ref_o, ref_lse = attention_naive(q, k, v, SlidingWindow(60))
     low_o, _ = attention_naive(q, k, v, SlidingWindow(60), dtype=torch.float32)

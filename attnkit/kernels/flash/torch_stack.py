@@ -6,10 +6,16 @@ sees key offsets ``[a, a + width]`` (``p.band``, bool ``[n, L]``, shared by all 
 read as overlapping strided windows ``[m, L, D]`` (views, never copied). No other piece shares a
 stack piece's rows, so its outputs are written, never merged.
 
-Two executors, by dtype:
+Three executors, by dtype:
 
-* **matmul** (fp32, fp64): per head and per slab of chunks, ``S^T = scale * K Q^T`` (one
-  batched GEMM), the two ``n x n`` edge triangles set to ``-inf`` (the band's middle columns
+* **kernel** (fp32 forward without key padding): the C++ band kernel (``csrc/band_cpu.cpp``,
+  built on first use by :mod:`..cpu_ext`). Per head and chunk: one sgemm for the scores, the
+  softmax in cache (edge masks on the first and last ``n`` keys only), one sgemm for ``P V``.
+  Measured at N = 4096, width 255, 8 heads, 2 threads (benchmarks/NOTES.md): the whole
+  forward 11.8-12.1 ms against 15.7 on the matmul executor and 66-68 for SDPA causal. Where it cannot be built (no
+  compiler, no MKL), a warning says so once and the matmul executor runs.
+* **matmul** (fp32 where the kernel does not serve, fp64): per head and per slab of chunks,
+  ``S^T = scale * K Q^T`` (one batched GEMM), the two ``n x n`` edge triangles set to ``-inf``
   are all visible), softmax over the keys in place, ``O = P V`` (one batched GEMM). Measured
   side by side at N = 4096, width 255, fp32, 2 threads (benchmarks/NOTES.md): 15-16 ms against
   19-24 ms for the fused kernel on the same chunks (which tiles them in 32-row blocks), against
@@ -259,11 +265,37 @@ def _fused_forward(p: _Piece, q, k, v, kpm, scale, out, lse_out, cache: dict):
             del o, lse  # before the next call allocates its own: one call's output alive at a time
 
 
+def _kernel(p: _Piece, q, k, v, kpm, cache: dict):
+    """The C++ band kernel (:mod:`..cpu_ext`) when it serves this piece, else ``None``: fp32,
+    no key padding, unit stride on D, the exact band structure, ``n`` a multiple of 16."""
+    n = p.band.shape[0]
+    if (q.dtype != torch.float32 or kpm is not None or n % 16
+            or any(x.stride(-1) != 1 for x in (q, k, v))
+            or _edges(p.band, q.dtype, cache) is None):
+        return None
+    from .. import cpu_ext
+
+    return cpu_ext.module()
+
+
+def _kernel_forward(ext, p: _Piece, q, k, v, scale, out, lse_out, need_lse: bool):
+    n, L = p.band.shape
+    m = (p.r1 - p.r0) // n
+    for b in range(q.shape[0]):
+        ext.band_forward(q[b], k[b], v[b], out[b], lse_out[b] if need_lse else None,
+                         r0=p.r0, k0=p.k0, m=m, n=n, width=L - n, scale=scale)
+    if not need_lse:
+        lse_out[:, :, p.r0:p.r1] = float("nan")
+
+
 def stack_forward(p: _Piece, q, k, v, kpm, scale, out, lse_out, need_lse: bool, cache: dict):
     """A stack piece's rows of ``out [B, Hq, N, D]`` and ``lse_out [B, Hq, N]`` (``q``'s dtype,
     fp32 for half types), written in place. ``k``/``v [B, Hkv, N, D]``, ``kpm [B, N]`` bool or
-    ``None``. Without ``need_lse`` the matmul executor leaves NaN in the LSE rows."""
-    if _matmul_serves(p, q, cache):
+    ``None``. Without ``need_lse`` the kernel and matmul executors leave NaN in the LSE rows."""
+    ext = _kernel(p, q, k, v, kpm, cache)
+    if ext is not None:
+        _kernel_forward(ext, p, q, k, v, scale, out, lse_out, need_lse)
+    elif _matmul_serves(p, q, cache):
         _matmul_forward(p, q, k, v, kpm, scale, out, lse_out, need_lse, cache)
     else:
         _fused_forward(p, q, k, v, kpm, scale, out, lse_out, cache)
