@@ -12,8 +12,8 @@
 // Why not batched ATen ops (the matmul executor): each op there is one pass over a slab's
 // scores in memory and one parallel region; here the scores of a chunk never leave the cache.
 // Measured (benchmarks/NOTES.md, N = 4096, width 255, 8 heads, D = 64, 2 threads): 8.2-8.4 ms
-// for the stack rows alone; the window's whole forward 11.8-12.1 ms against 15.7 ms on the
-// matmul executor.
+// for the stack rows alone; the window's whole forward 9.5-10.1 ms against 11.4-11.6 ms on the
+// matmul executor, side by side.
 //
 // Threads: the H * m tasks go through at::parallel_for, so they run on ATen's OpenMP pool. A
 // first version split them over std::threads (with MKL set to one thread in each): alone it ran

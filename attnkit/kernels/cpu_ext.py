@@ -3,13 +3,13 @@
 It holds one kernel, the fp32 forward of a bounded band's stacked chunks (SlidingWindow and
 every ``Band`` with both sides bounded; ``torch_stack`` calls it). Like the CUDA extension
 (:mod:`.cuda_ext`) nothing is compiled at install time: the first fp32 window forward on the CPU
-builds it with :func:`torch.utils.cpp_extension.load` (g++ and ninja, about 20 s on a 2-core
+builds it with :func:`torch.utils.cpp_extension.load` (g++ and ninja, about 25 s on a 2-core
 machine, said once with a warning), into a folder keyed by a hash of the source, the flags and
 the torch version; later processes load it in well under a second.
 
 * Cache: ``$XDG_CACHE_HOME/attnkit/cpu_ext/<hash>`` (``~/.cache/attnkit/cpu_ext/<hash>``).
 * ``ATTNKIT_DISABLE_CPU_EXT=1`` turns it off: the window then runs on batched ATen matmuls
-  (``torch_stack``'s matmul executor, about 25 % slower there).
+  (``torch_stack``'s matmul executor, 15-18 % slower there, measured).
 * No compiler, no ninja, a torch without MKL's BLAS, or a failed build: one warning saying why,
   then the matmul executor.
 * Prebuild (e.g. in a Docker image): ``python -m attnkit.kernels.cpu_ext --build``.
@@ -133,7 +133,7 @@ def module():
         if reason is None:
             fresh = not any(cache_dir().glob("*.so"))
             if fresh:
-                _warn("attnkit: compiling the CPU band kernel (once; about 20 s, cached in "
+                _warn("attnkit: compiling the CPU band kernel (once; about 25 s, cached in "
                       f"{cache_dir()}; ATTNKIT_DISABLE_CPU_EXT=1 skips it)")
             try:
                 mod = build()
@@ -143,7 +143,7 @@ def module():
         if reason and not _state.get("warned"):
             _state["warned"] = True
             _warn(f"attnkit: the CPU band kernel is not used ({reason}); sliding-window attention "
-                  "runs on batched matmuls instead (about 25 % slower). Set "
+                  "runs on batched matmuls instead (15-18 % slower, measured). Set "
                   f"{DISABLE_ENV}=1 to silence this.")
     return _state["module"]
 

@@ -40,7 +40,7 @@ EXECUTORS = ["kernel", "matmul"]
 
 
 @pytest.fixture(params=EXECUTORS)
-def matmul_runs(request, monkeypatch):
+def stack_runs(request, monkeypatch):
     """Poisons the fused path's result buffers and counts the pieces of the executor under test:
     ``kernel`` (the C++ band kernel; it serves fp32 without key padding, the matmul executor
     the rest) or ``matmul`` (the kernel turned off)."""
@@ -68,11 +68,10 @@ def matmul_runs(request, monkeypatch):
     return _Runs(runs, request.param)
 
 
-class _Runs(list):
+class _Runs:
     """The executors that ran (one name per stack piece) and the one under test."""
 
     def __init__(self, runs: list, executor: str):
-        super().__init__()
         self.log, self.executor = runs, executor
 
     def __bool__(self):
@@ -89,7 +88,7 @@ class _Runs(list):
 @pytest.mark.parametrize("slabs", ["one-slab", "slab-per-chunk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_matmul_executor_matches_oracle(case, dtype, slabs, matmul_runs, monkeypatch):
+def test_matmul_executor_matches_oracle(case, dtype, slabs, stack_runs, monkeypatch):
     if slabs == "slab-per-chunk":
         monkeypatch.setattr(torch_stack, "_SLAB_BYTES", 1)
     _, B, Hq, Hkv, Nq, Nk, D, pattern, padded = case
@@ -99,7 +98,7 @@ def test_matmul_executor_matches_oracle(case, dtype, slabs, matmul_runs, monkeyp
         kpm[0, 60:110] = False  # a gap wider than the window inside the stacked rows
     o, lse = attnkit.attention(q, k, v, pattern, valid_keys=kpm, backend="torch",
                                return_lse=True)
-    matmul_runs.expect(dtype, padded)
+    stack_runs.expect(dtype, padded)
     ref_o, ref_lse = attention_naive(q, k, v, pattern, valid_keys=kpm)
     low_o, low_lse = attention_naive(q, k, v, pattern, valid_keys=kpm, dtype=dtype)
     assert torch.isfinite(o).all() and not torch.isnan(lse).any()
@@ -127,7 +126,7 @@ def test_matmul_executor_matches_oracle(case, dtype, slabs, matmul_runs, monkeyp
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_forward_without_lse_matches_oracle(case, matmul_runs):
+def test_forward_without_lse_matches_oracle(case, stack_runs):
     """No gradient and no ``return_lse``: the executor skips the LSE; ``O`` is unchanged."""
     _, B, Hq, Hkv, Nq, Nk, D, pattern, padded = case
     q, k, v = (t.detach() for t in _inputs(B, Hq, Hkv, Nq, Nk, D, torch.float32))
@@ -136,7 +135,7 @@ def test_forward_without_lse_matches_oracle(case, matmul_runs):
         o = attnkit.attention(q, k, v, pattern, valid_keys=kpm, backend="torch")
         o_lse, lse = attnkit.attention(q, k, v, pattern, valid_keys=kpm, backend="torch",
                                        return_lse=True)
-    matmul_runs.expect(torch.float32, padded)
+    stack_runs.expect(torch.float32, padded)
     ref_o, ref_lse = attention_naive(q, k, v, pattern, valid_keys=kpm)
     low_o, _ = attention_naive(q, k, v, pattern, valid_keys=kpm, dtype=torch.float32)
     assert torch.isfinite(o).all()
@@ -145,14 +144,14 @@ def test_forward_without_lse_matches_oracle(case, matmul_runs):
     assert not torch.isnan(lse).any() and max_err(lse, ref_lse) <= 1e-5, "asked-for LSE"
 
 
-def test_bnhd_memory_and_large_scores(matmul_runs):
+def test_bnhd_memory_and_large_scores(stack_runs):
     """``[B, N, H, D]`` memory read through its strides, and scores large enough that an
     unshifted exp would overflow fp32."""
     q, k, v = _inputs(2, 4, 2, 200, 200, 32, torch.float32, seed=5)
     q = bnhd((q * 40).detach()).requires_grad_()
     k, v = bnhd(k), bnhd(v)
     o, lse = attnkit.attention(q, k, v, SlidingWindow(60), backend="torch", return_lse=True)
-    matmul_runs.expect(torch.float32, False)
+    stack_runs.expect(torch.float32, False)
     assert float(lse.detach().max()) > 100, "the case must reach scores beyond fp32's exp range"
     ref_o, ref_lse = attention_naive(q, k, v, SlidingWindow(60))
     low_o, _ = attention_naive(q, k, v, SlidingWindow(60), dtype=torch.float32)
@@ -166,7 +165,7 @@ def test_bnhd_memory_and_large_scores(matmul_runs):
         assert_close_to_oracle(f"d{name}", g, rg, lg, torch.float32, 3.0)
 
 
-def test_half_types_keep_the_fused_kernel(matmul_runs):
+def test_half_types_keep_the_fused_kernel(stack_runs):
     q, k, v = _inputs(1, 2, 2, 200, 200, 64, torch.bfloat16)
     attnkit.attention(q, k, v, SlidingWindow(40), backend="torch")
-    assert not matmul_runs
+    assert not stack_runs

@@ -11,9 +11,10 @@ Three executors, by dtype:
 * **kernel** (fp32 forward without key padding): the C++ band kernel (``csrc/band_cpu.cpp``,
   built on first use by :mod:`..cpu_ext`). Per head and chunk: one sgemm for the scores, the
   softmax in cache (edge masks on the first and last ``n`` keys only), one sgemm for ``P V``.
-  Measured at N = 4096, width 255, 8 heads, 2 threads (benchmarks/NOTES.md): the whole
-  forward 11.8-12.1 ms against 15.7 on the matmul executor and 66-68 for SDPA causal. Where it cannot be built (no
-  compiler, no MKL), a warning says so once and the matmul executor runs.
+  Measured side by side at N = 4096, width 255, 8 heads, 2 threads (benchmarks/NOTES.md): the
+  whole forward 9.5-10.1 ms against 11.4-11.6 on the matmul executor and 66 for SDPA causal.
+  Where it cannot be built (no compiler, no MKL), a warning says so once and the matmul
+  executor runs.
 * **matmul** (fp32 where the kernel does not serve, fp64): per head and per slab of chunks,
   ``S^T = scale * K Q^T`` (one batched GEMM), the two ``n x n`` edge triangles set to ``-inf``
   are all visible), softmax over the keys in place, ``O = P V`` (one batched GEMM). Measured
