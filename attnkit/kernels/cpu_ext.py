@@ -51,7 +51,7 @@ _CAPABILITY_FLAGS = {
 }
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "module", "reason", "warned"
+_state: dict[str, object] = {}  # "module", "reason"
 
 
 def _source() -> Path:
@@ -131,8 +131,7 @@ def module():
             return _state["module"]
         reason, mod = unavailable_reason(), None
         if reason is None:
-            fresh = not any(cache_dir().glob("*.so"))
-            if fresh:
+            if not any(cache_dir().glob("*.so")):
                 _warn("attnkit: compiling the CPU band kernel (once; about 25 s, cached in "
                       f"{cache_dir()}; ATTNKIT_DISABLE_CPU_EXT=1 skips it)")
             try:
@@ -140,8 +139,7 @@ def module():
             except Exception as exc:  # a compiler error, a missing library, ...
                 reason = f"building it failed: {type(exc).__name__}: {str(exc).strip()[-600:]}"
         _state["module"], _state["reason"] = mod, reason
-        if reason and not _state.get("warned"):
-            _state["warned"] = True
+        if reason:  # once: the outcome is remembered above
             _warn(f"attnkit: the CPU band kernel is not used ({reason}); sliding-window attention "
                   "runs on batched matmuls instead (15-18 % slower, measured). Set "
                   f"{DISABLE_ENV}=1 to silence this.")

@@ -22,7 +22,7 @@ from tests.harness import assert_close_to_oracle, cpu_qkv
 
 
 @pytest.fixture
-def fresh_state(monkeypatch):
+def fresh_state():
     """A process-wide loader state of its own (restored afterwards)."""
     saved = dict(cpu_ext._state)
     cpu_ext._reset_for_tests()
@@ -31,28 +31,28 @@ def fresh_state(monkeypatch):
     cpu_ext._state.update(saved)
 
 
-def _window_call(executors: list):
-    real_k, real_m = torch_stack._kernel_forward, torch_stack._matmul_forward
+@pytest.fixture
+def ran(monkeypatch):
+    """The stack executors that ran, one name per piece."""
+    names: list = []
 
     def spy(real, name):
         def run(*a, **kw):
-            executors.append(name)
+            names.append(name)
             return real(*a, **kw)
         return run
 
-    return spy(real_k, "kernel"), spy(real_m, "matmul")
+    monkeypatch.setattr(torch_stack, "_kernel_forward", spy(torch_stack._kernel_forward, "kernel"))
+    monkeypatch.setattr(torch_stack, "_matmul_forward", spy(torch_stack._matmul_forward, "matmul"))
+    return names
 
 
-def test_failed_build_warns_once_and_falls_back(fresh_state, monkeypatch):
+def test_failed_build_warns_once_and_falls_back(fresh_state, ran, monkeypatch):
     def broken(verbose=False):
         raise RuntimeError("g++: fatal error: no input files")
 
     monkeypatch.setattr(cpu_ext, "build", broken)
     monkeypatch.setattr(cpu_ext, "unavailable_reason", lambda: None)
-    ran: list = []
-    k_spy, m_spy = _window_call(ran)
-    monkeypatch.setattr(torch_stack, "_kernel_forward", k_spy)
-    monkeypatch.setattr(torch_stack, "_matmul_forward", m_spy)
     q, k, v = (t.detach() for t in cpu_qkv(1, 2, 2, 200, 200, 32, torch.float32))
     with pytest.warns(UserWarning, match="CPU band kernel is not used.*no input files"):
         o = attnkit.attention(q, k, v, SlidingWindow(40), backend="torch")
@@ -66,14 +66,10 @@ def test_failed_build_warns_once_and_falls_back(fresh_state, monkeypatch):
     assert "no input files" in cpu_ext.available()
 
 
-def test_disable_switch_is_silent(fresh_state, monkeypatch):
+def test_disable_switch_is_silent(fresh_state, ran, monkeypatch):
     monkeypatch.setenv(cpu_ext.DISABLE_ENV, "1")
     assert cpu_ext.module() is None
     assert cpu_ext.DISABLE_ENV in cpu_ext.unavailable_reason()
-    ran: list = []
-    k_spy, m_spy = _window_call(ran)
-    monkeypatch.setattr(torch_stack, "_kernel_forward", k_spy)
-    monkeypatch.setattr(torch_stack, "_matmul_forward", m_spy)
     q, k, v = (t.detach() for t in cpu_qkv(1, 2, 2, 200, 200, 32, torch.float32))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

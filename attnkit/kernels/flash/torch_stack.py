@@ -40,6 +40,7 @@ import contextlib
 
 import torch
 
+from .. import cpu_ext
 from .torch_plan import _Piece
 
 __all__ = ["MATMUL_DTYPES", "stack_forward", "stack_backward"]
@@ -274,8 +275,6 @@ def _kernel(p: _Piece, q, k, v, kpm, cache: dict):
             or any(x.stride(-1) != 1 for x in (q, k, v))
             or _edges(p.band, q.dtype, cache) is None):
         return None
-    from .. import cpu_ext
-
     return cpu_ext.module()
 
 
